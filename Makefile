@@ -1,0 +1,47 @@
+# canaryflow: `make demo` runs the whole release on the local stack; `make test` runs every test.
+# Both set everything up on a fresh machine: Debian packages, the virtual environment, the project.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+APT_PACKAGES := nginx wrk
+DEMO_ARGS ?=
+
+.PHONY: all setup system-deps demo test test-unit test-integration test-e2e lint clean
+
+all: test
+
+system-deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+	@command -v java >/dev/null || { echo "TorchServe needs Java 17 (apt-get install openjdk-17-jre-headless)"; exit 1; }
+
+# torch is installed first and pinned: any later resolve that admits another torch pulls GBs of CUDA.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+setup: system-deps $(STAMP)
+
+demo: setup
+	$(BIN)/canaryflow demo $(DEMO_ARGS)
+
+test: setup
+	$(BIN)/pytest -q -ra --durations=15
+
+test-unit: setup
+	$(BIN)/pytest -q tests/unit
+
+lint: setup
+	$(BIN)/ruff check .
+
+clean:
+	-$(BIN)/canaryflow down 2>/dev/null
+	rm -rf .canaryflow

@@ -1,0 +1,1 @@
+"""canaryflow: release pipeline for ML models (MLflow -> Prefect -> TorchServe)."""

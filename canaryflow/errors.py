@@ -1,0 +1,40 @@
+"""Typed errors: each says what was measured, what was expected and what to do."""
+
+from __future__ import annotations
+
+
+class CanaryflowError(Exception):
+    """Base of every canaryflow error."""
+
+
+class ConfigError(CanaryflowError):
+    """The settings or the environment cannot work as given."""
+
+
+class StackError(CanaryflowError):
+    """A service of the local stack did not start or answer."""
+
+
+class RegistryError(CanaryflowError):
+    """The MLflow registry does not hold what was asked for."""
+
+
+class ServingError(CanaryflowError):
+    """TorchServe or the router refused or failed an operation."""
+
+
+class PackagingError(CanaryflowError):
+    """The model could not be turned into a TorchServe archive."""
+
+
+class OrchestrationError(CanaryflowError):
+    """Prefect could not confirm a flow run."""
+
+
+class GateFailed(CanaryflowError):
+    """A release gate measured the candidate and refused it; the reason quotes value and threshold."""
+
+    def __init__(self, gate: str, reason: str) -> None:
+        super().__init__(f"{gate}: {reason}")
+        self.gate = gate
+        self.reason = reason

@@ -1,0 +1,117 @@
+"""Where every file of the local stack lives under the state directory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class StatePaths:
+    """File layout of one local stack; pure, creates nothing until :meth:`ensure` is called."""
+
+    root: Path
+
+    # MLflow
+    @property
+    def mlflow_dir(self) -> Path:
+        return self.root / "mlflow"
+
+    @property
+    def mlflow_db(self) -> Path:
+        return self.mlflow_dir / "mlflow.db"
+
+    @property
+    def mlflow_artifacts(self) -> Path:
+        return self.mlflow_dir / "artifacts"
+
+    @property
+    def fernet_key(self) -> Path:
+        return self.root / "secrets" / "mlflow_webhook_fernet.key"
+
+    @property
+    def webhook_secret(self) -> Path:
+        return self.root / "secrets" / "webhook_secret"
+
+    # Prefect
+    @property
+    def prefect_home(self) -> Path:
+        return self.root / "prefect"
+
+    # TorchServe
+    @property
+    def torchserve_dir(self) -> Path:
+        return self.root / "torchserve"
+
+    @property
+    def torchserve_config(self) -> Path:
+        return self.torchserve_dir / "config.properties"
+
+    @property
+    def torchserve_log4j(self) -> Path:
+        return self.torchserve_dir / "log4j2.xml"
+
+    @property
+    def torchserve_keys(self) -> Path:
+        """Written by TorchServe itself into the working directory of ``torchserve --start``."""
+        return self.torchserve_dir / "key_file.json"
+
+    @property
+    def model_store(self) -> Path:
+        return self.torchserve_dir / "model-store"
+
+    @property
+    def torchserve_tmp(self) -> Path:
+        return self.torchserve_dir / "tmp"
+
+    # Router
+    @property
+    def router_dir(self) -> Path:
+        return self.root / "router"
+
+    @property
+    def router_conf(self) -> Path:
+        return self.router_dir / "nginx.conf"
+
+    @property
+    def router_state(self) -> Path:
+        """What the router is told to serve: {model: version}, the source the config is rendered from."""
+        return self.router_dir / "routes.json"
+
+    @property
+    def router_access_log(self) -> Path:
+        return self.router_dir / "access.log"
+
+    # Releases
+    @property
+    def work_dir(self) -> Path:
+        return self.root / "work"
+
+    # Supervisor
+    @property
+    def supervisor_dir(self) -> Path:
+        return self.root / "supervisor"
+
+    @property
+    def supervisor_conf(self) -> Path:
+        return self.supervisor_dir / "supervisord.conf"
+
+    @property
+    def supervisor_sock(self) -> Path:
+        return self.supervisor_dir / "supervisor.sock"
+
+    @property
+    def supervisor_pid(self) -> Path:
+        return self.supervisor_dir / "supervisord.pid"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    def ensure(self) -> StatePaths:
+        """Create the directories (secrets 0700)."""
+        for d in (self.mlflow_artifacts, self.prefect_home, self.model_store, self.torchserve_tmp,
+                  self.router_dir, self.work_dir, self.supervisor_dir, self.logs):
+            d.mkdir(parents=True, exist_ok=True)
+        self.fernet_key.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return self

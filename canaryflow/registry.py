@@ -1,0 +1,124 @@
+"""The model registry (MLflow): versions, aliases, tags, and the release run of each version."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from canaryflow.errors import RegistryError
+
+STATUS_TAG = "canaryflow.status"
+REASON_TAG = "canaryflow.reason"
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """What the release needs to know about one registered version."""
+
+    name: str
+    version: str
+    source: str
+    run_id: str | None
+    tags: dict[str, str] = field(default_factory=dict)
+    aliases: list[str] = field(default_factory=list)
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+class Registry(Protocol):
+    """The registry operations a release uses (MLflow is the real one)."""
+
+    def get_version(self, name: str, version: str) -> VersionInfo: ...
+    def alias_version(self, name: str, alias: str) -> str | None: ...
+    def set_alias(self, name: str, alias: str, version: str) -> None: ...
+    def set_tags(self, name: str, version: str, tags: dict[str, str]) -> None: ...
+    def download(self, name: str, version: str, dst: Path) -> Path: ...
+
+
+class MlflowRegistry:
+    """Registry on an MLflow tracking server."""
+
+    def __init__(self, tracking_uri: str) -> None:
+        from mlflow import MlflowClient  # heavy; imported when a registry is actually used
+
+        self.tracking_uri = tracking_uri
+        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+    def get_version(self, name: str, version: str) -> VersionInfo:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            mv = self.client.get_model_version(name, str(version))
+        except MlflowException as exc:
+            raise RegistryError(f"model {name!r} version {version} is not in the registry at "
+                                f"{self.tracking_uri}: {exc.message}") from exc
+        return VersionInfo(mv.name, str(mv.version), mv.source, mv.run_id, dict(mv.tags or {}),
+                           list(mv.aliases or []))
+
+    def alias_version(self, name: str, alias: str) -> str | None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return str(self.client.get_model_version_by_alias(name, alias).version)
+        except MlflowException:
+            return None
+
+    def set_alias(self, name: str, alias: str, version: str) -> None:
+        self.client.set_registered_model_alias(name, alias, str(version))
+
+    def set_tags(self, name: str, version: str, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_model_version_tag(name, str(version), key, str(value)[:5000])
+
+    def download(self, name: str, version: str, dst: Path) -> Path:
+        import mlflow.artifacts
+
+        dst.mkdir(parents=True, exist_ok=True)
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}",
+                                                        dst_path=str(dst), tracking_uri=self.tracking_uri))
+
+    def release_run(self, experiment: str, name: str, version: str) -> str:
+        """The MLflow run that records this version's release; reused when the release is re-run."""
+        exp = self.client.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        query = f"tags.`canaryflow.model` = '{name}' and tags.`canaryflow.version` = '{version}'"
+        runs = self.client.search_runs([exp_id], filter_string=query, max_results=1)
+        if runs:
+            return runs[0].info.run_id
+        run = self.client.create_run(exp_id, run_name=f"release-{name}-v{version}",
+                                     tags={"canaryflow.model": name, "canaryflow.version": str(version)})
+        return run.info.run_id
+
+    def log_to_run(self, run_id: str, *, params: dict[str, Any] | None = None,
+                   metrics: dict[str, float] | None = None, files: list[Path] | None = None,
+                   artifact_path: str | None = None) -> None:
+        """Params, metrics and files on a run.
+
+        MLflow params are immutable, so on a re-run a param whose value changed is written as a tag instead.
+        """
+        existing = self.client.get_run(run_id).data.params
+        for key, value in (params or {}).items():
+            if key not in existing:
+                self.client.log_param(run_id, key, value)
+            elif existing[key] != str(value):
+                self.client.set_tag(run_id, f"rerun.{key}", str(value))
+        for key, value in (metrics or {}).items():
+            self.client.log_metric(run_id, key, float(value))
+        for path in files or []:
+            self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def finish_run(self, run_id: str, status: str) -> None:
+        self.client.set_terminated(run_id, status=status)
+
+
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file, streamed."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

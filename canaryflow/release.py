@@ -1,0 +1,150 @@
+"""The steps of a release as plain functions; flows/release.py strings them together as Prefect tasks.
+
+Each step takes the :class:`Services` and the :class:`ReleaseState` so it can be unit-tested with fakes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from canaryflow.errors import GateFailed
+from canaryflow.packaging import Bundle, example_rows, export_pytorch, input_contract, labels_from_tag
+from canaryflow.registry import REASON_TAG, STATUS_TAG, VersionInfo
+from canaryflow.services import Services
+from deployments.archive import Archive, build_mar
+from deployments.smoke import smoke_test
+from validation.results import GateResult
+from validation.shape import check_shape
+
+
+@dataclass
+class ReleaseState:
+    """What one release knows so far; passed from task to task."""
+
+    model: str
+    version: str
+    run_id: str
+    workdir: Path
+    champion: str | None
+    info: VersionInfo
+    results: list[GateResult] = field(default_factory=list)
+
+    def record(self, result: GateResult) -> GateResult:
+        """Keep the result; raise GateFailed when it did not pass."""
+        self.results.append(result)
+        if not result.passed:
+            raise GateFailed(result.gate, result.reason)
+        return result
+
+
+def begin(svc: Services, model: str, version: str) -> ReleaseState:
+    """Look the version up, open (or reopen) its release run and mark it as being released."""
+    info = svc.registry.get_version(model, version)
+    cfg = svc.settings.release
+    run_id = svc.registry.release_run(cfg.experiment, model, str(version))
+    champion = svc.registry.alias_version(model, cfg.champion_alias)
+    svc.registry.set_tags(model, version, {STATUS_TAG: "releasing", REASON_TAG: "release started",
+                                           "canaryflow.release_run": run_id})
+    workdir = svc.paths.work_dir / f"{model}-v{version}"
+    return ReleaseState(model, str(version), run_id, workdir, champion, info)
+
+
+def already_released(st: ReleaseState) -> bool:
+    """A re-run of a finished release has nothing to do."""
+    return st.info.tags.get(STATUS_TAG) == "released" and st.champion == st.version
+
+
+def fetch(svc: Services, st: ReleaseState) -> Path:
+    """Download the version's MLflow model into the release's work dir (fresh each time)."""
+    target = st.workdir / "mlflow-model"
+    if target.exists():
+        shutil.rmtree(target)
+    return svc.registry.download(st.model, st.version, target)
+
+
+def package(svc: Services, st: ReleaseState, model_dir: Path) -> Bundle:
+    """Export for TorchServe and gate on shape: the export must answer one finite row per input row."""
+    bundle = export_pytorch(model_dir, st.workdir / "bundle", name=st.model, version=st.version,
+                            max_batch_rows=svc.settings.serving.max_batch_rows,
+                            output=st.info.tags.get("canaryflow.output"),
+                            class_labels=labels_from_tag(st.info.tags.get("canaryflow.class_labels")))
+    rows = example_rows(model_dir, input_contract(model_dir), min_rows=3)
+    st.record(check_shape(_predictor(bundle), bundle.meta.n_features, rows))
+    return bundle
+
+
+def _predictor(bundle: Bundle):  # noqa: ANN202 - a closure over the loaded program
+    import torch
+
+    module = torch.export.load(str(bundle.model_file)).module()
+    step = bundle.meta.fixed_batch or None
+
+    def predict(rows: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
+        with torch.no_grad():
+            parts = [module(c) for c in (x.split(step) if step else [x])]
+        return torch.cat(parts).numpy()
+
+    return predict
+
+
+def archive(svc: Services, st: ReleaseState, bundle: Bundle) -> Archive:
+    """Build the .mar and record it (file and sha256) on the release run."""
+    mar = build_mar(bundle.model_file, [bundle.meta_file], model=st.model, version=st.version,
+                    model_store=svc.paths.model_store)
+    svc.registry.log_to_run(st.run_id, params={"mar_sha256": mar.sha256, "mar_file": mar.path.name,
+                                               "serving_format": bundle.meta.format},
+                            metrics={"mar_size_bytes": mar.size_bytes}, files=[mar.path, bundle.meta_file],
+                            artifact_path="torchserve")
+    svc.registry.set_tags(st.model, st.version, {"canaryflow.mar_sha256": mar.sha256})
+    return mar
+
+
+def stage(svc: Services, st: ReleaseState, mar: Archive, model_dir: Path) -> GateResult:
+    """Register the version on TorchServe, warm it up and smoke-test it through the router (pinned)."""
+    svc.backend.register(st.model, st.version, mar.path)
+    rows = example_rows(model_dir, input_contract(model_dir), min_rows=svc.settings.release.smoke_rows)
+    return st.record(smoke_test(svc.settings.router_url, st.model, st.version, rows,
+                                warmup=svc.settings.serving.warmup_requests))
+
+
+def promote(svc: Services, st: ReleaseState) -> None:
+    """Route the model to the candidate, make it TorchServe's default, and move the aliases.
+
+    Until the canary ramp exists this is a direct cut-over once the candidate passed every gate.
+    """
+    cfg = svc.settings.release
+    svc.router.set_route(st.model, st.version)
+    svc.backend.set_default(st.model, st.version)
+    if st.champion and st.champion != st.version:
+        svc.registry.set_alias(st.model, cfg.previous_alias, st.champion)
+    svc.registry.set_alias(st.model, cfg.champion_alias, st.version)
+    reason = f"serving as {cfg.champion_alias}" + (f", replacing v{st.champion}" if st.champion else "")
+    svc.registry.set_tags(st.model, st.version, {STATUS_TAG: "released", REASON_TAG: reason})
+
+
+def stop(svc: Services, st: ReleaseState, status: str, reason: str) -> None:
+    """End a release that did not promote: production untouched, the candidate off TorchServe, tagged."""
+    routed = svc.router.routes().get(st.model, {}).get("stable")
+    if st.version not in (st.champion, routed):
+        try:
+            svc.backend.unregister(st.model, st.version)
+        except Exception as exc:  # cleanup must not hide the reason the release stopped
+            reason = f"{reason} (and unregistering failed: {exc})"
+    svc.registry.set_tags(st.model, st.version, {STATUS_TAG: status, REASON_TAG: reason[:4000]})
+
+
+def finish(svc: Services, st: ReleaseState, status: str) -> None:
+    """Write the gate results to the release run and close it."""
+    path = st.workdir / "gates.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps([r.to_dict() for r in st.results], indent=2))
+    metrics = {f"gate.{r.gate}.passed": float(r.passed) for r in st.results}
+    svc.registry.log_to_run(st.run_id, metrics=metrics, files=[path], params={"model": st.model,
+                            "version": st.version, "champion_before": st.champion or "none"})
+    svc.registry.finish_run(st.run_id, "FINISHED" if status == "released" else "FAILED")

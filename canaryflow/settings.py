@@ -1,0 +1,118 @@
+"""One settings tree for canaryflow (pydantic-settings, env prefix ``CANARYFLOW_``, nested with ``__``).
+
+Examples: ``CANARYFLOW_STATE_DIR=/tmp/cf``, ``CANARYFLOW_PORTS__ROUTER=18000``,
+``CANARYFLOW_SERVING__MAX_BATCH_ROWS=512``. Nothing is read until :func:`get_settings` is called.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Ports(BaseModel):
+    """Every TCP port the local stack binds, all on ``Settings.host``."""
+
+    router: int = 8000
+    mlflow: int = 5000
+    prefect: int = 4200
+    torchserve_inference: int = 8080
+    torchserve_management: int = 8081
+    torchserve_metrics: int = 8082
+    torchserve_grpc_inference: int = 7070
+    torchserve_grpc_management: int = 7071
+    torchserve_worker_base: int = 9000
+    bridge: int = 8090
+
+
+class ServingSettings(BaseModel):
+    """How models are served by TorchServe and the router."""
+
+    max_batch_rows: int = Field(1024, ge=1, description="rows per request; more is a 400")
+    workers_per_version: int = Field(1, ge=1)
+    response_timeout_s: int = Field(30, ge=1)
+    # TorchServe keys expire; the router holds the inference key, so it must outlive a working session.
+    token_expiration_min: int = Field(7 * 24 * 60, ge=1)
+    warmup_requests: int = Field(20, ge=0)
+    java_heap_mb: int = Field(512, ge=128)
+
+
+class PrefectSettings(BaseModel):
+    """Names of the Prefect objects canaryflow creates."""
+
+    work_pool: str = "canaryflow"
+    release_deployment: str = "release/release"
+    poll_frequency_s: int = Field(2, ge=1)
+
+
+class WebhookSettings(BaseModel):
+    """The MLflow -> Prefect bridge."""
+
+    name: str = "canaryflow-release"
+    tolerance_s: int = Field(300, ge=1, description="max clock skew of X-MLflow-Timestamp")
+    secret: str | None = Field(None, description="HMAC secret; generated into the state dir when unset")
+
+
+class ReleaseSettings(BaseModel):
+    """The release flow."""
+
+    experiment: str = "canaryflow-releases"
+    champion_alias: str = "champion"
+    previous_alias: str = "previous"
+    smoke_rows: int = Field(8, ge=1)
+
+
+class Settings(BaseSettings):
+    """Root of the settings tree."""
+
+    model_config = SettingsConfigDict(env_prefix="CANARYFLOW_", env_nested_delimiter="__", extra="ignore")
+
+    host: str = "127.0.0.1"
+    state_dir: Path = Path(".canaryflow")
+    ports: Ports = Ports()
+    serving: ServingSettings = ServingSettings()
+    prefect: PrefectSettings = PrefectSettings()
+    webhook: WebhookSettings = WebhookSettings()
+    release: ReleaseSettings = ReleaseSettings()
+
+    @field_validator("host")
+    @classmethod
+    def _loopback_only(cls, value: str) -> str:
+        if not (value.startswith("127.") or value in {"localhost", "::1"}):
+            raise ValueError(f"host {value!r} is not a loopback address; the local stack binds loopback only")
+        return value
+
+    @field_validator("state_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    def url(self, port_name: str, path: str = "") -> str:
+        """``http://host:port`` of one of :class:`Ports` plus an optional path."""
+        return f"http://{self.host}:{getattr(self.ports, port_name)}{path}"
+
+    @property
+    def mlflow_uri(self) -> str:
+        return self.url("mlflow")
+
+    @property
+    def prefect_api_url(self) -> str:
+        return self.url("prefect", "/api")
+
+    @property
+    def router_url(self) -> str:
+        return self.url("router")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment on first use."""
+    return Settings()
+
+
+def reset_settings() -> None:
+    """Forget the cached settings (tests, and the CLI after it changes the environment)."""
+    get_settings.cache_clear()

@@ -1,0 +1,264 @@
+"""The traffic router: nginx in front of TorchServe, rendered from a routes file.
+
+``routes.json`` holds what the router serves, as data: ``{"routes": {"iris": {"stable": "3"}}}``. A route is a
+dict so that later keys (canary version, weight, sticky users, shadow) join it without a new format. Every
+change re-renders ``nginx.conf`` from ``templates/nginx.conf.j2``, checks it with ``nginx -t`` before it
+replaces the live file, and reloads a running nginx gracefully.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Protocol
+
+import jinja2
+
+from canaryflow.errors import ServingError
+from canaryflow.paths import StatePaths
+from canaryflow.settings import Settings
+
+Routes = dict[str, dict[str, Any]]
+"""``{model: {"stable": version, ...}}``: the ``routes`` member of routes.json."""
+
+MODEL_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
+VERSION_PATTERN = r"[0-9A-Za-z._-]{1,32}"
+MODEL_RE = re.compile(rf"^{MODEL_PATTERN}$")
+VERSION_RE = re.compile(rf"^{VERSION_PATTERN}$")
+# The token is written into a double-quoted nginx string: allow only characters that cannot break out of it.
+_TOKEN_RE = re.compile(r"^[A-Za-z0-9._~+/=-]*$")
+_GENERATION_MARK = "@@CANARYFLOW_GENERATION@@"
+# Package data (pyproject: deployments/templates/*). Found next to this module rather than through
+# importlib.resources, which fails on the editable install's multiplexed package path.
+_TEMPLATE = Path(__file__).with_name("templates") / "nginx.conf.j2"
+_TEMP_DIRS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+_apply_lock = threading.Lock()
+
+
+class TrafficRouter(Protocol):
+    """Sends each model's inference traffic to the version(s) it is told to."""
+
+    def set_route(self, model: str, version: str) -> None:
+        """Route all of ``model``'s traffic to ``version``."""
+        ...
+
+    def remove_route(self, model: str) -> None:
+        """Stop routing ``model``; its requests get 404 ModelNotRouted."""
+        ...
+
+    def routes(self) -> Routes:
+        """What the router currently serves."""
+        ...
+
+
+def validate_routes(routes: Mapping[str, Mapping[str, Any]]) -> Routes:
+    """A checked copy of ``routes``; raises ServingError naming the bad model or version."""
+    checked: Routes = {}
+    for model, route in routes.items():
+        if not MODEL_RE.match(model):
+            raise ServingError(f"model name {model!r} does not match {MODEL_RE.pattern}; rename the model")
+        stable = str(route.get("stable", ""))
+        if not VERSION_RE.match(stable):
+            raise ServingError(
+                f"route {model!r}: stable version {stable!r} does not match {VERSION_RE.pattern}")
+        checked[model] = {**route, "stable": stable}
+    return checked
+
+
+class NginxRouter:
+    """The local :class:`TrafficRouter`: nginx configured from ``paths.router_state``."""
+
+    def __init__(self, settings: Settings, paths: StatePaths, token_provider: Callable[[], str],
+                 nginx_bin: str | None = None, reload_timeout_s: float = 10.0) -> None:
+        self.settings = settings
+        self.paths = paths
+        self.token_provider = token_provider
+        self.nginx_bin = nginx_bin or shutil.which("nginx") or "/usr/sbin/nginx"
+        self.reload_timeout_s = reload_timeout_s
+
+    # -- files -------------------------------------------------------------------------------------
+    @property
+    def pid_file(self) -> Path:
+        return self.paths.router_dir / "nginx.pid"
+
+    @property
+    def error_log(self) -> Path:
+        return self.paths.router_dir / "error.log"
+
+    def _nginx(self, conf: Path, *extra: str) -> list[str]:
+        return [self.nginx_bin, "-c", str(conf), "-p", f"{self.paths.router_dir}/", "-e", str(self.error_log),
+                *extra]
+
+    def command(self) -> list[str]:
+        """The foreground nginx command line for supervisord."""
+        return self._nginx(self.paths.router_conf, "-g", "daemon off;")
+
+    # -- state -------------------------------------------------------------------------------------
+    def routes(self) -> Routes:
+        """The routes in routes.json (empty when there is none yet)."""
+        try:
+            data = json.loads(self.paths.router_state.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            raise ServingError(f"cannot read {self.paths.router_state}: {exc}; fix or delete it") from exc
+        return validate_routes(data.get("routes", {}))
+
+    def set_route(self, model: str, version: str) -> None:
+        """Route all of ``model``'s traffic to ``version`` (other keys of its route are kept)."""
+        routes = self.routes()
+        routes[model] = {**routes.get(model, {}), "stable": str(version)}
+        self.apply(routes)
+
+    def remove_route(self, model: str) -> None:
+        """Stop routing ``model``; a no-op when it is not routed."""
+        routes = self.routes()
+        if routes.pop(model, None) is not None:
+            self.apply(routes)
+
+    # -- rendering ---------------------------------------------------------------------------------
+    def render(self, routes: Mapping[str, Mapping[str, Any]]) -> str:
+        """nginx.conf for ``routes`` with TorchServe's current inference key; writes nothing."""
+        token = self.token_provider() or ""
+        if not _TOKEN_RE.match(token):
+            raise ServingError("the TorchServe inference key has unexpected characters; not rendering it")
+        s, d = self.settings, self.paths.router_dir
+        env = jinja2.Environment(undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+                                 keep_trailing_newline=True, autoescape=False)
+        # Model names are [A-Za-z0-9_.-]: "." is the only regex metacharacter; "[.]" needs no backslash.
+        env.filters["regex"] = lambda name: name.replace(".", "[.]")
+        template = env.from_string(_TEMPLATE.read_text(encoding="utf-8"))
+        text = template.render(
+            routes=validate_routes(routes), token=token, run_as_root=os.geteuid() == 0,
+            listen=_hostport(s.host, s.ports.router),
+            upstream=_hostport(s.host, s.ports.torchserve_inference),
+            # TorchServe times out at response_timeout_s itself; nginx waits a little longer so that its
+            # answer, not a bare 504, reaches the client.
+            read_timeout_s=s.serving.response_timeout_s + 5,
+            pid_file=self.pid_file, error_log=self.error_log, access_log=self.paths.router_access_log,
+            temp_dir=d / "tmp", model_pattern=MODEL_PATTERN, version_pattern=VERSION_PATTERN,
+            generation=_GENERATION_MARK)
+        generation = hashlib.sha256(text.encode()).hexdigest()[:12]
+        return text.replace(_GENERATION_MARK, generation)
+
+    # -- applying ----------------------------------------------------------------------------------
+    def write_initial_config(self) -> None:
+        """Render nginx.conf from the current routes (or none) so nginx can start."""
+        self.apply(self.routes())
+
+    def refresh(self) -> None:
+        """Re-render with the current routes, e.g. after TorchServe restarted with a new key."""
+        self.apply(self.routes())
+
+    def apply(self, routes: Mapping[str, Mapping[str, Any]]) -> None:
+        """Make ``routes`` live: write routes.json and a checked nginx.conf, then reload nginx if running.
+
+        Raises ServingError (with nginx's message) and leaves the old files in place when the new
+        config is invalid.
+        """
+        checked = validate_routes(routes)
+        with self._locked():
+            self._ensure_dirs()
+            text = self.render(checked)
+            conf = self.paths.router_conf
+            tmp = _write_tmp(conf, text, mode=0o600)  # it holds the inference key
+            try:
+                self._check(tmp)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            os.replace(tmp, conf)
+            state = json.dumps({"routes": checked}, indent=2, sort_keys=True) + "\n"
+            os.replace(_write_tmp(self.paths.router_state, state, mode=0o644), self.paths.router_state)
+            pid = self.running_pid()
+            if pid is not None:
+                os.kill(pid, signal.SIGHUP)
+                self._wait_generation(_generation_of(text))
+
+    def _check(self, conf: Path) -> None:
+        """``nginx -t`` on ``conf``; ServingError with nginx's own message when it fails."""
+        proc = subprocess.run(self._nginx(conf, "-t", "-q"), capture_output=True, text=True, timeout=30)
+        if proc.returncode != 0:
+            msg = (proc.stderr or proc.stdout).strip()
+            raise ServingError(f"nginx rejected the new router config, the old one stays live: {msg}")
+
+    def running_pid(self) -> int | None:
+        """The nginx master's pid when it is running, else None."""
+        try:
+            pid = int(self.pid_file.read_text().strip())
+            os.kill(pid, 0)
+        except (OSError, ValueError):
+            return None
+        comm = Path(f"/proc/{pid}/comm")
+        # A stale pid file may name an unrelated process now: never signal that one.
+        if comm.exists() and not comm.read_text().startswith("nginx"):
+            return None
+        return pid
+
+    def _wait_generation(self, generation: str) -> None:
+        """Block until /ping answers from the new config, so callers know the change is live."""
+        deadline = time.monotonic() + self.reload_timeout_s
+        while time.monotonic() < deadline:
+            # http.client, not urllib: a proxy from the environment must not see loopback traffic.
+            conn = http.client.HTTPConnection(self.settings.host, self.settings.ports.router, timeout=1)
+            try:
+                conn.request("GET", "/ping")
+                if json.loads(conn.getresponse().read()).get("generation") == generation:
+                    # The master lets old and new workers overlap ~100 ms before it stops the old ones.
+                    time.sleep(0.2)
+                    return
+            except (OSError, ValueError, http.client.HTTPException):
+                pass
+            finally:
+                conn.close()
+            time.sleep(0.05)
+        raise ServingError(f"nginx did not load config {generation} within {self.reload_timeout_s} s; "
+                           f"see {self.error_log}")
+
+    def _ensure_dirs(self) -> None:
+        self.paths.router_dir.mkdir(parents=True, exist_ok=True)
+        for name in _TEMP_DIRS:
+            (self.paths.router_dir / "tmp" / name).mkdir(parents=True, exist_ok=True)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """One apply at a time, across threads and processes (CLI and Prefect worker)."""
+        self.paths.router_dir.mkdir(parents=True, exist_ok=True)
+        with _apply_lock, open(self.paths.router_dir / ".apply.lock", "w") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            yield
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _generation_of(conf_text: str) -> str:
+    match = re.search(r"generation ([0-9a-f]{12})", conf_text)
+    if match is None:
+        raise ServingError("the router template lost its generation marker")
+    return match.group(1)
+
+
+def _write_tmp(target: Path, text: str, mode: int) -> Path:
+    """``text`` in a new file next to ``target`` (same filesystem, so os.replace is atomic)."""
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.chmod(name, mode)
+    return Path(name)

@@ -1,0 +1,175 @@
+"""TorchServe, the local serving backend: config rendering, its keys, and a management API client.
+
+TorchServe 0.12 keeps token auth on: every call needs ``Authorization: Bearer <key>``, and the keys are
+regenerated each time it starts (``key_file.json`` in its working directory), so they are read from disk
+on every call rather than cached for the process lifetime.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Protocol
+
+import httpx
+
+from canaryflow.errors import ServingError
+from canaryflow.paths import StatePaths
+from canaryflow.settings import Settings
+
+
+class ServingBackend(Protocol):
+    """What the release flow needs from a model server (TorchServe locally, Kubernetes later)."""
+
+    def healthy(self) -> bool: ...
+    def versions(self, model: str) -> list[str]: ...
+    def register(self, model: str, version: str, archive: Path) -> bool: ...
+    def unregister(self, model: str, version: str) -> None: ...
+    def set_default(self, model: str, version: str) -> None: ...
+
+
+def render_config(settings: Settings, paths: StatePaths) -> str:
+    """config.properties: every address on loopback, model API on, prometheus metrics."""
+    h, p, s = settings.host, settings.ports, settings.serving
+    lines = {
+        "inference_address": f"http://{h}:{p.torchserve_inference}",
+        "management_address": f"http://{h}:{p.torchserve_management}",
+        "metrics_address": f"http://{h}:{p.torchserve_metrics}",
+        "grpc_inference_address": h,
+        "grpc_management_address": h,
+        "grpc_inference_port": p.torchserve_grpc_inference,
+        "grpc_management_port": p.torchserve_grpc_management,
+        "initial_worker_port": p.torchserve_worker_base,
+        "model_store": paths.model_store,
+        "enable_model_api": "true",
+        "metrics_mode": "prometheus",
+        "disable_system_metrics": "true",
+        "token_expiration_min": s.token_expiration_min,
+        "default_workers_per_model": s.workers_per_version,
+        "default_response_timeout": s.response_timeout_s,
+        "install_py_dep_per_model": "false",
+        "vmargs": f"-Xmx{s.java_heap_mb}m -XX:+UseG1GC -Dlog4j.configurationFile=file://{paths.torchserve_log4j}",
+    }
+    return "".join(f"{k}={v}\n" for k, v in lines.items())
+
+
+def write_config(settings: Settings, paths: StatePaths) -> None:
+    """Write config.properties and the log4j config into the state dir."""
+    paths.torchserve_config.write_text(render_config(settings, paths))
+    template = resources.files("deployments") / "templates" / "log4j2.xml"
+    paths.torchserve_log4j.write_text(template.read_text())
+
+
+def command(paths: StatePaths) -> list[str]:
+    """The foreground command supervisord runs (``--foreground`` keeps the Java process its child)."""
+    exe = shutil.which("torchserve", path=str(Path(sys.executable).parent)) or "torchserve"
+    return [exe, "--start", "--foreground", "--ts-config", str(paths.torchserve_config),
+            "--model-store", str(paths.model_store)]
+
+
+def environment(paths: StatePaths) -> dict[str, str]:
+    """Private temp dir (else pid file and worker sockets are machine-wide in /tmp) and one thread per worker."""
+    tmp = str(paths.torchserve_tmp)
+    return {"TMPDIR": tmp, "TEMP": tmp, "OMP_NUM_THREADS": "1",
+            "LOG_LOCATION": str(paths.torchserve_dir / "logs"),
+            "METRICS_LOCATION": str(paths.torchserve_dir / "logs")}
+
+
+def read_keys(paths: StatePaths) -> dict[str, str]:
+    """TorchServe's current keys: {"inference": ..., "management": ..., "API": ...}."""
+    try:
+        raw = json.loads(paths.torchserve_keys.read_text())
+    except (OSError, ValueError) as exc:
+        raise ServingError(f"TorchServe key file {paths.torchserve_keys} unreadable ({exc}); is it running?") from exc
+    return {name: entry["key"] for name, entry in raw.items() if isinstance(entry, dict) and "key" in entry}
+
+
+def archive_name(model: str, version: str) -> str:
+    """File name of a version's archive in the model store (the archiver always writes <model>.mar)."""
+    return f"{model}_v{version}.mar"
+
+
+@dataclass
+class TorchServeClient:
+    """Management and inference calls against the local TorchServe (implements ServingBackend)."""
+
+    settings: Settings
+    paths: StatePaths
+    timeout_s: float = 10.0
+
+    def _call(self, api: str, method: str, path: str, *, timeout: float | None = None,
+              **kwargs: Any) -> httpx.Response:
+        port = {"inference": self.settings.ports.torchserve_inference,
+                "management": self.settings.ports.torchserve_management}[api]
+        key = read_keys(self.paths)[api]
+        url = f"http://{self.settings.host}:{port}{path}"
+        try:
+            return httpx.request(method, url, headers={"Authorization": f"Bearer {key}"},
+                                 timeout=timeout or self.timeout_s, **kwargs)
+        except httpx.HTTPError as exc:
+            raise ServingError(f"TorchServe {api} API unreachable at {url}: {exc}") from exc
+
+    @staticmethod
+    def _check(resp: httpx.Response, what: str) -> httpx.Response:
+        if resp.status_code >= 400:
+            raise ServingError(f"TorchServe refused to {what}: HTTP {resp.status_code} {resp.text[:300]}")
+        return resp
+
+    def healthy(self) -> bool:
+        """True when the inference API answers /ping with Healthy."""
+        try:
+            resp = self._call("inference", "GET", "/ping", timeout=2.0)
+        except ServingError:
+            return False
+        return resp.status_code == 200 and resp.json().get("status") == "Healthy"
+
+    def versions(self, model: str) -> list[str]:
+        """Registered versions of a model ([] when the model is unknown)."""
+        resp = self._call("management", "GET", f"/models/{model}/all")
+        if resp.status_code == 404:
+            return []
+        return [str(d["modelVersion"]) for d in self._check(resp, f"list {model}").json()]
+
+    def describe(self, model: str, version: str) -> dict[str, Any]:
+        """TorchServe's description of one version (workers, default flag, ...)."""
+        resp = self._check(self._call("management", "GET", f"/models/{model}/{version}"), f"describe {model}")
+        return resp.json()[0]
+
+    def register(self, model: str, version: str, archive: Path) -> bool:
+        """Register an archive from the model store; False when that version was already registered."""
+        if version in self.versions(model):
+            return False
+        params = {"url": archive.name, "model_name": model, "initial_workers": self.settings.serving.workers_per_version,
+                  "synchronous": "true", "response_timeout": self.settings.serving.response_timeout_s,
+                  "batch_size": 1}
+        resp = self._call("management", "POST", "/models", params=params, timeout=120.0)
+        if resp.status_code == 409:
+            return False
+        self._check(resp, f"register {archive.name}")
+        return True
+
+    def unregister(self, model: str, version: str) -> None:
+        """Unregister a version; a version that is not there is fine (idempotent)."""
+        resp = self._call("management", "DELETE", f"/models/{model}/{version}", timeout=60.0)
+        if resp.status_code != 404:
+            self._check(resp, f"unregister {model} v{version}")
+
+    def set_default(self, model: str, version: str) -> None:
+        """Make a version TorchServe's default for /predictions/<model>."""
+        self._check(self._call("management", "PUT", f"/models/{model}/{version}/set-default"),
+                    f"set {model} v{version} as default")
+
+    def predict(self, model: str, version: str, payload: dict[str, Any]) -> httpx.Response:
+        """One inference call straight to TorchServe (bypassing the router)."""
+        return self._call("inference", "POST", f"/predictions/{model}/{version}", json=payload)
+
+
+def key_file_mode_private(paths: StatePaths) -> None:
+    """TorchServe writes its keys world-readable; keep them to the owner."""
+    if paths.torchserve_keys.exists():
+        os.chmod(paths.torchserve_keys, 0o600)

@@ -1,0 +1,54 @@
+"""Prefect task wrappers of the release steps in canaryflow.release (a few lines each)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from canaryflow import release as steps
+from canaryflow.packaging import Bundle
+from canaryflow.services import get_services
+from deployments.archive import Archive
+from validation.results import GateResult
+
+
+@task(name="begin", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=3)
+def begin(model: str, version: str) -> steps.ReleaseState:
+    return steps.begin(get_services(), model, version)
+
+
+@task(name="fetch", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=3)
+def fetch(st: steps.ReleaseState) -> Path:
+    return steps.fetch(get_services(), st)
+
+
+@task(name="package", cache_policy=NO_CACHE)
+def package(st: steps.ReleaseState, model_dir: Path) -> Bundle:
+    return steps.package(get_services(), st, model_dir)
+
+
+@task(name="archive", cache_policy=NO_CACHE)
+def archive(st: steps.ReleaseState, bundle: Bundle) -> Archive:
+    return steps.archive(get_services(), st, bundle)
+
+
+@task(name="stage", cache_policy=NO_CACHE)
+def stage(st: steps.ReleaseState, mar: Archive, model_dir: Path) -> GateResult:
+    return steps.stage(get_services(), st, mar, model_dir)
+
+
+@task(name="promote", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=3)
+def promote(st: steps.ReleaseState) -> None:
+    steps.promote(get_services(), st)
+
+
+@task(name="stop", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=3)
+def stop(st: steps.ReleaseState, status: str, reason: str) -> None:
+    steps.stop(get_services(), st, status, reason)
+
+
+@task(name="finish", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=3)
+def finish(st: steps.ReleaseState, status: str) -> None:
+    steps.finish(get_services(), st, status)

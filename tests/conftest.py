@@ -1,0 +1,64 @@
+"""Shared fixtures: a real local stack on free loopback ports, started once per session."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+PORT_NAMES = ["router", "mlflow", "prefect", "torchserve_inference", "torchserve_management",
+              "torchserve_metrics", "torchserve_grpc_inference", "torchserve_grpc_management", "bridge"]
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports on loopback (held open together so they differ)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def stack_env(state_dir: Path) -> dict[str, str]:
+    """CANARYFLOW_* variables for a stack of our own: its state dir and free ports."""
+    env = {"CANARYFLOW_STATE_DIR": str(state_dir)}
+    for name, port in zip(PORT_NAMES, free_ports(len(PORT_NAMES)), strict=True):
+        env[f"CANARYFLOW_PORTS__{name.upper()}"] = str(port)
+    # Python worker ports of TorchServe: a block unlikely to be in use by another stack.
+    env["CANARYFLOW_PORTS__TORCHSERVE_WORKER_BASE"] = str(20000 + (os.getpid() % 400) * 20)
+    return env
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that stop the shared stack run last."""
+    items.sort(key=lambda item: item.get_closest_marker("stops_stack") is not None)
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """The real local stack (MLflow, Prefect server + worker, TorchServe, nginx, bridge) for this session."""
+    from canaryflow.settings import Settings, reset_settings
+    from canaryflow.stack import LocalStack
+
+    env = stack_env(tmp_path_factory.mktemp("stack") / ".canaryflow")
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    reset_settings()
+    local = LocalStack(Settings())
+    try:
+        local.up(progress=lambda msg: None)
+        yield local
+    finally:
+        local.down()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        reset_settings()

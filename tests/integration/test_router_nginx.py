@@ -1,0 +1,328 @@
+"""The real nginx router, rendered by NginxRouter, in front of a recording stand-in for TorchServe.
+
+The stand-in only observes what nginx sends upstream; the full-stack tests use real TorchServe.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from canaryflow.paths import StatePaths
+from canaryflow.settings import Ports, Settings
+from deployments.router import NginxRouter
+
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.timeout(60),
+]
+TOKEN = "router-key-1"
+TORCHSERVE_400 = {"code": 400, "type": "InvalidInput", "message": "expected 4 features, got 3"}
+ROUTES = {"iris": {"stable": "1"}, "broken": {"stable": "1"}}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Upstream(ThreadingHTTPServer):
+    """Records every request; answers like TorchServe, with the version in X-Model-Version."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.seen: list[dict] = []
+        self.lock = threading.Lock()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # nginx keeps upstream connections alive
+
+    def do_POST(self) -> None:  # noqa: N802
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        server: Upstream = self.server  # type: ignore[assignment]
+        with server.lock:
+            server.seen.append({"path": self.path, "headers": dict(self.headers.items()), "body": body})
+        parts = self.path.strip("/").split("/")
+        if parts[1] == "broken":
+            self._send(400, TORCHSERVE_400, "1")
+        else:
+            self._send(200, {"model": parts[1], "version": parts[2], "predictions": [0]}, parts[2])
+
+    def _send(self, status: int, payload: dict, version: str) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("X-Model-Version", version)
+        self.send_header("x-request-id", "torchserve-own-id")  # TorchServe sends one; the router's wins
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def request(router: NginxRouter, method: str, path: str, headers: dict[str, str] | None = None,
+            body: bytes = b'{"inputs": [[1, 2, 3, 4]]}') -> tuple[int, http.client.HTTPMessage, bytes]:
+    """One request on a fresh connection."""
+    conn = http.client.HTTPConnection("127.0.0.1", router.settings.ports.router, timeout=10)
+    try:
+        conn.request(method, path, body=body if method == "POST" else None, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, resp.headers, resp.read()
+    finally:
+        conn.close()
+
+
+def make_router(root: Path, inference_port: int) -> NginxRouter:
+    settings = Settings(state_dir=root, ports=Ports(router=free_port(), torchserve_inference=inference_port))
+    return NginxRouter(settings, StatePaths(root), lambda: TOKEN)
+
+
+@contextmanager
+def running_nginx(router: NginxRouter) -> Iterator[subprocess.Popen]:
+    proc = subprocess.Popen(router.command(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                if request(router, "GET", "/ping")[0] == 200 and router.running_pid() == proc.pid:
+                    break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                err = proc.stderr.read().decode() if proc.stderr else ""
+                raise RuntimeError(f"nginx did not start: {err}")
+            time.sleep(0.05)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[Upstream]:
+    server = Upstream()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+@pytest.fixture(scope="module")
+def router(upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[NginxRouter]:
+    r = make_router(tmp_path_factory.mktemp("router-state"), upstream.server_address[1])
+    r.apply(ROUTES)
+    with running_nginx(r):
+        yield r
+
+
+@pytest.fixture
+def seen(upstream: Upstream) -> list[dict]:
+    with upstream.lock:
+        upstream.seen.clear()
+    return upstream.seen
+
+
+def test_ping_is_answered_by_the_router(router: NginxRouter, seen: list[dict]) -> None:
+    status, headers, body = request(router, "GET", "/ping")
+    assert status == 200 and json.loads(body)["status"] == "Healthy"
+    assert headers["Content-Type"] == "application/json"
+    assert seen == []
+
+
+def test_prediction_goes_to_the_stable_version(router: NginxRouter, seen: list[dict]) -> None:
+    status, headers, body = request(router, "POST", "/predictions/iris")
+    assert status == 200, body
+    assert json.loads(body)["version"] == "1" and headers["X-Model-Version"] == "1"
+    assert [s["path"] for s in seen] == ["/predictions/iris/1"]
+    assert seen[0]["body"] == b'{"inputs": [[1, 2, 3, 4]]}'
+
+
+def test_version_pin_header(router: NginxRouter, seen: list[dict]) -> None:
+    status, headers, _ = request(router, "POST", "/predictions/iris", {"X-Model-Version": "7"})
+    assert status == 200 and headers["X-Model-Version"] == "7"
+    assert [s["path"] for s in seen] == ["/predictions/iris/7"]
+    assert "X-Model-Version" not in seen[0]["headers"]
+
+
+@pytest.mark.parametrize("pin", ["../models", "1;2", "a" * 33, "1 2"])
+def test_invalid_pin_is_400(router: NginxRouter, seen: list[dict], pin: str) -> None:
+    status, _, body = request(router, "POST", "/predictions/iris", {"X-Model-Version": pin})
+    assert status == 400
+    assert json.loads(body)["type"] == "InvalidModelVersion"
+    assert seen == []
+
+
+def test_unrouted_model_is_404(router: NginxRouter, seen: list[dict]) -> None:
+    for path in ("/predictions/wine", "/predictions/IRIS"):
+        status, _, body = request(router, "POST", path)
+        assert status == 404
+        err = json.loads(body)
+        assert err["code"] == 404 and err["type"] == "ModelNotRouted" and "iris" in err["message"]
+    assert seen == []
+
+
+def test_pin_reaches_a_version_of_an_unrouted_model(router: NginxRouter, seen: list[dict]) -> None:
+    # A staged candidate is smoke-tested through the router before the model has any route.
+    status, _, _ = request(router, "POST", "/predictions/wine", {"X-Model-Version": "7"})
+    assert status == 200
+    assert seen[-1]["path"] == "/predictions/wine/7"
+
+
+def test_other_methods_are_405(router: NginxRouter, seen: list[dict]) -> None:
+    for method in ("GET", "PUT", "DELETE"):
+        status, headers, body = request(router, method, "/predictions/iris")
+        assert status == 405 and json.loads(body)["type"] == "MethodNotAllowed"
+        assert headers["Allow"] == "POST" and headers["X-Request-ID"]
+    assert seen == []
+
+
+@pytest.mark.parametrize("method,path", [
+    ("GET", "/models"), ("POST", "/models?url=x.mar"), ("DELETE", "/models/iris/1"),
+    ("GET", "/api-description"),
+    ("GET", "/api/v1/x"), ("GET", "/metrics"), ("POST", "/predictions/iris/1"), ("POST", "/predictions/"),
+    ("POST", "/predictions/../models"), ("POST", "/explanations/iris"), ("GET", "/"),
+])
+def test_everything_else_is_404(router: NginxRouter, seen: list[dict], method: str, path: str) -> None:
+    status, _, body = request(router, method, path)
+    assert status == 404 and json.loads(body)["type"] == "NotFound"
+    assert seen == []
+
+
+def test_router_replaces_the_authorization_header(router: NginxRouter, seen: list[dict]) -> None:
+    request(router, "POST", "/predictions/iris", {"Authorization": "Bearer client-held-key"})
+    request(router, "POST", "/predictions/iris")
+    assert [s["headers"]["Authorization"] for s in seen] == [f"Bearer {TOKEN}"] * 2
+    assert all("client-held-key" not in json.dumps(s["headers"]) for s in seen)
+
+
+def test_request_id_is_generated_or_kept(router: NginxRouter, seen: list[dict]) -> None:
+    _, headers, _ = request(router, "POST", "/predictions/iris")
+    generated = headers["X-Request-ID"]
+    assert re.fullmatch(r"[0-9a-f]{32}", generated)
+    assert headers.get_all("X-Request-ID") == [generated]  # TorchServe's own id is hidden
+    _, headers, _ = request(router, "POST", "/predictions/iris", {"X-Request-ID": "client-id-42"})
+    assert headers["X-Request-ID"] == "client-id-42"
+    assert [s["headers"]["X-Request-ID"] for s in seen] == [generated, "client-id-42"]
+    _, headers, _ = request(router, "GET", "/nowhere", {"X-Request-ID": "client-id-43"})
+    assert headers["X-Request-ID"] == "client-id-43"
+
+
+def test_torchserve_errors_pass_through(router: NginxRouter) -> None:
+    status, headers, body = request(router, "POST", "/predictions/broken")
+    assert status == 400
+    assert json.loads(body) == TORCHSERVE_400
+    assert headers["X-Request-ID"]
+
+
+def test_access_log_line_per_request(router: NginxRouter) -> None:
+    ids = {"log-ok": ("POST", "/predictions/iris", {}),
+           "log-pin": ("POST", "/predictions/iris", {"X-Model-Version": "5"}),
+           "log-404": ("POST", "/predictions/wine", {}),
+           "log-405": ("GET", "/predictions/iris", {})}
+    for rid, (method, path, headers) in ids.items():
+        request(router, method, path, {"X-Request-ID": rid, **headers})
+    lines: dict[str, dict] = {}
+    deadline = time.monotonic() + 5  # the log is flushed every second
+    while time.monotonic() < deadline and len(lines) < len(ids):
+        time.sleep(0.2)
+        records = [json.loads(line) for line in router.paths.router_access_log.read_text().splitlines()]
+        lines = {r["request_id"]: r for r in records if r["request_id"] in ids}
+    assert set(lines) == set(ids)
+    fields = {"time", "request_id", "model", "version", "upstream_version", "status", "request_time",
+              "upstream_time", "upstream_status", "method", "uri", "request_bytes", "body_bytes"}
+    assert all(set(r) == fields for r in lines.values())
+    ok = lines["log-ok"]
+    assert (ok["model"], ok["version"], ok["upstream_version"], ok["status"], ok["upstream_status"]) == (
+        "iris", "1", "1", 200, "200")
+    assert ok["method"] == "POST" and ok["uri"] == "/predictions/iris" and ok["body_bytes"] > 0
+    assert isinstance(ok["request_time"], float) and float(ok["upstream_time"]) >= 0
+    assert (lines["log-pin"]["version"], lines["log-pin"]["upstream_version"]) == ("5", "5")
+    missing = lines["log-404"]
+    assert (missing["status"], missing["model"], missing["version"]) == (404, "wine", "")
+    assert missing["upstream_status"] == "" and missing["upstream_time"] == ""
+    assert lines["log-405"]["status"] == 405
+
+
+def test_upstream_down_is_502_json(tmp_path: Path) -> None:
+    r = make_router(tmp_path / "state", free_port())  # nothing listens on the inference port
+    r.apply({"iris": {"stable": "1"}})
+    with running_nginx(r):
+        status, headers, body = request(r, "POST", "/predictions/iris")
+    assert status == 502 and headers["Content-Type"] == "application/json"
+    assert json.loads(body)["type"] == "UpstreamUnavailable"
+
+
+def test_refresh_picks_up_a_new_key(router: NginxRouter, seen: list[dict]) -> None:
+    router.token_provider = lambda: "router-key-2"
+    try:
+        router.refresh()
+        request(router, "POST", "/predictions/iris")
+        assert seen[-1]["headers"]["Authorization"] == "Bearer router-key-2"
+    finally:
+        router.token_provider = lambda: TOKEN
+        router.refresh()
+
+
+def test_route_change_under_load_loses_nothing(router: NginxRouter, seen: list[dict]) -> None:
+    results: list[tuple[float, int, str]] = []
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                status, headers, _ = request(router, "POST", "/predictions/iris")
+                results.append((started, status, headers.get("X-Model-Version", "")))
+            except Exception as exc:  # every failure counts, whatever its kind
+                errors.append(exc)
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.3)
+        for version in ("2", "1", "2"):  # three reloads under load
+            router.apply({**ROUTES, "iris": {"stable": version}})
+            time.sleep(0.2)
+        applied = time.monotonic() - 0.2
+        time.sleep(0.4)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(15)
+        router.apply(ROUTES)
+    assert errors == []
+    assert len(results) > 20  # ~100 req/s against the stdlib stand-in on 2 shared cores
+    assert {status for _, status, _ in results} == {200}
+    assert {v for _, _, v in results} == {"1", "2"}
+    after = [v for started, _, v in results if started >= applied]
+    assert after and set(after) == {"2"}

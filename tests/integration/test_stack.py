@@ -1,0 +1,140 @@
+"""The walking skeleton on the real local stack: MLflow, Prefect, TorchServe, nginx, the bridge."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psutil
+import pytest
+
+from canaryflow.demo import register_model
+from canaryflow.orchestrator import PrefectLauncher
+from canaryflow.webhook import load_or_create_secret, sign
+
+pytestmark = pytest.mark.integration
+MODEL = "stack-it-model"
+SERVE_DEADLINE_S = 240
+
+
+def _launcher(stack) -> PrefectLauncher:
+    return PrefectLauncher(stack.settings.prefect_api_url, stack.settings.prefect.release_deployment)
+
+
+def _deliver(stack, body: dict, secret: str, delivery_id: str | None = None) -> httpx.Response:
+    raw = json.dumps(body).encode()
+    delivery_id = delivery_id or str(uuid.uuid4())
+    ts = str(int(time.time()))
+    headers = {"X-MLflow-Delivery-Id": delivery_id, "X-MLflow-Timestamp": ts,
+               "X-MLflow-Signature": sign(secret, delivery_id, ts, raw), "Content-Type": "application/json"}
+    return httpx.post(stack.settings.url("bridge", "/webhooks/mlflow"), content=raw, headers=headers, timeout=30)
+
+
+def _created(name: str, version: str) -> dict:
+    return {"entity": "model_version", "action": "created", "timestamp": int(time.time() * 1000),
+            "data": {"name": name, "version": version, "source": "models:/x", "run_id": None, "tags": {},
+                     "description": None}}
+
+
+def test_up_brings_every_service_to_healthy(stack) -> None:
+    status = stack.status_dict()
+    unhealthy = [s["name"] for s in status["services"] if not s["healthy"]]
+    assert unhealthy == [], f"unhealthy: {unhealthy}"
+    names = {s["name"] for s in status["services"]}
+    assert names == {"mlflow", "prefect-server", "torchserve", "router", "prefect-worker", "bridge"}
+    # the CLI reports the same, as JSON, and `up` again is idempotent (same pids)
+    cli = [str(Path(sys.executable).parent / "canaryflow")]
+    out = subprocess.run(cli + ["status", "--json"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["healthy"] is True
+    pids = {s["name"]: s["pid"] for s in status["services"]}
+    stack.up(progress=lambda msg: None)
+    assert {s["name"]: s["pid"] for s in stack.status_dict()["services"]} == pids
+
+
+def test_registered_version_is_served_through_the_router(stack, record_property) -> None:
+    started = time.monotonic()
+    version, rows, _ = register_model(stack.settings.mlflow_uri, name=MODEL, seed=1)
+    url = f"{stack.settings.router_url}/predictions/{MODEL}"
+    body = {"inputs": rows[:3].tolist()}
+    last = None
+    while time.monotonic() - started < SERVE_DEADLINE_S:
+        last = httpx.post(url, json=body, timeout=30)
+        if last.status_code == 200:
+            break
+        time.sleep(1)
+    elapsed = time.monotonic() - started
+    assert last is not None and last.status_code == 200, f"not served after {elapsed:.0f} s: {last.text}"
+    record_property("registration_to_first_prediction_s", round(elapsed, 1))
+    print(f"registration -> first prediction through the router: {elapsed:.1f} s")
+    answer = last.json()
+    assert answer["model_version"] == version
+    assert len(answer["predictions"]) == 3
+    probs = np.array([p["probabilities"] for p in answer["predictions"]])
+    assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    assert last.headers["X-Request-ID"]
+    from mlflow import MlflowClient
+
+    mv = MlflowClient(stack.settings.mlflow_uri).get_model_version(MODEL, version)
+    assert mv.tags["canaryflow.status"] == "released"
+    assert "champion" in mv.aliases
+    assert stack.torchserve.describe(MODEL, version)["modelVersion"] == version
+
+
+def test_same_delivery_twice_starts_one_run(stack) -> None:
+    secret = load_or_create_secret(stack.paths, stack.settings)
+    name, delivery = "dup-delivery-model", str(uuid.uuid4())
+    first = _deliver(stack, _created(name, "1"), secret, delivery)
+    second = _deliver(stack, _created(name, "1"), secret, delivery)
+    assert first.status_code == second.status_code == 202, (first.text, second.text)
+    assert first.json()["flow_run_id"] == second.json()["flow_run_id"]
+    assert _launcher(stack).count_runs(name, "1") == 1
+
+
+def test_forged_delivery_is_refused_and_starts_nothing(stack) -> None:
+    name = "forged-delivery-model"
+    resp = _deliver(stack, _created(name, "1"), secret="not-the-secret")
+    assert resp.status_code == 401, resp.text
+    assert _launcher(stack).count_runs(name, "1") == 0
+
+
+def test_bad_request_is_400_and_next_good_request_succeeds(stack) -> None:
+    url = f"{stack.settings.router_url}/predictions/{MODEL}"
+    n = 30  # the breast-cancer data has 30 features
+    for bad in ({"inputs": [[1.0] * (n - 1)]}, {"inputs": []}, {"inputs": [["x"] * n]}):
+        resp = httpx.post(url, json=bad, timeout=30)
+        assert resp.status_code == 400, (bad, resp.status_code, resp.text)
+        assert resp.text
+    resp = httpx.post(url, content=b"{not json", headers={"Content-Type": "application/json"}, timeout=30)
+    assert resp.status_code == 400, resp.text
+    good = httpx.post(url, json={"inputs": [[1.0] * n]}, timeout=30)
+    assert good.status_code == 200, good.text
+    access = [json.loads(line) for line in stack.paths.router_access_log.read_text().splitlines() if line]
+    assert {"request_id", "model", "status", "request_time", "upstream_time"} <= set(access[-1])
+
+
+def test_router_does_not_expose_the_management_api(stack) -> None:
+    for path in ("/models", f"/models/{MODEL}", "/api-description", "/metrics"):
+        assert httpx.get(stack.settings.router_url + path, timeout=10).status_code == 404
+
+
+@pytest.mark.stops_stack
+def test_down_leaves_no_process(stack) -> None:
+    sup_pid = stack.supervisor.pid()
+    assert sup_pid is not None
+    tree = [sup_pid] + [c.pid for c in psutil.Process(sup_pid).children(recursive=True)]
+    assert len(tree) > 6  # supervisord, six services and TorchServe's java + python worker
+    stack.down()
+    alive = [p for p in tree if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert alive == [], f"still running after down: {alive}"
+    assert stack.status_dict()["healthy"] is False
+    ports = [stack.settings.ports.router, stack.settings.ports.mlflow, stack.settings.ports.prefect,
+             stack.settings.ports.torchserve_inference, stack.settings.ports.bridge]
+    listening = {c.laddr.port for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+    assert listening.isdisjoint(ports)

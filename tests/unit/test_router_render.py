@@ -1,0 +1,217 @@
+"""The nginx router's rendering and state handling, without starting nginx."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from canaryflow.errors import ServingError
+from canaryflow.paths import StatePaths
+from canaryflow.settings import Ports, Settings
+from deployments import router as router_mod
+from deployments.router import NginxRouter, TrafficRouter
+
+TOKEN = "tok-A1b2.C3_d4"
+ROUTER_PORT, INFERENCE_PORT, MANAGEMENT_PORT, METRICS_PORT = 18777, 18778, 18779, 18780
+
+
+@pytest.fixture
+def router(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> NginxRouter:
+    settings = Settings(state_dir=tmp_path / "state", ports=Ports(
+        router=ROUTER_PORT, torchserve_inference=INFERENCE_PORT, torchserve_management=MANAGEMENT_PORT,
+        torchserve_metrics=METRICS_PORT))
+    r = NginxRouter(settings, StatePaths(settings.state_dir), lambda: TOKEN)
+    monkeypatch.setattr(r, "_check", lambda conf: None)  # no nginx binary needed here
+    return r
+
+
+def _map_block(conf: str, variable: str) -> str:
+    match = re.search(r"map \$\S+ \$" + variable + r" \{(.*?)\n    \}", conf, re.S)
+    assert match, f"no map for ${variable}"
+    return match.group(1)
+
+
+def test_nginx_router_is_a_traffic_router(router: NginxRouter) -> None:
+    assert isinstance(router, NginxRouter)
+    _: TrafficRouter = router
+
+
+def test_render_routes_each_model_to_its_stable_version(router: NginxRouter) -> None:
+    conf = router.render({"iris": {"stable": "3"}, "wine.v2": {"stable": "12"}})
+    stable = _map_block(conf, "cf_stable")
+    assert '"~^iris$" "3";' in stable
+    assert '"~^wine[.]v2$" "12";' in stable
+    assert "proxy_pass http://torchserve/predictions/$cf_model/$cf_version;" in conf
+
+
+def test_render_with_no_routes_is_complete(router: NginxRouter) -> None:
+    conf = router.render({})
+    assert 'default "";' in _map_block(conf, "cf_stable")
+    assert "routed models: []" in conf
+
+
+def test_render_injects_the_token_and_replaces_the_clients(router: NginxRouter) -> None:
+    conf = router.render({"iris": {"stable": "1"}})
+    assert f'proxy_set_header Authorization "Bearer {TOKEN}";' in conf
+    assert conf.count("Authorization") == 1
+
+
+def test_render_reads_the_token_at_each_render(router: NginxRouter) -> None:
+    tokens = iter(["first", "second"])
+    router.token_provider = lambda: next(tokens)
+    assert "Bearer first" in router.render({})
+    assert "Bearer second" in router.render({})
+
+
+def test_render_refuses_a_token_that_could_break_the_config(router: NginxRouter) -> None:
+    router.token_provider = lambda: 'abc"; return 200 "x'
+    with pytest.raises(ServingError, match="unexpected characters"):
+        router.render({})
+
+
+def test_render_listens_on_the_router_port_and_proxies_to_inference_only(router: NginxRouter) -> None:
+    conf = router.render({"iris": {"stable": "1"}})
+    assert re.findall(r"^\s*listen (\S+);", conf, re.M) == [f"127.0.0.1:{ROUTER_PORT}"]
+    assert re.findall(r"^\s*server (\S+);", conf, re.M) == [f"127.0.0.1:{INFERENCE_PORT}"]
+    assert str(MANAGEMENT_PORT) not in conf and str(METRICS_PORT) not in conf
+
+
+def test_no_location_reaches_the_management_api(router: NginxRouter) -> None:
+    conf = router.render({"iris": {"stable": "1"}})
+    locations = re.findall(r"^\s*location (.+?) \{", conf, re.M)
+    assert locations == ["= /ping", "/predictions/", "/", "@upstream_unavailable", "@upstream_timeout",
+                         "@too_large"]
+    assert re.findall(r"proxy_pass (\S+);", conf) == ["http://torchserve/predictions/$cf_model/$cf_version"]
+    catch_all = conf.split("location / {", 1)[1].split("}", 1)[0]
+    assert "return 404" in catch_all and "proxy_pass" not in catch_all
+    assert "/models" not in conf and "/api" not in conf
+
+
+def test_render_validates_the_version_pin(router: NginxRouter) -> None:
+    conf = router.render({"iris": {"stable": "1"}})
+    assert '"~^[0-9A-Za-z._-]{1,32}$" 0;' in _map_block(conf, "cf_pin_invalid")
+    assert "default 1;" in _map_block(conf, "cf_pin_invalid")
+    assert '"~^[0-9A-Za-z._-]{1,32}$" $http_x_model_version;' in _map_block(conf, "cf_version")
+    assert "if ($cf_pin_invalid)" in conf and "return 400" in conf
+
+
+def test_render_has_a_json_access_log_and_request_ids(router: NginxRouter) -> None:
+    conf = router.render({})
+    assert "log_format canaryflow escape=json" in conf
+    assert f"access_log {router.paths.router_access_log} canaryflow buffer=64k flush=1s;" in conf
+    assert "add_header X-Request-ID $cf_request_id always;" in conf
+    assert "proxy_set_header X-Request-ID $cf_request_id;" in conf
+
+
+def test_generation_changes_with_routes_and_token(router: NginxRouter) -> None:
+    def generation(conf: str) -> str:
+        return re.search(r"generation ([0-9a-f]{12})", conf).group(1)
+
+    a = generation(router.render({"iris": {"stable": "1"}}))
+    assert a == generation(router.render({"iris": {"stable": "1"}}))
+    assert a != generation(router.render({"iris": {"stable": "2"}}))
+    router.token_provider = lambda: "other"
+    assert a != generation(router.render({"iris": {"stable": "1"}}))
+
+
+@pytest.mark.parametrize("routes", [
+    {"bad name": {"stable": "1"}},
+    {"../etc": {"stable": "1"}},
+    {"iris": {"stable": "1; evil"}},
+    {"iris": {"stable": ""}},
+    {"iris": {}},
+])
+def test_invalid_routes_are_refused(router: NginxRouter, routes: dict) -> None:
+    with pytest.raises(ServingError):
+        router.apply(routes)
+    assert not router.paths.router_state.exists()
+
+
+def test_routes_round_trip_through_routes_json(router: NginxRouter) -> None:
+    assert router.routes() == {}
+    router.set_route("iris", "3")
+    router.set_route("wine", 7)  # type: ignore[arg-type]
+    assert json.loads(router.paths.router_state.read_text()) == {
+        "routes": {"iris": {"stable": "3"}, "wine": {"stable": "7"}}}
+    assert router.routes() == {"iris": {"stable": "3"}, "wine": {"stable": "7"}}
+    router.remove_route("wine")
+    router.remove_route("absent")
+    assert router.routes() == {"iris": {"stable": "3"}}
+    assert '"~^iris$" "3";' in router.paths.router_conf.read_text()
+    assert "wine" not in router.paths.router_conf.read_text()
+
+
+def test_set_route_keeps_other_route_keys(router: NginxRouter) -> None:
+    router.apply({"iris": {"stable": "3", "future_key": {"x": 1}}})
+    router.set_route("iris", "4")
+    assert router.routes() == {"iris": {"stable": "4", "future_key": {"x": 1}}}
+
+
+def test_config_is_private_and_no_temp_files_remain(router: NginxRouter) -> None:
+    router.set_route("iris", "1")
+    assert router.paths.router_conf.stat().st_mode & 0o077 == 0
+    assert sorted(p.name for p in router.paths.router_dir.glob(".*.tmp")) == []
+    assert all((router.paths.router_dir / "tmp" / d).is_dir() for d in router_mod._TEMP_DIRS)
+
+
+def test_apply_with_an_invalid_config_keeps_the_old_one(router: NginxRouter,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    router.set_route("iris", "1")
+    conf_before = router.paths.router_conf.read_text()
+    state_before = router.paths.router_state.read_text()
+
+    def reject(conf: Path) -> None:
+        raise ServingError('nginx rejected the new router config: [emerg] unknown directive "bogus"')
+
+    monkeypatch.setattr(router, "_check", reject)
+    with pytest.raises(ServingError, match="bogus"):
+        router.set_route("iris", "2")
+    assert router.paths.router_conf.read_text() == conf_before
+    assert router.paths.router_state.read_text() == state_before
+    assert list(router.paths.router_dir.glob(".*.tmp")) == []
+
+
+def test_check_reports_nginx_message(router: NginxRouter, monkeypatch: pytest.MonkeyPatch,
+                                     tmp_path: Path) -> None:
+    class Proc:
+        returncode = 1
+        stdout = ""
+        stderr = 'nginx: [emerg] unknown directive "bogus" in /x/nginx.conf:3'
+
+    calls: list[list[str]] = []
+    monkeypatch.setattr(router_mod.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or Proc())
+    with pytest.raises(ServingError, match='unknown directive "bogus"'):
+        NginxRouter._check(router, tmp_path / "candidate.conf")
+    assert calls[0][:3] == [router.nginx_bin, "-c", str(tmp_path / "candidate.conf")]
+    assert "-t" in calls[0]
+
+
+def test_apply_reloads_only_a_running_nginx(router: NginxRouter, monkeypatch: pytest.MonkeyPatch) -> None:
+    router.set_route("iris", "1")  # nothing running: no signal, no wait
+    router.paths.router_dir.joinpath("nginx.pid").write_text("999999999\n")
+    assert router.running_pid() is None
+    signals: list[tuple[int, int]] = []
+    waited: list[str] = []
+    monkeypatch.setattr(router, "running_pid", lambda: 4242)
+    monkeypatch.setattr(router_mod.os, "kill", lambda pid, sig: signals.append((pid, sig)))
+    monkeypatch.setattr(router, "_wait_generation", waited.append)
+    router.set_route("iris", "2")
+    assert signals == [(4242, router_mod.signal.SIGHUP)]
+    assert waited and waited[0] in router.paths.router_conf.read_text()
+
+
+def test_command_runs_nginx_in_the_foreground(router: NginxRouter) -> None:
+    cmd = router.command()
+    assert cmd[0] == router.nginx_bin
+    assert cmd[cmd.index("-c") + 1] == str(router.paths.router_conf)
+    assert cmd[cmd.index("-p") + 1].rstrip("/") == str(router.paths.router_dir)
+    assert cmd[-2:] == ["-g", "daemon off;"]
+
+
+def test_write_initial_config_with_no_routes(router: NginxRouter) -> None:
+    router.write_initial_config()
+    assert router.paths.router_conf.exists()
+    assert json.loads(router.paths.router_state.read_text()) == {"routes": {}}

@@ -1,0 +1,49 @@
+"""Typed results of release gates: the measured value, the threshold, and a reason that quotes both."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any
+
+
+class Outcome(str, Enum):
+    PASSED = "passed"
+    FAILED = "failed"
+    INCONCLUSIVE = "inconclusive"  # too little evidence to judge
+    ERROR = "error"  # the measurement itself could not be taken: not the model's fault
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """One gate's verdict, e.g. ``GateResult("shape", FAILED, "output has 1 rows for 4 input rows")``."""
+
+    gate: str
+    outcome: Outcome
+    reason: str
+    measured: dict[str, Any] = field(default_factory=dict)
+    thresholds: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return self.outcome is Outcome.PASSED
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["outcome"] = self.outcome.value
+        return out
+
+
+def passed(gate: str, reason: str, **measured: Any) -> GateResult:
+    return GateResult(gate, Outcome.PASSED, reason, measured)
+
+
+def failed(gate: str, reason: str, **measured: Any) -> GateResult:
+    return GateResult(gate, Outcome.FAILED, reason, measured)
+
+
+def markdown_table(results: list[GateResult]) -> str:
+    """The gates of one release as a markdown table (for the Prefect artifact)."""
+    rows = ["| gate | outcome | reason |", "| --- | --- | --- |"]
+    rows += [f"| {r.gate} | {r.outcome.value} | {r.reason.replace('|', '/')} |" for r in results]
+    return "\n".join(rows)
