@@ -98,8 +98,10 @@ def export_pytorch(model_dir: Path, out_dir: Path, *, name: str, version: str, m
 
     contract = input_contract(model_dir)
     model = mlflow.pytorch.load_model(str(model_dir), map_location="cpu")
-    if isinstance(model, torch.nn.Module):
+    try:
         model.eval()
+    except NotImplementedError:  # a pt2 model loads as an exported GraphModule: already in eval form
+        pass
     x = torch.from_numpy(example_rows(model_dir, contract))
     fixed_batch: int | None = None
     try:

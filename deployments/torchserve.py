@@ -12,7 +12,6 @@ import os
 import shutil
 import sys
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -61,8 +60,7 @@ def render_config(settings: Settings, paths: StatePaths) -> str:
 def write_config(settings: Settings, paths: StatePaths) -> None:
     """Write config.properties and the log4j config into the state dir."""
     paths.torchserve_config.write_text(render_config(settings, paths))
-    template = resources.files("deployments") / "templates" / "log4j2.xml"
-    paths.torchserve_log4j.write_text(template.read_text())
+    paths.torchserve_log4j.write_text((Path(__file__).with_name("templates") / "log4j2.xml").read_text())
 
 
 def command(paths: StatePaths) -> list[str]:

@@ -1,0 +1,319 @@
+"""TorchServe handler for canaryflow serving bundles.
+
+It is copied into the .mar and runs in TorchServe's Python worker, so it imports only the standard library,
+numpy, torch and ``ts`` (and onnxruntime, lazily, for the "onnx" format). The release pipeline imports it for
+:class:`ServingMeta`, the contract between the bundle it writes and this handler.
+
+TorchServe 0.12 calls the module-level :func:`handle`: its class entry point demands exactly one class in the
+module, and this one defines two. Keep server-side batching off (batch_size 1): a bad request fails the whole
+batch TorchServe grouped it into.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import gc
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch.export.passes import move_to_device_pass
+from ts.torch_handler.base_handler import BaseHandler
+from ts.utils.util import PredictionException
+
+META_FILE = "canaryflow.json"
+VERSION_HEADER = "X-Model-Version"
+FORMATS = ("torch_export", "onnx")
+OUTPUTS = ("logits", "probabilities")
+INPUT_DTYPES = ("float32", "float64", "float16")
+_REPR_MAX = 40
+
+Batch = tuple[torch.Tensor, list[int]]  # all rows of a TorchServe batch, and how many rows each request sent
+
+
+@dataclasses.dataclass(frozen=True)
+class ServingMeta:
+    """What the handler must know about the model in a serving bundle (``canaryflow.json``)."""
+
+    model_name: str
+    model_version: str
+    format: str
+    model_file: str
+    n_features: int
+    feature_names: list[str] | None = None
+    input_dtype: str = "float32"
+    output: str = "logits"
+    class_labels: list[str] | None = None
+    max_batch_rows: int = 1024
+    fixed_batch: int | None = None
+
+    def __post_init__(self) -> None:
+        def positive(v: Any) -> bool:
+            return type(v) is int and v > 0
+
+        names, labels = self.feature_names, self.class_labels
+        checks = [
+            (all(isinstance(v, str) and v for v in (self.model_name, self.model_version, self.model_file)),
+             "model_name, model_version and model_file must be non-empty strings"),
+            (self.format in FORMATS, f"format {self.format!r} not in {FORMATS}"),
+            (self.output in OUTPUTS, f"output {self.output!r} not in {OUTPUTS}"),
+            (self.input_dtype in INPUT_DTYPES, f"input_dtype {self.input_dtype!r} not in {INPUT_DTYPES}"),
+            (positive(self.n_features), "n_features must be a positive int"),
+            (positive(self.max_batch_rows), "max_batch_rows must be a positive int"),
+            (self.fixed_batch is None or positive(self.fixed_batch), "fixed_batch must be None or positive"),
+            (names is None or (len(names) == self.n_features and len(set(names)) == len(names)),
+             f"feature_names must be None or {self.n_features} distinct names"),
+            (labels is None or len(labels) > 0, "class_labels must be None or non-empty"),
+        ]
+        problems = [message for ok, message in checks if not ok]
+        if problems:
+            raise ValueError("invalid serving meta: " + "; ".join(problems))
+
+    @functools.cached_property
+    def _name_set(self) -> frozenset[str]:
+        return frozenset(self.feature_names or ())
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict of all fields."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ServingMeta:
+        """Build from a dict; unknown keys are an error (they mean pipeline and handler disagree)."""
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"invalid serving meta: unknown keys {unknown}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ServingMeta:
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(self.to_json())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> ServingMeta:
+        with open(path, encoding="utf-8") as f:
+            return cls.from_json(f.read())
+
+
+def _bad(message: str) -> PredictionException:
+    return PredictionException(message, 400)
+
+
+def _short(value: Any, limit: int = _REPR_MAX) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
+    return names.get(type(value), "number" if isinstance(value, int | float) else type(value).__name__)
+
+
+def _column(j: int, names: list[str] | None) -> str:
+    return f"{j} ({names[j]!r})" if names else str(j)
+
+
+def decode_body(request: dict[str, Any]) -> list[Any]:
+    """The rows of one request, from whichever form TorchServe delivered its body in.
+
+    TorchServe json-decodes the body only for Content-Type exactly ``application/json`` (bytes forwarded when
+    that fails), utf-8-decodes ``text/*`` to str, and passes anything else as bytearray.
+    """
+    key = next((k for k in ("body", "data") if k in request), None)
+    if key is None:
+        raise _bad("empty request: no body")
+    body = request[key]
+    if isinstance(body, bytes | bytearray | str):
+        try:
+            body = json.loads(body)
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, deep nesting
+            raise _bad(f"malformed JSON body: {str(e)[:120]}") from None
+    if not isinstance(body, dict):
+        raise _bad(f"body must be a JSON object with 'inputs' or 'instances', got {_json_type(body)}")
+    keys = [k for k in ("inputs", "instances") if k in body]
+    if len(keys) != 1:
+        found = "both" if keys else f"neither (keys: {_short(sorted(body))})"
+        raise _bad(f"body must have one of 'inputs' or 'instances', found {found}")
+    rows = body[keys[0]]
+    if not isinstance(rows, list):
+        raise _bad(f"'{keys[0]}' must be a list of rows, got {_json_type(rows)}")
+    if not rows:
+        raise _bad(f"'{keys[0]}' is empty: send at least one row")
+    return rows
+
+
+def rows_to_array(rows: list[Any], meta: ServingMeta) -> np.ndarray:
+    """Validate rows (lists, or objects keyed by feature name) and return an (n, n_features) array."""
+    if len(rows) > meta.max_batch_rows:
+        raise _bad(f"{len(rows)} rows in one request, more than the limit of {meta.max_batch_rows}")
+    names, n = meta.feature_names, meta.n_features
+    matrix = []
+    for i, row in enumerate(rows):
+        if isinstance(row, dict) and names:
+            missing = [name for name in names if name not in row]
+            unknown = [key for key in row if key not in meta._name_set]
+            if missing or unknown:
+                found = (f"{what} features {_short(keys, 200)}" for what, keys in
+                         (("missing", missing), ("unknown", unknown)) if keys)
+                raise _bad(f"row {i}: " + ", ".join(found))
+            row = [row[name] for name in names]
+        elif not isinstance(row, list):
+            keyed = " or an object keyed by feature name" if names else " (this model has no feature names)"
+            raise _bad(f"row {i} must be a list of {n} numbers{keyed}, got {_json_type(row)}")
+        elif len(row) != n:
+            raise _bad(f"row {i} has {len(row)} values, expected {n}")
+        for j, v in enumerate(row):
+            if type(v) is not float and type(v) is not int:  # bool subclasses int: refuse it too
+                why = " (booleans are refused)" if isinstance(v, bool) else ""
+                raise _bad(f"row {i}, column {_column(j, names)}: {_short(v)} is not a number{why}")
+        matrix.append(row)
+    dtype = np.dtype(meta.input_dtype)
+    with np.errstate(over="ignore"):
+        try:
+            array = np.asarray(matrix, dtype=dtype)
+            if np.isfinite(array).all():
+                return array
+        except OverflowError:  # an int too large even for float64
+            pass
+        for i, row in enumerate(matrix):
+            for j, v in enumerate(row):
+                try:
+                    finite = bool(np.isfinite(dtype.type(v)))
+                except OverflowError:
+                    finite = False
+                if not finite:
+                    raise _bad(f"row {i}, column {_column(j, names)}: {_short(v)} is not a finite "
+                               f"{dtype} value (NaN, infinity or out of range)")
+    raise AssertionError("unreachable: a non-finite value was detected but not located")
+
+
+class CanaryflowHandler(BaseHandler):
+    """Validates JSON rows, runs the model (in fixed-size chunks if needed), returns class probabilities."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.meta: ServingMeta | None = None
+
+    def initialize(self, context: Any) -> None:
+        props = context.system_properties
+        gpu_id = props.get("gpu_id")
+        on_gpu = torch.cuda.is_available() and gpu_id is not None
+        self.device = torch.device(f"cuda:{gpu_id}" if on_gpu else "cpu")
+        self.manifest = context.manifest
+        self.meta = ServingMeta.load(os.path.join(props["model_dir"], META_FILE))
+        self.model = self._load_model(os.path.join(props["model_dir"], self.meta.model_file))
+        # Warm up now, so a model that cannot serve fails registration instead of the first client.
+        rows = self.meta.fixed_batch or 1
+        warm = torch.zeros(rows, self.meta.n_features, dtype=getattr(torch, self.meta.input_dtype))
+        n_classes = self.inference((warm.to(self.device), [rows]))[0].shape[1]
+        labels = self.meta.class_labels
+        if labels is not None and len(labels) != n_classes:
+            raise ValueError(f"model has {n_classes} classes but the meta lists {len(labels)} class_labels")
+        # Full collections of the model's objects caused the 100+ ms tails (FACTS.md); freeze them out of GC.
+        gc.collect()
+        gc.freeze()
+        self.initialized = True
+
+    def _load_model(self, path: str) -> Callable[[torch.Tensor], Any]:
+        if self.meta.format == "torch_export":
+            program = torch.export.load(path)
+            if self.device.type != "cpu":
+                program = move_to_device_pass(program, self.device)
+            return program.module()
+        import onnxruntime as ort  # only the "onnx" format needs it
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()  # honours OMP_NUM_THREADS like torch does
+        providers: list[Any] = ["CPUExecutionProvider"]
+        if self.device.type == "cuda":
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": self.device.index}))
+        session = ort.InferenceSession(path, options, providers=providers)
+        input_name = session.get_inputs()[0].name
+        return lambda x: torch.from_numpy(session.run(None, {input_name: x.cpu().numpy()})[0]).to(x.device)
+
+    def preprocess(self, data: list[dict[str, Any]]) -> Batch:
+        arrays = []
+        for k, request in enumerate(data):
+            try:
+                arrays.append(rows_to_array(decode_body(request), self.meta))
+            except PredictionException as e:
+                if len(data) > 1:
+                    e.message = f"request {k} of a server-side batch of {len(data)}: {e.message}"
+                raise
+        return torch.from_numpy(np.concatenate(arrays)).to(self.device), [len(a) for a in arrays]
+
+    def inference(self, data: Batch, *args: Any, **kwargs: Any) -> Batch:
+        x, counts = data
+        step = self.meta.fixed_batch or len(x)
+        outputs = []
+        with torch.no_grad():  # not inference_mode: TorchScript/exported modules can fail under it (FACTS.md)
+            for start in range(0, len(x), step):
+                chunk = x[start : start + step]
+                n = len(chunk)
+                if n < step:  # a fixed-batch program takes only full chunks: pad with the last row
+                    chunk = torch.cat([chunk, chunk[-1:].expand(step - n, -1)])
+                out = self.model(chunk)
+                outputs.append((out[0] if isinstance(out, tuple | list) else out)[:n])
+        out = torch.cat(outputs).float()
+        if len(out) != len(x):
+            raise ValueError(f"model returned {len(out)} rows for {len(x)} input rows")
+        if out.dim() == 1 or (out.dim() == 2 and out.shape[1] == 1):
+            p = out.reshape(-1)
+            p = torch.sigmoid(p) if self.meta.output == "logits" else p
+            probs = torch.stack([1 - p, p], dim=1)
+        elif out.dim() == 2:
+            probs = torch.softmax(out, dim=-1) if self.meta.output == "logits" else out
+        else:
+            raise ValueError(f"model output has shape {tuple(out.shape)}, expected (rows, classes)")
+        if not torch.isfinite(probs).all():
+            raise ValueError("model produced NaN or infinite outputs")  # json.dumps would emit invalid JSON
+        return probs, counts
+
+    def postprocess(self, data: Batch) -> list[dict[str, Any]]:
+        probs, counts = data
+        meta, labels = self.meta, self.meta.class_labels
+        rows, top = probs.cpu().tolist(), probs.argmax(dim=1).tolist()
+        responses, start = [], 0
+        for idx, count in enumerate(counts):
+            predictions = [
+                {"class": labels[top[r]] if labels else top[r], "class_index": top[r],
+                 "probabilities": rows[r], "model_version": meta.model_version}
+                for r in range(start, start + count)
+            ]
+            start += count
+            responses.append({"model_name": meta.model_name, "model_version": meta.model_version,
+                              "predictions": predictions})
+            self.context.set_response_header(idx, VERSION_HEADER, meta.model_version)
+            self.context.set_response_content_type(idx, "application/json")
+        return responses
+
+    def describe_handle(self) -> dict[str, Any]:
+        """The serving meta, for a request with header ``describe: True``."""
+        return self.meta.to_dict()
+
+    def explain_handle(self, data_preprocess: Any, raw_data: Any) -> Any:
+        # BaseHandler routes a request with header "explain: True" here; without this it is a 503.
+        raise _bad("explanations are not supported by this model")
+
+
+_handler: CanaryflowHandler | None = None
+
+
+def handle(data: list[dict[str, Any]] | None, context: Any) -> list[dict[str, Any]] | None:
+    """TorchServe entry point; the model-load call passes ``data=None`` and only initializes."""
+    global _handler
+    if _handler is None or not _handler.initialized:
+        _handler = CanaryflowHandler()
+        _handler.initialize(context)
+    return None if data is None else _handler.handle(data, context)
