@@ -44,7 +44,8 @@ def build_mar(model_file: Path, extra_files: list[Path], *, model: str, version:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
         built = Path(tmp) / f"{model}.mar"
         if done.returncode != 0 or not built.exists():
-            raise PackagingError(f"torch-model-archiver exited {done.returncode}: {(done.stderr or done.stdout)[-800:]}")
+            detail = (done.stderr or done.stdout)[-800:]
+            raise PackagingError(f"torch-model-archiver exited {done.returncode}: {detail}")
         os.replace(built, target)
     return Archive(target, sha256_of(target), target.stat().st_size)
 

@@ -142,9 +142,10 @@ class TorchServeClient:
         """Register an archive from the model store; False when that version was already registered."""
         if version in self.versions(model):
             return False
-        params = {"url": archive.name, "model_name": model, "initial_workers": self.settings.serving.workers_per_version,
-                  "synchronous": "true", "response_timeout": self.settings.serving.response_timeout_s,
-                  "batch_size": 1}
+        serving = self.settings.serving
+        # batch_size 1: a bad request fails only itself, never another client's request in the same batch.
+        params = {"url": archive.name, "model_name": model, "initial_workers": serving.workers_per_version,
+                  "synchronous": "true", "response_timeout": serving.response_timeout_s, "batch_size": 1}
         resp = self._call("management", "POST", "/models", params=params, timeout=120.0)
         if resp.status_code == 409:
             return False

@@ -14,7 +14,7 @@ from deployments.archive import Archive
 from validation.results import GateResult
 
 
-@task(name="begin", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=3)
+@task(name="begin", cache_policy=NO_CACHE)
 def begin(model: str, version: str) -> steps.ReleaseState:
     return steps.begin(get_services(), model, version)
 

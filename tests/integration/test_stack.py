@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -83,6 +84,14 @@ def test_registered_version_is_served_through_the_router(stack, record_property)
 
     mv = MlflowClient(stack.settings.mlflow_uri).get_model_version(MODEL, version)
     assert mv.tags["canaryflow.status"] == "released"
+    runs = _launcher(stack).list_flow_runs(MODEL, version)
+    assert len(runs) == 1 and runs[0]["state_type"] == "COMPLETED"
+    from datetime import datetime
+
+    flow_start = datetime.fromisoformat(runs[0]["start_time"]).timestamp()
+    to_start = flow_start - mv.creation_timestamp / 1000
+    record_property("registration_to_flow_start_s", round(to_start, 1))
+    print(f"registration -> release flow running: {to_start:.1f} s")
     assert "champion" in mv.aliases
     assert stack.torchserve.describe(MODEL, version)["modelVersion"] == version
 
@@ -138,3 +147,35 @@ def test_down_leaves_no_process(stack) -> None:
              stack.settings.ports.torchserve_inference, stack.settings.ports.bridge]
     listening = {c.laddr.port for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
     assert listening.isdisjoint(ports)
+
+
+def test_bad_model_is_rejected_and_the_champion_keeps_serving(stack) -> None:
+    """A version whose output is one number per batch fails the shape gate; production is untouched."""
+    import mlflow
+    import torch
+    from mlflow import MlflowClient
+
+    class Collapses(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.sum().reshape(1, 1).expand(1, 2)
+
+    url = f"{stack.settings.router_url}/predictions/{MODEL}"
+    before = httpx.post(url, json={"inputs": [[1.0] * 30]}, timeout=30)
+    assert before.status_code == 200, "needs the champion released by the earlier test"
+    champion = before.json()["model_version"]
+    rows = np.random.default_rng(0).normal(size=(4, 30)).astype(np.float32)
+    mlflow.set_tracking_uri(stack.settings.mlflow_uri)
+    with mlflow.start_run():
+        info = mlflow.pytorch.log_model(Collapses(), name="model", input_example=rows,
+                                        serialization_format="pickle", registered_model_name=MODEL)
+    version = str(info.registered_model_version)
+    from canaryflow.demo import wait_for_release
+
+    outcome = wait_for_release(stack.settings.mlflow_uri, MODEL, version, timeout_s=180)
+    assert outcome.status == "rejected", outcome
+    assert re.match(r"shape: output shape \[1, 2\] for (\d+) input rows; expected \1 rows", outcome.reason), outcome
+    client = MlflowClient(stack.settings.mlflow_uri)
+    assert client.get_model_version_by_alias(MODEL, "champion").version == champion
+    assert version not in stack.torchserve.versions(MODEL)
+    after = httpx.post(url, json={"inputs": [[1.0] * 30]}, timeout=30)
+    assert after.status_code == 200 and after.json()["model_version"] == champion

@@ -10,10 +10,7 @@ from pydantic import ValidationError
 from canaryflow.settings import Settings, get_settings, reset_settings
 
 
-def test_defaults_match_the_documented_ports(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in list(__import__("os").environ):
-        if key.startswith("CANARYFLOW_"):
-            monkeypatch.delenv(key)
+def test_defaults_match_the_documented_ports() -> None:
     s = Settings()
     assert (s.ports.router, s.ports.mlflow, s.ports.prefect, s.ports.bridge) == (8000, 5000, 4200, 8090)
     assert (s.ports.torchserve_inference, s.ports.torchserve_management, s.ports.torchserve_metrics) == (
