@@ -30,6 +30,7 @@ class Program:
     autostart: bool = True
     startsecs: int = 2
     stopwaitsecs: int = 20
+    events: str | None = None  # set: an [eventlistener:] (stdout is supervisord's protocol)
 
 
 def _escape(value: str) -> str:
@@ -50,15 +51,20 @@ def render_config(paths: StatePaths, programs: list[Program]) -> str:
     ]
     for p in programs:
         env = ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(p.env.items()))
+        kind = "eventlistener" if p.events else "program"
         out += [
-            f"[program:{p.name}]", f"command={_escape(shlex.join(p.command))}", f"directory={p.directory}",
+            f"[{kind}:{p.name}]", f"command={_escape(shlex.join(p.command))}", f"directory={p.directory}",
             f"autostart={'true' if p.autostart else 'false'}", "autorestart=true",
             f"startsecs={p.startsecs}", "startretries=5",
             # Whole process groups: TorchServe's Java frontend and Python workers, Prefect's flow runs.
             "stopasgroup=true", "killasgroup=true", f"stopwaitsecs={p.stopwaitsecs}",
-            "redirect_stderr=true", f"stdout_logfile={paths.logs / (p.name + '.log')}",
-            "stdout_logfile_maxbytes=20MB", "stdout_logfile_backups=2",
         ]
+        log = paths.logs / (p.name + ".log")
+        if p.events:
+            out += [f"events={p.events}", f"stderr_logfile={log}", "stderr_logfile_maxbytes=5MB"]
+        else:
+            out += ["redirect_stderr=true", f"stdout_logfile={log}", "stdout_logfile_maxbytes=20MB",
+                    "stdout_logfile_backups=2"]
         if env:
             out.append(f"environment={env}")
         out.append("")
