@@ -1,7 +1,9 @@
-"""supervisord event listener: when TorchServe (re)starts, give the router its new inference key.
+"""supervisord event listener: when TorchServe (re)starts, bring serving back to what the router records.
 
-TorchServe regenerates its keys at every start, and the router holds the inference key in its config. Without
-this, a TorchServe that supervisord restarted after a crash would answer the router with 401s.
+TorchServe regenerates its keys at every start and forgets its registered models (it ignores its config
+snapshots when started with --ts-config). Without this, a TorchServe that supervisord restarted after a crash
+would answer the router with 401s and then 404s. So: re-register every routed version from the model store,
+make it the default, and re-render the router with the new inference key.
 Run by supervisord as ``python -m canaryflow.keywatch``; stdout is supervisord's protocol, logs go to stderr.
 """
 
@@ -20,8 +22,8 @@ from deployments.router import NginxRouter
 WATCHED = "torchserve"
 
 
-def refresh_router(timeout_s: float = 120.0) -> str:
-    """Wait until TorchServe answers with its current key, then re-render and reload the router."""
+def recover_serving(timeout_s: float = 120.0) -> str:
+    """Wait until TorchServe answers, re-register routed versions, then re-render and reload the router."""
     settings = get_settings()
     paths = StatePaths(settings.state_dir)
     client = torchserve.TorchServeClient(settings, paths)
@@ -33,8 +35,15 @@ def refresh_router(timeout_s: float = 120.0) -> str:
     torchserve.key_file_mode_private(paths)
     if not paths.router_conf.exists():
         return "router not configured yet; `canaryflow up` renders it"
-    NginxRouter(settings, paths, lambda: torchserve.read_keys(paths)["inference"]).refresh()
-    return "router re-rendered with TorchServe's new inference key"
+    router = NginxRouter(settings, paths, lambda: torchserve.read_keys(paths)["inference"])
+    restored = []
+    for model, route in router.routes().items():
+        version = str(route["stable"])
+        if client.register(model, version, paths.model_store / torchserve.archive_name(model, version)):
+            restored.append(f"{model} v{version}")
+        client.set_default(model, version)
+    router.refresh()
+    return f"re-registered {restored or 'nothing'}; router re-rendered with TorchServe's new inference key"
 
 
 def main() -> None:
@@ -43,7 +52,7 @@ def main() -> None:
         event_headers, _ = childutils.eventdata(payload + "\n")
         if headers.get("eventname") == "PROCESS_STATE_RUNNING" and event_headers.get("processname") == WATCHED:
             try:
-                print(f"keywatch: {refresh_router()}", file=sys.stderr, flush=True)
+                print(f"keywatch: {recover_serving()}", file=sys.stderr, flush=True)
             except Exception as exc:  # keep listening: one failed refresh must not kill the listener
                 print(f"keywatch: refresh failed: {exc}", file=sys.stderr, flush=True)
         childutils.listener.ok(sys.stdout)

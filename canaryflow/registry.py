@@ -111,6 +111,11 @@ class MlflowRegistry:
         for path in files or []:
             self.client.log_artifact(run_id, str(path), artifact_path)
 
+    def run_url(self, run_id: str) -> str:
+        """The run's page in the MLflow UI."""
+        exp_id = self.client.get_run(run_id).info.experiment_id
+        return f"{self.tracking_uri}/#/experiments/{exp_id}/runs/{run_id}"
+
     def finish_run(self, run_id: str, status: str) -> None:
         self.client.set_terminated(run_id, status=status)
 

@@ -32,6 +32,7 @@ class ReleaseState:
     workdir: Path
     champion: str | None
     info: VersionInfo
+    run_url: str = ""
     results: list[GateResult] = field(default_factory=list)
 
     def record(self, result: GateResult) -> GateResult:
@@ -48,10 +49,12 @@ def begin(svc: Services, model: str, version: str) -> ReleaseState:
     cfg = svc.settings.release
     run_id = svc.registry.release_run(cfg.experiment, model, str(version))
     champion = svc.registry.alias_version(model, cfg.champion_alias)
-    svc.registry.set_tags(model, version, {STATUS_TAG: "releasing", REASON_TAG: "release started",
-                                           "canaryflow.release_run": run_id})
-    workdir = svc.paths.work_dir / f"{model}-v{version}"
-    return ReleaseState(model, str(version), run_id, workdir, champion, info)
+    st = ReleaseState(model, str(version), run_id, svc.paths.work_dir / f"{model}-v{version}", champion, info,
+                      svc.registry.run_url(run_id))
+    if not already_released(st):
+        svc.registry.set_tags(model, version, {STATUS_TAG: "releasing", REASON_TAG: "release started",
+                                               "canaryflow.release_run": run_id})
+    return st
 
 
 def already_released(st: ReleaseState) -> bool:

@@ -21,7 +21,7 @@ from deployments import torchserve
 from deployments.router import NginxRouter
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
-WEBHOOK_EVENTS = ["model_version.created", "model_version_alias.created"]
+WEBHOOK_EVENTS = ["model_version.created"]
 Progress = Callable[[str], None]
 
 
@@ -94,6 +94,9 @@ class LocalStack:
             Program("router", self.router.command(), p.router_dir, autostart=False),
             Program("prefect-worker", [_bin("prefect"), "worker", "start", "--pool", s.prefect.work_pool,
                                        "--type", "process"], PROJECT_DIR, autostart=False, stopwaitsecs=30),
+            # Re-renders the router with TorchServe's new key whenever supervisord (re)starts TorchServe.
+            Program("keywatch", [sys.executable, "-m", "canaryflow.keywatch"], PROJECT_DIR,
+                    events="PROCESS_STATE_RUNNING", startsecs=1),
             Program("bridge", [_bin("uvicorn"), "canaryflow.bridge:create_app", "--factory", "--host", s.host,
                                "--port", str(s.ports.bridge), "--no-access-log"], PROJECT_DIR, autostart=False),
         ]

@@ -12,7 +12,6 @@ from prefect import flow, get_run_logger
 
 from canaryflow.errors import GateFailed
 from canaryflow.release import already_released
-from canaryflow.settings import get_settings
 from tasks import release_steps as t
 from tasks.report import release_summary
 
@@ -44,5 +43,5 @@ def release(model_name: str, version: str) -> dict[str, str]:
             log.error("release of %s v%s %s: %s", st.model, st.version, status, reason)
             t.stop(st, status, reason)
         t.finish(st, status)
-        release_summary(st, status, reason, get_settings().mlflow_uri)
+        release_summary(st, status, reason)
     return {"status": status, "reason": reason}

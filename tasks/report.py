@@ -15,12 +15,12 @@ def artifact_key(model: str, version: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", f"release-{model}-v{version}".lower()).strip("-")
 
 
-def release_summary(st: ReleaseState, status: str, reason: str, mlflow_url: str) -> None:
+def release_summary(st: ReleaseState, status: str, reason: str) -> None:
     """One markdown table for the release: outcome, gates, links."""
     body = "\n".join([
         f"# Release of `{st.model}` v{st.version}: **{status}**", "", reason, "",
         f"- champion before: {('v' + st.champion) if st.champion else 'none'}",
-        f"- MLflow release run: {mlflow_url}/#/experiments/0/runs/{st.run_id} (run id `{st.run_id}`)",
+        f"- MLflow release run: [{st.run_id}]({st.run_url})",
         "", markdown_table(st.results) if st.results else "_no gate ran_",
     ])
     create_markdown_artifact(key=artifact_key(st.model, st.version), markdown=body,

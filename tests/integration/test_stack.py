@@ -179,3 +179,26 @@ def test_bad_model_is_rejected_and_the_champion_keeps_serving(stack) -> None:
     assert version not in stack.torchserve.versions(MODEL)
     after = httpx.post(url, json={"inputs": [[1.0] * 30]}, timeout=30)
     assert after.status_code == 200 and after.json()["model_version"] == champion
+
+
+def test_crashed_torchserve_is_restarted_and_serving_recovers(stack) -> None:
+    """supervisord restarts TorchServe; keywatch re-registers the routed version and re-keys the router."""
+    url = f"{stack.settings.router_url}/predictions/{MODEL}"
+    assert httpx.post(url, json={"inputs": [[1.0] * 30]}, timeout=30).status_code == 200
+    ts = next(p for p in stack.supervisor.processes() if p["name"] == "torchserve")
+    java = [c for c in psutil.Process(ts["pid"]).children(recursive=True) if "java" in c.name()]
+    assert java, "TorchServe's Java frontend not found"
+    java[0].kill()
+    started = time.monotonic()
+    status = None
+    while time.monotonic() - started < 90:
+        time.sleep(1)
+        try:
+            status = httpx.post(url, json={"inputs": [[1.0] * 30]}, timeout=30).status_code
+        except httpx.HTTPError:
+            continue
+        if status == 200:
+            break
+    assert status == 200, f"serving did not recover within 90 s (last status {status})"
+    print(f"TorchServe crash -> serving again: {time.monotonic() - started:.1f} s")
+    assert next(p for p in stack.supervisor.processes() if p["name"] == "torchserve")["pid"] != ts["pid"]

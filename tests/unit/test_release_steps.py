@@ -1,0 +1,148 @@
+"""Release steps (canaryflow.release) with fake registry, backend and router; real MLflow model files."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import mlflow.pytorch
+import numpy as np
+import pytest
+import torch
+
+from canaryflow import release
+from canaryflow.errors import GateFailed
+from canaryflow.paths import StatePaths
+from canaryflow.registry import REASON_TAG, STATUS_TAG, VersionInfo
+from canaryflow.settings import Settings
+
+
+@dataclass
+class FakeRegistry:
+    versions: dict[str, VersionInfo]
+    aliases: dict[str, str] = field(default_factory=dict)
+    tag_log: list[tuple[str, dict]] = field(default_factory=list)
+
+    def get_version(self, name: str, version: str) -> VersionInfo:
+        return self.versions[version]
+
+    def alias_version(self, name: str, alias: str) -> str | None:
+        return self.aliases.get(alias)
+
+    def set_alias(self, name: str, alias: str, version: str) -> None:
+        self.aliases[alias] = version
+
+    def set_tags(self, name: str, version: str, tags: dict[str, str]) -> None:
+        self.tag_log.append((version, tags))
+
+    def release_run(self, experiment: str, name: str, version: str) -> str:
+        return f"run-{version}"
+
+    def run_url(self, run_id: str) -> str:
+        return f"http://mlflow/#/runs/{run_id}"
+
+
+@dataclass
+class FakeBackend:
+    registered: set[str] = field(default_factory=set)
+    default: str | None = None
+
+    def unregister(self, model: str, version: str) -> None:
+        self.registered.discard(version)
+
+    def set_default(self, model: str, version: str) -> None:
+        self.default = version
+
+
+@dataclass
+class FakeRouter:
+    table: dict[str, dict] = field(default_factory=dict)
+
+    def routes(self) -> dict[str, dict]:
+        return self.table
+
+    def set_route(self, model: str, version: str) -> None:
+        self.table[model] = {"stable": version}
+
+
+def services(tmp_path: Path, registry: FakeRegistry) -> SimpleNamespace:
+    return SimpleNamespace(settings=Settings(), paths=StatePaths(tmp_path), registry=registry,
+                           backend=FakeBackend({"1", "2"}), router=FakeRouter({"m": {"stable": "1"}}))
+
+
+def info(version: str, **tags: str) -> VersionInfo:
+    return VersionInfo("m", version, "models:/m/" + version, None, dict(tags))
+
+
+def test_begin_marks_release_but_not_an_already_released_champion(tmp_path: Path) -> None:
+    reg = FakeRegistry({"1": info("1", **{STATUS_TAG: "released"}), "2": info("2")}, {"champion": "1"})
+    svc = services(tmp_path, reg)
+    st1 = release.begin(svc, "m", "1")
+    assert release.already_released(st1) and reg.tag_log == []
+    st2 = release.begin(svc, "m", "2")
+    assert not release.already_released(st2) and st2.champion == "1"
+    assert reg.tag_log == [("2", {STATUS_TAG: "releasing", REASON_TAG: "release started",
+                                  "canaryflow.release_run": "run-2"})]
+
+
+def test_promote_moves_route_default_and_aliases(tmp_path: Path) -> None:
+    reg = FakeRegistry({"2": info("2")}, {"champion": "1"})
+    svc = services(tmp_path, reg)
+    release.promote(svc, release.begin(svc, "m", "2"))
+    assert svc.router.table["m"] == {"stable": "2"} and svc.backend.default == "2"
+    assert reg.aliases == {"champion": "2", "previous": "1"}
+    assert reg.tag_log[-1] == ("2", {STATUS_TAG: "released", REASON_TAG: "serving as champion, replacing v1"})
+
+
+def test_stop_unregisters_the_candidate_and_keeps_the_champion(tmp_path: Path) -> None:
+    reg = FakeRegistry({"1": info("1"), "2": info("2")}, {"champion": "1"})
+    svc = services(tmp_path, reg)
+    release.stop(svc, release.begin(svc, "m", "2"), "rejected", "shape: output shape [1] for 4 input rows")
+    assert svc.backend.registered == {"1"}
+    assert reg.tag_log[-1] == ("2", {STATUS_TAG: "rejected", REASON_TAG: "shape: output shape [1] for 4 input rows"})
+    release.stop(svc, release.begin(svc, "m", "1"), "failed", "boom")  # the routed champion is never removed
+    assert svc.backend.registered == {"1"}
+
+
+class Mlp(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class Collapses(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.sum().reshape(1, 1).expand(1, 2)
+
+
+@pytest.mark.parametrize(("example_rows", "fmt", "fixed"), [(5, "pickle", None), (5, "pt2", None), (1, "pt2", 1)])
+def test_package_exports_both_mlflow_formats(tmp_path: Path, example_rows: int, fmt: str, fixed: int | None) -> None:
+    """pickle and pt2 models export; a pt2 logged with a 1-row example is served at a fixed batch of 1."""
+    rows = np.random.default_rng(1).normal(size=(example_rows, 6)).astype(np.float32)
+    model_dir = tmp_path / "model"
+    mlflow.pytorch.save_model(Mlp(), str(model_dir), input_example=rows, serialization_format=fmt)
+    reg = FakeRegistry({"3": info("3")})
+    svc = services(tmp_path, reg)
+    st = release.begin(svc, "m", "3")
+    bundle = release.package(svc, st, model_dir)
+    assert bundle.meta.fixed_batch == fixed and bundle.meta.n_features == 6 and bundle.meta.output == "logits"
+    assert bundle.model_file.exists() and bundle.meta_file.exists()
+    assert [r.gate for r in st.results] == ["shape"] and st.results[0].passed
+
+
+def test_package_rejects_a_model_that_answers_one_row_per_batch(tmp_path: Path) -> None:
+    rows = np.random.default_rng(1).normal(size=(4, 6)).astype(np.float32)
+    model_dir = tmp_path / "model"
+    mlflow.pytorch.save_model(Collapses(), str(model_dir), input_example=rows, serialization_format="pickle")
+    svc = services(tmp_path, FakeRegistry({"4": info("4")}))
+    st = release.begin(svc, "m", "4")
+    with pytest.raises(GateFailed) as err:
+        release.package(svc, st, model_dir)
+    assert err.value.gate == "shape"
+    assert err.value.reason == "output shape [1, 2] for 4 input rows; expected 4 rows"
+    assert not st.results[-1].passed
