@@ -60,6 +60,8 @@ def child_env(settings: Settings, paths: StatePaths) -> dict[str, str]:
         "PREFECT_HOME": str(paths.prefect_home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_WORKER_QUERY_SECONDS": str(settings.prefect.poll_frequency_s),
         "PREFECT_RUNNER_POLL_FREQUENCY": str(settings.prefect.poll_frequency_s),
+        # A release queued behind another (deployment concurrency 1) is retried after this, not the default 30 s.
+        "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": str(settings.prefect.poll_frequency_s),
         "DO_NOT_TRACK": "1", "MLFLOW_ENABLE_TELEMETRY": "false", "PYTHONUNBUFFERED": "1",
     })
     env.update({f"CANARYFLOW_PORTS__{k.upper()}": str(v) for k, v in settings.ports.model_dump().items()})
