@@ -103,11 +103,12 @@ def demo(keep: Annotated[bool, typer.Option("--keep", help="leave the stack runn
         console.print(f"release {outcome.status} after {outcome.seconds:.1f} s: {outcome.reason}")
         if outcome.status != "released":
             raise typer.Exit(1)
-        answer, curl = d.predict(s, d.DEMO_MODEL, rows[:2])
+        answer, request_id, curl = d.predict(s, d.DEMO_MODEL, rows[:2])
         console.print(f"first prediction through the router {time.monotonic() - registered:.1f} s after "
-                      "registration:")
+                      f"registration (X-Request-ID {request_id}):")
         console.print_json(data=answer)
-        console.print(f"repeat it with:\n  {curl}")
+        console.print("repeat it with:")
+        console.print(curl, soft_wrap=True, highlight=False, markup=False)
     finally:
         if keep:
             console.print(f"stack left running; stop it with: canaryflow down --state-dir {stack.paths.root}")

@@ -100,11 +100,11 @@ def find_flow_run(settings: Settings, name: str, version: str) -> dict | None:
     return runs[0] if runs else None
 
 
-def predict(settings: Settings, name: str, rows: np.ndarray) -> tuple[dict, str]:
-    """A real prediction through the router, and the curl command that repeats it."""
-    body = json.dumps({"inputs": np.round(rows, 4).tolist()})
+def predict(settings: Settings, name: str, rows: np.ndarray) -> tuple[dict, str, str]:
+    """A real prediction through the router, its request id, and the curl command that repeats it."""
+    body = json.dumps({"inputs": np.round(rows.astype(np.float64), 4).tolist()})
     url = f"{settings.router_url}/predictions/{name}"
     resp = httpx.post(url, content=body, headers={"Content-Type": "application/json"}, timeout=30)
     resp.raise_for_status()
     curl = f"curl -s -X POST {url} -H 'Content-Type: application/json' -d '{body}'"
-    return resp.json() | {"_request_id": resp.headers.get("X-Request-ID")}, curl
+    return resp.json(), resp.headers.get("X-Request-ID", ""), curl
