@@ -15,7 +15,7 @@ import numpy as np
 import psutil
 import pytest
 
-from canaryflow.demo import register_model
+from canaryflow.demo import register_model, wait_for_release
 from canaryflow.orchestrator import PrefectLauncher
 from canaryflow.webhook import load_or_create_secret, sign
 
@@ -82,8 +82,9 @@ def test_registered_version_is_served_through_the_router(stack, record_property)
     assert last.headers["X-Request-ID"]
     from mlflow import MlflowClient
 
+    # the router serves the moment promote routes it; the registry's tags follow a moment later
+    assert wait_for_release(stack.settings.mlflow_uri, MODEL, version, timeout_s=60).status == "released"
     mv = MlflowClient(stack.settings.mlflow_uri).get_model_version(MODEL, version)
-    assert mv.tags["canaryflow.status"] == "released"
     runs = _launcher(stack).list_flow_runs(MODEL, version)
     assert len(runs) == 1 and runs[0]["state_type"] == "COMPLETED"
     from datetime import datetime
@@ -169,8 +170,6 @@ def test_bad_model_is_rejected_and_the_champion_keeps_serving(stack) -> None:
         info = mlflow.pytorch.log_model(Collapses(), name="model", input_example=rows,
                                         serialization_format="pickle", registered_model_name=MODEL)
     version = str(info.registered_model_version)
-    from canaryflow.demo import wait_for_release
-
     outcome = wait_for_release(stack.settings.mlflow_uri, MODEL, version, timeout_s=180)
     assert outcome.status == "rejected", outcome
     assert re.match(r"shape: output shape \[1, 2\] for (\d+) input rows; expected \1 rows", outcome.reason), outcome
