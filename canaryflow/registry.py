@@ -71,7 +71,8 @@ class MlflowRegistry:
         self.client.set_registered_model_alias(name, alias, str(version))
 
     def set_tags(self, name: str, version: str, tags: dict[str, str]) -> None:
-        for key, value in tags.items():
+        # One call per tag: the status goes last, so whoever sees a final status also sees its reason.
+        for key, value in sorted(tags.items(), key=lambda kv: kv[0] == STATUS_TAG):
             self.client.set_model_version_tag(name, str(version), key, str(value)[:5000])
 
     def download(self, name: str, version: str, dst: Path) -> Path:

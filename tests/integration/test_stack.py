@@ -83,7 +83,12 @@ def test_registered_version_is_served_through_the_router(stack, record_property)
     # the router serves the moment promote routes it; the registry's tags follow a moment later
     assert wait_for_release(stack.settings.mlflow_uri, MODEL, version, timeout_s=60).status == "released"
     mv = MlflowClient(stack.settings.mlflow_uri).get_model_version(MODEL, version)
-    runs = _launcher(stack).list_flow_runs(MODEL, version)
+    runs: list[dict] = []
+    for _ in range(60):  # the flow still writes its summary after the tags
+        runs = _launcher(stack).list_flow_runs(MODEL, version)
+        if runs and runs[0]["state_type"] != "RUNNING":
+            break
+        time.sleep(0.5)
     assert len(runs) == 1 and runs[0]["state_type"] == "COMPLETED"
     from datetime import datetime
 
