@@ -65,6 +65,47 @@ class ReleaseSettings(BaseModel):
     smoke_rows: int = Field(8, ge=1)
 
 
+class GateSettings(BaseModel):
+    """Thresholds of the release gates; per model they can be overridden by the registered model's tag
+    ``canaryflow.policy`` (a JSON object with the same keys), see :func:`canaryflow.policy.gate_policy`."""
+
+    allow_contract_change: bool = False
+    label_column: str = "label"
+    # data gate (Great Expectations): share of failed expectations allowed on the holdout
+    data_max_failed_ratio: float = Field(0.0, ge=0, le=1)
+    # drift gate (Evidently): share of drifted feature columns allowed, and the per-column test threshold
+    drift_max_share: float = Field(0.5, ge=0, le=1)
+    drift_stattest_threshold: float | None = None
+    # quality gate: metric on the holdout; absolute floor, and allowed drop against the champion
+    quality_metric: str = "accuracy"
+    quality_min: float = Field(0.7, ge=0, le=1)
+    quality_max_abs_drop: float = Field(0.02, ge=0)
+    quality_max_rel_drop: float = Field(0.05, ge=0)
+
+
+class OptimizationSettings(BaseModel):
+    """Which serving variants to build and how closely they must agree with the fp32 reference."""
+
+    variants: list[str] = ["torch_fp32", "onnx_fp32", "onnx_int8", "torch_int8"]
+    min_argmax_agreement: float = Field(0.99, ge=0, le=1)
+    max_abs_diff: float = Field(0.05, ge=0, description="max |p_variant - p_fp32| over the holdout")
+    bench_repeats: int = Field(200, ge=10)
+    # a variant must beat the fp32 baseline by this factor to be preferred (noise guard)
+    min_speedup: float = Field(1.05, ge=1)
+
+
+class LoadTestSettings(BaseModel):
+    """The locust load test of a staged candidate, and its gates."""
+
+    users: int = Field(8, ge=1)
+    spawn_rate: float = Field(8, gt=0)
+    duration_s: int = Field(10, ge=2)
+    rows_per_request: int = Field(1, ge=1)
+    max_p95_ms: float = Field(50.0, gt=0)
+    max_failure_ratio: float = Field(0.01, ge=0, le=1)
+    min_rps: float = Field(20.0, ge=0)
+
+
 class Settings(BaseSettings):
     """Root of the settings tree."""
 
@@ -77,6 +118,9 @@ class Settings(BaseSettings):
     prefect: PrefectSettings = PrefectSettings()
     webhook: WebhookSettings = WebhookSettings()
     release: ReleaseSettings = ReleaseSettings()
+    gates: GateSettings = GateSettings()
+    optimization: OptimizationSettings = OptimizationSettings()
+    loadtest: LoadTestSettings = LoadTestSettings()
 
     @field_validator("host")
     @classmethod

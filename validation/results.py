@@ -42,6 +42,12 @@ def failed(gate: str, reason: str, **measured: Any) -> GateResult:
     return GateResult(gate, Outcome.FAILED, reason, measured)
 
 
+def judged(gate: str, ok: bool, reason: str, measured: dict[str, Any] | None = None,
+           thresholds: dict[str, Any] | None = None) -> GateResult:
+    """PASSED or FAILED with both the measured values and the thresholds they were held to."""
+    return GateResult(gate, Outcome.PASSED if ok else Outcome.FAILED, reason, measured or {}, thresholds or {})
+
+
 def markdown_table(results: list[GateResult]) -> str:
     """The gates of one release as a markdown table (for the Prefect artifact)."""
     rows = ["| gate | outcome | reason |", "| --- | --- | --- |"]
