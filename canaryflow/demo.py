@@ -16,7 +16,7 @@ from canaryflow.settings import Settings
 DEMO_MODEL = "breast-cancer-classifier"
 
 
-def train_classifier(seed: int = 0, epochs: int = 300):  # noqa: ANN201 - returns (torch module, X, y, acc)
+def train_classifier(seed: int = 0, epochs: int = 300):  # noqa: ANN201 - (module, train, holdout, accuracy)
     """An MLP on scikit-learn's bundled breast-cancer data (no download); standardisation is in the model."""
     import torch
     from sklearn.datasets import load_breast_cancer
@@ -48,16 +48,18 @@ def train_classifier(seed: int = 0, epochs: int = 300):  # noqa: ANN201 - return
     model.eval()
     with torch.no_grad():
         acc = float((model(torch.from_numpy(X_te)).argmax(1).numpy() == y_te).mean())
-    return model, X_te, y_te, acc
+    return model, (X_tr, y_tr), (X_te, y_te), acc
 
 
 def register_model(tracking_uri: str, name: str = DEMO_MODEL, seed: int = 0) -> tuple[str, np.ndarray, float]:
     """Train, log and register one version; returns (version, holdout rows, holdout accuracy)."""
     import mlflow
+    import torch
     from mlflow.models import infer_signature
 
-    model, X_te, y_te, acc = train_classifier(seed)
-    import torch
+    from canaryflow.datasets import frame, log_release_datasets
+
+    model, (X_tr, y_tr), (X_te, y_te), acc = train_classifier(seed)
 
     with torch.no_grad():
         logits = model(torch.from_numpy(X_te[:5])).numpy()
@@ -65,6 +67,7 @@ def register_model(tracking_uri: str, name: str = DEMO_MODEL, seed: int = 0) -> 
     mlflow.set_experiment("canaryflow-demo")
     with mlflow.start_run(run_name=f"train-{name}"):
         mlflow.log_metric("holdout_accuracy", acc)
+        log_release_datasets(frame(X_tr, y_tr), frame(X_te, y_te))
         info = mlflow.pytorch.log_model(model, name="model", signature=infer_signature(X_te[:5], logits),
                                         input_example=X_te[:5], registered_model_name=name)
     return str(info.registered_model_version), X_te, acc

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -81,7 +82,8 @@ def example_rows(model_dir: Path, contract: InputContract, min_rows: int = MIN_E
     return np.tile(rows, (-(-min_rows // len(rows)), 1))[: max(min_rows, len(rows))]
 
 
-def _output_kind(out: np.ndarray, override: str | None) -> str:
+def output_kind(out: np.ndarray, override: str | None) -> str:
+    """``override`` if given, else "probabilities" when rows of ``out`` look like distributions, else "logits"."""
     if override:
         return override
     two_d = out.ndim == 2 and out.shape[1] >= 2
@@ -93,16 +95,35 @@ def export_pytorch(model_dir: Path, out_dir: Path, *, name: str, version: str, m
                    output: str | None = None, class_labels: list[str] | None = None,
                    atol: float = 1e-4) -> Bundle:
     """Load the MLflow model, export it with ``torch.export`` and check the export answers the same."""
-    import mlflow.pytorch
-    import torch
-
     contract = input_contract(model_dir)
+    model = load_pytorch(model_dir)
+    bundle, _ = export_module(model, example_rows(model_dir, contract), out_dir, contract=contract, name=name,
+                              version=version, max_batch_rows=max_batch_rows, output=output,
+                              class_labels=class_labels, atol=atol)
+    return bundle
+
+
+def load_pytorch(model_dir: Path) -> Any:
+    """The MLflow PyTorch model on CPU, in eval mode (a pickled ``nn.Module`` or a pt2 exported module)."""
+    import mlflow.pytorch
+
     model = mlflow.pytorch.load_model(str(model_dir), map_location="cpu")
     try:
         model.eval()
     except NotImplementedError:  # a pt2 model loads as an exported GraphModule: already in eval form
         pass
-    x = torch.from_numpy(example_rows(model_dir, contract))
+    return model
+
+
+def export_module(model: Any, rows: np.ndarray, out_dir: Path, *, contract: InputContract, name: str,
+                  version: str, max_batch_rows: int, output: str | None = None,
+                  class_labels: list[str] | None = None, atol: float = 1e-4) -> tuple[Bundle, Any]:
+    """Export a loaded module with a dynamic batch (fixed batch 1 when it refuses), save it as a bundle and
+    check the saved program answers like the module on ``rows`` (at least 2, better 4: torch.export
+    specialises batch sizes 0 and 1). Returns the bundle and the ``ExportedProgram``."""
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
     fixed_batch: int | None = None
     try:
         with torch.no_grad():
@@ -128,10 +149,10 @@ def export_pytorch(model_dir: Path, out_dir: Path, *, name: str, version: str, m
     ref = reference.detach().numpy()
     meta = ServingMeta(model_name=name, model_version=str(version), format="torch_export", model_file=MODEL_FILE,
                        n_features=contract.n_features, feature_names=contract.feature_names,
-                       input_dtype="float32", output=_output_kind(ref, output), class_labels=class_labels,
+                       input_dtype="float32", output=output_kind(ref, output), class_labels=class_labels,
                        max_batch_rows=max_batch_rows, fixed_batch=fixed_batch)
     meta.save(out_dir / META_FILE)
-    return Bundle(out_dir, meta)
+    return Bundle(out_dir, meta), program
 
 
 def labels_from_tag(value: str | None) -> list[str] | None:

@@ -36,6 +36,20 @@ class Registry(Protocol):
     def alias_version(self, name: str, alias: str) -> str | None: ...
     def set_alias(self, name: str, alias: str, version: str) -> None: ...
     def set_tags(self, name: str, version: str, tags: dict[str, str]) -> None: ...
+    def model_tags(self, name: str) -> dict[str, str]:
+        """Tags of the registered model (where a per-model policy lives)."""
+        return dict(self.client.get_registered_model(name).tags or {})
+
+    def model_meta(self, name: str, version: str, dst: Path) -> Any:
+        """The version's MLmodel (signature, flavors) without downloading the weights."""
+        import mlflow.artifacts
+        from mlflow.models import Model
+
+        dst.mkdir(parents=True, exist_ok=True)
+        path = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}/MLmodel",
+                                                   dst_path=str(dst), tracking_uri=self.tracking_uri)
+        return Model.load(path)
+
     def download(self, name: str, version: str, dst: Path) -> Path: ...
 
 
@@ -74,6 +88,20 @@ class MlflowRegistry:
         # One call per tag: the status goes last, so whoever sees a final status also sees its reason.
         for key, value in sorted(tags.items(), key=lambda kv: kv[0] == STATUS_TAG):
             self.client.set_model_version_tag(name, str(version), key, str(value)[:5000])
+
+    def model_tags(self, name: str) -> dict[str, str]:
+        """Tags of the registered model (where a per-model policy lives)."""
+        return dict(self.client.get_registered_model(name).tags or {})
+
+    def model_meta(self, name: str, version: str, dst: Path) -> Any:
+        """The version's MLmodel (signature, flavors) without downloading the weights."""
+        import mlflow.artifacts
+        from mlflow.models import Model
+
+        dst.mkdir(parents=True, exist_ok=True)
+        path = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}/MLmodel",
+                                                   dst_path=str(dst), tracking_uri=self.tracking_uri)
+        return Model.load(path)
 
     def download(self, name: str, version: str, dst: Path) -> Path:
         import mlflow.artifacts

@@ -10,12 +10,13 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from canaryflow.errors import GateFailed
-from canaryflow.packaging import Bundle, example_rows, export_pytorch, input_contract, labels_from_tag
+from canaryflow.packaging import Bundle, example_rows, input_contract
+from canaryflow.policy import POLICY_TAG, apply_policy
+from canaryflow.predict import load_predictor
 from canaryflow.registry import REASON_TAG, STATUS_TAG, VersionInfo
 from canaryflow.services import Services
+from canaryflow.settings import Settings
 from deployments.archive import Archive, build_mar
 from deployments.smoke import smoke_test
 from validation.results import GateResult
@@ -33,7 +34,9 @@ class ReleaseState:
     champion: str | None
     info: VersionInfo
     run_url: str = ""
+    policy: Settings = field(default_factory=Settings)
     results: list[GateResult] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # extra markdown sections for the release summary
 
     def record(self, result: GateResult) -> GateResult:
         """Keep the result; raise GateFailed when it did not pass."""
@@ -49,8 +52,9 @@ def begin(svc: Services, model: str, version: str) -> ReleaseState:
     cfg = svc.settings.release
     run_id = svc.registry.release_run(cfg.experiment, model, str(version))
     champion = svc.registry.alias_version(model, cfg.champion_alias)
+    policy = apply_policy(svc.settings, svc.registry.model_tags(model).get(POLICY_TAG))
     st = ReleaseState(model, str(version), run_id, svc.paths.work_dir / f"{model}-v{version}", champion, info,
-                      svc.registry.run_url(run_id))
+                      svc.registry.run_url(run_id), policy)
     if not already_released(st):
         svc.registry.set_tags(model, version, {STATUS_TAG: "releasing", REASON_TAG: "release started",
                                                "canaryflow.release_run": run_id})
@@ -70,30 +74,10 @@ def fetch(svc: Services, st: ReleaseState) -> Path:
     return svc.registry.download(st.model, st.version, target)
 
 
-def package(svc: Services, st: ReleaseState, model_dir: Path) -> Bundle:
-    """Export for TorchServe and gate on shape: the export must answer one finite row per input row."""
-    bundle = export_pytorch(model_dir, st.workdir / "bundle", name=st.model, version=st.version,
-                            max_batch_rows=svc.settings.serving.max_batch_rows,
-                            output=st.info.tags.get("canaryflow.output"),
-                            class_labels=labels_from_tag(st.info.tags.get("canaryflow.class_labels")))
+def shape(st: ReleaseState, model_dir: Path) -> GateResult:
+    """The shape gate: a batch shaped by the signature gives one finite row of scores per input row."""
     rows = example_rows(model_dir, input_contract(model_dir), min_rows=3)
-    st.record(check_shape(_predictor(bundle), bundle.meta.n_features, rows))
-    return bundle
-
-
-def _predictor(bundle: Bundle):  # noqa: ANN202 - a closure over the loaded program
-    import torch
-
-    module = torch.export.load(str(bundle.model_file)).module()
-    step = bundle.meta.fixed_batch or None
-
-    def predict(rows: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
-        with torch.no_grad():
-            parts = [module(c) for c in (x.split(step) if step else [x])]
-        return torch.cat(parts).numpy()
-
-    return predict
+    return st.record(check_shape(load_predictor(model_dir), rows.shape[1], rows))
 
 
 def archive(svc: Services, st: ReleaseState, bundle: Bundle) -> Archive:
@@ -143,11 +127,20 @@ def stop(svc: Services, st: ReleaseState, status: str, reason: str) -> None:
 
 
 def finish(svc: Services, st: ReleaseState, status: str) -> None:
-    """Write the gate results to the release run and close it."""
+    """Write every gate result to the release run (metrics, thresholds, report files) and the version's tags."""
     path = st.workdir / "gates.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps([r.to_dict() for r in st.results], indent=2))
-    metrics = {f"gate.{r.gate}.passed": float(r.passed) for r in st.results}
-    svc.registry.log_to_run(st.run_id, metrics=metrics, files=[path], params={"model": st.model,
-                            "version": st.version, "champion_before": st.champion or "none"})
+    path.write_text(json.dumps([r.to_dict() for r in st.results], indent=2, default=str))
+    svc.registry.log_to_run(st.run_id, files=[path], params={"model": st.model, "version": st.version,
+                                                             "champion_before": st.champion or "none"})
+    for r in st.results:
+        numbers = {f"{r.gate}.{k}": float(v) for k, v in r.measured.items()
+                   if isinstance(v, int | float) and not isinstance(v, bool)}
+        svc.registry.log_to_run(
+            st.run_id, metrics={f"gate.{r.gate}.passed": float(r.passed), **numbers},
+            params={f"threshold.{r.gate}.{k}": v for k, v in r.thresholds.items()},
+            files=[Path(f) for f in r.measured.get("files", []) if Path(f).exists()],
+            artifact_path=f"gates/{r.gate}")
+    svc.registry.set_tags(st.model, st.version,
+                          {f"canaryflow.gate.{r.gate}": f"{r.outcome.value}: {r.reason}"[:5000] for r in st.results})
     svc.registry.finish_run(st.run_id, "FINISHED" if status == "released" else "FAILED")

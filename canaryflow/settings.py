@@ -90,6 +90,7 @@ class OptimizationSettings(BaseModel):
     min_argmax_agreement: float = Field(0.99, ge=0, le=1)
     max_abs_diff: float = Field(0.05, ge=0, description="max |p_variant - p_fp32| over the holdout")
     bench_repeats: int = Field(200, ge=10)
+    bench_budget_s: float = Field(3.0, gt=0, description="seconds of micro-benchmark per variant and batch size")
     # a variant must beat the fp32 baseline by this factor to be preferred (noise guard)
     min_speedup: float = Field(1.05, ge=1)
 

@@ -1,9 +1,9 @@
 """release(model_name, version): a registered MLflow version -> served by TorchServe behind the router.
 
-Started by the webhook bridge (one run per MLflow delivery) or by hand. Steps: begin, fetch, package
-(export + shape gate), archive, stage (register + warm-up + smoke test), promote. The gates of later
-releases (contract, data, drift, quality, optimization, load test) and the canary ramp slot in between
-stage and promote. Anything that fails leaves the champion serving and tags the version with the reason.
+Started by the webhook bridge (one run per MLflow delivery) or by hand. Steps: begin, fetch, then the gates
+contract -> shape -> data -> drift -> quality -> optimization (the chosen variant is what gets served), archive,
+stage (register + warm-up + smoke test), load test, promote. The canary ramp will slot in before promote.
+Anything that fails leaves the champion serving and tags the version with the gate and its reason.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from prefect import flow, get_run_logger
 
 from canaryflow.errors import GateFailed
 from canaryflow.release import already_released
+from tasks import gates as g
 from tasks import release_steps as t
 from tasks.report import release_summary
 
@@ -27,9 +28,15 @@ def release(model_name: str, version: str) -> dict[str, str]:
     status, reason = "failed", "release did not finish"
     try:
         model_dir = t.fetch(st)
-        bundle = t.package(st, model_dir)
+        g.contract(st, model_dir)
+        t.shape(st, model_dir)
+        release_data = g.data(st, model_dir)
+        g.drift(st, release_data)
+        g.quality(st, model_dir, release_data)
+        bundle = g.optimize(st, model_dir, release_data)
         mar = t.archive(st, bundle)
         t.stage(st, mar, model_dir)
+        g.load_test(st, release_data.features(release_data.holdout))
         t.promote(st)
         status, reason = "released", f"v{st.version} is now champion"
     except GateFailed as exc:

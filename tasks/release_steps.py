@@ -24,9 +24,9 @@ def fetch(st: steps.ReleaseState) -> Path:
     return steps.fetch(get_services(), st)
 
 
-@task(name="package", cache_policy=NO_CACHE)
-def package(st: steps.ReleaseState, model_dir: Path) -> Bundle:
-    return steps.package(get_services(), st, model_dir)
+@task(name="shape-gate", cache_policy=NO_CACHE)
+def shape(st: steps.ReleaseState, model_dir: Path) -> GateResult:
+    return steps.shape(st, model_dir)
 
 
 @task(name="archive", cache_policy=NO_CACHE)

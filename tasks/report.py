@@ -21,7 +21,7 @@ def release_summary(st: ReleaseState, status: str, reason: str) -> None:
         f"# Release of `{st.model}` v{st.version}: **{status}**", "", reason, "",
         f"- champion before: {('v' + st.champion) if st.champion else 'none'}",
         f"- MLflow release run: [{st.run_id}]({st.run_url})",
-        "", markdown_table(st.results) if st.results else "_no gate ran_",
+        "", markdown_table(st.results) if st.results else "_no gate ran_", "", *st.notes,
     ])
     create_markdown_artifact(key=artifact_key(st.model, st.version), markdown=body,
                              description=f"release of {st.model} v{st.version}: {status}")

@@ -420,3 +420,54 @@ def test_torchserve_loader_and_service_use_our_entry_point(bundle: Path, tmp_pat
         assert len(json.loads(body)["predictions"]) == 3
     finally:
         sys.modules.pop("handler", None)
+
+
+def make_onnx_bundle(root: Path, model: torch.nn.Module, export_batch: int = 2, dynamic: bool = True,
+                     **meta: Any) -> Path:
+    """Export ``model`` to ONNX the way the optimizer does (dynamo, from the torch.export program)."""
+    root.mkdir(parents=True, exist_ok=True)
+    dims = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic else None
+    program = torch.export.export(model.eval(), (torch.randn(export_batch, 4),), dynamic_shapes=dims)
+    torch.onnx.export(program, dynamo=True).save(str(root / "model.onnx"))
+    fields = dict(model_name="iris", model_version="8", format="onnx", model_file="model.onnx", n_features=4,
+                  feature_names=FEATURES, max_batch_rows=5, class_labels=LABELS) | meta
+    ServingMeta(**fields).save(root / META_FILE)
+    return root
+
+
+@pytest.fixture(scope="module")
+def onnx_bundle(tmp_path_factory: pytest.TempPathFactory, model: TinyModel) -> Path:
+    return make_onnx_bundle(tmp_path_factory.mktemp("onnx"), model)
+
+
+def test_onnx_bundle_served_like_the_model(onnx_bundle: Path, model: TinyModel) -> None:
+    handler, context = load(onnx_bundle)
+    [response] = predict(handler, context, wire(rows_body(ROWS)))
+    expected = torch.softmax(model(torch.tensor(ROWS)), dim=-1).detach()
+    torch.testing.assert_close(probabilities(response), expected)
+    assert [p["class"] for p in response["predictions"]] == [LABELS[i] for i in expected.argmax(1).tolist()]
+    assert response["model_version"] == "8" and context.get_response_headers(0)[VERSION_HEADER] == "8"
+    [big] = predict(handler, context, wire(rows_body([ROWS[0]] * 5)))  # batch sizes other than the export's
+    assert len(big["predictions"]) == 5
+    assert CanaryflowHandler.for_bundle(onnx_bundle).probabilities(torch.tensor(ROWS).numpy()).shape == (3, 3)
+
+
+@pytest.mark.parametrize("fixed_batch", [1, 2])
+def test_onnx_fixed_batch_is_fed_in_chunks(tmp_path: Path, model: TinyModel, fixed_batch: int) -> None:
+    bundle = make_onnx_bundle(tmp_path, model, export_batch=fixed_batch, dynamic=False, fixed_batch=fixed_batch)
+    import onnxruntime as ort
+
+    with pytest.raises(Exception, match="dimension"):  # the model itself refuses 3 rows
+        session = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
+        session.run(None, {session.get_inputs()[0].name: torch.zeros(3, 4).numpy()})
+    handler, context = load(bundle)
+    [response] = predict(handler, context, wire(rows_body(ROWS)))
+    torch.testing.assert_close(probabilities(response), torch.softmax(model(torch.tensor(ROWS)), -1).detach())
+
+
+def test_onnx_bad_input_is_a_400(onnx_bundle: Path) -> None:
+    handler, context = load(onnx_bundle)
+    with pytest.raises(PredictionException) as excinfo:
+        predict(handler, context, wire(b'{"inputs": [[1, 2, "x", 4]]}'))
+    assert_bad(excinfo, ["row 0, column 2 ('c')", "'x' is not a number"])
+    assert len(predict(handler, context, wire(rows_body(ROWS)))[0]["predictions"]) == 3

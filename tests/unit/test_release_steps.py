@@ -13,6 +13,7 @@ import torch
 
 from canaryflow import release
 from canaryflow.errors import GateFailed
+from canaryflow.packaging import export_pytorch
 from canaryflow.paths import StatePaths
 from canaryflow.registry import REASON_TAG, STATUS_TAG, VersionInfo
 from canaryflow.settings import Settings
@@ -38,6 +39,9 @@ class FakeRegistry:
 
     def release_run(self, experiment: str, name: str, version: str) -> str:
         return f"run-{version}"
+
+    def model_tags(self, name: str) -> dict[str, str]:
+        return {}
 
     def run_url(self, run_id: str) -> str:
         return f"http://mlflow/#/runs/{run_id}"
@@ -121,28 +125,30 @@ class Collapses(torch.nn.Module):
 
 
 @pytest.mark.parametrize(("example_rows", "fmt", "fixed"), [(5, "pickle", None), (5, "pt2", None), (1, "pt2", 1)])
-def test_package_exports_both_mlflow_formats(tmp_path: Path, example_rows: int, fmt: str, fixed: int | None) -> None:
-    """pickle and pt2 models export; a pt2 logged with a 1-row example is served at a fixed batch of 1."""
+def test_both_mlflow_formats_pass_shape_and_export(tmp_path: Path, example_rows: int, fmt: str,
+                                                    fixed: int | None) -> None:
+    """pickle and pt2 models pass the shape gate and export; a pt2 logged with a 1-row example is served at a
+    fixed batch of 1."""
     rows = np.random.default_rng(1).normal(size=(example_rows, 6)).astype(np.float32)
     model_dir = tmp_path / "model"
     mlflow.pytorch.save_model(Mlp(), str(model_dir), input_example=rows, serialization_format=fmt)
-    reg = FakeRegistry({"3": info("3")})
-    svc = services(tmp_path, reg)
+    svc = services(tmp_path, FakeRegistry({"3": info("3")}))
     st = release.begin(svc, "m", "3")
-    bundle = release.package(svc, st, model_dir)
+    release.shape(st, model_dir)
+    assert [r.gate for r in st.results] == ["shape"] and st.results[0].passed
+    bundle = export_pytorch(model_dir, tmp_path / "bundle", name="m", version="3", max_batch_rows=64)
     assert bundle.meta.fixed_batch == fixed and bundle.meta.n_features == 6 and bundle.meta.output == "logits"
     assert bundle.model_file.exists() and bundle.meta_file.exists()
-    assert [r.gate for r in st.results] == ["shape"] and st.results[0].passed
 
 
-def test_package_rejects_a_model_that_answers_one_row_per_batch(tmp_path: Path) -> None:
+def test_shape_gate_rejects_a_model_that_answers_one_row_per_batch(tmp_path: Path) -> None:
     rows = np.random.default_rng(1).normal(size=(4, 6)).astype(np.float32)
     model_dir = tmp_path / "model"
     mlflow.pytorch.save_model(Collapses(), str(model_dir), input_example=rows, serialization_format="pickle")
     svc = services(tmp_path, FakeRegistry({"4": info("4")}))
     st = release.begin(svc, "m", "4")
     with pytest.raises(GateFailed) as err:
-        release.package(svc, st, model_dir)
+        release.shape(st, model_dir)
     assert err.value.gate == "shape"
     assert err.value.reason == "output shape [1, 2] for 4 input rows; expected 4 rows"
     assert not st.results[-1].passed

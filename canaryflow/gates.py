@@ -1,0 +1,115 @@
+"""The release gates as steps: each measures the candidate, records a GateResult, raises GateFailed on a no.
+
+Order in the flow: contract -> (package: shape) -> data -> drift -> quality -> optimization -> (stage) -> load
+test. The pure measurements live in validation/ and deployments/loadtest.py; this module feeds them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from canaryflow.datasets import ReleaseData, load_release_data
+from canaryflow.errors import RegistryError
+from canaryflow.optimization import markdown, optimize_pytorch, write_reports
+from canaryflow.packaging import Bundle, input_contract, labels_from_tag, load_pytorch
+from canaryflow.predict import load_predictor
+from canaryflow.release import ReleaseState
+from canaryflow.services import Services
+from deployments.loadtest import gate_load_test, run_load_test
+from validation.contract import check_contract
+from validation.data import build_suite, check_data
+from validation.drift import check_drift
+from validation.quality import check_quality
+from validation.results import GateResult, Outcome
+
+
+def _dir(st: ReleaseState, gate: str) -> Path:
+    path = st.workdir / "gates" / gate
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def contract(svc: Services, st: ReleaseState, model_dir: Path) -> GateResult:
+    """The candidate's signature against the champion's: a breaking change needs the policy's consent."""
+    from mlflow.models import Model
+
+    candidate = Model.load(str(model_dir)).signature
+    champion = None
+    if st.champion and st.champion != st.version:
+        champion = svc.registry.model_meta(st.model, st.champion, st.workdir / "champion-meta").signature
+    return st.record(check_contract(candidate, champion, st.policy.gates.allow_contract_change))
+
+
+def data(svc: Services, st: ReleaseState, model_dir: Path) -> ReleaseData:
+    """Load the reference/holdout convention and gate the holdout on expectations derived from the reference."""
+    c = input_contract(model_dir)
+    try:
+        release_data = load_release_data(svc.settings.mlflow_uri, st.info.run_id, st.workdir / "data",
+                                         st.policy.gates.label_column, c.feature_names, c.n_features)
+    except RegistryError as exc:
+        st.record(GateResult("data", Outcome.FAILED, str(exc)))  # raises GateFailed
+        raise
+    suite = build_suite(release_data.reference, release_data.feature_columns)
+    st.record(check_data(release_data.holdout, suite, st.policy.gates.data_max_failed_ratio, _dir(st, "data")))
+    return release_data
+
+
+def drift(st: ReleaseState, release_data: ReleaseData) -> GateResult:
+    """Drift between the training reference and the holdout."""
+    g = st.policy.gates
+    return st.record(check_drift(release_data.reference, release_data.holdout, release_data.feature_columns,
+                                 g.drift_max_share, _dir(st, "drift"), g.drift_stattest_threshold))
+
+
+def quality(svc: Services, st: ReleaseState, model_dir: Path, release_data: ReleaseData) -> GateResult:
+    """Candidate vs champion on the candidate's holdout (the first release: an absolute floor only)."""
+    g = st.policy.gates
+    champion_predict: Callable[[np.ndarray], np.ndarray] | None = None
+    if st.champion and st.champion != st.version:
+        champion_dir = svc.registry.download(st.model, st.champion, st.workdir / "champion-model")
+        champion_predict = load_predictor(champion_dir)
+    return st.record(check_quality(load_predictor(model_dir), champion_predict, release_data.holdout,
+                                   release_data.feature_columns, release_data.label_column, g.quality_metric,
+                                   g.quality_min, g.quality_max_abs_drop, g.quality_max_rel_drop,
+                                   _dir(st, "quality")))
+
+
+def optimize(svc: Services, st: ReleaseState, model_dir: Path, release_data: ReleaseData) -> Bundle:
+    """Build the serving variants, hold each to the fp32 reference on the holdout, keep the fastest that agrees.
+
+    The variant table goes to the release run (optimization/) whatever the outcome.
+    """
+    from mlflow.models import Model
+
+    flavors = Model.load(str(model_dir)).flavors
+    kwargs = {"name": st.model, "version": st.version, "settings": st.policy.optimization,
+              "max_batch_rows": svc.settings.serving.max_batch_rows, "output": st.info.tags.get("canaryflow.output"),
+              "class_labels": labels_from_tag(st.info.tags.get("canaryflow.class_labels"))}
+    args = (input_contract(model_dir), release_data.features(release_data.holdout), st.workdir / "variants")
+    if "pytorch" in flavors:
+        result = optimize_pytorch(load_pytorch(model_dir), *args, **kwargs)
+    elif "tensorflow" in flavors or "keras" in flavors:
+        from canaryflow.tf_convert import load_tensorflow, optimize_tensorflow
+
+        result = optimize_tensorflow(load_tensorflow(model_dir), *args, **kwargs)
+    else:
+        st.record(GateResult("optimization", Outcome.FAILED, f"flavors {sorted(flavors)}: canaryflow serves "
+                                                               "pytorch and tensorflow models"))
+        raise AssertionError("record raises on a failed gate")
+    files = write_reports(result, _dir(st, "optimization"))
+    svc.registry.log_to_run(st.run_id, files=list(files), artifact_path="optimization",
+                            params={"serving_variant": result.variant or "none"})
+    st.notes.append("## Optimization\n\n" + markdown(result.table))
+    st.record(result.gate)
+    assert result.chosen is not None  # a passed gate always has a chosen variant
+    return result.chosen
+
+
+def load_test(svc: Services, st: ReleaseState, rows: np.ndarray) -> GateResult:
+    """locust against the staged candidate through the router (version pinned)."""
+    result = run_load_test(svc.settings.router_url, st.model, st.version, rows, st.policy.loadtest,
+                           _dir(st, "load_test"))
+    return st.record(gate_load_test(result, st.policy.loadtest))

@@ -1,0 +1,92 @@
+"""Keras model logged with mlflow.tensorflow -> ONNX (tf2onnx) -> parity with TensorFlow -> served by the handler."""
+
+from __future__ import annotations
+
+import gc
+import json
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow")
+pytest.importorskip("tf2onnx")
+
+from ts.context import Context, RequestProcessor  # noqa: E402
+
+from canaryflow.packaging import input_contract  # noqa: E402
+from canaryflow.settings import OptimizationSettings  # noqa: E402
+from canaryflow.tf_convert import keras_output_kind, load_tensorflow, optimize_tensorflow, tf_predict  # noqa: E402
+from deployments.handler import CanaryflowHandler  # noqa: E402
+
+N_FEATURES = 5
+
+
+@pytest.fixture(scope="module")
+def logged(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]:
+    """A tiny Keras MLP (5 -> 8 -> 3, softmax) trained a little and saved with mlflow.tensorflow (no server)."""
+    import keras
+    import mlflow.tensorflow
+
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, N_FEATURES)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(int) + (x[:, 1] > 0.5).astype(int)
+    model = keras.Sequential([keras.Input((N_FEATURES,)), keras.layers.Dense(8, activation="relu"),
+                              keras.layers.Dense(3, activation="softmax")])
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    model.fit(x, y, epochs=3, verbose=0)
+    model_dir = tmp_path_factory.mktemp("tf") / "model"
+    # pip_requirements given: inferring them would import-scan the environment for seconds
+    mlflow.tensorflow.save_model(model, str(model_dir), input_example=x[:4], pip_requirements=["tensorflow-cpu"])
+    return model_dir, x
+
+
+@pytest.fixture(scope="module")
+def result(logged, tmp_path_factory: pytest.TempPathFactory):
+    model_dir, x = logged
+    model = load_tensorflow(model_dir)
+    return optimize_tensorflow(model, input_contract(model_dir), x, tmp_path_factory.mktemp("variants"),
+                               name="keras", version="2", settings=OptimizationSettings(bench_repeats=10),
+                               class_labels=["a", "b", "c"])
+
+
+def test_mlflow_loads_the_keras_model_itself(logged) -> None:
+    import keras
+
+    model = load_tensorflow(logged[0])
+    assert isinstance(model, keras.Model)
+    assert keras_output_kind(model) == "probabilities"
+    assert input_contract(logged[0]).n_features == N_FEATURES
+    assert tf_predict(model, logged[1][:7]).shape == (7, 3)
+
+
+def test_onnx_variants_checked_against_tensorflow(result) -> None:
+    rows = {r["variant"]: r for r in result.table}
+    assert list(rows) == ["onnx_fp32", "onnx_int8"]
+    fp32 = rows["onnx_fp32"]
+    assert fp32["status"] == "passed" and fp32["agreement"] == 1.0 and fp32["max_abs_diff"] < 1e-5
+    assert fp32["speedup_vs_fp32"] == 1.0
+    assert rows["onnx_int8"]["status"] in ("passed", "failed") and rows["onnx_int8"]["agreement"] is not None
+    assert result.gate.passed and result.variant in rows
+    assert result.chosen.meta.format == "onnx" and result.chosen.meta.output == "probabilities"
+
+
+def test_onnx_variant_served_through_the_handler(result, logged) -> None:
+    model_dir, x = logged
+    bundle = result.bundles["onnx_fp32"]
+    context = Context("keras", str(bundle.directory), {"model": {"modelName": "keras"}}, 1, None, "0.12.0",
+                      metrics=mock.MagicMock(), model_yaml_config={})
+    handler = CanaryflowHandler()
+    try:
+        handler.initialize(context)
+        context.request_processor = [RequestProcessor({})]
+        [response] = handler.handle([{"body": json.dumps({"inputs": x[:6].tolist()}).encode()}], context)
+    finally:
+        gc.unfreeze()
+    served = np.array([p["probabilities"] for p in response["predictions"]])
+    expected = tf_predict(load_tensorflow(model_dir), x[:6])
+    np.testing.assert_allclose(served, expected, atol=1e-5)
+    assert [p["class"] for p in response["predictions"]] == [["a", "b", "c"][i] for i in expected.argmax(1)]
+    assert response["model_version"] == "2"
