@@ -198,6 +198,49 @@ def rows_to_array(rows: list[Any], meta: ServingMeta) -> np.ndarray:
     raise AssertionError("unreachable: a non-finite value was detected but not located")
 
 
+def to_probabilities(out: torch.Tensor, output: str) -> torch.Tensor:
+    """Class probabilities (rows, classes) from a model's output: softmax of logits, sigmoid of one logit
+    (as two classes), probabilities unchanged. The release pipeline's parity checks use this very function."""
+    if out.dim() == 1 or (out.dim() == 2 and out.shape[1] == 1):
+        p = out.reshape(-1)
+        p = torch.sigmoid(p) if output == "logits" else p
+        probs = torch.stack([1 - p, p], dim=1)
+    elif out.dim() == 2:
+        probs = torch.softmax(out, dim=-1) if output == "logits" else out
+    else:
+        raise ValueError(f"model output has shape {tuple(out.shape)}, expected (rows, classes)")
+    if not torch.isfinite(probs).all():
+        raise ValueError("model produced NaN or infinite outputs")  # json.dumps would emit invalid JSON
+    return probs
+
+
+def _onnx_model(path: str, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    import onnxruntime as ort  # only the "onnx" format needs it
+
+    options = ort.SessionOptions()
+    # One intra-op thread per worker under OMP_NUM_THREADS=1 (FACTS.md): follow torch's setting, which honours it.
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    providers: list[Any] = ["CPUExecutionProvider"]
+    if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
+    session = ort.InferenceSession(path, options, providers=providers)
+    inputs = session.get_inputs()
+    if len(inputs) != 1:
+        raise ValueError(f"ONNX model has {len(inputs)} inputs {[i.name for i in inputs]}, expected one")
+    name = inputs[0].name
+    dtype = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16}.get(
+        inputs[0].type)
+    if dtype is None:
+        raise ValueError(f"ONNX input {name!r} has type {inputs[0].type}, expected a float tensor")
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        out = session.run(None, {name: x.cpu().numpy().astype(dtype, copy=False)})[0]
+        return torch.from_numpy(out).to(x.device)
+
+    return run
+
+
 class CanaryflowHandler(BaseHandler):
     """Validates JSON rows, runs the model (in fixed-size chunks if needed), returns class probabilities."""
 
@@ -207,12 +250,31 @@ class CanaryflowHandler(BaseHandler):
 
     def initialize(self, context: Any) -> None:
         props = context.system_properties
-        gpu_id = props.get("gpu_id")
+        self.manifest = context.manifest
+        self._setup(props["model_dir"], props.get("gpu_id"))
+        # Full collections of the model's objects caused the 100+ ms tails (FACTS.md); freeze them out of GC.
+        gc.collect()
+        gc.freeze()
+        self.initialized = True
+
+    @classmethod
+    def for_bundle(cls, model_dir: str | os.PathLike[str], gpu_id: int | None = None) -> CanaryflowHandler:
+        """A handler serving the bundle in ``model_dir`` outside TorchServe, for parity checks and benchmarks:
+        same loading, warm-up and post-processing as in a worker (no context, no GC freeze)."""
+        handler = cls()
+        handler._setup(os.fspath(model_dir), gpu_id)
+        return handler
+
+    def probabilities(self, rows: np.ndarray) -> np.ndarray:
+        """Class probabilities of already-validated rows, exactly as :meth:`handle` would answer them."""
+        x = torch.from_numpy(np.ascontiguousarray(rows, dtype=self.meta.input_dtype)).to(self.device)
+        return self.inference((x, [len(x)]))[0].cpu().numpy()
+
+    def _setup(self, model_dir: str, gpu_id: int | None) -> None:
         on_gpu = torch.cuda.is_available() and gpu_id is not None
         self.device = torch.device(f"cuda:{gpu_id}" if on_gpu else "cpu")
-        self.manifest = context.manifest
-        self.meta = ServingMeta.load(os.path.join(props["model_dir"], META_FILE))
-        self.model = self._load_model(os.path.join(props["model_dir"], self.meta.model_file))
+        self.meta = ServingMeta.load(os.path.join(model_dir, META_FILE))
+        self.model = self._load_model(os.path.join(model_dir, self.meta.model_file))
         # Warm up now, so a model that cannot serve fails registration instead of the first client.
         rows = self.meta.fixed_batch or 1
         warm = torch.zeros(rows, self.meta.n_features, dtype=getattr(torch, self.meta.input_dtype))
@@ -220,10 +282,6 @@ class CanaryflowHandler(BaseHandler):
         labels = self.meta.class_labels
         if labels is not None and len(labels) != n_classes:
             raise ValueError(f"model has {n_classes} classes but the meta lists {len(labels)} class_labels")
-        # Full collections of the model's objects caused the 100+ ms tails (FACTS.md); freeze them out of GC.
-        gc.collect()
-        gc.freeze()
-        self.initialized = True
 
     def _load_model(self, path: str) -> Callable[[torch.Tensor], Any]:
         if self.meta.format == "torch_export":
@@ -231,16 +289,7 @@ class CanaryflowHandler(BaseHandler):
             if self.device.type != "cpu":
                 program = move_to_device_pass(program, self.device)
             return program.module()
-        import onnxruntime as ort  # only the "onnx" format needs it
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()  # honours OMP_NUM_THREADS like torch does
-        providers: list[Any] = ["CPUExecutionProvider"]
-        if self.device.type == "cuda":
-            providers.insert(0, ("CUDAExecutionProvider", {"device_id": self.device.index}))
-        session = ort.InferenceSession(path, options, providers=providers)
-        input_name = session.get_inputs()[0].name
-        return lambda x: torch.from_numpy(session.run(None, {input_name: x.cpu().numpy()})[0]).to(x.device)
+        return _onnx_model(path, self.device)
 
     def preprocess(self, data: list[dict[str, Any]]) -> Batch:
         arrays = []
@@ -268,16 +317,7 @@ class CanaryflowHandler(BaseHandler):
         out = torch.cat(outputs).float()
         if len(out) != len(x):
             raise ValueError(f"model returned {len(out)} rows for {len(x)} input rows")
-        if out.dim() == 1 or (out.dim() == 2 and out.shape[1] == 1):
-            p = out.reshape(-1)
-            p = torch.sigmoid(p) if self.meta.output == "logits" else p
-            probs = torch.stack([1 - p, p], dim=1)
-        elif out.dim() == 2:
-            probs = torch.softmax(out, dim=-1) if self.meta.output == "logits" else out
-        else:
-            raise ValueError(f"model output has shape {tuple(out.shape)}, expected (rows, classes)")
-        if not torch.isfinite(probs).all():
-            raise ValueError("model produced NaN or infinite outputs")  # json.dumps would emit invalid JSON
+        probs = to_probabilities(out, self.meta.output)
         return probs, counts
 
     def postprocess(self, data: Batch) -> list[dict[str, Any]]:
