@@ -7,8 +7,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 APT_PACKAGES := nginx wrk
 DEMO_ARGS ?=
+BENCH_ARGS ?=
 
-.PHONY: all setup system-deps demo test test-unit test-integration test-e2e lint clean
+.PHONY: all setup system-deps demo test test-unit lint bench clean
 
 all: test
 
@@ -38,6 +39,10 @@ test: setup
 
 test-unit: setup
 	$(BIN)/pytest -q tests/unit
+
+# our endpoint vs `mlflow models serve` on the same models and load (wrk); `BENCH_ARGS=--quick` for a short run
+bench: setup
+	$(BIN)/python bench/serving_bench.py $(BENCH_ARGS)
 
 lint: setup
 	$(BIN)/ruff check .

@@ -102,9 +102,10 @@ class LoadTestSettings(BaseModel):
     spawn_rate: float = Field(8, gt=0)
     duration_s: int = Field(10, ge=2)
     rows_per_request: int = Field(1, ge=1)
+    target_rps: float = Field(100.0, ge=0, description="offered load, spread over the users; 0 = closed loop")
     max_p95_ms: float = Field(50.0, gt=0)
     max_failure_ratio: float = Field(0.01, ge=0, le=1)
-    min_rps: float = Field(20.0, ge=0)
+    min_rps: float = Field(50.0, ge=0)
 
 
 class Settings(BaseSettings):

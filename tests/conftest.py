@@ -27,7 +27,8 @@ def free_ports(n: int) -> list[int]:
 
 def stack_env(state_dir: Path) -> dict[str, str]:
     """CANARYFLOW_* variables for a stack of our own: its state dir and free ports."""
-    env = {"CANARYFLOW_STATE_DIR": str(state_dir)}
+    # Short load tests keep each release of the suite at a few seconds of locust.
+    env = {"CANARYFLOW_STATE_DIR": str(state_dir), "CANARYFLOW_LOADTEST__DURATION_S": "4"}
     for name, port in zip(PORT_NAMES, free_ports(len(PORT_NAMES)), strict=True):
         env[f"CANARYFLOW_PORTS__{name.upper()}"] = str(port)
     # Python worker ports of TorchServe: a block unlikely to be in use by another stack.

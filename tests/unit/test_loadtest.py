@@ -162,9 +162,9 @@ def test_gate_pass_reason_quotes_every_number() -> None:
     assert gate.outcome is Outcome.PASSED
     assert gate.gate == "load_test"
     assert gate.reason == ("p95 9.0 ms <= 50.0 ms; failure ratio 0.00% <= 1.00%; throughput 100.0 req/s >= "
-                           "20.0 req/s [1000 requests, 8 users, 10 s]")
+                           "50.0 req/s [1000 requests, 8 users, 10 s]")
     assert gate.measured["files"] == {"json": "a.json", "html": "a.html"}
-    assert gate.thresholds == {"max_p95_ms": 50.0, "max_failure_ratio": 0.01, "min_rps": 20.0}
+    assert gate.thresholds == {"max_p95_ms": 50.0, "max_failure_ratio": 0.01, "min_rps": 50.0}
 
 
 def test_gate_fail_reasons_name_only_what_failed() -> None:
@@ -172,7 +172,7 @@ def test_gate_fail_reasons_name_only_what_failed() -> None:
     assert gate_load_test(_result(p95_ms=61.0), s).reason == "p95 61.0 ms > 50.0 ms [1000 requests, 8 users, 10 s]"
     slow = gate_load_test(_result(rps=12.34), s)
     assert slow.outcome is Outcome.FAILED
-    assert slow.reason == "throughput 12.3 req/s < 20.0 req/s [1000 requests, 8 users, 10 s]"
+    assert slow.reason == "throughput 12.3 req/s < 50.0 req/s [1000 requests, 8 users, 10 s]"
     bad = gate_load_test(_result(failures=25, p95_ms=41.2, failure_messages={"HTTP 503: x": 25}),
                          LoadTestSettings(max_p95_ms=25.0))
     assert bad.reason == ("p95 41.2 ms > 25.0 ms; failure ratio 2.50% > 1.00% (most common: HTTP 503: x) "

@@ -1,0 +1,495 @@
+"""Serving benchmark: our endpoint (nginx router -> TorchServe, released by the real pipeline) against
+``mlflow models serve`` of the SAME MLflow model version, on the same load, in one process run.
+
+    .venv/bin/python bench/serving_bench.py            # ~10 s per point: 2 models x 3 concurrencies x 2 servers
+    .venv/bin/python bench/serving_bench.py --quick    # 3 s per point, shorter training
+
+Load: Debian ``wrk`` with a Lua POST script (one fixed 1-row body), ``--latency``, and a Lua ``done()`` that prints
+p50/p95/p99, requests and errors as JSON. With 2+ cores the server side is pinned to core 0 and wrk (plus the idle
+stack services: MLflow, Prefect, bridge) to core 1; the router and TorchServe SHARE core 0. See bench/README.md.
+Every process started here is stopped at the end, on error too (mlflow serve by process group, the stack by
+``LocalStack.down()``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import psutil
+
+PROJECT = Path(__file__).resolve().parent.parent
+if str(PROJECT) not in sys.path:  # run as a script: bench/ is not a package
+    sys.path.insert(0, str(PROJECT))
+
+from canaryflow.datasets import frame, log_release_datasets  # noqa: E402
+from canaryflow.demo import register_model, wait_for_release  # noqa: E402
+from canaryflow.settings import Ports, Settings  # noqa: E402
+from canaryflow.stack import LocalStack  # noqa: E402
+
+RESULTS = PROJECT / "bench" / "results"
+SERVER_CORE, CLIENT_CORE = 0, 1
+OPTIMIZATION_ARTIFACTS = ("optimization/variants.json", "optimization/optimization.json")
+MODELS = {"mlp": "bench-mlp-breast-cancer", "cnn": "bench-cnn-digits"}
+WRK_LUA = """wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = [==[{body}]==]
+
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('WRKJSON {{"requests": %d, "duration_us": %d, "bytes": %d, '
+    .. '"errors": {{"connect": %d, "read": %d, "write": %d, "status": %d, "timeout": %d}}, '
+    .. '"latency_us": {{"p50": %.1f, "p90": %.1f, "p95": %.1f, "p99": %.1f, "max": %.1f, "mean": %.1f}}}}\\n',
+    summary.requests, summary.duration, summary.bytes, e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(95), latency:percentile(99),
+    latency.max, latency.mean))
+end
+"""
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# -- the compute-heavy model -------------------------------------------------------------------------------
+def register_digits_cnn(tracking_uri: str, name: str, epochs: int, seed: int = 0) -> tuple[str, np.ndarray, float]:
+    """A CNN on sklearn's bundled digits behind our tabular contract: 64 floats in, 10 logits out.
+
+    The rows are reshaped to 1x8x8 and upsampled to 32x32 inside the model, then 4 convolutions (32-64
+    channels): about 2 ms per 1-row inference on one CPU core, so compute is a real share of a request.
+    """
+    import mlflow
+    import torch
+    from mlflow.models import infer_signature
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    from torch import nn
+
+    X, y = load_digits(return_X_y=True)
+    X_tr, X_te, y_tr, y_te = train_test_split(X.astype(np.float32), y, test_size=0.25, random_state=seed,
+                                              stratify=y)
+    torch.manual_seed(seed)
+
+    class DigitsCNN(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            conv = [nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+                    nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                    nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+            self.features = nn.Sequential(*conv)
+            self.head = nn.Sequential(nn.Flatten(), nn.Linear(64 * 8 * 8, 128), nn.ReLU(), nn.Linear(128, 10))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            img = (x / 16.0).reshape(x.shape[0], 1, 8, 8)
+            img = nn.functional.interpolate(img, size=(32, 32), mode="bilinear", align_corners=False)
+            return self.head(self.features(img))
+
+    model = DigitsCNN()
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    xt, yt = torch.from_numpy(X_tr), torch.from_numpy(y_tr).long()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(xt)).split(32):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        acc = float((model(torch.from_numpy(X_te)).argmax(1).numpy() == y_te).mean())
+        logits = model(torch.from_numpy(X_te[:5])).numpy()
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment("canaryflow-bench")
+    with mlflow.start_run(run_name=f"train-{name}"):
+        mlflow.log_metric("holdout_accuracy", acc)
+        log_release_datasets(frame(X_tr, y_tr), frame(X_te, y_te))  # reference + holdout for the release gates
+        # >= 2 example rows: MLflow's pt2 export keeps the batch dimension dynamic (shared/FACTS.md)
+        info = mlflow.pytorch.log_model(model, name="model", signature=infer_signature(X_te[:5], logits),
+                                        input_example=X_te[:5], registered_model_name=name)
+    return str(info.registered_model_version), X_te, acc
+
+
+# -- processes -----------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bench_settings(state_dir: Path) -> Settings:
+    names = [n for n in Ports.model_fields if n != "torchserve_worker_base"]
+    socks = [socket.socket() for _ in names]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        ports = {n: s.getsockname()[1] for n, s in zip(names, socks, strict=True)}
+    finally:
+        for s in socks:
+            s.close()
+    # TorchServe's Python worker ports: a block away from the test suite's (20000-28000)
+    return Settings(state_dir=state_dir, ports=Ports(**ports, torchserve_worker_base=30000 + (os.getpid() % 100) * 20))
+
+
+def pin_tree(pid: int, cpus: set[int]) -> int:
+    """Pin every thread of ``pid`` and its descendants (``taskset -a -p``); returns the threads pinned."""
+    pinned = 0
+    try:
+        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    for proc in procs:
+        with contextlib.suppress(OSError):
+            for tid in os.listdir(f"/proc/{proc.pid}/task"):
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(int(tid), cpus)
+                    pinned += 1
+    return pinned
+
+
+def tree_rss_mb(pid: int) -> float:
+    try:
+        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+        return round(sum(p.memory_info().rss for p in procs) / 2**20, 1)
+    except psutil.NoSuchProcess:
+        return 0.0
+
+
+class Pinning:
+    """Server side on one core, client and idle services on another; a no-op below 2 cores."""
+
+    def __init__(self, enabled: bool) -> None:
+        cores = sorted(os.sched_getaffinity(0))
+        self.enabled = enabled and len(cores) >= 2 and shutil.which("taskset") is not None
+        self.server = {cores[SERVER_CORE]} if self.enabled else set(cores)
+        self.client = {cores[CLIENT_CORE]} if self.enabled else set(cores)
+        self.cores = len(cores)
+
+    def stack(self, stack: LocalStack) -> dict[str, int]:
+        """Pin the stack: TorchServe and the router to the server core, the rest to the client core.
+        Returns the threads pinned per program."""
+        if not self.enabled:
+            return {}
+        server = ("torchserve", "router")
+        return {info["name"]: pin_tree(info["pid"], self.server if info["name"] in server else self.client)
+                for info in stack.supervisor.processes() if info.get("pid")}
+
+    def prefix(self, cpus: set[int]) -> list[str]:
+        return ["taskset", "-c", ",".join(map(str, sorted(cpus)))] if self.enabled else []
+
+
+def start_mlflow_serve(uri: str, name: str, version: str, pinning: Pinning,
+                       log_file: Path) -> tuple[subprocess.Popen, str]:
+    """``mlflow models serve`` of models:/name/version in its own process group; returns (process, url)."""
+    port = free_port()
+    cmd = [*pinning.prefix(pinning.server), str(Path(sys.executable).parent / "mlflow"), "models", "serve",
+           "-m", f"models:/{name}/{version}", "--env-manager", "local", "--port", str(port),
+           "--host", "127.0.0.1", "--workers", "1"]
+    # one intra-op thread, as every TorchServe worker has (OMP_NUM_THREADS=1 in deployments/torchserve.py)
+    # it execs `uvicorn` by name: the venv's bin must be on PATH
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1", "MLFLOW_ENABLE_TELEMETRY": "false", "DO_NOT_TRACK": "1"}
+    with log_file.open("w") as fh:
+        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the process group we started (pgid == its pid), SIGKILL what is left after 15 s."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        proc.poll()  # reaps the leader, so it does not count as alive
+        if not any(p.info["status"] != psutil.STATUS_ZOMBIE for p in _group(proc.pid)):
+            return
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+
+
+def _group(pgid: int) -> list[psutil.Process]:
+    out = []
+    for p in psutil.process_iter(["status"]):
+        with contextlib.suppress(psutil.Error):
+            if os.getpgid(p.pid) == pgid:
+                out.append(p)
+    return out
+
+
+def wait_answering(url: str, body: dict, n_rows: int, timeout_s: float, exited: Callable[[], str | None]) -> None:
+    """Wait until ``url`` answers ``body`` with one prediction per row; ``exited`` says why the server died."""
+    deadline, last = time.monotonic() + timeout_s, ""
+    while time.monotonic() < deadline:
+        if (why := exited()) is not None:
+            raise RuntimeError(f"{url}: server exited before answering: {why}")
+        with contextlib.suppress(httpx.HTTPError, ValueError):
+            resp = httpx.post(url, json=body, timeout=10)
+            preds = resp.json().get("predictions") if resp.status_code == 200 else None
+            if isinstance(preds, list) and len(preds) == n_rows:
+                return
+            last = f"HTTP {resp.status_code}: {resp.text[:200]}"
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} did not answer within {timeout_s:.0f} s: {last}")
+
+
+# -- load --------------------------------------------------------------------------------------------------
+def run_wrk(url: str, lua: Path, connections: int, duration_s: float, pinning: Pinning) -> dict[str, Any]:
+    cmd = [*pinning.prefix(pinning.client), "wrk", "-t1", f"-c{connections}", f"-d{duration_s:g}s", "--latency",
+           "--timeout", "10s", "-s", str(lua), url]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=duration_s + 60)
+    line = next((ln for ln in done.stdout.splitlines() if ln.startswith("WRKJSON ")), None)
+    if done.returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed ({done.returncode}): {(done.stdout + done.stderr)[-800:]}")
+    raw = json.loads(line.removeprefix("WRKJSON "))
+    lat, seconds = raw["latency_us"], raw["duration_us"] / 1e6
+    return {"connections": connections, "requests": raw["requests"], "errors": sum(raw["errors"].values()),
+            "error_kinds": raw["errors"], "rps": round(raw["requests"] / seconds, 1),
+            **{f"{k}_ms": round(lat[k] / 1000, 3) for k in ("p50", "p90", "p95", "p99", "max", "mean")}}
+
+
+def ratios(ours: dict[str, Any], peer: dict[str, Any]) -> dict[str, float | None]:
+    def r(a: float, b: float) -> float | None:
+        return round(a / b, 2) if b else None
+
+    return {**{k: r(ours[f"{k}_ms"], peer[f"{k}_ms"]) for k in ("p50", "p95", "p99")},
+            "rps": r(ours["rps"], peer["rps"])}
+
+
+# -- reporting ---------------------------------------------------------------------------------------------
+def optimization_of(uri: str, name: str, version: str, dst: Path) -> Any | None:
+    """The optimization table the version's release run logged (``optimization/variants.json``, or the
+    ``optimization/optimization.json`` canaryflow.gates writes), or None when the release logged none."""
+    import mlflow.artifacts
+    from mlflow import MlflowClient
+
+    run_id = MlflowClient(uri).get_model_version(name, version).tags.get("canaryflow.release_run")
+    for artifact in OPTIMIZATION_ARTIFACTS if run_id else ():
+        try:
+            path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, dst_path=str(dst),
+                                                       tracking_uri=uri)
+        except Exception:  # absent artifact: MLflow raises its own exception types, which vary by store
+            continue
+        return {"artifact": artifact, **_as_dict(json.loads(Path(path).read_text()))}
+    return None
+
+
+def _as_dict(data: Any) -> dict[str, Any]:
+    return data if isinstance(data, dict) else {"variants": data}
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    text = str(value) if not isinstance(value, dict | list) else json.dumps(value)
+    return text if len(text) <= 70 else text[:67] + "..."
+
+
+def format_optimization(data: Any | None) -> str:
+    """A text table of whatever list of variant records the release logged (its format is the release's)."""
+    if data is None:
+        return f"  optimization: not logged (the release run holds none of {', '.join(OPTIMIZATION_ARTIFACTS)})"
+    key = next((k for k in ("variants", "table") if k in data), None)
+    rows = data[key] if key else {k: v for k, v in data.items() if k != "artifact"}
+    if isinstance(rows, dict):
+        rows = [{"variant": k, **v} if isinstance(v, dict) else {"variant": k, "value": v} for k, v in rows.items()]
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows) or not rows:
+        return "  optimization (raw): " + json.dumps(data)[:600]
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    table = [cols] + [[_cell(r.get(c, "")) for c in cols] for r in rows]
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(cols))]
+    lines = ["  " + "  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)) for row in table]
+    extra = []
+    if "chosen" in data:
+        extra.append(f"  chosen: {data['chosen']}")
+    if isinstance(data.get("gate"), dict):
+        extra.append(f"  gate: {data['gate'].get('outcome')}: {data['gate'].get('reason')}")
+    return "\n".join([f"  optimization (release run, {data['artifact']}):", *lines, *extra])
+
+
+def format_model(m: dict[str, Any]) -> str:
+    head = (f"{m['name']} v{m['version']}  {m['description']}  [{m['rows_per_request']} row/request, "
+            f"{m['duration_s']:g} s per point]")
+    cols = (f"{'conns':>5} | {'ours p50':>8} {'p95':>7} {'p99':>7} {'req/s':>7} | {'mlflow p50':>10} {'p95':>7} "
+            f"{'p99':>7} {'req/s':>7} | {'ratio p50':>9} {'p95':>5} {'p99':>5} {'req/s':>5} | errors o/m")
+    lines = [head, cols, "-" * len(cols)]
+    for ours, peer, ratio in zip(m["ours"]["points"], m["mlflow"]["points"], m["ratios"], strict=True):
+        lines.append(f"{ours['connections']:>5} | {ours['p50_ms']:>8.2f} {ours['p95_ms']:>7.2f} {ours['p99_ms']:>7.2f} "
+                     f"{ours['rps']:>7.0f} | {peer['p50_ms']:>10.2f} {peer['p95_ms']:>7.2f} {peer['p99_ms']:>7.2f} "
+                     f"{peer['rps']:>7.0f} | {_r(ratio['p50']):>9} {_r(ratio['p95']):>5} {_r(ratio['p99']):>5} "
+                     f"{_r(ratio['rps']):>5} | {ours['errors']}/{peer['errors']}")
+    lines.append(f"  serving RSS: ours {m['ours']['rss_mb']} MB (TorchServe, all its workers, + nginx), "
+                 f"mlflow serve {m['mlflow']['rss_mb']} MB")
+    lines.append(format_optimization(m["optimization"]))
+    return "\n".join(lines)
+
+
+def _r(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+# -- the run -----------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="3 s per point, 1 s warm-up, 2 training epochs")
+    p.add_argument("--duration", type=float, default=None, help="seconds per point (default 10, quick 3)")
+    p.add_argument("--warmup", type=float, default=None, help="warm-up seconds per server (default 3, quick 1)")
+    p.add_argument("--connections", default="1,8,32", help="wrk connection counts (default 1,8,32)")
+    p.add_argument("--models", default="mlp,cnn", help=f"which of {','.join(MODELS)} (default both)")
+    p.add_argument("--rows-per-request", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=None, help="CNN training epochs (default 4, quick 2)")
+    p.add_argument("--no-pin", action="store_true", help="do not pin servers and wrk to separate cores")
+    p.add_argument("--keep-state", action="store_true", help="keep the temporary stack state dir (logs)")
+    p.add_argument("--results-dir", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    args.duration = args.duration or (3.0 if args.quick else 10.0)
+    args.warmup = args.warmup if args.warmup is not None else (1.0 if args.quick else 3.0)
+    args.epochs = args.epochs or (2 if args.quick else 4)
+    args.connections = [int(c) for c in args.connections.split(",")]
+    args.models = [m.strip() for m in args.models.split(",")]
+    unknown = set(args.models) - set(MODELS)
+    if unknown:
+        p.error(f"unknown models {sorted(unknown)}; choose from {sorted(MODELS)}")
+    return args
+
+
+def release_models(stack: LocalStack, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Register each model in the stack's MLflow; the webhook starts the real release flow; wait for it."""
+    uri = stack.settings.mlflow_uri
+    models = []
+    for key in args.models:  # the CNN trains while the MLP's release runs
+        started = time.monotonic()
+        if key == "mlp":
+            version, rows, acc = register_model(uri, name=MODELS[key])
+            desc = "breast-cancer MLP 30-64-32-2 (canaryflow.demo): HTTP dominates"
+        else:
+            version, rows, acc = register_digits_cnn(uri, MODELS[key], args.epochs)
+            desc = "digits CNN 64 -> 1x8x8 -> 32x32, 4 convs 32-64 ch: compute is a real share"
+        log(f"registered {MODELS[key]} v{version} (holdout accuracy {acc:.3f}, {time.monotonic() - started:.0f} s)")
+        models.append({"key": key, "name": MODELS[key], "version": version, "rows": rows, "accuracy": acc,
+                       "description": desc})
+    for m in models:
+        outcome = wait_for_release(uri, m["name"], m["version"], timeout_s=900)
+        if outcome.status != "released":
+            raise RuntimeError(f"release of {m['name']} v{m['version']} ended {outcome.status}: {outcome.reason}")
+        log(f"{m['name']} v{m['version']} released through the pipeline (waited {outcome.seconds:.0f} s)")
+    return models
+
+
+def measure(m: dict[str, Any], ours_url: str, peer_url: str, work: Path, pinning: Pinning,
+            args: argparse.Namespace) -> dict[str, Any]:
+    rows = np.round(np.asarray(m["rows"][: args.rows_per_request], dtype=np.float64), 4).tolist()
+    lua = work / f"post-{m['key']}.lua"
+    lua.write_text(WRK_LUA.format(body=json.dumps({"inputs": rows})))
+    points: dict[str, list[dict[str, Any]]] = {"ours": [], "mlflow": []}
+    for url in (ours_url, peer_url):
+        run_wrk(url, lua, 8, args.warmup, pinning)
+    for conns in args.connections:
+        for label, url in (("ours", ours_url), ("mlflow", peer_url)):
+            point = run_wrk(url, lua, conns, args.duration, pinning)
+            log(f"{m['name']} {label:>6} c={conns:<3} p50 {point['p50_ms']:.2f} ms p99 {point['p99_ms']:.2f} ms "
+                f"{point['rps']:.0f} req/s errors {point['errors']}")
+            points[label].append(point)
+    return points
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally block on `kill` too
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    pinning = Pinning(not args.no_pin)
+    work = Path(tempfile.mkdtemp(prefix="canaryflow-bench-"))
+    stack = LocalStack(bench_settings(work / ".canaryflow"))
+    serves: dict[str, subprocess.Popen] = {}
+    ok = False
+    try:
+        log(f"starting a local stack in {work} (cores: {pinning.cores}, pinning: {pinning.enabled})")
+        stack.up(progress=lambda msg: log(f"stack: {msg}"))
+        pinning.stack(stack)
+        uri, router = stack.settings.mlflow_uri, stack.settings.router_url
+        models = release_models(stack, args)
+        for m in models:
+            m["serve_log"] = work / f"mlflow-serve-{m['key']}.log"
+            serves[m["name"]], m["mlflow_url"] = start_mlflow_serve(uri, m["name"], m["version"], pinning,
+                                                                     m["serve_log"])
+        pinned = pinning.stack(stack)  # again: TorchServe workers of the released versions
+        log(f"threads pinned per program: {pinned}")
+        ts_pid = next(p["pid"] for p in stack.supervisor.processes() if p["name"] == "torchserve")
+        nginx_pid = next(p["pid"] for p in stack.supervisor.processes() if p["name"] == "router")
+        report = []
+        for m in models:
+            body = {"inputs": np.asarray(m["rows"][:2], dtype=np.float64).tolist()}
+            ours_url, peer_url = f"{router}/predictions/{m['name']}", f"{m['mlflow_url']}/invocations"
+            proc = serves[m["name"]]
+            wait_answering(ours_url, body, 2, 60, lambda: None)
+            wait_answering(peer_url, body, 2, 180, lambda p=proc, m=m: None if p.poll() is None else
+                           f"exit {p.returncode}: {m['serve_log'].read_text()[-600:]}")
+            log(f"measuring {m['name']}: ours {ours_url} vs mlflow serve {peer_url}")
+            points = measure(m, ours_url, peer_url, work, pinning, args)
+            report.append({
+                "key": m["key"], "name": m["name"], "version": m["version"], "description": m["description"],
+                "holdout_accuracy": round(m["accuracy"], 4), "rows_per_request": args.rows_per_request,
+                "duration_s": args.duration,
+                "ours": {"url": ours_url, "points": points["ours"],
+                         "rss_mb": round(tree_rss_mb(ts_pid) + tree_rss_mb(nginx_pid), 1)},
+                "mlflow": {"url": peer_url, "points": points["mlflow"], "rss_mb": tree_rss_mb(proc.pid)},
+                "ratios": [{"connections": o["connections"], **ratios(o, p)}
+                           for o, p in zip(points["ours"], points["mlflow"], strict=True)],
+                "optimization": optimization_of(uri, m["name"], m["version"], work / "optimization" / m["key"]),
+            })
+        write_results(report, pinning, args, pinned)
+        ok = True
+    finally:
+        for proc in serves.values():
+            stop_group(proc)
+        killed = stack.down()
+        if killed:
+            log(f"stack: killed after the grace period: {killed}")
+        if ok and not args.keep_state:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            log(f"state and logs kept in {work}")
+    return 0
+
+
+def write_results(report: list[dict[str, Any]], pinning: Pinning, args: argparse.Namespace,
+                  pinned: dict[str, int]) -> None:
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    note = (f"server side (nginx router + TorchServe, or mlflow serve) pinned to core {sorted(pinning.server)}; "
+            f"wrk and the idle stack services to core {sorted(pinning.client)}; the router and TorchServe share "
+            "their core" if pinning.enabled else "not pinned: client and servers share every core")
+    out = {"timestamp": stamp, "quick": args.quick, "duration_s": args.duration, "warmup_s": args.warmup,
+           "connections": args.connections, "rows_per_request": args.rows_per_request,
+           "machine": {"cores": pinning.cores, "pinned": pinning.enabled, "note": note, "pinned_threads": pinned,
+                       "wrk": "wrk -t1 --latency, Lua POST script, one fixed body"},
+           "models": report}
+    print()
+    print(f"serving benchmark {stamp}: ratios are ours / mlflow serve (latency: < 1 is better; req/s: > 1 is better)")
+    print(f"machine: {pinning.cores} cores; {note}")
+    for m in report:
+        print()
+        print(format_model(m))
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(out, indent=2) + "\n"
+    (args.results_dir / f"serving-{stamp}.json").write_text(text)
+    tmp = args.results_dir / "serving-latest.json.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, args.results_dir / "serving-latest.json")
+    print(f"\nwrote {args.results_dir / f'serving-{stamp}.json'} and serving-latest.json")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
