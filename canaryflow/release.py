@@ -100,8 +100,8 @@ def stage(svc: Services, st: ReleaseState, mar: Archive, model_dir: Path) -> Gat
                                 warmup=svc.settings.serving.warmup_requests))
 
 
-def promote(svc: Services, st: ReleaseState) -> None:
-    """Route the model to the candidate, make it TorchServe's default, and move the aliases.
+def promote(svc: Services, st: ReleaseState) -> str:
+    """Route the model to the candidate, make it TorchServe's default, and move the aliases; returns the reason.
 
     Until the canary ramp exists this is a direct cut-over once the candidate passed every gate.
     """
@@ -111,23 +111,25 @@ def promote(svc: Services, st: ReleaseState) -> None:
     if st.champion and st.champion != st.version:
         svc.registry.set_alias(st.model, cfg.previous_alias, st.champion)
     svc.registry.set_alias(st.model, cfg.champion_alias, st.version)
-    reason = f"serving as {cfg.champion_alias}" + (f", replacing v{st.champion}" if st.champion else "")
-    svc.registry.set_tags(st.model, st.version, {STATUS_TAG: "released", REASON_TAG: reason})
+    return f"serving as {cfg.champion_alias}" + (f", replacing v{st.champion}" if st.champion else "")
 
 
-def stop(svc: Services, st: ReleaseState, status: str, reason: str) -> None:
-    """End a release that did not promote: production untouched, the candidate off TorchServe, tagged."""
+def stop(svc: Services, st: ReleaseState, reason: str) -> str:
+    """Take a release that did not promote off TorchServe (production untouched); returns the reason to record."""
     routed = svc.router.routes().get(st.model, {}).get("stable")
     if st.version not in (st.champion, routed):
         try:
             svc.backend.unregister(st.model, st.version)
         except Exception as exc:  # cleanup must not hide the reason the release stopped
             reason = f"{reason} (and unregistering failed: {exc})"
-    svc.registry.set_tags(st.model, st.version, {STATUS_TAG: status, REASON_TAG: reason[:4000]})
+    return reason
 
 
-def finish(svc: Services, st: ReleaseState, status: str) -> None:
-    """Write every gate result to the release run (metrics, thresholds, report files) and the version's tags."""
+def finish(svc: Services, st: ReleaseState, status: str, reason: str) -> None:
+    """Write every gate result to the release run (metrics, thresholds, report files) and the version's tags.
+
+    The status tag is written last, so whoever sees a final status also sees every gate and the reason.
+    """
     path = st.workdir / "gates.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps([r.to_dict() for r in st.results], indent=2, default=str))
@@ -144,3 +146,4 @@ def finish(svc: Services, st: ReleaseState, status: str) -> None:
     svc.registry.set_tags(st.model, st.version,
                           {f"canaryflow.gate.{r.gate}": f"{r.outcome.value}: {r.reason}"[:5000] for r in st.results})
     svc.registry.finish_run(st.run_id, "FINISHED" if status == "released" else "FAILED")
+    svc.registry.set_tags(st.model, st.version, {STATUS_TAG: status, REASON_TAG: reason[:4000]})

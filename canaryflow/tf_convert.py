@@ -77,11 +77,18 @@ def to_onnx(model: Any, n_features: int, path: Path, opset: int | None = None) -
     tf = _tf()
     import tf2onnx
 
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
     spec = [tf.TensorSpec([None, n_features], tf.float32, name="input")]
     fn = tf.function(lambda x: _first(model(x, training=False)), input_signature=spec)
+    # Freeze first: tensors the function captures (a Normalization layer's mean and variance, for one) would
+    # otherwise become extra graph inputs of the ONNX model.
+    frozen = convert_variables_to_constants_v2(fn.get_concrete_function())
     path.parent.mkdir(parents=True, exist_ok=True)
     with quiet_exporters():
-        tf2onnx.convert.from_function(fn, input_signature=spec, opset=opset, output_path=str(path))
+        tf2onnx.convert.from_graph_def(frozen.graph.as_graph_def(), input_names=[t.name for t in frozen.inputs],
+                                       output_names=[t.name for t in frozen.outputs], opset=opset,
+                                       output_path=str(path))
     return path
 
 

@@ -37,8 +37,7 @@ def release(model_name: str, version: str) -> dict[str, str]:
         mar = t.archive(st, bundle)
         t.stage(st, mar, model_dir)
         g.load_test(st, release_data.features(release_data.holdout))
-        t.promote(st)
-        status, reason = "released", f"v{st.version} is now champion"
+        status, reason = "released", t.promote(st)
     except GateFailed as exc:
         status, reason = "rejected", str(exc)
         raise
@@ -48,7 +47,7 @@ def release(model_name: str, version: str) -> dict[str, str]:
     finally:
         if status != "released":
             log.error("release of %s v%s %s: %s", st.model, st.version, status, reason)
-            t.stop(st, status, reason)
-        t.finish(st, status)
+            reason = t.stop(st, reason)
+        t.finish(st, status, reason)
         release_summary(st, status, reason)
     return {"status": status, "reason": reason}

@@ -40,15 +40,15 @@ def stage(st: steps.ReleaseState, mar: Archive, model_dir: Path) -> GateResult:
 
 
 @task(name="promote", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=3)
-def promote(st: steps.ReleaseState) -> None:
-    steps.promote(get_services(), st)
+def promote(st: steps.ReleaseState) -> str:
+    return steps.promote(get_services(), st)
 
 
 @task(name="stop", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=3)
-def stop(st: steps.ReleaseState, status: str, reason: str) -> None:
-    steps.stop(get_services(), st, status, reason)
+def stop(st: steps.ReleaseState, reason: str) -> str:
+    return steps.stop(get_services(), st, reason)
 
 
 @task(name="finish", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=3)
-def finish(st: steps.ReleaseState, status: str) -> None:
-    steps.finish(get_services(), st, status)
+def finish(st: steps.ReleaseState, status: str, reason: str) -> None:
+    steps.finish(get_services(), st, status, reason)

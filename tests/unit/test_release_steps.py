@@ -93,19 +93,18 @@ def test_begin_marks_release_but_not_an_already_released_champion(tmp_path: Path
 def test_promote_moves_route_default_and_aliases(tmp_path: Path) -> None:
     reg = FakeRegistry({"2": info("2")}, {"champion": "1"})
     svc = services(tmp_path, reg)
-    release.promote(svc, release.begin(svc, "m", "2"))
+    reason = release.promote(svc, release.begin(svc, "m", "2"))
     assert svc.router.table["m"] == {"stable": "2"} and svc.backend.default == "2"
     assert reg.aliases == {"champion": "2", "previous": "1"}
-    assert reg.tag_log[-1] == ("2", {STATUS_TAG: "released", REASON_TAG: "serving as champion, replacing v1"})
+    assert reason == "serving as champion, replacing v1"
 
 
 def test_stop_unregisters_the_candidate_and_keeps_the_champion(tmp_path: Path) -> None:
     reg = FakeRegistry({"1": info("1"), "2": info("2")}, {"champion": "1"})
     svc = services(tmp_path, reg)
-    release.stop(svc, release.begin(svc, "m", "2"), "rejected", "shape: output shape [1] for 4 input rows")
-    assert svc.backend.registered == {"1"}
-    assert reg.tag_log[-1] == ("2", {STATUS_TAG: "rejected", REASON_TAG: "shape: output shape [1] for 4 input rows"})
-    release.stop(svc, release.begin(svc, "m", "1"), "failed", "boom")  # the routed champion is never removed
+    reason = release.stop(svc, release.begin(svc, "m", "2"), "shape: output shape [1] for 4 input rows")
+    assert svc.backend.registered == {"1"} and reason == "shape: output shape [1] for 4 input rows"
+    release.stop(svc, release.begin(svc, "m", "1"), "boom")  # the routed champion is never removed
     assert svc.backend.registered == {"1"}
 
 

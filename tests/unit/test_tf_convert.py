@@ -9,16 +9,12 @@ from unittest import mock
 
 import numpy as np
 import pytest
+from ts.context import Context, RequestProcessor
 
-pytest.importorskip("tensorflow")
-pytest.importorskip("tf2onnx")
-
-from ts.context import Context, RequestProcessor  # noqa: E402
-
-from canaryflow.packaging import input_contract  # noqa: E402
-from canaryflow.settings import OptimizationSettings  # noqa: E402
-from canaryflow.tf_convert import keras_output_kind, load_tensorflow, optimize_tensorflow, tf_predict  # noqa: E402
-from deployments.handler import CanaryflowHandler  # noqa: E402
+from canaryflow.packaging import input_contract
+from canaryflow.settings import OptimizationSettings
+from canaryflow.tf_convert import keras_output_kind, load_tensorflow, optimize_tensorflow, tf_predict
+from deployments.handler import CanaryflowHandler
 
 N_FEATURES = 5
 
@@ -90,3 +86,20 @@ def test_onnx_variant_served_through_the_handler(result, logged) -> None:
     np.testing.assert_allclose(served, expected, atol=1e-5)
     assert [p["class"] for p in response["predictions"]] == [["a", "b", "c"][i] for i in expected.argmax(1)]
     assert response["model_version"] == "2"
+
+
+def test_normalization_layer_constants_are_frozen_into_the_graph(tmp_path: Path) -> None:
+    """A Keras Normalization layer's captured mean/variance must not become extra ONNX inputs."""
+    import onnxruntime as ort
+    import tensorflow as tf
+
+    from canaryflow.tf_convert import to_onnx
+
+    x = np.random.default_rng(0).random((50, 30)).astype("float32")
+    model = tf.keras.Sequential([tf.keras.Input(shape=(30,)),
+                                 tf.keras.layers.Normalization(mean=x.mean(0), variance=x.var(0) + 1e-3),
+                                 tf.keras.layers.Dense(2)])
+    session = ort.InferenceSession(str(to_onnx(model, 30, tmp_path / "m.onnx")))
+    assert len(session.get_inputs()) == 1
+    got = session.run(None, {session.get_inputs()[0].name: x})[0]
+    assert np.abs(got - model(x).numpy()).max() < 1e-4
