@@ -76,7 +76,6 @@ def to_onnx(model: Any, n_features: int, path: Path, opset: int | None = None) -
     """Convert with ``tf2onnx.convert.from_function`` (dynamic batch, one float32 input named "input")."""
     tf = _tf()
     import tf2onnx
-
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
     spec = [tf.TensorSpec([None, n_features], tf.float32, name="input")]
