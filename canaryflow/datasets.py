@@ -83,3 +83,21 @@ def load_release_data(tracking_uri: str, run_id: str | None, dst: Path, label_co
         if list(df.drop(columns=[label_column]).columns) != features:
             raise RegistryError(f"{name} data columns differ from the reference's")
     return ReleaseData(reference, holdout, features, label_column)
+
+
+def load_traffic(path: Path, feature_columns: list[str], max_rows: int = 5000) -> pd.DataFrame:
+    """The most recent served rows the handler sampled for a model (rotated file first); rows whose width does
+    not match the features (an older contract) are skipped."""
+    import json
+
+    rows: list[list[float]] = []
+    for part in (path.with_name(path.name + ".1"), path):
+        if part.exists():
+            for line in part.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue  # a line cut by rotation
+                if isinstance(row, list) and len(row) == len(feature_columns):
+                    rows.append(row)
+    return pd.DataFrame(rows[-max_rows:], columns=feature_columns, dtype=np.float64)

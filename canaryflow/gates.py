@@ -6,12 +6,13 @@ test. The pure measurements live in validation/ and deployments/loadtest.py; thi
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from canaryflow.datasets import ReleaseData, load_release_data
+from canaryflow.datasets import ReleaseData, load_release_data, load_traffic
 from canaryflow.errors import RegistryError
 from canaryflow.optimization import markdown, optimize_pytorch, write_reports
 from canaryflow.packaging import Bundle, input_contract, labels_from_tag, load_pytorch
@@ -57,11 +58,20 @@ def data(svc: Services, st: ReleaseState, model_dir: Path) -> ReleaseData:
     return release_data
 
 
-def drift(st: ReleaseState, release_data: ReleaseData) -> GateResult:
-    """Drift between the training reference and the holdout."""
-    g = st.policy.gates
-    return st.record(check_drift(release_data.reference, release_data.holdout, release_data.feature_columns,
-                                 g.drift_max_share, _dir(st, "drift"), g.drift_stattest_threshold))
+def drift(svc: Services, st: ReleaseState, release_data: ReleaseData) -> GateResult:
+    """Drift between the training reference and the holdout, and, once the model has served enough requests,
+    between the reference and recent live traffic (gate ``drift_traffic``): a candidate trained on data that
+    no longer looks like what production receives is refused."""
+    g, cols = st.policy.gates, release_data.feature_columns
+    result = st.record(check_drift(release_data.reference, release_data.holdout, cols, g.drift_max_share,
+                                   _dir(st, "drift"), g.drift_stattest_threshold))
+    traffic = load_traffic(svc.paths.traffic_dir / f"{st.model}.jsonl", cols)
+    if len(traffic) >= g.drift_min_traffic_rows:
+        live = check_drift(release_data.reference, traffic, cols, g.drift_max_share, _dir(st, "drift_traffic"),
+                           g.drift_stattest_threshold)
+        st.record(dataclasses.replace(live, gate="drift_traffic",
+                                      reason=f"live traffic, {len(traffic)} sampled rows: {live.reason}"))
+    return result
 
 
 def quality(svc: Services, st: ReleaseState, model_dir: Path, release_data: ReleaseData) -> GateResult:

@@ -87,6 +87,11 @@ class StatePaths:
     def work_dir(self) -> Path:
         return self.root / "work"
 
+    @property
+    def traffic_dir(self) -> Path:
+        """Samples of served rows per model, written by the handler (see deployments.handler.TrafficSample)."""
+        return self.root / "traffic"
+
     # Supervisor
     @property
     def supervisor_dir(self) -> Path:
@@ -111,7 +116,7 @@ class StatePaths:
     def ensure(self) -> StatePaths:
         """Create the directories (secrets 0700)."""
         for d in (self.mlflow_artifacts, self.prefect_home, self.model_store, self.torchserve_tmp,
-                  self.router_dir, self.work_dir, self.supervisor_dir, self.logs):
+                  self.router_dir, self.work_dir, self.traffic_dir, self.supervisor_dir, self.logs):
             d.mkdir(parents=True, exist_ok=True)
         self.fernet_key.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         return self

@@ -76,6 +76,8 @@ class GateSettings(BaseModel):
     # drift gate (Evidently): share of drifted feature columns allowed, and the per-column test threshold
     drift_max_share: float = Field(0.5, ge=0, le=1)
     drift_stattest_threshold: float | None = None
+    # once this many served rows were sampled for the model, the reference is also compared with live traffic
+    drift_min_traffic_rows: int = Field(200, ge=1)
     # quality gate: metric on the holdout; absolute floor, and allowed drop against the champion
     quality_metric: str = "accuracy"
     quality_min: float = Field(0.7, ge=0, le=1)

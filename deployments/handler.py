@@ -241,6 +241,38 @@ def _onnx_model(path: str, device: torch.device) -> Callable[[torch.Tensor], tor
     return run
 
 
+class TrafficSample:
+    """A bounded sample of served rows, for the drift gate of the next release (``<dir>/<model>.jsonl``).
+
+    Up to ``rows_per_request`` validated rows of each request are appended as one JSON line each (single small
+    O_APPEND writes, so workers do not interleave); past ``max_bytes`` the file is rotated to ``.1``. Writing
+    never fails a request: a full disk costs the sample, not the answer.
+    """
+
+    ENV = "CANARYFLOW_TRAFFIC_DIR"
+
+    def __init__(self, path: str, rows_per_request: int = 4, max_bytes: int = 4 << 20) -> None:
+        self.path, self.rows_per_request, self.max_bytes = path, rows_per_request, max_bytes
+
+    @classmethod
+    def from_env(cls, model_name: str) -> TrafficSample | None:
+        directory = os.environ.get(cls.ENV)
+        return cls(os.path.join(directory, f"{model_name}.jsonl")) if directory else None
+
+    def add(self, arrays: list[np.ndarray]) -> None:
+        lines = "".join(json.dumps(row) + "\n" for a in arrays for row in a[: self.rows_per_request].tolist())
+        try:
+            if os.path.exists(self.path) and os.path.getsize(self.path) > self.max_bytes:
+                os.replace(self.path, self.path + ".1")
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            try:
+                os.write(fd, lines.encode())
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
+
+
 class CanaryflowHandler(BaseHandler):
     """Validates JSON rows, runs the model (in fixed-size chunks if needed), returns class probabilities."""
 
@@ -252,6 +284,7 @@ class CanaryflowHandler(BaseHandler):
         props = context.system_properties
         self.manifest = context.manifest
         self._setup(props["model_dir"], props.get("gpu_id"))
+        self.traffic = TrafficSample.from_env(self.meta.model_name)
         # Full collections of the model's objects caused the 100+ ms tails (FACTS.md); freeze them out of GC.
         gc.collect()
         gc.freeze()
@@ -300,6 +333,8 @@ class CanaryflowHandler(BaseHandler):
                 if len(data) > 1:
                     e.message = f"request {k} of a server-side batch of {len(data)}: {e.message}"
                 raise
+        if getattr(self, "traffic", None) is not None:
+            self.traffic.add(arrays)
         return torch.from_numpy(np.concatenate(arrays)).to(self.device), [len(a) for a in arrays]
 
     def inference(self, data: Batch, *args: Any, **kwargs: Any) -> Batch:

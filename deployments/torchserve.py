@@ -73,7 +73,7 @@ def command(paths: StatePaths) -> list[str]:
 def environment(paths: StatePaths) -> dict[str, str]:
     """Private temp dir (else pid file and worker sockets are machine-wide in /tmp) and one thread per worker."""
     tmp = str(paths.torchserve_tmp)
-    return {"TMPDIR": tmp, "TEMP": tmp, "OMP_NUM_THREADS": "1",
+    return {"TMPDIR": tmp, "TEMP": tmp, "OMP_NUM_THREADS": "1", "CANARYFLOW_TRAFFIC_DIR": str(paths.traffic_dir),
             "LOG_LOCATION": str(paths.torchserve_dir / "logs"),
             "METRICS_LOCATION": str(paths.torchserve_dir / "logs")}
 

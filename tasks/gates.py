@@ -28,7 +28,7 @@ def data(st: ReleaseState, model_dir: Path) -> ReleaseData:
 
 @task(name="drift-gate", cache_policy=NO_CACHE)
 def drift(st: ReleaseState, release_data: ReleaseData) -> GateResult:
-    return gates.drift(st, release_data)
+    return gates.drift(get_services(), st, release_data)
 
 
 @task(name="quality-gate", cache_policy=NO_CACHE)

@@ -146,7 +146,10 @@ def test_int8_variant_that_disagrees_is_passed_over(stack, champion, data) -> No
     outcome = _outcome(stack, version)
     assert outcome.status == "released", outcome
     client = MlflowClient(stack.settings.mlflow_uri)
-    run_id = client.get_model_version(MODEL, version).tags["canaryflow.release_run"]
+    tags = client.get_model_version(MODEL, version).tags
+    # the champion's and earlier candidates' load tests went through the handler: live traffic was compared too
+    assert tags["canaryflow.gate.drift_traffic"].startswith("passed: live traffic, "), tags
+    run_id = tags["canaryflow.release_run"]
     path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="optimization/optimization.json",
                                                tracking_uri=stack.settings.mlflow_uri)
     with open(path) as fh:

@@ -1,0 +1,37 @@
+"""The handler's sample of served rows and its reader (the drift gate's live-traffic input)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from canaryflow.datasets import load_traffic
+from deployments.handler import TrafficSample
+
+
+def test_sample_keeps_a_few_rows_per_request_and_rotates(tmp_path: Path) -> None:
+    sample = TrafficSample(str(tmp_path / "m.jsonl"), rows_per_request=2, max_bytes=200)
+    sample.add([np.arange(6, dtype=np.float32).reshape(3, 2), np.array([[9.0, 9.5]], dtype=np.float32)])
+    lines = (tmp_path / "m.jsonl").read_text().splitlines()
+    assert [json.loads(x) for x in lines] == [[0.0, 1.0], [2.0, 3.0], [9.0, 9.5]]
+    for _ in range(30):
+        sample.add([np.ones((1, 2), dtype=np.float32)])
+    assert (tmp_path / "m.jsonl.1").exists() and (tmp_path / "m.jsonl").stat().st_size <= 200 + 20
+
+
+def test_from_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    assert TrafficSample.from_env("m") is None
+    monkeypatch.setenv(TrafficSample.ENV, str(tmp_path))
+    assert TrafficSample.from_env("m").path == str(tmp_path / "m.jsonl")
+
+
+def test_load_traffic_reads_newest_rows_and_skips_other_widths(tmp_path: Path) -> None:
+    path = tmp_path / "m.jsonl"
+    (tmp_path / "m.jsonl.1").write_text("[1, 2]\n[3, 4]\n")
+    path.write_text('[5, 6]\n[7, 8, 9]\n{"cut\n[10, 11]\n')
+    frame = load_traffic(path, ["a", "b"], max_rows=3)
+    assert frame.to_numpy().tolist() == [[3.0, 4.0], [5.0, 6.0], [10.0, 11.0]]
+    assert load_traffic(tmp_path / "none.jsonl", ["a", "b"]).empty
