@@ -241,6 +241,17 @@ def _onnx_model(path: str, device: torch.device) -> Callable[[torch.Tensor], tor
     return run
 
 
+PINNED_HEADER = "x-canaryflow-pinned"  # set by the router when the client pinned a version
+
+
+def _pinned(context: Any, idx: int) -> bool:
+    try:
+        names = context.get_all_request_header(idx) if context is not None else {}
+    except (AttributeError, IndexError, KeyError):
+        return False
+    return any(str(name).lower() == PINNED_HEADER for name in names)
+
+
 class TrafficSample:
     """A bounded sample of served rows, for the drift gate of the next release (``<dir>/<model>.jsonl``).
 
@@ -334,7 +345,10 @@ class CanaryflowHandler(BaseHandler):
                     e.message = f"request {k} of a server-side batch of {len(data)}: {e.message}"
                 raise
         if getattr(self, "traffic", None) is not None:
-            self.traffic.add(arrays)
+            # Pinned requests are the pipeline's own (warm-up, smoke and load tests): not live traffic.
+            live = [a for k, a in enumerate(arrays) if not _pinned(getattr(self, "context", None), k)]
+            if live:
+                self.traffic.add(live)
         return torch.from_numpy(np.concatenate(arrays)).to(self.device), [len(a) for a in arrays]
 
     def inference(self, data: Batch, *args: Any, **kwargs: Any) -> Batch:

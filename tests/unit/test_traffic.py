@@ -35,3 +35,20 @@ def test_load_traffic_reads_newest_rows_and_skips_other_widths(tmp_path: Path) -
     frame = load_traffic(path, ["a", "b"], max_rows=3)
     assert frame.to_numpy().tolist() == [[3.0, 4.0], [5.0, 6.0], [10.0, 11.0]]
     assert load_traffic(tmp_path / "none.jsonl", ["a", "b"]).empty
+
+
+def test_pinned_requests_are_not_sampled(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from deployments.handler import CanaryflowHandler, _pinned
+
+    headers = [{"X-Canaryflow-Pinned": "1"}, {"content-type": "application/json"}]
+    ctx = SimpleNamespace(get_all_request_header=lambda idx: headers[idx])
+    assert _pinned(ctx, 0) and not _pinned(ctx, 1) and not _pinned(None, 0)
+    handler = CanaryflowHandler()
+    handler.traffic = TrafficSample(str(tmp_path / "m.jsonl"))
+    handler.context = ctx
+    handler.meta = SimpleNamespace(n_features=2, feature_names=None, max_batch_rows=10, input_dtype="float32")
+    handler.device = "cpu"
+    handler.preprocess([{"body": {"inputs": [[1.0, 2.0]]}}, {"body": {"inputs": [[3.0, 4.0]]}}])
+    assert (tmp_path / "m.jsonl").read_text().splitlines() == ["[3.0, 4.0]"]
