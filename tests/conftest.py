@@ -28,7 +28,9 @@ def free_ports(n: int) -> list[int]:
 def stack_env(state_dir: Path) -> dict[str, str]:
     """CANARYFLOW_* variables for a stack of our own: its state dir and free ports."""
     # Short load tests keep each release of the suite at a few seconds of locust.
-    env = {"CANARYFLOW_STATE_DIR": str(state_dir), "CANARYFLOW_LOADTEST__DURATION_S": "4"}
+    # A lighter offered load: the suite's own processes share the 2 cores with the servers under test.
+    env = {"CANARYFLOW_STATE_DIR": str(state_dir), "CANARYFLOW_LOADTEST__DURATION_S": "4",
+           "CANARYFLOW_LOADTEST__TARGET_RPS": "40", "CANARYFLOW_LOADTEST__MIN_RPS": "20"}
     for name, port in zip(PORT_NAMES, free_ports(len(PORT_NAMES)), strict=True):
         env[f"CANARYFLOW_PORTS__{name.upper()}"] = str(port)
     # Python worker ports of TorchServe: a block unlikely to be in use by another stack.

@@ -99,11 +99,11 @@ class Slow(torch.nn.Module):
     def __init__(self, inner: torch.nn.Module) -> None:
         super().__init__()
         self.inner = inner
-        self.lift = torch.nn.Linear(30, 96 * 96)
+        self.lift = torch.nn.Linear(30, 160 * 160)
         self.conv = torch.nn.Sequential(torch.nn.Conv2d(1, 32, 3, padding=1), torch.nn.Conv2d(32, 32, 3, padding=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        heavy = self.conv(self.lift(x).reshape(-1, 1, 96, 96)).mean(dim=(1, 2, 3))
+        heavy = self.conv(self.lift(x).reshape(-1, 1, 160, 160)).mean(dim=(1, 2, 3))
         return self.inner(x) + 0.0 * heavy.unsqueeze(1)
 
 
@@ -141,6 +141,11 @@ class QuantFragile(torch.nn.Module):
 
 def test_int8_variant_that_disagrees_is_passed_over(stack, champion, data) -> None:
     train, holdout = data
+    # live (unpinned) traffic to the champion, which the next release compares with its reference
+    with httpx.Client(timeout=30) as client:
+        for row in train[0][:250]:  # production data that looks like the training data
+            assert client.post(f"{stack.settings.router_url}/predictions/{MODEL}",
+                               json={"inputs": [row.tolist()]}).status_code == 200
     good, _, _, _ = train_classifier(seed=0)
     version = _log(stack, QuantFragile(good), train, holdout)
     outcome = _outcome(stack, version)
