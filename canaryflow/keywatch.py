@@ -15,9 +15,9 @@ import time
 from supervisor import childutils
 
 from canaryflow.paths import StatePaths
+from canaryflow.services import local_router
 from canaryflow.settings import get_settings
 from deployments import torchserve
-from deployments.router import NginxRouter
 
 WATCHED = "torchserve"
 
@@ -35,7 +35,7 @@ def recover_serving(timeout_s: float = 120.0) -> str:
     torchserve.key_file_mode_private(paths)
     if not paths.router_conf.exists():
         return "router not configured yet; `canaryflow up` renders it"
-    router = NginxRouter(settings, paths, lambda: torchserve.read_keys(paths)["inference"])
+    router = local_router(settings, paths)
     restored = []
     for model, route in router.routes().items():
         version = str(route["stable"])

@@ -32,7 +32,12 @@ class Services:
 
     @cached_property
     def router(self) -> NginxRouter:
-        return NginxRouter(self.settings, self.paths, lambda: torchserve.read_keys(self.paths)["inference"])
+        return local_router(self.settings, self.paths)
+
+
+def local_router(settings: Settings, paths: StatePaths) -> NginxRouter:
+    """The nginx router in front of the local TorchServe, holding TorchServe's current inference key."""
+    return NginxRouter(settings, paths, lambda: torchserve.read_keys(paths)["inference"])
 
 
 def get_services(settings: Settings | None = None) -> Services:

@@ -15,10 +15,10 @@ from cryptography.fernet import Fernet
 
 from canaryflow.errors import StackError
 from canaryflow.paths import StatePaths
+from canaryflow.services import local_router
 from canaryflow.settings import Settings
 from canaryflow.supervisor import Program, Supervisor, render_config
 from deployments import torchserve
-from deployments.router import NginxRouter
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 WEBHOOK_EVENTS = ["model_version.created"]
@@ -75,7 +75,7 @@ class LocalStack:
         self.settings = settings
         self.paths = StatePaths(settings.state_dir)
         self.supervisor = Supervisor(self.paths)
-        self.router = NginxRouter(settings, self.paths, lambda: torchserve.read_keys(self.paths)["inference"])
+        self.router = local_router(settings, self.paths)
         self.torchserve = torchserve.TorchServeClient(settings, self.paths)
 
     def programs(self) -> list[Program]:

@@ -48,13 +48,3 @@ def build_mar(model_file: Path, extra_files: list[Path], *, model: str, version:
             raise PackagingError(f"torch-model-archiver exited {done.returncode}: {detail}")
         os.replace(built, target)
     return Archive(target, sha256_of(target), target.stat().st_size)
-
-
-def remove_mar(model: str, version: str, model_store: Path) -> None:
-    """Delete a version's archive (after it was unregistered)."""
-    path = model_store / archive_name(model, version)
-    if path.exists():
-        path.unlink()
-
-
-__all__ = ["Archive", "build_mar", "remove_mar"]

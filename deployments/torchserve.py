@@ -163,10 +163,6 @@ class TorchServeClient:
         self._check(self._call("management", "PUT", f"/models/{model}/{version}/set-default"),
                     f"set {model} v{version} as default")
 
-    def predict(self, model: str, version: str, payload: dict[str, Any]) -> httpx.Response:
-        """One inference call straight to TorchServe (bypassing the router)."""
-        return self._call("inference", "POST", f"/predictions/{model}/{version}", json=payload)
-
 
 def key_file_mode_private(paths: StatePaths) -> None:
     """TorchServe writes its keys world-readable; keep them to the owner."""
