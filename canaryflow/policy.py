@@ -13,7 +13,7 @@ from canaryflow.errors import ConfigError
 from canaryflow.settings import Settings
 
 POLICY_TAG = "canaryflow.policy"
-SECTIONS = ("gates", "optimization", "loadtest")
+SECTIONS = ("gates", "optimization", "loadtest", "canary")
 
 
 def apply_policy(settings: Settings, raw: str | None) -> Settings:

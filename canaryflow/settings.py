@@ -110,6 +110,40 @@ class LoadTestSettings(BaseModel):
     min_rps: float = Field(50.0, ge=0)
 
 
+class CanarySettings(BaseModel):
+    """The canary ramp and its analysis (deployments/canary.py); per model overridable like the gates."""
+
+    steps: list[float] = Field([5, 25, 50, 100], description="candidate traffic share per step, percent")
+    shadow: bool = Field(False, description="mirror traffic to the candidate (champion answers) before step 1")
+    interval_s: float = Field(30.0, gt=0, description="seconds between analyses")
+    min_requests: int = Field(50, ge=1, description="per version and step, before a check means anything")
+    step_deadline_s: float = Field(600.0, gt=0, description="a step still inconclusive after this rolls back")
+    deadline_s: float = Field(3600.0, gt=0, description="the whole ramp; past it the candidate is rolled back")
+    max_error_ratio: float = Field(0.01, ge=0, le=1, description="5xx and timeouts over requests")
+    max_p95_ms: float = Field(50.0, gt=0)
+    max_p95_ratio: float = Field(1.5, ge=1, description="candidate p95 over champion p95 (+ p95_slack_ms)")
+    p95_slack_ms: float = Field(5.0, ge=0)
+    latency_alpha: float = Field(0.01, gt=0, lt=1, description="Mann-Whitney U: candidate slower at 1-alpha")
+    latency_min_shift_ms: float = Field(2.0, ge=0, description="median shift below this is not a failure")
+    drift_metric: str = Field("psi", pattern="^(psi|wasserstein)$")
+    max_prediction_drift: float = Field(0.2, ge=0, description="PSI of predicted classes (or Wasserstein of scores)")
+    min_shadow_agreement: float = Field(0.95, ge=0, le=1)
+    max_failed_checks: int = Field(2, ge=1, description="failed analyses (not source errors) before rollback")
+    max_source_errors: int = Field(5, ge=1, description="metrics source failures in a row before rollback")
+    user_header: str = Field("X-User-Id", pattern=r"^[A-Za-z0-9-]{1,64}$", description="sticky assignment key")
+    retire_grace_s: float = Field(30.0, ge=0, description="old champion stays registered this long after promotion")
+    allow_chaos: bool = Field(False, description="honour a version's canaryflow.chaos tag (fault injection)")
+
+
+class BatchSettings(BaseModel):
+    """Batch inference (canaryflow/batch.py, flows/batch_inference.py)."""
+
+    chunk_rows: int = Field(65536, ge=1)
+    on_bad_rows: str = Field("reject", pattern="^(reject|fail)$")
+    output_dir: Path = Field(Path("batch-output"), description="relative paths are under the state dir")
+    schedule_cron: str = "0 2 * * *"
+
+
 class Settings(BaseSettings):
     """Root of the settings tree."""
 
@@ -125,6 +159,8 @@ class Settings(BaseSettings):
     gates: GateSettings = GateSettings()
     optimization: OptimizationSettings = OptimizationSettings()
     loadtest: LoadTestSettings = LoadTestSettings()
+    canary: CanarySettings = CanarySettings()
+    batch: BatchSettings = BatchSettings()
 
     @field_validator("host")
     @classmethod
