@@ -38,3 +38,11 @@ class GateFailed(CanaryflowError):
         super().__init__(f"{gate}: {reason}")
         self.gate = gate
         self.reason = reason
+
+
+class MetricsSourceError(CanaryflowError):
+    """The metrics source (router access log, Prometheus) could not be read: not a model failure."""
+
+
+class BatchError(CanaryflowError):
+    """A batch-inference run cannot proceed (missing model, unreadable input, rows unaccounted for)."""
