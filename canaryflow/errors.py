@@ -46,3 +46,10 @@ class MetricsSourceError(CanaryflowError):
 
 class BatchError(CanaryflowError):
     """A batch-inference run cannot proceed (missing model, unreadable input, rows unaccounted for)."""
+
+
+class CanaryRolledBack(GateFailed):
+    """The canary analysis (or an operator) rolled the candidate back; the reason quotes the failed checks."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__("canary", reason)

@@ -23,6 +23,7 @@ class VersionInfo:
     run_id: str | None
     tags: dict[str, str] = field(default_factory=dict)
     aliases: list[str] = field(default_factory=list)
+    created_ms: int = 0  # registration time (epoch ms)
 
     @property
     def uri(self) -> str:
@@ -70,8 +71,7 @@ class MlflowRegistry:
         except MlflowException as exc:
             raise RegistryError(f"model {name!r} version {version} is not in the registry at "
                                 f"{self.tracking_uri}: {exc.message}") from exc
-        return VersionInfo(mv.name, str(mv.version), mv.source, mv.run_id, dict(mv.tags or {}),
-                           list(mv.aliases or []))
+        return _info(mv)
 
     def alias_version(self, name: str, alias: str) -> str | None:
         from mlflow.exceptions import MlflowException
@@ -83,6 +83,32 @@ class MlflowRegistry:
 
     def set_alias(self, name: str, alias: str, version: str) -> None:
         self.client.set_registered_model_alias(name, alias, str(version))
+
+    def delete_alias(self, name: str, alias: str) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.delete_registered_model_alias(name, alias)
+        except MlflowException:
+            pass  # not set: nothing to delete
+
+    def list_models(self) -> list[str]:
+        """Names of every registered model."""
+        names, token = [], None
+        while True:
+            page = self.client.search_registered_models(max_results=200, page_token=token)
+            names += [m.name for m in page]
+            token = page.token
+            if not token:
+                return names
+
+    def list_versions(self, name: str) -> list[VersionInfo]:
+        """Every version of a registered model, with tags and creation time."""
+        escaped = name.replace("'", "''")
+        return [_info(mv) for mv in self.client.search_model_versions(f"name = '{escaped}'", max_results=10000)]
+
+    def set_model_tag(self, name: str, key: str, value: str) -> None:
+        self.client.set_registered_model_tag(name, key, value[:5000])
 
     def set_tags(self, name: str, version: str, tags: dict[str, str]) -> None:
         # One call per tag: the status goes last, so whoever sees a final status also sees its reason.
@@ -140,6 +166,15 @@ class MlflowRegistry:
         for path in files or []:
             self.client.log_artifact(run_id, str(path), artifact_path)
 
+    def log_step(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        """Metrics of one step of a series (the canary's analyses), in one call."""
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
     def run_url(self, run_id: str) -> str:
         """The run's page in the MLflow UI."""
         exp_id = self.client.get_run(run_id).info.experiment_id
@@ -147,6 +182,11 @@ class MlflowRegistry:
 
     def finish_run(self, run_id: str, status: str) -> None:
         self.client.set_terminated(run_id, status=status)
+
+
+def _info(mv: Any) -> VersionInfo:
+    return VersionInfo(mv.name, str(mv.version), mv.source, mv.run_id, dict(mv.tags or {}), list(mv.aliases or []),
+                       int(mv.creation_timestamp or 0))
 
 
 def sha256_of(path: Path) -> str:

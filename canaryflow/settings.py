@@ -135,6 +135,13 @@ class CanarySettings(BaseModel):
     allow_chaos: bool = Field(False, description="honour a version's canaryflow.chaos tag (fault injection)")
 
 
+class ReconcileSettings(BaseModel):
+    """The reconcile flow (canaryflow/reconcile.py), run on an interval by its Prefect deployment."""
+
+    missed_after_s: float = Field(60.0, ge=0, description="a version this old with no status missed its webhook")
+    max_attempts: int = Field(3, ge=1, description="release runs of one version before reconcile gives up on it")
+
+
 class BatchSettings(BaseModel):
     """Batch inference (canaryflow/batch.py, flows/batch_inference.py)."""
 
@@ -160,6 +167,7 @@ class Settings(BaseSettings):
     optimization: OptimizationSettings = OptimizationSettings()
     loadtest: LoadTestSettings = LoadTestSettings()
     canary: CanarySettings = CanarySettings()
+    reconcile: ReconcileSettings = ReconcileSettings()
     batch: BatchSettings = BatchSettings()
 
     @field_validator("host")

@@ -1,20 +1,27 @@
 """release(model_name, version): a registered MLflow version -> served by TorchServe behind the router.
 
-Started by the webhook bridge (one run per MLflow delivery) or by hand. Steps: begin, fetch, then the gates
-contract -> shape -> data -> drift -> quality -> optimization (the chosen variant is what gets served), archive,
-stage (register + warm-up + smoke test), load test, promote. The canary ramp will slot in before promote.
-Anything that fails leaves the champion serving and tags the version with the gate and its reason.
+Started by the webhook bridge (one run per MLflow delivery), by reconcile, or by hand. Steps: begin, fetch, then the
+gates contract -> shape -> data -> drift -> quality -> optimization (the chosen variant is what gets served), archive,
+stage (register + warm-up + smoke test), load test, then the canary ramp against the champion (none for a first
+release), then promote and retire the old champion. Anything that fails leaves the champion serving and tags the
+version with the gate (or the canary checks) and the reason. A ramp left half-way by a crashed run resumes from its
+persisted status when the release is run again.
 """
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger
+import time
 
-from canaryflow.errors import GateFailed
-from canaryflow.release import already_released
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+from canaryflow.errors import CanaryRolledBack, GateFailed
+from canaryflow.release import ReleaseState, already_released
+from deployments.canary import Action, CanaryStatus
+from tasks import canary as c
 from tasks import gates as g
 from tasks import release_steps as t
-from tasks.report import release_summary
+from tasks.report import artifact_key, release_summary
 
 
 @flow(name="release", log_prints=True)
@@ -27,17 +34,18 @@ def release(model_name: str, version: str) -> dict[str, str]:
         return {"status": "released", "reason": "already released"}
     status, reason = "failed", "release did not finish"
     try:
-        model_dir = t.fetch(st)
-        g.contract(st, model_dir)
-        t.shape(st, model_dir)
-        release_data = g.data(st, model_dir)
-        g.drift(st, release_data)
-        g.quality(st, model_dir, release_data)
-        bundle = g.optimize(st, model_dir, release_data)
-        mar = t.archive(st, bundle)
-        t.stage(st, mar, model_dir)
-        g.load_test(st, release_data.features(release_data.holdout))
+        resume = c.pending(st)
+        if resume is None:
+            gates(st)
+        else:
+            log.info("resuming the canary of v%s at %s%% (gates passed in an earlier run)", st.version,
+                     resume.weight)
+        if st.champion and st.champion != st.version:
+            ramp(st)
         status, reason = "released", t.promote(st)
+    except CanaryRolledBack as exc:
+        status, reason = "rolled_back", str(exc)
+        raise
     except GateFailed as exc:
         status, reason = "rejected", str(exc)
         raise
@@ -50,4 +58,43 @@ def release(model_name: str, version: str) -> dict[str, str]:
             reason = t.stop(st, reason)
         t.finish(st, status, reason)
         release_summary(st, status, reason)
+    if st.champion and st.champion != st.version:
+        log.info(c.retire(st.model, st.champion, st.policy.canary.retire_grace_s))
     return {"status": status, "reason": reason}
+
+
+def gates(st: ReleaseState) -> None:
+    """Every gate up to a staged, load-tested candidate; raises GateFailed at the first that fails."""
+    model_dir = t.fetch(st)
+    g.contract(st, model_dir)
+    t.shape(st, model_dir)
+    release_data = g.data(st, model_dir)
+    g.drift(st, release_data)
+    g.quality(st, model_dir, release_data)
+    bundle = g.optimize(st, model_dir, release_data)
+    mar = t.archive(st, bundle)
+    t.stage(st, mar, model_dir)
+    g.load_test(st, release_data.features(release_data.holdout))
+
+
+def ramp(st: ReleaseState) -> CanaryStatus:
+    """Move live traffic onto the candidate step by step until the controller promotes or rolls back."""
+    log = get_run_logger()
+    policy = st.policy.canary
+    status = c.start(st)
+    progress = create_progress_artifact(status.weight, key=f"{artifact_key(st.model, st.version)}-progress",
+                                        description=f"canary of {st.model} v{st.version}: candidate traffic %")
+    try:
+        while True:
+            time.sleep(policy.interval_s)
+            decision = c.analyse(st, status)
+            status = decision.status
+            log.info("canary analysis %d: %s at %g%%: %s", status.iterations, decision.action.value, status.weight,
+                     "; ".join(decision.reasons))
+            update_progress_artifact(progress, status.weight)
+            if decision.action is Action.ROLLBACK:
+                raise CanaryRolledBack("; ".join(decision.reasons))
+            if decision.action is Action.PROMOTE:
+                return status
+    finally:
+        c.report(st)

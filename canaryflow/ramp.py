@@ -1,0 +1,204 @@
+"""The canary ramp of a release as plain steps: start or resume, analyse-and-apply, promote, roll back, retire.
+
+The controller (deployments/canary.py) decides; these functions apply its decisions to the router, TorchServe and
+the registry, and persist the status as JSON in the candidate version's ``canaryflow.canary`` tag *after* the
+router change, so a crash in between leaves a router ahead of the tag, which reconcile repairs to the tag.
+Every analysis is recorded: MLflow metrics with the analysis number as step, and a JSON line in the release's
+work dir (for the table artifact and the PNG timeline).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from canaryflow.errors import MetricsSourceError
+from canaryflow.registry import REASON_TAG, STATUS_TAG
+from canaryflow.release import ReleaseState
+from canaryflow.services import Services
+from deployments import canary as ctl
+
+if TYPE_CHECKING:
+    from deployments.metrics import MetricsSource, Window
+
+CANARY_TAG = "canaryflow.canary"
+# nginx flushes its access log every second: a window ending earlier than this misses nothing.
+LOG_FLUSH_S = 1.5
+
+
+def load_status(svc: Services, model: str, version: str) -> ctl.CanaryStatus | None:
+    """The persisted ramp status of a version, or None when it never started a ramp."""
+    raw = svc.registry.get_version(model, version).tags.get(CANARY_TAG)
+    return ctl.CanaryStatus.from_json(raw) if raw else None
+
+
+def save_status(svc: Services, model: str, status: ctl.CanaryStatus) -> None:
+    svc.registry.set_tags(model, status.candidate, {CANARY_TAG: status.to_json()})
+
+
+def apply_route(svc: Services, model: str, status: ctl.CanaryStatus) -> None:
+    """Make the router serve what ``status`` says."""
+    if status.phase is ctl.Phase.PROMOTED:
+        svc.router.set_route(model, status.candidate)
+    elif status.phase is ctl.Phase.ROLLED_BACK:
+        svc.router.set_route(model, status.champion)
+    elif status.shadow:
+        svc.router.set_split(model, status.champion, status.candidate, 100.0, shadow=True)
+    else:
+        svc.router.set_split(model, status.champion, status.candidate, status.weight)
+
+
+def pending(svc: Services, st: ReleaseState) -> ctl.CanaryStatus | None:
+    """A ramp of this candidate left half-way that can resume: same champion, candidate still on TorchServe."""
+    status = load_status(svc, st.model, st.version)
+    if status is None or status.done or status.champion != st.champion:
+        return None
+    try:
+        registered = st.version in svc.backend.versions(st.model)
+    except Exception:
+        registered = False
+    return status if registered else None
+
+
+def start_or_resume(svc: Services, st: ReleaseState) -> ctl.CanaryStatus:
+    """Resume the persisted ramp of this candidate, or start a new one against the current champion."""
+    status = load_status(svc, st.model, st.version)
+    if status is None or status.done or status.champion != st.champion:
+        status = ctl.start(st.champion or "", st.version, st.policy.canary, time.time())
+        st.notes.append(f"canary started at {status.weight:g}%{' (shadow)' if status.shadow else ''}")
+    else:
+        st.notes.append(f"canary resumed at {status.weight:g}% after {status.iterations} analyses")
+    apply_route(svc, st.model, status)
+    save_status(svc, st.model, status)
+    svc.registry.set_tags(st.model, st.version, {STATUS_TAG: "canary",
+                                                 REASON_TAG: f"canary at {status.weight:g}%"})
+    return status
+
+
+def analyse(svc: Services, st: ReleaseState, status: ctl.CanaryStatus,
+            source: MetricsSource | None = None, now: float | None = None) -> ctl.Decision:
+    """Measure the step's window, decide, apply the decision, persist and record it."""
+    persisted = load_status(svc, st.model, st.version)
+    if persisted is not None and persisted.done and not status.done:
+        # someone else ended the ramp (a manual rollback): respect it
+        return ctl.Decision(ctl.Action.ROLLBACK if persisted.phase is ctl.Phase.ROLLED_BACK else ctl.Action.PROMOTE,
+                            persisted, [], persisted.reasons or [f"ramp ended elsewhere: {persisted.phase.value}"])
+    now = time.time() if now is None else now
+    if source is None:
+        from deployments.metrics import AccessLogMetrics
+
+        source = AccessLogMetrics(svc.paths.router_access_log)
+    try:
+        window = source.window(st.model, status.step_started_at, now - LOG_FLUSH_S)
+        m = ctl.Measurements(window, now)
+    except MetricsSourceError as exc:
+        window, m = None, ctl.Measurements(None, now, str(exc))
+    decision = ctl.decide(status, m, st.policy.canary)
+    if decision.action is not ctl.Action.HOLD:
+        apply_route(svc, st.model, decision.status)
+    save_status(svc, st.model, decision.status)
+    record(svc, st, decision, window, now)
+    return decision
+
+
+def record(svc: Services, st: ReleaseState, d: ctl.Decision, window: Window | None, now: float) -> None:
+    """One analysis -> MLflow metrics (step = analysis number) and a line of ``canary.jsonl``."""
+    s = d.status
+    line: dict[str, Any] = {"t": now, "iteration": s.iterations, "action": d.action.value, "weight": s.weight,
+                            "phase": s.phase.value, "reasons": d.reasons, "checks": [c.to_dict() for c in d.checks]}
+    metrics = {"canary.weight": s.weight, "canary.failed_checks": s.failed_checks}
+    if window is not None:
+        for role, version in (("candidate", s.candidate), ("champion", s.champion)):
+            v = window.get(version)
+            stats = {"requests": v.requests, "error_ratio": v.error_ratio, "p50_ms": v.p50_ms, "p95_ms": v.p95_ms,
+                     "p99_ms": v.p99_ms}
+            line[role] = stats
+            metrics.update({f"canary.{role}.{k}": x for k, x in stats.items() if x is not None})
+    for c in d.checks:
+        if c.measured is not None:
+            metrics[f"canary.check.{c.name}"] = c.measured
+    svc.registry.log_step(st.run_id, metrics, step=s.iterations)
+    path = timeline_file(st)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(line, default=str) + "\n")
+
+
+def timeline_file(st: ReleaseState) -> Path:
+    return st.workdir / "canary.jsonl"
+
+
+def read_timeline(st: ReleaseState) -> list[dict[str, Any]]:
+    path = timeline_file(st)
+    if not path.exists():
+        return []
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+
+
+def checks_table(st: ReleaseState) -> list[dict[str, Any]]:
+    """Every check of every analysis, one row each: for the Prefect table artifact."""
+    rows = []
+    for line in read_timeline(st):
+        for c in line["checks"]:
+            rows.append({"analysis": line["iteration"], "weight": line["weight"], "check": c["name"],
+                         "outcome": c["outcome"], "measured": _fmt(c["measured"]), "threshold": _fmt(c["threshold"]),
+                         "reason": c["reason"]})
+        rows.append({"analysis": line["iteration"], "weight": line["weight"], "check": "decision",
+                     "outcome": line["action"], "measured": "", "threshold": "", "reason": "; ".join(line["reasons"])})
+    return rows
+
+
+def _fmt(x: float | None) -> str:
+    return "" if x is None else f"{x:.4g}"
+
+
+def retire(svc: Services, model: str, version: str, grace_s: float) -> str:
+    """Unregister a former champion from TorchServe after the grace period, unless it serves again."""
+    if grace_s > 0:
+        time.sleep(grace_s)
+    route = svc.router.routes().get(model, {})
+    if version in (route.get("stable"), route.get("canary")):
+        return f"v{version} is routed again; kept"
+    try:
+        svc.backend.unregister(model, version)
+    except Exception as exc:
+        return f"retiring v{version} failed: {exc}"
+    return f"v{version} retired from TorchServe after {grace_s:g} s (its .mar stays in the model store)"
+
+
+def write_timeline_png(st: ReleaseState, path: Path) -> Path | None:
+    """Weight, p95 and error ratio per version over the ramp; None when no analysis ran."""
+    lines = read_timeline(st)
+    if not lines:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t0 = lines[0]["t"]
+    ts = [x["t"] - t0 for x in lines]
+    fig, axes = plt.subplots(3, 1, figsize=(8, 7), sharex=True)
+    axes[0].step(ts, [x["weight"] for x in lines], where="post", color="tab:purple")
+    axes[0].set_ylabel("candidate traffic %")
+    for role, color in (("champion", "tab:blue"), ("candidate", "tab:orange")):
+        axes[1].plot(ts, [(x.get(role) or {}).get("p95_ms") for x in lines], "o-", color=color, label=role)
+        axes[2].plot(ts, [(x.get(role) or {}).get("error_ratio") for x in lines], "o-", color=color, label=role)
+    axes[1].set_ylabel("p95 ms")
+    axes[2].set_ylabel("error ratio")
+    axes[2].set_xlabel("seconds since first analysis")
+    axes[1].legend()
+    last = lines[-1]
+    fig.suptitle(f"canary of {st.model} v{st.version}: {last['action']} at {last['weight']:g}%")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def status_dict(status: ctl.CanaryStatus) -> dict[str, Any]:
+    return {**asdict(status), "phase": status.phase.value}

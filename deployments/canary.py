@@ -1,0 +1,283 @@
+"""The canary controller: a pure step function from (status, measurements, policy) to a decision.
+
+Like Argo Rollouts' analysis and Flagger's phases, but the analysis looks at what the model predicts, not only at
+errors and latency. At each analysis the candidate is compared with the champion on the same live-traffic window
+(since the step began):
+
+- ``errors``: the candidate's share of 5xx answers and timeouts;
+- ``p95``: the candidate's p95 against an absolute bar and against the champion's (ratio + slack);
+- ``latency_u``: a one-sided Mann-Whitney U test, candidate slower than champion at confidence 1 - alpha, and a
+  median shift worth caring about (a bare threshold cannot tell noise from a regression; Kayenta does the same);
+- ``prediction_drift``: PSI of the predicted classes (or Wasserstein distance of the top scores) between versions;
+- ``shadow_agreement``: in shadow mode, the share of identical requests answered alike.
+
+Each check ends passed, failed, inconclusive (too few requests) or error. Inconclusive holds the step, up to a
+deadline; a source error (the access log could not be read) is counted apart from model failures. The status is
+plain data, persisted by the caller (a JSON tag on the candidate version), so a re-run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, replace
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from canaryflow.settings import CanarySettings
+from validation.results import Outcome
+
+if TYPE_CHECKING:
+    from deployments.metrics import VersionWindow, Window
+
+
+class Phase(StrEnum):
+    SHADOW = "shadow"  # mirrored traffic only; the champion answers everything
+    PROGRESSING = "progressing"  # a share of live traffic on the candidate
+    PROMOTED = "promoted"
+    ROLLED_BACK = "rolled_back"
+
+
+class Action(StrEnum):
+    HOLD = "hold"
+    ADVANCE = "advance"
+    PROMOTE = "promote"
+    ROLLBACK = "rollback"
+
+
+TERMINAL = (Phase.PROMOTED, Phase.ROLLED_BACK)
+
+
+@dataclass(frozen=True)
+class CanaryStatus:
+    """Where a ramp stands; everything needed to resume it (JSON in the candidate's ``canaryflow.canary`` tag)."""
+
+    champion: str
+    candidate: str
+    phase: Phase
+    step: int  # index into policy.steps; -1 while in shadow
+    weight: float  # percent of live traffic on the candidate (0 in shadow)
+    started_at: float
+    step_started_at: float
+    iterations: int = 0
+    failed_checks: int = 0
+    source_errors: int = 0  # in a row; a readable window resets it
+    reasons: list[str] = field(default_factory=list)
+
+    @property
+    def shadow(self) -> bool:
+        return self.phase is Phase.SHADOW
+
+    @property
+    def done(self) -> bool:
+        return self.phase in TERMINAL
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> CanaryStatus:
+        data = json.loads(text)
+        data["phase"] = Phase(data["phase"])
+        return cls(**data)
+
+
+def start(champion: str, candidate: str, policy: CanarySettings, now: float) -> CanaryStatus:
+    """The first status of a ramp: shadow when the policy asks for it, else the first step."""
+    if policy.shadow:
+        return CanaryStatus(champion, candidate, Phase.SHADOW, -1, 0.0, now, now)
+    return CanaryStatus(champion, candidate, Phase.PROGRESSING, 0, float(policy.steps[0]), now, now)
+
+
+@dataclass(frozen=True)
+class Check:
+    """One metric check of one analysis."""
+
+    name: str
+    outcome: Outcome
+    measured: float | None
+    threshold: float | None
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "outcome": self.outcome.value}
+
+
+@dataclass(frozen=True)
+class Measurements:
+    """What the metrics source returned for the window, or why it could not."""
+
+    window: Window | None
+    now: float
+    source_error: str | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    status: CanaryStatus  # the status after the decision (apply it, then persist it)
+    checks: list[Check]
+    reasons: list[str]
+
+    @property
+    def weight(self) -> float:
+        return self.status.weight
+
+
+def decide(status: CanaryStatus, m: Measurements, policy: CanarySettings) -> Decision:
+    """Hold, advance, promote or roll back, with the reasons; pure (no clock, no I/O)."""
+    if status.done:
+        return Decision(Action.HOLD, status, [], [f"ramp already {status.phase.value}"])
+    s = replace(status, iterations=status.iterations + 1)
+    if m.now - s.started_at > policy.deadline_s:
+        return _rollback(s, [], [f"ramp deadline: {m.now - s.started_at:.0f} s > {policy.deadline_s:.0f} s"])
+    if m.window is None or m.source_error:
+        s = replace(s, source_errors=s.source_errors + 1)
+        why = f"metrics source error {s.source_errors}/{policy.max_source_errors}: {m.source_error}"
+        check = Check("source", Outcome.ERROR, None, None, why)
+        if s.source_errors >= policy.max_source_errors:
+            return _rollback(s, [check], [why])
+        return Decision(Action.HOLD, replace(s, reasons=[why]), [check], [why])
+    s = replace(s, source_errors=0)
+    checks = analyse(m.window, s, policy)
+    failed = [c for c in checks if c.outcome is Outcome.FAILED]
+    waiting = [c for c in checks if c.outcome is Outcome.INCONCLUSIVE]
+    if failed:
+        s = replace(s, failed_checks=s.failed_checks + 1)
+        reasons = [f"{c.name}: {c.reason}" for c in failed]
+        if s.failed_checks >= policy.max_failed_checks:
+            return _rollback(s, checks, reasons)
+        note = f"failed analysis {s.failed_checks}/{policy.max_failed_checks}; holding at {s.weight:g}%"
+        return Decision(Action.HOLD, replace(s, reasons=[*reasons, note]), checks, [*reasons, note])
+    if waiting:
+        reasons = [f"{c.name}: {c.reason}" for c in waiting]
+        if m.now - s.step_started_at > policy.step_deadline_s:
+            why = f"step deadline: still inconclusive after {m.now - s.step_started_at:.0f} s"
+            return _rollback(s, checks, [*reasons, why])
+        return Decision(Action.HOLD, replace(s, reasons=reasons), checks, reasons)
+    return _next_step(s, checks, policy, m.now)
+
+
+def _next_step(s: CanaryStatus, checks: list[Check], policy: CanarySettings, now: float) -> Decision:
+    nxt = s.step + 1
+    if nxt >= len(policy.steps) or policy.steps[nxt] >= 100:
+        reasons = [f"every check passed at {'shadow' if s.shadow else f'{s.weight:g}%'}; promoting"]
+        return Decision(Action.PROMOTE, replace(s, phase=Phase.PROMOTED, weight=100.0, reasons=reasons), checks,
+                        reasons)
+    weight = float(policy.steps[nxt])
+    reasons = [f"every check passed at {'shadow' if s.shadow else f'{s.weight:g}%'}; advancing to {weight:g}%"]
+    s = replace(s, phase=Phase.PROGRESSING, step=nxt, weight=weight, step_started_at=now, reasons=reasons)
+    return Decision(Action.ADVANCE, s, checks, reasons)
+
+
+def _rollback(s: CanaryStatus, checks: list[Check], reasons: list[str]) -> Decision:
+    return Decision(Action.ROLLBACK, replace(s, phase=Phase.ROLLED_BACK, weight=0.0, reasons=reasons), checks,
+                    reasons)
+
+
+# -- the checks ---------------------------------------------------------------------------------------------------
+def analyse(w: Window, s: CanaryStatus, p: CanarySettings) -> list[Check]:
+    """Every check of one analysis on one window."""
+    cand, champ = w.get(s.candidate), w.get(s.champion)
+    if s.shadow:
+        return [_shadow_errors(cand, p), _shadow_agreement(w, p)]
+    need = p.min_requests
+    if cand.requests < need or champ.requests < need:
+        why = (f"too few requests to judge: candidate {cand.requests}, champion {champ.requests}, "
+               f"need {need} each")
+        return [Check("traffic", Outcome.INCONCLUSIVE, float(cand.requests), float(need), why)]
+    checks = [_errors(cand, p), _p95(cand, champ, p), _latency_u(cand, champ, p), _drift(cand, champ, p)]
+    if w.shadow_pairs:
+        checks.append(_shadow_agreement(w, p))
+    return checks
+
+
+def _errors(cand: VersionWindow, p: CanarySettings) -> Check:
+    r = cand.error_ratio
+    ok = r <= p.max_error_ratio
+    return Check("errors", Outcome.PASSED if ok else Outcome.FAILED, r, p.max_error_ratio,
+                 f"error ratio {r:.3f} ({cand.errors}/{cand.requests}) {'<=' if ok else '>'} {p.max_error_ratio:.3f}")
+
+
+def _shadow_errors(cand: VersionWindow, p: CanarySettings) -> Check:
+    if cand.shadow_requests < p.min_requests:
+        return Check("errors", Outcome.INCONCLUSIVE, float(cand.shadow_requests), float(p.min_requests),
+                     f"{cand.shadow_requests} mirrored requests, need {p.min_requests}")
+    r = cand.shadow_errors / cand.shadow_requests
+    ok = r <= p.max_error_ratio
+    return Check("errors", Outcome.PASSED if ok else Outcome.FAILED, r, p.max_error_ratio,
+                 f"shadow error ratio {r:.3f} ({cand.shadow_errors}/{cand.shadow_requests}) "
+                 f"{'<=' if ok else '>'} {p.max_error_ratio:.3f}")
+
+
+def _p95(cand: VersionWindow, champ: VersionWindow, p: CanarySettings) -> Check:
+    c, b = cand.p95_ms, champ.p95_ms
+    if c is None or b is None:
+        return Check("p95", Outcome.INCONCLUSIVE, c, p.max_p95_ms, "no latency samples")
+    bar = min(p.max_p95_ms, b * p.max_p95_ratio + p.p95_slack_ms)
+    ok = c <= bar
+    return Check("p95", Outcome.PASSED if ok else Outcome.FAILED, c, bar,
+                 f"p95 {c:.1f} ms {'<=' if ok else '>'} {bar:.1f} ms (champion {b:.1f} ms x {p.max_p95_ratio:g} "
+                 f"+ {p.p95_slack_ms:g} ms, cap {p.max_p95_ms:g} ms)")
+
+
+def _latency_u(cand: VersionWindow, champ: VersionWindow, p: CanarySettings) -> Check:
+    from scipy.stats import mannwhitneyu
+
+    a, b = np.asarray(cand.latencies_ms), np.asarray(champ.latencies_ms)
+    if len(a) < 2 or len(b) < 2:
+        return Check("latency_u", Outcome.INCONCLUSIVE, None, p.latency_alpha, "too few latency samples")
+    pvalue = float(mannwhitneyu(a, b, alternative="greater").pvalue)
+    shift = float(np.median(a) - np.median(b))
+    slower = pvalue < p.latency_alpha and shift > p.latency_min_shift_ms
+    return Check("latency_u", Outcome.FAILED if slower else Outcome.PASSED, pvalue, p.latency_alpha,
+                 f"Mann-Whitney U p={pvalue:.2g} ({'<' if pvalue < p.latency_alpha else '>='} {p.latency_alpha:g}), "
+                 f"median shift {shift:+.1f} ms (limit {p.latency_min_shift_ms:g} ms)"
+                 + ("; candidate slower" if slower else ""))
+
+
+def _drift(cand: VersionWindow, champ: VersionWindow, p: CanarySettings) -> Check:
+    if p.drift_metric == "wasserstein":
+        if not cand.scores or not champ.scores:
+            return Check("prediction_drift", Outcome.INCONCLUSIVE, None, p.max_prediction_drift, "no scores logged")
+        from scipy.stats import wasserstein_distance
+
+        value, what = float(wasserstein_distance(cand.scores, champ.scores)), "Wasserstein of top scores"
+    else:
+        if not cand.classes or not champ.classes:
+            return Check("prediction_drift", Outcome.INCONCLUSIVE, None, p.max_prediction_drift,
+                         "no predicted classes logged")
+        value, what = psi(cand.classes, champ.classes), "PSI of predicted classes"
+    ok = value <= p.max_prediction_drift
+    return Check("prediction_drift", Outcome.PASSED if ok else Outcome.FAILED, value, p.max_prediction_drift,
+                 f"{what} {value:.3f} {'<=' if ok else '>'} {p.max_prediction_drift:g} "
+                 f"(candidate {_shares(cand.classes)} vs champion {_shares(champ.classes)})")
+
+
+def _shadow_agreement(w: Window, p: CanarySettings) -> Check:
+    if w.shadow_pairs < p.min_requests:
+        return Check("shadow_agreement", Outcome.INCONCLUSIVE, float(w.shadow_pairs), float(p.min_requests),
+                     f"{w.shadow_pairs} paired requests, need {p.min_requests}")
+    a = w.shadow_agreements / w.shadow_pairs
+    ok = a >= p.min_shadow_agreement
+    return Check("shadow_agreement", Outcome.PASSED if ok else Outcome.FAILED, a, p.min_shadow_agreement,
+                 f"agreement {a:.3f} on {w.shadow_pairs} paired requests {'>=' if ok else '<'} "
+                 f"{p.min_shadow_agreement:g}")
+
+
+def psi(actual: dict[str, int], expected: dict[str, int], eps: float = 0.5) -> float:
+    """Population stability index of two class histograms (additive smoothing ``eps`` for empty classes)."""
+    keys = sorted(set(actual) | set(expected))
+    na, ne = sum(actual.values()) + eps * len(keys), sum(expected.values()) + eps * len(keys)
+    total = 0.0
+    for k in keys:
+        pa, pe = (actual.get(k, 0) + eps) / na, (expected.get(k, 0) + eps) / ne
+        total += (pa - pe) * math.log(pa / pe)
+    return total
+
+
+def _shares(classes: dict[str, int]) -> str:
+    n = sum(classes.values()) or 1
+    return "{" + ", ".join(f"{k}: {v / n:.2f}" for k, v in sorted(classes.items())) + "}"

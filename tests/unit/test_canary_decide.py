@@ -1,0 +1,154 @@
+"""Table-driven tests of the pure canary controller: every outcome of decide()."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import pytest
+
+from canaryflow.settings import CanarySettings
+from deployments.canary import Action, CanaryStatus, Measurements, Phase, decide, psi, start
+from deployments.metrics import VersionWindow, Window
+from validation.results import Outcome
+
+T0 = 1_000_000.0
+POLICY = CanarySettings(steps=[5, 25, 50, 100], interval_s=10, min_requests=50, step_deadline_s=300,
+                        deadline_s=3600, max_failed_checks=2, max_source_errors=3)
+
+
+def version(name: str, n: int = 200, errors: int = 0, latency_ms: float = 5.0, spread: float = 1.0,
+            classes: dict[str, int] | None = None, seed: int = 0, scores: float = 0.9) -> VersionWindow:
+    rng = np.random.default_rng(seed)
+    lat = list(np.abs(rng.normal(latency_ms, spread, n)))
+    cls = classes if classes is not None else {"0": n // 2, "1": n - n // 2}
+    return VersionWindow(version=name, requests=n, errors=errors, latencies_ms=lat, classes=cls,
+                         scores=list(np.clip(rng.normal(scores, 0.03, n), 0, 1)))
+
+
+def window(cand: VersionWindow | None = None, champ: VersionWindow | None = None, **kw: int) -> Window:
+    cand = cand or version("2", seed=1)
+    champ = champ or version("1", n=800, seed=2)
+    return Window(model="m", start=T0, end=T0 + 10, versions={"1": champ, "2": cand}, **kw)
+
+
+def status(step: int = 0, **kw: object) -> CanaryStatus:
+    base = start("1", "2", POLICY, T0)
+    weight = POLICY.steps[step] if step >= 0 else 0.0
+    return replace(base, step=step, weight=float(weight), **kw)
+
+
+@dataclass
+class Case:
+    name: str
+    status: CanaryStatus
+    measurements: Measurements
+    action: Action
+    weight: float
+    reason: str  # a substring of the decision's reasons
+    failed_check: str | None = None
+    policy: CanarySettings = POLICY
+
+
+NOW = T0 + 20
+CASES = [
+    Case("healthy first step advances", status(0), Measurements(window(), NOW), Action.ADVANCE, 25,
+         "advancing to 25%"),
+    Case("healthy 50% promotes (next step is 100%)", status(2), Measurements(window(), NOW), Action.PROMOTE, 100,
+         "promoting"),
+    Case("too few candidate requests holds", status(0), Measurements(window(version("2", n=10)), NOW), Action.HOLD,
+         5, "too few requests"),
+    Case("too few champion requests holds", status(1), Measurements(window(champ=version("1", n=3)), NOW),
+         Action.HOLD, 25, "champion 3"),
+    Case("inconclusive past the step deadline rolls back", status(0),
+         Measurements(window(version("2", n=10)), T0 + 301), Action.ROLLBACK, 0, "step deadline"),
+    Case("first failed analysis holds", status(1), Measurements(window(version("2", errors=12)), NOW), Action.HOLD,
+         25, "failed analysis 1/2", "errors"),
+    Case("second failed analysis rolls back", status(1, failed_checks=1),
+         Measurements(window(version("2", errors=12)), NOW), Action.ROLLBACK, 0, "error ratio 0.060", "errors"),
+    Case("p95 over the champion's rolls back", status(1, failed_checks=1),
+         Measurements(window(version("2", latency_ms=45, spread=1)), NOW), Action.ROLLBACK, 0, "p95", "p95"),
+    Case("slower by Mann-Whitney U but under the p95 bar", status(1, failed_checks=1),
+         Measurements(window(version("2", latency_ms=9, spread=0.5), version("1", n=800, latency_ms=5, spread=2)),
+                      NOW),
+         Action.ROLLBACK, 0, "candidate slower", "latency_u"),
+    Case("predictions drift from the champion's", status(1, failed_checks=1),
+         Measurements(window(version("2", classes={"0": 190, "1": 10})), NOW), Action.ROLLBACK, 0,
+         "PSI of predicted classes", "prediction_drift"),
+    Case("source error holds and is not a model failure", status(1),
+         Measurements(None, NOW, "cannot read access.log"), Action.HOLD, 25, "metrics source error 1/3"),
+    Case("source errors in a row roll back", status(1, source_errors=2),
+         Measurements(None, NOW, "cannot read access.log"), Action.ROLLBACK, 0, "metrics source error 3/3"),
+    Case("whole-ramp deadline rolls back", status(1), Measurements(window(), T0 + 3601), Action.ROLLBACK, 0,
+         "ramp deadline"),
+    Case("a finished ramp stays finished", replace(status(2), phase=Phase.PROMOTED, weight=100),
+         Measurements(window(), NOW), Action.HOLD, 100, "already promoted"),
+    Case("steps not ending at 100 promote after the last", status(1), Measurements(window(), NOW), Action.PROMOTE,
+         100, "promoting", policy=POLICY.model_copy(update={"steps": [10, 25]})),
+    Case("wasserstein of scores", status(1, failed_checks=1),
+         Measurements(window(version("2", scores=0.55)), NOW), Action.ROLLBACK, 0, "Wasserstein",
+         "prediction_drift", POLICY.model_copy(update={"drift_metric": "wasserstein"})),
+    Case("shadow: good agreement advances to the first step", status(-1, phase=Phase.SHADOW),
+         Measurements(window(replace(version("2", n=0), shadow_requests=120), shadow_pairs=120,
+                             shadow_agreements=119), NOW), Action.ADVANCE, 5, "advancing to 5%"),
+    Case("shadow: low agreement fails", status(-1, phase=Phase.SHADOW, failed_checks=1),
+         Measurements(window(replace(version("2", n=0), shadow_requests=120), shadow_pairs=120,
+                             shadow_agreements=60), NOW), Action.ROLLBACK, 0, "agreement 0.500", "shadow_agreement"),
+    Case("shadow: too few mirrored requests holds", status(-1, phase=Phase.SHADOW),
+         Measurements(window(replace(version("2", n=0), shadow_requests=5), shadow_pairs=5, shadow_agreements=5),
+                      NOW), Action.HOLD, 0, "need 50"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_decide(case: Case) -> None:
+    d = decide(case.status, case.measurements, case.policy)
+    assert d.action is case.action, d.reasons
+    assert d.status.weight == pytest.approx(case.weight)
+    assert any(case.reason in r for r in d.reasons), d.reasons
+    if case.failed_check:
+        assert case.failed_check in [c.name for c in d.checks if c.outcome is Outcome.FAILED]
+    else:
+        assert not [c for c in d.checks if c.outcome is Outcome.FAILED]
+    if case.action is Action.ROLLBACK:
+        assert d.status.phase is Phase.ROLLED_BACK and d.status.done
+    if case.action is Action.PROMOTE:
+        assert d.status.phase is Phase.PROMOTED
+
+
+def test_source_errors_are_counted_apart_from_failed_checks() -> None:
+    d = decide(status(1, failed_checks=1), Measurements(None, NOW, "gone"), POLICY)
+    assert d.status.failed_checks == 1 and d.status.source_errors == 1
+    d2 = decide(d.status, Measurements(window(), NOW + 10), POLICY)
+    assert d2.status.source_errors == 0 and d2.action is Action.ADVANCE
+
+
+def test_every_check_quotes_measured_value_and_threshold() -> None:
+    d = decide(status(1), Measurements(window(), NOW), POLICY)
+    assert {c.name for c in d.checks} == {"errors", "p95", "latency_u", "prediction_drift"}
+    assert all(c.outcome is Outcome.PASSED and c.threshold is not None for c in d.checks)
+
+
+def test_resume_from_persisted_status() -> None:
+    """A re-run reloads the JSON status and goes on from the same step, clock and counters."""
+    mid = replace(status(1, failed_checks=1, iterations=4), step_started_at=T0 + 100)
+    restored = CanaryStatus.from_json(mid.to_json())
+    assert restored == mid
+    d = decide(restored, Measurements(window(), T0 + 130), POLICY)
+    assert d.action is Action.ADVANCE and d.status.step == 2 and d.status.weight == 50
+    assert d.status.started_at == T0 and d.status.iterations == 5 and d.status.failed_checks == 1
+    assert d.status.step_started_at == T0 + 130
+    late = decide(restored, Measurements(window(), T0 + POLICY.deadline_s + 1), POLICY)
+    assert late.action is Action.ROLLBACK
+
+
+def test_start_with_and_without_shadow() -> None:
+    assert start("1", "2", POLICY, T0).weight == 5 and start("1", "2", POLICY, T0).phase is Phase.PROGRESSING
+    shadow = start("1", "2", POLICY.model_copy(update={"shadow": True}), T0)
+    assert shadow.phase is Phase.SHADOW and shadow.weight == 0 and shadow.step == -1
+
+
+def test_psi() -> None:
+    assert psi({"0": 50, "1": 50}, {"0": 500, "1": 500}) == pytest.approx(0, abs=1e-6)
+    assert psi({"0": 95, "1": 5}, {"0": 50, "1": 50}) > 0.5
+    assert psi({"2": 10}, {"0": 10}) > 1  # disjoint classes, smoothed, finite
