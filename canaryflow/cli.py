@@ -79,6 +79,43 @@ def release(model: str, version: str, state_dir: StateDir = None) -> None:
 
 
 @app.command()
+def rollback(model: str,
+             reason: Annotated[str, typer.Option("--reason", help="why; recorded with your user name")],
+             to: Annotated[str | None, typer.Option("--to", help="a released version (default: previous)")] = None,
+             state_dir: StateDir = None) -> None:
+    """Serve the previous champion (or --to VERSION) again: traffic, TorchServe default and aliases. Safe twice."""
+    import getpass
+
+    from canaryflow import rollback as rb
+    from canaryflow.errors import CanaryflowError
+    from canaryflow.services import get_services
+
+    if not reason.strip():
+        raise typer.BadParameter("a rollback needs a reason", param_hint="--reason")
+    _stack(state_dir)
+    try:
+        result = rb.rollback(get_services(), model, to, reason, f"{getpass.getuser()} (cli)")
+    except CanaryflowError as exc:
+        console.print(f"[red]rollback refused:[/] {exc}")
+        raise typer.Exit(1) from exc
+    console.print(("[green]rolled back[/]: " if result["changed"] == "true" else "nothing to do: ") + result["reason"])
+
+
+@app.command()
+def reconcile(state_dir: StateDir = None) -> None:
+    """One reconcile pass now (the `reconcile` deployment runs it every minute)."""
+    from canaryflow import reconcile as rc
+    from canaryflow.orchestrator import PrefectLauncher
+    from canaryflow.services import get_services
+
+    settings = _stack(state_dir).settings
+    actions = rc.reconcile(get_services(), PrefectLauncher(settings.prefect_api_url,
+                                                           settings.prefect.release_deployment))
+    for line in actions or ["nothing to reconcile"]:
+        console.print(f"- {line}", highlight=False, markup=False)
+
+
+@app.command()
 def demo(keep: Annotated[bool, typer.Option("--keep", help="leave the stack running")] = False,
          state_dir: StateDir = None) -> None:
     """Train and register a model; the webhook releases it; predict through the router."""
