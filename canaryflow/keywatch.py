@@ -2,8 +2,8 @@
 
 TorchServe regenerates its keys at every start and forgets its registered models (it ignores its config
 snapshots when started with --ts-config). Without this, a TorchServe that supervisord restarted after a crash
-would answer the router with 401s and then 404s. So: re-register every routed version from the model store,
-make it the default, and re-render the router with the new inference key.
+would answer the router with 401s and then 404s. So: re-register every routed version (champion and canary) from
+the model store, make the champion the default, and re-render the router with the new inference key.
 Run by supervisord as ``python -m canaryflow.keywatch``; stdout is supervisord's protocol, logs go to stderr.
 """
 
@@ -38,10 +38,11 @@ def recover_serving(timeout_s: float = 120.0) -> str:
     router = local_router(settings, paths)
     restored = []
     for model, route in router.routes().items():
-        version = str(route["stable"])
-        if client.register(model, version, paths.model_store / torchserve.archive_name(model, version)):
-            restored.append(f"{model} v{version}")
-        client.set_default(model, version)
+        # the champion, and a candidate under a ramp (its release flow would otherwise see only errors)
+        for version in filter(None, (str(route["stable"]), route.get("canary"))):
+            if client.register(model, version, paths.model_store / torchserve.archive_name(model, version)):
+                restored.append(f"{model} v{version}")
+        client.set_default(model, str(route["stable"]))
     router.refresh()
     return f"re-registered {restored or 'nothing'}; router re-rendered with TorchServe's new inference key"
 
