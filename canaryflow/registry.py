@@ -175,6 +175,16 @@ class MlflowRegistry:
         now = int(time.time() * 1000)
         self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
+    def record_run(self, experiment: str, run_name: str, tags: dict[str, str], params: dict[str, str]) -> str:
+        """A finished run that records an event (a rollback) next to the releases in the MLflow UI."""
+        exp = self.client.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        run_id = self.client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+        for key, value in params.items():
+            self.client.log_param(run_id, key, value)
+        self.client.set_terminated(run_id, "FINISHED")
+        return run_id
+
     def run_url(self, run_id: str) -> str:
         """The run's page in the MLflow UI."""
         exp_id = self.client.get_run(run_id).info.experiment_id

@@ -100,11 +100,6 @@ def _ramping(svc: Services, model: str) -> list[str]:
 
 def _log_run(svc: Services, model: str, record: dict[str, str | None]) -> None:
     """An MLflow run in the release experiment, so rollbacks show next to releases in the UI."""
-    client = svc.registry.client
-    exp = client.get_experiment_by_name(svc.settings.release.experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(svc.settings.release.experiment)
-    run = client.create_run(exp_id, run_name=f"rollback-{model}-v{record['from']}-to-v{record['to']}",
-                            tags={"canaryflow.model": model, "canaryflow.kind": "rollback"})
-    for key, value in record.items():
-        client.log_param(run.info.run_id, key, value or "none")
-    client.set_terminated(run.info.run_id, "FINISHED")
+    svc.registry.record_run(svc.settings.release.experiment, f"rollback-{model}-v{record['from']}-to-v{record['to']}",
+                            {"canaryflow.model": model, "canaryflow.kind": "rollback"},
+                            {k: v or "none" for k, v in record.items()})

@@ -1,0 +1,287 @@
+"""The ramp steps, manual rollback and reconcile (canaryflow.ramp / rollback / reconcile) with fakes."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from canaryflow import ramp, reconcile, rollback
+from canaryflow.errors import RegistryError
+from canaryflow.paths import StatePaths
+from canaryflow.registry import STATUS_TAG, VersionInfo
+from canaryflow.release import ReleaseState
+from canaryflow.settings import CanarySettings, Settings
+from deployments.canary import Action, Phase, start
+from deployments.metrics import VersionWindow, Window
+
+NOW = time.time()
+
+
+@dataclass
+class FakeRegistry:
+    versions: dict[str, VersionInfo]
+    aliases: dict[str, str] = field(default_factory=dict)
+    model_tag: dict[str, str] = field(default_factory=dict)
+    steps: list[tuple[int, dict]] = field(default_factory=list)
+    runs: list[dict] = field(default_factory=list)
+
+    def get_version(self, name: str, version: str) -> VersionInfo:
+        return self.versions[version]
+
+    def list_models(self) -> list[str]:
+        return ["m"]
+
+    def list_versions(self, name: str) -> list[VersionInfo]:
+        return list(self.versions.values())
+
+    def alias_version(self, name: str, alias: str) -> str | None:
+        return self.aliases.get(alias)
+
+    def set_alias(self, name: str, alias: str, version: str) -> None:
+        self.aliases[alias] = version
+
+    def delete_alias(self, name: str, alias: str) -> None:
+        self.aliases.pop(alias, None)
+
+    def set_tags(self, name: str, version: str, tags: dict[str, str]) -> None:
+        v = self.versions[version]
+        self.versions[version] = replace(v, tags={**v.tags, **tags})
+
+    def model_tags(self, name: str) -> dict[str, str]:
+        return self.model_tag
+
+    def set_model_tag(self, name: str, key: str, value: str) -> None:
+        self.model_tag[key] = value
+
+    def log_step(self, run_id: str, metrics: dict, step: int) -> None:
+        self.steps.append((step, metrics))
+
+    def record_run(self, experiment: str, run_name: str, tags: dict, params: dict) -> str:
+        self.runs.append({"name": run_name, **params})
+        return "run"
+
+
+@dataclass
+class FakeBackend:
+    registered: set[str]
+    default: str | None = None
+
+    def versions(self, model: str) -> list[str]:
+        return sorted(self.registered)
+
+    def register(self, model: str, version: str, archive: Path) -> bool:
+        self.registered.add(version)
+        return True
+
+    def unregister(self, model: str, version: str) -> None:
+        self.registered.discard(version)
+
+    def set_default(self, model: str, version: str) -> None:
+        self.default = version
+
+
+@dataclass
+class FakeRouter:
+    table: dict[str, dict]
+    changes: int = 0
+
+    def routes(self) -> dict[str, dict]:
+        return {k: dict(v) for k, v in self.table.items()}
+
+    def set_route(self, model: str, version: str) -> None:
+        self.table[model] = {"stable": version}
+        self.changes += 1
+
+    def set_split(self, model: str, stable: str, canary: str, weight: float, shadow: bool = False) -> None:
+        self.table[model] = {"stable": stable, "canary": canary, "weight": weight, "shadow": shadow}
+        self.changes += 1
+
+    def remove_route(self, model: str) -> None:
+        self.table.pop(model, None)
+
+
+def info(version: str, created_s: float = NOW - 3600, **tags: str) -> VersionInfo:
+    return VersionInfo("m", version, f"models:/m/{version}", None, dict(tags), [], int(created_s * 1000))
+
+
+def services(tmp_path: Path, versions: dict[str, VersionInfo], route: dict | None = None,
+             registered: set[str] | None = None, **aliases: str) -> SimpleNamespace:
+    paths = StatePaths(tmp_path)
+    paths.model_store.mkdir(parents=True, exist_ok=True)
+    for v in versions:
+        (paths.model_store / f"m_v{v}.mar").write_bytes(b"mar")
+    return SimpleNamespace(settings=Settings(), paths=paths, registry=FakeRegistry(versions, dict(aliases)),
+                           backend=FakeBackend(registered if registered is not None else set(versions)),
+                           router=FakeRouter({"m": route or {"stable": "1"}}))
+
+
+def state(svc: SimpleNamespace, tmp_path: Path, version: str = "2", champion: str = "1") -> ReleaseState:
+    policy = svc.settings.model_copy(update={"canary": CanarySettings(steps=[10, 50, 100], min_requests=20)})
+    return ReleaseState("m", version, "run-2", tmp_path / "work", champion, svc.registry.versions[version],
+                        policy=policy)
+
+
+class Source:
+    """A MetricsSource answering one prepared window (or raising)."""
+
+    def __init__(self, cand_errors: int = 0) -> None:
+        self.cand_errors = cand_errors
+
+    def window(self, model: str, start: float, end: float) -> Window:
+        def vw(v: str, n: int, errors: int = 0) -> VersionWindow:
+            return VersionWindow(v, n, errors, [5.0 + (i % 5) * 0.1 for i in range(n)], {"0": n // 2, "1": n - n // 2},
+                                 [0.9] * n)
+        return Window("m", start, end, {"1": vw("1", 200), "2": vw("2", 60, self.cand_errors)})
+
+
+def test_ramp_starts_advances_and_records(tmp_path: Path) -> None:
+    svc = services(tmp_path, {"1": info("1", **{STATUS_TAG: "released"}), "2": info("2")}, champion="1")
+    st = state(svc, tmp_path)
+    status = ramp.start_or_resume(svc, st)
+    assert svc.router.table["m"] == {"stable": "1", "canary": "2", "weight": 10.0, "shadow": False}
+    assert svc.registry.versions["2"].tags[STATUS_TAG] == "canary"
+    assert ramp.load_status(svc, "m", "2") == status
+    d = ramp.analyse(svc, st, status, source=Source(), now=status.started_at + 30)
+    assert d.action is Action.ADVANCE and svc.router.table["m"]["weight"] == 50.0
+    assert ramp.load_status(svc, "m", "2").weight == 50.0
+    step, metrics = svc.registry.steps[-1]
+    assert step == 1 and metrics["canary.weight"] == 50.0 and metrics["canary.candidate.requests"] == 60
+    table = ramp.checks_table(st)
+    assert {r["check"] for r in table} >= {"errors", "p95", "latency_u", "prediction_drift", "decision"}
+    d = ramp.analyse(svc, st, d.status, source=Source(), now=status.started_at + 60)
+    assert d.action is Action.PROMOTE and svc.router.table["m"] == {"stable": "2"}
+    assert ramp.write_timeline_png(st, tmp_path / "t.png").stat().st_size > 1000
+
+
+def test_failed_checks_roll_back_to_the_champion(tmp_path: Path) -> None:
+    svc = services(tmp_path, {"1": info("1"), "2": info("2")}, champion="1")
+    st = state(svc, tmp_path)
+    status = ramp.start_or_resume(svc, st)
+    for _ in range(2):
+        d = ramp.analyse(svc, st, status, source=Source(cand_errors=10), now=status.started_at + 30)
+        status = d.status
+    assert d.action is Action.ROLLBACK and "error ratio 0.167" in d.reasons[0]
+    assert svc.router.table["m"] == {"stable": "1"}
+
+
+def test_a_rerun_resumes_the_persisted_ramp(tmp_path: Path) -> None:
+    svc = services(tmp_path, {"1": info("1"), "2": info("2")}, champion="1")
+    st = state(svc, tmp_path)
+    mid = replace(start("1", "2", st.policy.canary, NOW - 100), step=1, weight=50.0, iterations=3)
+    ramp.save_status(svc, "m", mid)
+    assert ramp.pending(svc, st) == mid
+    resumed = ramp.start_or_resume(svc, st)
+    assert resumed == mid and svc.router.table["m"]["weight"] == 50.0 and "resumed" in st.notes[-1]
+    svc.backend.registered.discard("2")  # candidate lost (TorchServe restarted): gates must run again
+    assert ramp.pending(svc, st) is None
+
+
+def test_a_ramp_ended_elsewhere_is_respected(tmp_path: Path) -> None:
+    svc = services(tmp_path, {"1": info("1"), "2": info("2")}, champion="1")
+    st = state(svc, tmp_path)
+    status = ramp.start_or_resume(svc, st)
+    ramp.save_status(svc, "m", replace(status, phase=Phase.ROLLED_BACK, reasons=["operator"]))
+    d = ramp.analyse(svc, st, status, source=Source(), now=NOW)
+    assert d.action is Action.ROLLBACK and d.reasons == ["operator"]
+
+
+def released(version: str) -> VersionInfo:
+    return info(version, **{STATUS_TAG: "released"})
+
+
+def test_manual_rollback_restores_previous_and_is_safe_twice(tmp_path: Path) -> None:
+    svc = services(tmp_path, {"1": released("1"), "2": released("2")}, route={"stable": "2"},
+                   registered={"2"}, champion="2", previous="1")
+    out = rollback.rollback(svc, "m", None, "p99 regression seen by on-call", "alice")
+    assert out["changed"] == "true" and out["champion"] == "1"
+    assert svc.router.table["m"] == {"stable": "1"} and svc.backend.default == "1"
+    assert svc.registry.aliases == {"champion": "1"}
+    assert svc.backend.registered == {"1"}  # re-registered from the model store, the bad one retired
+    tags = svc.registry.versions["2"].tags
+    assert tags[STATUS_TAG] == "rolled_back" and "alice" in tags["canaryflow.reason"]
+    assert json.loads(svc.registry.model_tag[rollback.LAST_ROLLBACK_TAG])["by"] == "alice"
+    assert svc.registry.runs[0]["reason"] == "p99 regression seen by on-call"
+    changes = svc.router.changes
+    again = rollback.rollback(svc, "m", None, "clicked twice", "alice")
+    assert again["changed"] == "false" and svc.router.changes == changes
+
+
+def test_rollback_refuses_a_version_that_was_never_released(tmp_path: Path) -> None:
+    svc = services(tmp_path, {"1": info("1", **{STATUS_TAG: "rejected"}), "2": released("2")}, champion="2")
+    with pytest.raises(RegistryError, match="never released"):
+        rollback.rollback(svc, "m", "1", "why not", "bob")
+    with pytest.raises(RegistryError, match="no 'previous' alias"):
+        rollback.rollback(svc, "m", None, "why not", "bob")
+
+
+def test_rollback_aborts_a_ramp_in_progress(tmp_path: Path) -> None:
+    svc = services(tmp_path, {"1": released("1"), "2": released("2"), "3": info("3")},
+                   route={"stable": "2", "canary": "3", "weight": 25.0}, champion="2", previous="1")
+    ramp.save_status(svc, "m", replace(start("2", "3", CanarySettings(), NOW), weight=25.0))
+    svc.registry.set_tags("m", "3", {STATUS_TAG: "canary"})
+    rollback.rollback(svc, "m", "2", "freeze", "carol")
+    assert svc.router.table["m"] == {"stable": "2"}
+    assert ramp.load_status(svc, "m", "3").phase is Phase.ROLLED_BACK
+    assert svc.registry.versions["3"].tags[STATUS_TAG] == "rolled_back" and "3" not in svc.backend.registered
+
+
+@dataclass
+class FakeLauncher:
+    runs: list[dict] = field(default_factory=list)
+    started: list[tuple[str, str, str]] = field(default_factory=list)
+
+    def list_flow_runs(self, model_name: str | None = None, version: str | None = None) -> list[dict]:
+        return self.runs
+
+    def start_release(self, model_name: str, version: str, idempotency_key: str) -> str:
+        self.started.append((model_name, version, idempotency_key))
+        self.runs.append({"parameters": {"model_name": model_name, "version": version}, "state_type": "SCHEDULED"})
+        return "run"
+
+
+def run(version: str, state: str) -> dict:
+    return {"parameters": {"model_name": "m", "version": version}, "state_type": state}
+
+
+def test_reconcile_starts_a_release_for_a_missed_webhook_once(tmp_path: Path) -> None:
+    svc = services(tmp_path, {"1": released("1"), "2": info("2"), "3": info("3", created_s=NOW - 5)},
+                   champion="1")
+    launcher = FakeLauncher()
+    actions = reconcile.reconcile(svc, launcher, now=NOW)
+    assert [s[1] for s in launcher.started] == ["2"] and "missed webhook" in actions[0]  # v3 is too recent
+    assert reconcile.reconcile(svc, launcher, now=NOW) == []  # its run is alive now
+
+
+def test_reconcile_resumes_or_rolls_back_a_half_way_release(tmp_path: Path) -> None:
+    svc = services(tmp_path, {"1": released("1"), "2": info("2", **{STATUS_TAG: "canary"})},
+                   route={"stable": "1", "canary": "2", "weight": 25.0}, champion="1")
+    ramp.save_status(svc, "m", replace(start("1", "2", CanarySettings(), NOW - 60), weight=25.0))
+    launcher = FakeLauncher(runs=[run("1", "COMPLETED"), run("2", "CRASHED")])
+    actions = reconcile.reconcile(svc, launcher, now=NOW)
+    assert launcher.started[0][:2] == ("m", "2") and "canary at 25%" in actions[-1]
+    assert svc.router.table["m"]["weight"] == 25.0  # the recorded split stays for the resumed run
+    launcher.runs = [run("2", "CRASHED")] * 3  # three runs could not finish it: give up, roll back
+    actions = reconcile.reconcile(svc, launcher, now=NOW)
+    assert svc.router.table["m"] == {"stable": "1"} and svc.registry.versions["2"].tags[STATUS_TAG] == "failed"
+    assert "rolled back by reconcile" in actions[-1]
+
+
+def test_reconcile_repairs_router_weights_that_disagree_with_the_record(tmp_path: Path) -> None:
+    svc = services(tmp_path, {"1": released("1"), "2": info("2", **{STATUS_TAG: "canary"})},
+                   route={"stable": "1", "canary": "2", "weight": 90.0}, registered={"1"}, champion="1")
+    ramp.save_status(svc, "m", replace(start("1", "2", CanarySettings(), NOW - 60), weight=25.0))
+    launcher = FakeLauncher(runs=[run("2", "RUNNING")])
+    assert reconcile.reconcile(svc, launcher, now=NOW) == []  # a live run owns the model: hands off
+    launcher.runs = [run("2", "FAILED")]
+    actions = reconcile.reconcile(svc, launcher, now=NOW)
+    assert svc.router.table["m"] == {"stable": "1", "canary": "2", "weight": 25.0, "shadow": False}
+    assert "2" in svc.backend.registered and any("repaired" in a for a in actions)
+    svc.router.table["m"] = {"stable": "7"}  # a champion route that lies
+    svc.registry.set_tags("m", "2", {STATUS_TAG: "released"})
+    actions = reconcile.reconcile(svc, FakeLauncher(runs=[run("2", "COMPLETED")]), now=NOW)
+    assert svc.router.table["m"] == {"stable": "1"} and "v7 alone" in actions[0]
