@@ -40,7 +40,7 @@ def release(model_name: str, version: str) -> dict[str, str]:
         else:
             log.info("resuming the canary of v%s at %s%% (gates passed in an earlier run)", st.version,
                      resume.weight)
-        if st.champion and st.champion != st.version:
+        if st.champion and st.champion != st.version and (st.policy.canary.steps or st.policy.canary.shadow):
             ramp(st)
         status, reason = "released", t.promote(st)
     except CanaryRolledBack as exc:
