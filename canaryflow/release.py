@@ -5,12 +5,13 @@ Each step takes the :class:`Services` and the :class:`ReleaseState` so it can be
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from canaryflow.errors import GateFailed
+from canaryflow.errors import GateFailed, PackagingError
 from canaryflow.packaging import Bundle, example_rows, input_contract
 from canaryflow.policy import POLICY_TAG, apply_policy
 from canaryflow.predict import load_predictor
@@ -21,6 +22,8 @@ from deployments.archive import Archive, build_mar
 from deployments.smoke import smoke_test
 from validation.results import GateResult
 from validation.shape import check_shape
+
+CHAOS_TAG = "canaryflow.chaos"
 
 
 @dataclass
@@ -82,6 +85,7 @@ def shape(st: ReleaseState, model_dir: Path) -> GateResult:
 
 def archive(svc: Services, st: ReleaseState, bundle: Bundle) -> Archive:
     """Build the .mar and record it (file and sha256) on the release run."""
+    bundle = with_chaos(svc, st, bundle)
     mar = build_mar(bundle.model_file, [bundle.meta_file], model=st.model, version=st.version,
                     model_store=svc.paths.model_store)
     svc.registry.log_to_run(st.run_id, params={"mar_sha256": mar.sha256, "mar_file": mar.path.name,
@@ -90,6 +94,24 @@ def archive(svc: Services, st: ReleaseState, bundle: Bundle) -> Archive:
                             artifact_path="torchserve")
     svc.registry.set_tags(st.model, st.version, {"canaryflow.mar_sha256": mar.sha256})
     return mar
+
+
+def with_chaos(svc: Services, st: ReleaseState, bundle: Bundle) -> Bundle:
+    """The version's ``canaryflow.chaos`` tag (fault injection on live traffic) into the serving meta, when the
+    stack allows it (``CANARYFLOW_CANARY__ALLOW_CHAOS``, off by default; never per-model policy)."""
+    raw = st.info.tags.get(CHAOS_TAG)
+    if not raw:
+        return bundle
+    if not svc.settings.canary.allow_chaos:
+        st.notes.append(f"tag {CHAOS_TAG} ignored: fault injection is off (CANARYFLOW_CANARY__ALLOW_CHAOS)")
+        return bundle
+    try:
+        meta = dataclasses.replace(bundle.meta, chaos=json.loads(raw))
+    except (ValueError, TypeError) as exc:
+        raise PackagingError(f"tag {CHAOS_TAG} is not a valid chaos spec: {exc}") from exc
+    meta.save(bundle.meta_file)
+    st.notes.append(f"fault injection on live traffic: {raw}")
+    return Bundle(bundle.directory, meta)
 
 
 def stage(svc: Services, st: ReleaseState, mar: Archive, model_dir: Path) -> GateResult:
