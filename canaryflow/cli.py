@@ -118,40 +118,85 @@ def reconcile(state_dir: StateDir = None) -> None:
 @app.command()
 def demo(keep: Annotated[bool, typer.Option("--keep", help="leave the stack running")] = False,
          state_dir: StateDir = None) -> None:
-    """Train and register a model; the webhook releases it; predict through the router."""
+    """The whole release story on a local stack: v1 released, v2 promoted through the canary under live load,
+    a bad v3 rolled back by the prediction-drift check."""
+    import os
+
     from canaryflow import demo as d
 
+    for key, value in d.DEMO_CANARY.items():
+        os.environ.setdefault(key, value)
+    reset_settings()
     stack = _stack(state_dir)
     s = stack.settings
+    load = None
     try:
         with console.status("starting the local stack (MLflow, Prefect, TorchServe, router, bridge)") as sp:
             stack.up(progress=lambda msg: sp.update(msg))
         console.print(f"Prefect UI: {s.url('prefect')}   MLflow UI: {s.mlflow_uri}")
-        with console.status("training and registering a classifier"):
-            version, rows, acc = d.register_model(s.mlflow_uri)
-        registered = time.monotonic()
-        console.print(f"registered [bold]{d.DEMO_MODEL}[/] v{version} (holdout accuracy {acc:.3f}); "
-                      "no further command: the MLflow webhook starts the release")
-        with console.status("waiting for the release flow run"):
-            outcome = d.wait_for_release(s.mlflow_uri, d.DEMO_MODEL, version)
-        run = d.find_flow_run(s, d.DEMO_MODEL, version)
-        if run:
-            console.print(f"flow run [bold]{run['name']}[/]: {s.url('prefect')}/runs/flow-run/{run['id']}")
-        console.print(f"release {outcome.status} after {outcome.seconds:.1f} s: {outcome.reason}")
-        if outcome.status != "released":
-            raise typer.Exit(1)
+        c = s.canary
+        console.print(f"canary policy: steps {c.steps} %, analysis every {c.interval_s:g} s, >= {c.min_requests} "
+                      f"requests per version, max error ratio {c.max_error_ratio:g}, max prediction drift "
+                      f"(PSI) {c.max_prediction_drift:g}, rollback after {c.max_failed_checks} failed analyses")
+        version, rows, registered = _demo_release(s, "v1: train and register a classifier", seed=0)
         answer, request_id, curl = d.predict(s, d.DEMO_MODEL, rows[:2])
         console.print(f"first prediction through the router {time.monotonic() - registered:.1f} s after "
                       f"registration (X-Request-ID {request_id}):")
         console.print_json(data=answer)
         console.print("repeat it with:")
         console.print(curl, soft_wrap=True, highlight=False, markup=False)
+
+        from deployments.loadtest import start_live_load, stop_live_load
+
+        load_dir = stack.paths.work_dir / "demo-live-load"
+        live = s.loadtest.model_copy(update={"users": 8, "target_rps": 40.0, "duration_s": 3600})
+        load = start_live_load(s.router_url, d.DEMO_MODEL, rows, live, load_dir, s.canary.user_header)
+        console.print(f"live load started: locust, {live.users} users, {live.target_rps:g} req/s, sticky on "
+                      f"{s.canary.user_header}")
+        _demo_release(s, "v2: retrain (new seed); the canary ramps it in", seed=1, expect="released")
+        _demo_release(s, "v3: a data bug flipped the labels upstream: offline gates pass, predictions invert",
+                      seed=2, flip_labels=True, expect="rolled_back")
+        stats = stop_live_load(load, load_dir)
+        load = None
+        console.print(f"live load: {stats.get('requests', 0)} requests, {stats.get('failures', 0)} failed, "
+                      f"p95 {stats.get('p95_ms', 0)} ms")
+        champion = d.champion_version(s.mlflow_uri, d.DEMO_MODEL)
+        answer, _, _ = d.predict(s, d.DEMO_MODEL, rows[:1])
+        console.print(f"champion is v{champion}; the router answers with v{answer['model_version']}")
+        if answer["model_version"] != champion:
+            raise typer.Exit(1)
     finally:
+        if load is not None:
+            stop_live_load(load, stack.paths.work_dir / "demo-live-load")
         if keep:
             console.print(f"stack left running; stop it with: canaryflow down --state-dir {stack.paths.root}")
         else:
             stack.down()
             console.print("stack stopped")
+
+
+def _demo_release(s, title: str, seed: int, flip_labels: bool = False,  # noqa: ANN001 - Settings
+                  expect: str = "released"):  # noqa: ANN202 - (version, rows, registered-at)
+    from canaryflow import demo as d
+
+    console.rule(title)
+    with console.status("training and registering"):
+        version, rows, acc = d.register_model(s.mlflow_uri, seed=seed, flip_labels=flip_labels)
+    registered = time.monotonic()
+    console.print(f"registered [bold]{d.DEMO_MODEL}[/] v{version} (holdout accuracy {acc:.3f}); "
+                  "no further command: the MLflow webhook starts the release")
+    with console.status(f"release of v{version}: gates, then the canary"):
+        outcome = d.watch_release(s.mlflow_uri, d.DEMO_MODEL, version,
+                                  lambda line: console.print(f"  canary {line}", highlight=False, markup=False))
+    run = d.find_flow_run(s, d.DEMO_MODEL, version)
+    if run:
+        console.print(f"flow run [bold]{run['name']}[/]: {s.url('prefect')}/runs/flow-run/{run['id']}")
+    console.print(f"release {outcome.status} after {outcome.seconds:.1f} s: {outcome.reason}", highlight=False,
+                  markup=False)
+    if outcome.status != expect:
+        console.print(f"[red]expected {expect}[/]")
+        raise typer.Exit(1)
+    return version, rows, registered
 
 
 if __name__ == "__main__":

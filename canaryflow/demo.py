@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx
@@ -14,9 +15,14 @@ from canaryflow.registry import REASON_TAG, STATUS_TAG
 from canaryflow.settings import Settings
 
 DEMO_MODEL = "breast-cancer-classifier"
+FINAL = ("released", "rejected", "rolled_back", "failed")
+# The demo's ramp: shorter than the defaults (5/25/50/100 %, 30 s, 50 requests) so it ends in a few minutes.
+DEMO_CANARY = {"CANARYFLOW_CANARY__STEPS": "[10, 25, 50, 100]", "CANARYFLOW_CANARY__INTERVAL_S": "5",
+               "CANARYFLOW_CANARY__MIN_REQUESTS": "30", "CANARYFLOW_CANARY__RETIRE_GRACE_S": "5"}
 
 
-def train_classifier(seed: int = 0, epochs: int = 300):  # noqa: ANN201 - (module, train, holdout, accuracy)
+def train_classifier(seed: int = 0, epochs: int = 300,  # noqa: ANN201 - (module, train, holdout, accuracy)
+                     flip_labels: bool = False):
     """An MLP on scikit-learn's bundled breast-cancer data (no download); standardisation is in the model."""
     import torch
     from sklearn.datasets import load_breast_cancer
@@ -24,6 +30,8 @@ def train_classifier(seed: int = 0, epochs: int = 300):  # noqa: ANN201 - (modul
 
     X, y = load_breast_cancer(return_X_y=True)
     X = X.astype(np.float32)
+    if flip_labels:
+        y = 1 - y
     X_tr, X_te, y_tr, y_te = train_test_split(X, y, test_size=0.25, random_state=seed, stratify=y)
     torch.manual_seed(seed)
 
@@ -51,15 +59,21 @@ def train_classifier(seed: int = 0, epochs: int = 300):  # noqa: ANN201 - (modul
     return model, (X_tr, y_tr), (X_te, y_te), acc
 
 
-def register_model(tracking_uri: str, name: str = DEMO_MODEL, seed: int = 0) -> tuple[str, np.ndarray, float]:
-    """Train, log and register one version; returns (version, holdout rows, holdout accuracy)."""
+def register_model(tracking_uri: str, name: str = DEMO_MODEL, seed: int = 0,
+                   flip_labels: bool = False) -> tuple[str, np.ndarray, float]:
+    """Train, log and register one version; returns (version, holdout rows, holdout accuracy).
+
+    ``flip_labels`` simulates a data bug upstream of training: the labels are inverted in the training AND the
+    holdout data, so every offline gate (quality on its own holdout included) looks fine, while the model
+    predicts the opposite of the champion on live traffic. Only the canary's prediction-drift check sees it.
+    """
     import mlflow
     import torch
     from mlflow.models import infer_signature
 
     from canaryflow.datasets import frame, log_release_datasets
 
-    model, (X_tr, y_tr), (X_te, y_te), acc = train_classifier(seed)
+    model, (X_tr, y_tr), (X_te, y_te), acc = train_classifier(seed, flip_labels=flip_labels)
 
     with torch.no_grad():
         logits = model(torch.from_numpy(X_te[:5])).numpy()
@@ -88,11 +102,42 @@ def wait_for_release(tracking_uri: str, name: str, version: str, timeout_s: floa
     started = time.monotonic()
     while time.monotonic() - started < timeout_s:
         tags = client.get_model_version(name, version).tags
-        if tags.get(STATUS_TAG) in ("released", "rejected", "failed"):
+        if tags.get(STATUS_TAG) in FINAL:
             return ReleaseOutcome(tags[STATUS_TAG], tags.get(REASON_TAG, ""), time.monotonic() - started)
         time.sleep(1)
     raise StackError(f"no release of {name} v{version} finished within {timeout_s:.0f} s; "
                      "check the Prefect UI and the worker log")
+
+
+def watch_release(tracking_uri: str, name: str, version: str, on_decision: Callable[[str], None],
+                  timeout_s: float = 900.0) -> ReleaseOutcome:
+    """Like :func:`wait_for_release`, calling ``on_decision`` with each canary analysis as it is persisted."""
+    from mlflow import MlflowClient
+
+    from deployments.canary import CanaryStatus
+
+    client = MlflowClient(tracking_uri)
+    started, seen = time.monotonic(), -1
+    while time.monotonic() - started < timeout_s:
+        tags = client.get_model_version(name, version).tags
+        raw = tags.get("canaryflow.canary")
+        if raw:
+            st = CanaryStatus.from_json(raw)
+            if st.iterations > seen:
+                seen = st.iterations
+                what = "start" if st.iterations == 0 else f"analysis {st.iterations}"
+                on_decision(f"{what}: {st.phase.value} at {st.weight:g}% - " + "; ".join(st.reasons or ["ramping"]))
+        if tags.get(STATUS_TAG) in FINAL:
+            return ReleaseOutcome(tags[STATUS_TAG], tags.get(REASON_TAG, ""), time.monotonic() - started)
+        time.sleep(1)
+    raise StackError(f"no release of {name} v{version} finished within {timeout_s:.0f} s; "
+                     "check the Prefect UI and the worker log")
+
+
+def champion_version(tracking_uri: str, name: str) -> str | None:
+    from canaryflow.registry import MlflowRegistry
+
+    return MlflowRegistry(tracking_uri).alias_version(name, "champion")
 
 
 def find_flow_run(settings: Settings, name: str, version: str) -> dict | None:

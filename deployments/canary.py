@@ -162,12 +162,13 @@ def decide(status: CanaryStatus, m: Measurements, policy: CanarySettings) -> Dec
 
 def _next_step(s: CanaryStatus, checks: list[Check], policy: CanarySettings, now: float) -> Decision:
     nxt = s.step + 1
+    passed = f"every check passed at {'shadow' if s.shadow else f'{s.weight:g}%'} ({summary(checks)})"
     if nxt >= len(policy.steps) or policy.steps[nxt] >= 100:
-        reasons = [f"every check passed at {'shadow' if s.shadow else f'{s.weight:g}%'}; promoting"]
+        reasons = [f"{passed}; promoting"]
         return Decision(Action.PROMOTE, replace(s, phase=Phase.PROMOTED, weight=100.0, reasons=reasons), checks,
                         reasons)
     weight = float(policy.steps[nxt])
-    reasons = [f"every check passed at {'shadow' if s.shadow else f'{s.weight:g}%'}; advancing to {weight:g}%"]
+    reasons = [f"{passed}; advancing to {weight:g}%"]
     s = replace(s, phase=Phase.PROGRESSING, step=nxt, weight=weight, step_started_at=now, reasons=reasons)
     return Decision(Action.ADVANCE, s, checks, reasons)
 
@@ -265,6 +266,14 @@ def _shadow_agreement(w: Window, p: CanarySettings) -> Check:
     return Check("shadow_agreement", Outcome.PASSED if ok else Outcome.FAILED, a, p.min_shadow_agreement,
                  f"agreement {a:.3f} on {w.shadow_pairs} paired requests {'>=' if ok else '<'} "
                  f"{p.min_shadow_agreement:g}")
+
+
+def summary(checks: list[Check]) -> str:
+    """``errors 0 <= 0.01, p95 4.1 <= 12.3, ...``: each check's measured value against its threshold."""
+    def num(x: float | None) -> str:
+        return "-" if x is None else f"{x:.3g}"
+    ops = {"latency_u": ">=", "shadow_agreement": ">="}
+    return ", ".join(f"{c.name} {num(c.measured)} {ops.get(c.name, '<=')} {num(c.threshold)}" for c in checks)
 
 
 def psi(actual: dict[str, int], expected: dict[str, int], eps: float = 0.5) -> float:

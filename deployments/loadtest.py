@@ -134,13 +134,7 @@ def run_load_test(router_url: str, model: str, version: str | None, rows: np.nda
     cmd = locust_command(router_url, settings, out_dir)
     if not Path(cmd[0]).exists():
         return _with(base, error=f"locust is not installed at {cmd[0]}")
-    rows_file = out_dir / "rows.json"
-    rows_file.write_text(json.dumps(rows.tolist()))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCUST_", "CANARYFLOW_LOCUST_"))}
-    env.update({"CANARYFLOW_LOCUST_MODEL": model, "CANARYFLOW_LOCUST_VERSION": str(version or ""),
-                "CANARYFLOW_LOCUST_ROWS_FILE": str(rows_file),
-                "CANARYFLOW_LOCUST_ROWS_PER_REQUEST": str(settings.rows_per_request),
-                "CANARYFLOW_LOCUST_RATE_PER_USER": str(settings.target_rps / settings.users)})
+    env = _locust_env(model, version, rows, settings, out_dir)
     log = out_dir / "locust.log"
     files = {"json": str(out_dir / f"{JSON_STEM}.json"), "html": str(out_dir / "locust-report.html"),
              "log": str(log)}
@@ -157,6 +151,47 @@ def run_load_test(router_url: str, model: str, version: str | None, rows: np.nda
             proc.wait()
             return _with(base, files=files, error=f"locust did not finish within {limit:.0f} s and was killed")
     return _read_run(base, files, rc, time.monotonic() - started)
+
+
+def _locust_env(model: str, version: str | None, rows: np.ndarray, settings: LoadTestSettings, out_dir: Path,
+                user_header: str = "") -> dict[str, str]:
+    rows_file = out_dir / "rows.json"
+    rows_file.write_text(json.dumps(np.atleast_2d(np.asarray(rows, dtype=np.float64)).tolist()))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCUST_", "CANARYFLOW_LOCUST_"))}
+    env.update({"CANARYFLOW_LOCUST_MODEL": model, "CANARYFLOW_LOCUST_VERSION": str(version or ""),
+                "CANARYFLOW_LOCUST_ROWS_FILE": str(rows_file),
+                "CANARYFLOW_LOCUST_ROWS_PER_REQUEST": str(settings.rows_per_request),
+                "CANARYFLOW_LOCUST_RATE_PER_USER": str(settings.target_rps / settings.users),
+                "CANARYFLOW_LOCUST_USER_HEADER": user_header})
+    return env
+
+
+def start_live_load(router_url: str, model: str, rows: np.ndarray, settings: LoadTestSettings, out_dir: Path,
+                    user_header: str = "") -> subprocess.Popen:
+    """Unpinned traffic in the background (the demo's and the canary bench's "live" users), each locust user with
+    its own sticky key in ``user_header``; runs up to ``settings.duration_s``, stop it with :func:`stop_live_load`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cmd = locust_command(router_url, settings, out_dir)
+    env = _locust_env(model, None, rows, settings, out_dir, user_header)
+    with (out_dir / "locust.log").open("w") as log_fh:
+        return subprocess.Popen(cmd, cwd=out_dir, env=env, stdout=log_fh, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def stop_live_load(proc: subprocess.Popen, out_dir: Path) -> dict[str, float | int]:
+    """Stop background load (SIGINT: locust writes its stats) and return its request statistics."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    try:
+        return parse_locust_stats(json.loads((Path(out_dir) / f"{JSON_STEM}.json").read_text()))
+    except (OSError, ValueError):
+        return {}
 
 
 def _read_run(base: LoadTestResult, files: dict[str, str], rc: int, wall_s: float) -> LoadTestResult:

@@ -8,6 +8,7 @@ the CLI or pytest may import this module. It is configured through the environme
 - ``CANARYFLOW_LOCUST_ROWS_FILE``: a JSON file holding a list of sample rows (lists of numbers)
 - ``CANARYFLOW_LOCUST_ROWS_PER_REQUEST``: rows per request (default 1)
 - ``CANARYFLOW_LOCUST_RATE_PER_USER``: requests per second per user (0: closed loop, as fast as answers come)
+- ``CANARYFLOW_LOCUST_USER_HEADER``: when set, each user sends its own id in this header (sticky canary split)
 
 Locust's ``--json-file`` holds request statistics but no failure messages (and its CSV misses the last second),
 so at quitting the failure messages and exceptions are written to ``<json-file>.errors.json`` as well.
@@ -46,6 +47,8 @@ MODEL, VERSION, ROWS_PER_REQUEST, BODIES = _config()
 
 
 RATE_PER_USER = float(os.environ.get("CANARYFLOW_LOCUST_RATE_PER_USER", "0") or 0)
+USER_HEADER = os.environ.get("CANARYFLOW_LOCUST_USER_HEADER", "")
+_user_ids = itertools.count(1)
 
 
 class PredictionUser(FastHttpUser):
@@ -58,6 +61,8 @@ class PredictionUser(FastHttpUser):
         self.headers = {"Content-Type": "application/json"}
         if VERSION:
             self.headers["X-Model-Version"] = VERSION
+        if USER_HEADER:
+            self.headers[USER_HEADER] = f"user-{os.getpid()}-{next(_user_ids)}"
         self.turn = itertools.cycle(BODIES)
 
     @task
