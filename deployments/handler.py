@@ -16,6 +16,8 @@ import functools
 import gc
 import json
 import os
+import random
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +29,10 @@ from ts.utils.util import PredictionException
 
 META_FILE = "canaryflow.json"
 VERSION_HEADER = "X-Model-Version"
+PREDICTION_HEADER = "X-Prediction"  # "<class_index>:<top probability>" per row, for the router's access log
+PREDICTION_MAX_ROWS = 32
+CHAOS_KEYS = ("error_ratio", "latency_ms", "flip", "permute")
+CHAOS_ERROR = "chaos: injected error"
 FORMATS = ("torch_export", "onnx")
 OUTPUTS = ("logits", "probabilities")
 INPUT_DTYPES = ("float32", "float64", "float16")
@@ -50,6 +56,8 @@ class ServingMeta:
     class_labels: list[str] | None = None
     max_batch_rows: int = 1024
     fixed_batch: int | None = None
+    chaos: dict[str, Any] | None = None
+    """Fault injection for canary tests, on unpinned requests only (see :class:`Chaos`); None in production."""
 
     def __post_init__(self) -> None:
         def positive(v: Any) -> bool:
@@ -69,7 +77,7 @@ class ServingMeta:
              f"feature_names must be None or {self.n_features} distinct names"),
             (labels is None or len(labels) > 0, "class_labels must be None or non-empty"),
         ]
-        problems = [message for ok, message in checks if not ok]
+        problems = [message for ok, message in checks if not ok] + _chaos_problems(self.chaos, self.n_features)
         if problems:
             raise ValueError("invalid serving meta: " + "; ".join(problems))
 
@@ -104,6 +112,75 @@ class ServingMeta:
     def load(cls, path: str | os.PathLike[str]) -> ServingMeta:
         with open(path, encoding="utf-8") as f:
             return cls.from_json(f.read())
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v)
+
+
+def _chaos_problems(chaos: Any, n_features: Any) -> list[str]:
+    """What is wrong with a ``chaos`` meta field (None is fine)."""
+    if chaos is None:
+        return []
+    if not isinstance(chaos, dict):
+        return [f"chaos must be None or an object with keys {list(CHAOS_KEYS)}"]
+    unknown = sorted(set(chaos) - set(CHAOS_KEYS))
+    problems = [f"chaos has unknown keys {unknown}"] if unknown else []
+    ratio, latency, flip = chaos.get("error_ratio", 0.0), chaos.get("latency_ms", 0), chaos.get("flip")
+    if not (_number(ratio) and 0 <= ratio <= 1):
+        problems.append("chaos.error_ratio must be a number from 0 to 1")
+    if not (_number(latency) and 0 <= latency <= 60_000):
+        problems.append("chaos.latency_ms must be a number from 0 to 60000")
+    if not isinstance(chaos.get("permute", False), bool):
+        problems.append("chaos.permute must be true or false")
+    if flip is not None:
+        column = flip.get("column") if isinstance(flip, dict) else None
+        if not (isinstance(flip, dict) and set(flip) == {"column", "above"} and type(column) is int
+                and type(n_features) is int and 0 <= column < n_features and _number(flip["above"])):
+            problems.append(f"chaos.flip must be {{\"column\": 0..{n_features}-1, \"above\": number}}")
+    return problems
+
+
+def prediction_summary(probs: list[list[float]], top: list[int], max_rows: int = PREDICTION_MAX_ROWS) -> str:
+    """``"<class_index>:<top probability, 3 decimals>"`` per row, comma-joined, at most ``max_rows`` rows and then
+    ``",+N"``: the router logs it (X-Prediction) so the canary analysis sees what each version predicts."""
+    parts = [f"{top[r]}:{probs[r][top[r]]:.3f}" for r in range(min(len(top), max_rows))]
+    if len(top) > max_rows:
+        parts.append(f"+{len(top) - max_rows}")
+    return ",".join(parts)
+
+
+class Chaos:
+    """Injected faults, to show that the canary analysis catches a bad version. Applied per unpinned request:
+
+    - ``error_ratio``: that share of requests answers HTTP 500 ``chaos: injected error`` (the worker lives on);
+    - ``latency_ms``: each request is delayed that long;
+    - ``flip`` ``{"column": j, "above": v}``: rows with feature j > v get their probability vector reversed;
+    - ``permute``: every row's probability vector is rolled by one class.
+    """
+
+    def __init__(self, spec: dict[str, Any], seed: int | None = None) -> None:
+        self.error_ratio = float(spec.get("error_ratio", 0.0))
+        self.latency_s = float(spec.get("latency_ms", 0)) / 1000
+        self.flip = spec.get("flip")
+        self.permute = bool(spec.get("permute", False))
+        self.rng = random.Random(seed)
+
+    def delay(self, live: int) -> None:
+        if self.latency_s and live:
+            time.sleep(self.latency_s * live)
+
+    def fails(self) -> bool:
+        return self.error_ratio > 0 and self.rng.random() < self.error_ratio
+
+    def distort(self, probs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """``probs`` (rows, classes) of one live request after flip and permute."""
+        if self.flip is not None:
+            hit = rows[:, self.flip["column"]].to(probs.device) > self.flip["above"]
+            probs = torch.where(hit.unsqueeze(1), probs.flip(1), probs)
+        if self.permute:
+            probs = probs.roll(1, dims=1)
+        return probs
 
 
 def _bad(message: str) -> PredictionException:
@@ -290,12 +367,15 @@ class CanaryflowHandler(BaseHandler):
     def __init__(self) -> None:
         super().__init__()
         self.meta: ServingMeta | None = None
+        self.chaos: Chaos | None = None
 
     def initialize(self, context: Any) -> None:
         props = context.system_properties
         self.manifest = context.manifest
         self._setup(props["model_dir"], props.get("gpu_id"))
         self.traffic = TrafficSample.from_env(self.meta.model_name)
+        # Only in a TorchServe worker: parity checks (for_bundle) always see the model's own answers.
+        self.chaos = Chaos(self.meta.chaos) if self.meta.chaos else None
         # Full collections of the model's objects caused the 100+ ms tails (FACTS.md); freeze them out of GC.
         gc.collect()
         gc.freeze()
@@ -344,12 +424,18 @@ class CanaryflowHandler(BaseHandler):
                 if len(data) > 1:
                     e.message = f"request {k} of a server-side batch of {len(data)}: {e.message}"
                 raise
-        if getattr(self, "traffic", None) is not None:
-            # Pinned requests are the pipeline's own (warm-up, smoke and load tests): not live traffic.
-            live = [a for k, a in enumerate(arrays) if not _pinned(getattr(self, "context", None), k)]
-            if live:
-                self.traffic.add(live)
-        return torch.from_numpy(np.concatenate(arrays)).to(self.device), [len(a) for a in arrays]
+        traffic, chaos = getattr(self, "traffic", None), getattr(self, "chaos", None)
+        if traffic is not None or chaos is not None:
+            # Pinned requests are the pipeline's own (warm-up, smoke and load tests): not live traffic, so neither
+            # sampled nor given faults. Shadow copies are live.
+            context = getattr(self, "context", None)
+            live = [not _pinned(context, k) for k in range(len(arrays))]
+            if traffic is not None and any(live):
+                traffic.add([a for a, keep in zip(arrays, live, strict=True) if keep])
+        x = torch.from_numpy(np.concatenate(arrays)).to(self.device)
+        if chaos is not None:
+            self._chaos_batch = (x, live)
+        return x, [len(a) for a in arrays]
 
     def inference(self, data: Batch, *args: Any, **kwargs: Any) -> Batch:
         x, counts = data
@@ -371,21 +457,47 @@ class CanaryflowHandler(BaseHandler):
 
     def postprocess(self, data: Batch) -> list[dict[str, Any]]:
         probs, counts = data
+        failed: set[int] = set()
+        if getattr(self, "chaos", None) is not None:
+            probs, failed = self._inject_chaos(probs, counts)
         meta, labels = self.meta, self.meta.class_labels
         rows, top = probs.cpu().tolist(), probs.argmax(dim=1).tolist()
         responses, start = [], 0
         for idx, count in enumerate(counts):
+            first, start = start, start + count
+            self.context.set_response_header(idx, VERSION_HEADER, meta.model_version)
+            self.context.set_response_content_type(idx, "application/json")
+            if idx in failed:
+                self.context.set_response_status(500, CHAOS_ERROR, idx)
+                responses.append({"code": 500, "type": "InternalServerException", "message": CHAOS_ERROR})
+                continue
             predictions = [
                 {"class": labels[top[r]] if labels else top[r], "class_index": top[r],
                  "probabilities": rows[r], "model_version": meta.model_version}
-                for r in range(start, start + count)
+                for r in range(first, start)
             ]
-            start += count
             responses.append({"model_name": meta.model_name, "model_version": meta.model_version,
                               "predictions": predictions})
-            self.context.set_response_header(idx, VERSION_HEADER, meta.model_version)
-            self.context.set_response_content_type(idx, "application/json")
+            self.context.set_response_header(idx, PREDICTION_HEADER,
+                                             prediction_summary(rows[first:start], top[first:start]))
         return responses
+
+    def _inject_chaos(self, probs: torch.Tensor, counts: list[int]) -> tuple[torch.Tensor, set[int]]:
+        """Faults for the live (unpinned) requests of a batch: delay, failed requests, distorted probabilities."""
+        chaos = self.chaos
+        x, live = self._chaos_batch
+        chaos.delay(sum(live))
+        parts, failed, start = [], set(), 0
+        for idx, count in enumerate(counts):
+            part = probs[start : start + count]
+            if live[idx]:
+                if chaos.fails():
+                    failed.add(idx)
+                else:
+                    part = chaos.distort(part, x[start : start + count])
+            parts.append(part)
+            start += count
+        return torch.cat(parts), failed
 
     def describe_handle(self) -> dict[str, Any]:
         """The serving meta, for a request with header ``describe: True``."""

@@ -20,7 +20,15 @@ from ts.protocol import otf_message_handler
 from ts.utils.util import PredictionException
 
 from deployments import handler as handler_module
-from deployments.handler import META_FILE, VERSION_HEADER, CanaryflowHandler, ServingMeta
+from deployments.handler import (
+    CHAOS_ERROR,
+    META_FILE,
+    PREDICTION_HEADER,
+    VERSION_HEADER,
+    CanaryflowHandler,
+    ServingMeta,
+    prediction_summary,
+)
 
 FEATURES = ["a", "b", "c", "d"]
 ROWS = [[0.5, -1.0, 2.0, 0.0], [1.0, 1.0, 1.0, 1.0], [-3.0, 0.25, 0.0, 7.0]]
@@ -332,15 +340,17 @@ def test_class_label_count_must_match_the_model(tmp_path: Path, model: TinyModel
 
 
 def test_meta_round_trips_through_json_and_files(tmp_path: Path) -> None:
+    chaos = {"error_ratio": 0.25, "latency_ms": 5, "flip": {"column": 1, "above": 0.5}, "permute": True}
     meta = ServingMeta("iris", "7", "onnx", "model.onnx", 2, ["x", "y"], "float64", "probabilities",
-                       ["no", "yes"], 64, 1)
+                       ["no", "yes"], 64, 1, chaos)
     assert ServingMeta.from_json(meta.to_json()) == meta
     meta.save(tmp_path / META_FILE)
     assert ServingMeta.load(tmp_path / META_FILE) == meta
     assert set(json.loads(meta.to_json())) == {
         "model_name", "model_version", "format", "model_file", "n_features", "feature_names", "input_dtype",
-        "output", "class_labels", "max_batch_rows", "fixed_batch",
+        "output", "class_labels", "max_batch_rows", "fixed_batch", "chaos",
     }
+    assert ServingMeta("iris", "7", "onnx", "model.onnx", 2).chaos is None
 
 
 @pytest.mark.parametrize(
@@ -358,6 +368,17 @@ def test_meta_round_trips_through_json_and_files(tmp_path: Path) -> None:
         ({"model_version": 7}, "model_version"),
         ({"class_labels": []}, "class_labels"),
         ({"colour": "red"}, "unknown keys ['colour']"),
+        ({"chaos": "on"}, "chaos must be None or an object"),
+        ({"chaos": {"errors": 1}}, "chaos has unknown keys ['errors']"),
+        ({"chaos": {"error_ratio": 1.5}}, "chaos.error_ratio"),
+        ({"chaos": {"error_ratio": True}}, "chaos.error_ratio"),
+        ({"chaos": {"latency_ms": -1}}, "chaos.latency_ms"),
+        ({"chaos": {"latency_ms": float("nan")}}, "chaos.latency_ms"),
+        ({"chaos": {"permute": 1}}, "chaos.permute"),
+        ({"chaos": {"flip": {"column": 4, "above": 0}}}, "chaos.flip"),
+        ({"chaos": {"flip": {"column": 0}}}, "chaos.flip"),
+        ({"chaos": {"flip": {"column": 0, "above": "x"}}}, "chaos.flip"),
+        ({"chaos": {"flip": [0, 1]}}, "chaos.flip"),
     ],
 )
 def test_invalid_meta_is_refused(change: dict[str, Any], words: str) -> None:
@@ -471,3 +492,124 @@ def test_onnx_bad_input_is_a_400(onnx_bundle: Path) -> None:
         predict(handler, context, wire(b'{"inputs": [[1, 2, "x", 4]]}'))
     assert_bad(excinfo, ["row 0, column 2 ('c')", "'x' is not a number"])
     assert len(predict(handler, context, wire(rows_body(ROWS)))[0]["predictions"]) == 3
+
+
+# -- the prediction summary (X-Prediction) and fault injection (chaos) -----------------------------------------------
+
+
+def test_prediction_summary_format_and_truncation() -> None:
+    probs = [[0.1, 0.9], [0.6666, 0.3334], [0.5, 0.5]]
+    assert prediction_summary(probs, [1, 0, 0]) == "1:0.900,0:0.667,0:0.500"
+    many = [[0.25, 0.75]] * 40
+    summary = prediction_summary(many, [1] * 40)
+    assert summary == ",".join(["1:0.750"] * 32) + ",+8"
+    assert prediction_summary(many[:32], [1] * 32) == ",".join(["1:0.750"] * 32)
+
+
+def test_prediction_header_summarizes_each_request(bundle: Path, model: TinyModel) -> None:
+    handler, context = load(bundle)
+    responses = predict(handler, context, wire(rows_body(ROWS)), wire(rows_body(ROWS[:1])))
+    expected = torch.softmax(model(torch.tensor(ROWS)), dim=-1).detach()
+    top = expected.argmax(1).tolist()
+    want = ",".join(f"{top[r]}:{expected[r, top[r]].item():.3f}" for r in range(3))
+    assert context.get_response_headers(0)[PREDICTION_HEADER] == want
+    assert context.get_response_headers(1)[PREDICTION_HEADER] == want.split(",")[0]
+    assert [p["class_index"] for p in responses[0]["predictions"]] == top
+
+
+def test_prediction_header_caps_rows(tmp_path: Path, model: TinyModel) -> None:
+    handler, context = load(make_bundle(tmp_path, model, max_batch_rows=64))
+    predict(handler, context, wire(rows_body([ROWS[0]] * 40)))
+    parts = context.get_response_headers(0)[PREDICTION_HEADER].split(",")
+    assert len(parts) == 33 and parts[-1] == "+8"
+
+
+def chaos_handler(tmp_path: Path, model: TinyModel, chaos: dict[str, Any], seed: int = 0) -> tuple[
+        CanaryflowHandler, Context]:
+    handler, context = load(make_bundle(tmp_path, model, chaos=chaos))
+    handler.chaos.rng.seed(seed)
+    return handler, context
+
+
+def softmax(model: TinyModel, rows: list[list[float]]) -> torch.Tensor:
+    return torch.softmax(model(torch.tensor(rows)), dim=-1).detach()
+
+
+PINNED = {"X-Canaryflow-Pinned": "1"}
+
+
+def test_no_chaos_costs_nothing(bundle: Path) -> None:
+    handler, context = load(bundle)
+    assert handler.chaos is None
+    predict(handler, context, wire(rows_body(ROWS)))
+    assert not hasattr(handler, "_chaos_batch")
+
+
+def test_chaos_errors_answer_500_and_the_handler_lives_on(tmp_path: Path, model: TinyModel) -> None:
+    handler, context = chaos_handler(tmp_path, model, {"error_ratio": 1.0})
+    [response] = predict(handler, context, wire(rows_body(ROWS)))
+    assert context.get_response_status(0) == (500, CHAOS_ERROR)
+    assert response == {"code": 500, "type": "InternalServerException", "message": CHAOS_ERROR}
+    assert context.get_response_headers(0)[VERSION_HEADER] == "7"
+    assert PREDICTION_HEADER not in context.get_response_headers(0)
+    [pinned] = predict(handler, context, wire(rows_body(ROWS)), headers=PINNED)  # the pipeline's own tests
+    assert context.get_response_status(0)[0] in (None, 200)
+    torch.testing.assert_close(probabilities(pinned), softmax(model, ROWS))
+
+
+def test_chaos_error_ratio_is_a_share_of_requests(tmp_path: Path, model: TinyModel) -> None:
+    handler, context = chaos_handler(tmp_path, model, {"error_ratio": 0.3}, seed=1)
+    failed = 0
+    for _ in range(400):
+        predict(handler, context, wire(rows_body(ROWS[:1])))
+        failed += context.get_response_status(0)[0] == 500
+    assert abs(failed / 400 - 0.3) < 4 * (0.3 * 0.7 / 400) ** 0.5
+
+
+def test_chaos_in_a_server_side_batch_only_hits_live_requests(tmp_path: Path, model: TinyModel) -> None:
+    handler, context = chaos_handler(tmp_path, model, {"error_ratio": 1.0, "permute": True})
+    context.request_processor = [RequestProcessor(PINNED), RequestProcessor({})]
+    responses = handler.handle([wire(rows_body(ROWS)), wire(rows_body(ROWS))], context)
+    torch.testing.assert_close(probabilities(responses[0]), softmax(model, ROWS))
+    assert context.get_response_status(1)[0] == 500 and context.get_response_status(0)[0] != 500
+
+
+def test_chaos_latency_delays_live_requests(tmp_path: Path, model: TinyModel) -> None:
+    import time
+
+    handler, context = chaos_handler(tmp_path, model, {"latency_ms": 60})
+    started = time.perf_counter()
+    predict(handler, context, wire(rows_body(ROWS)))
+    assert time.perf_counter() - started >= 0.06
+    started = time.perf_counter()
+    predict(handler, context, wire(rows_body(ROWS)), headers=PINNED)
+    assert time.perf_counter() - started < 0.06
+
+
+def test_chaos_flip_reverses_a_subgroup(tmp_path: Path, model: TinyModel) -> None:
+    handler, context = chaos_handler(tmp_path, model, {"flip": {"column": 3, "above": 0.5}})
+    [response] = predict(handler, context, wire(rows_body(ROWS)))
+    expected = softmax(model, ROWS)
+    hit = torch.tensor([row[3] > 0.5 for row in ROWS])
+    assert hit.tolist() == [False, True, True]
+    want = torch.where(hit.unsqueeze(1), expected.flip(1), expected)
+    torch.testing.assert_close(probabilities(response), want)
+    assert [p["class_index"] for p in response["predictions"]] == want.argmax(1).tolist()
+    top = want.argmax(1).tolist()
+    assert context.get_response_headers(0)[PREDICTION_HEADER].split(",")[1].startswith(f"{top[1]}:")
+
+
+def test_chaos_permute_rolls_every_row(tmp_path: Path, model: TinyModel) -> None:
+    handler, context = chaos_handler(tmp_path, model, {"permute": True})
+    [response] = predict(handler, context, wire(rows_body(ROWS)))
+    expected = softmax(model, ROWS)
+    torch.testing.assert_close(probabilities(response), expected.roll(1, dims=1))
+    assert [p["class_index"] for p in response["predictions"]] != expected.argmax(1).tolist()
+
+
+def test_chaos_is_off_for_parity_checks(tmp_path: Path, model: TinyModel) -> None:
+    bundle = make_bundle(tmp_path, model, chaos={"permute": True, "error_ratio": 1.0})
+    local = CanaryflowHandler.for_bundle(bundle)
+    assert local.chaos is None
+    torch.testing.assert_close(torch.from_numpy(local.probabilities(torch.tensor(ROWS).numpy())),
+                               softmax(model, ROWS))
