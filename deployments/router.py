@@ -1,9 +1,16 @@
 """The traffic router: nginx in front of TorchServe, rendered from a routes file.
 
-``routes.json`` holds what the router serves, as data: ``{"routes": {"iris": {"stable": "3"}}}``. A route is a
-dict so that later keys (canary version, weight, sticky users, shadow) join it without a new format. Every
-change re-renders ``nginx.conf`` from ``templates/nginx.conf.j2``, checks it with ``nginx -t`` before it
-replaces the live file, and reloads a running nginx gracefully.
+``routes.json`` holds what the router serves, as data::
+
+    {"routes": {"iris": {"stable": "3"},
+                "wine": {"stable": "1", "canary": "2", "weight": 25.0, "shadow": false}}}
+
+A model without ``canary`` sends all its traffic to ``stable``. With a canary, ``weight`` percent of the unpinned
+requests go to it (nginx ``split_clients``, sticky per user header), or, with ``shadow: true``, stable answers all
+of them and each is copied to the canary (nginx ``mirror``), whose answer is only logged. ``X-Model-Version``
+pins a version and beats both. Every change re-renders ``nginx.conf`` from ``templates/nginx.conf.j2``, checks it
+with ``nginx -t`` before it replaces the live file, and reloads a running nginx gracefully; with client
+keep-alive off (the template) a reload loses no request.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import fcntl
 import hashlib
 import http.client
 import json
+import math
 import os
 import re
 import shutil
@@ -32,7 +40,8 @@ from canaryflow.paths import StatePaths
 from canaryflow.settings import Settings
 
 Routes = dict[str, dict[str, Any]]
-"""``{model: {"stable": version, ...}}``: the ``routes`` member of routes.json."""
+"""``{model: {"stable": version, "canary": version, "weight": percent, "shadow": bool}}`` (canary, weight and
+shadow optional): the ``routes`` member of routes.json."""
 
 MODEL_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
 VERSION_PATTERN = r"[0-9A-Za-z._-]{1,32}"
@@ -45,6 +54,9 @@ _GENERATION_MARK = "@@CANARYFLOW_GENERATION@@"
 # importlib.resources, which fails on the editable install's multiplexed package path.
 _TEMPLATE = Path(__file__).with_name("templates") / "nginx.conf.j2"
 _TEMP_DIRS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+_CANARY_KEYS = ("canary", "weight", "shadow")
+SHADOW_URI = "/_canaryflow/shadow"
+"""The internal location of shadow copies: their access-log lines carry this ``uri`` and ``"shadow": 1``."""
 _apply_lock = threading.Lock()
 
 
@@ -59,23 +71,79 @@ class TrafficRouter(Protocol):
         """Stop routing ``model``; its requests get 404 ModelNotRouted."""
         ...
 
+    def set_split(self, model: str, stable: str, canary: str, weight: float, shadow: bool = False) -> None:
+        """Send ``weight`` percent of ``model``'s unpinned traffic to ``canary``, the rest to ``stable``; with
+        ``shadow``, stable answers everything and each request is copied to ``canary`` (weight ignored)."""
+        ...
+
+    def clear_canary(self, model: str) -> None:
+        """All of ``model``'s traffic back to its stable version; no canary, no shadow copies."""
+        ...
+
     def routes(self) -> Routes:
         """What the router currently serves."""
         ...
 
 
+def _check_version(model: str, role: str, value: Any) -> str:
+    version = str(value if value is not None else "")
+    if not VERSION_RE.match(version):
+        raise ServingError(f"route {model!r}: {role} version {version!r} does not match {VERSION_RE.pattern}")
+    return version
+
+
+def _check_weight(model: str, value: Any, shadow: bool) -> float:
+    """A canary share in percent; nginx's split_clients resolves 0.01 %."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ServingError(f"route {model!r}: weight {value!r} is not a number of percent")
+    weight = float(value)
+    low_ok = weight >= 0 if shadow else weight > 0
+    if not (low_ok and weight <= 100):
+        bound = "0 <= weight <= 100 in shadow mode" if shadow else "0 < weight <= 100"
+        raise ServingError(f"route {model!r}: weight {weight:g} % is out of range; expected {bound}")
+    if abs(weight * 100 - round(weight * 100)) > 1e-6:
+        raise ServingError(f"route {model!r}: weight {weight!r} % has more than 2 decimals; nginx splits in 0.01 % "
+                           "steps, round it")
+    return round(weight, 2)
+
+
 def validate_routes(routes: Mapping[str, Mapping[str, Any]]) -> Routes:
-    """A checked copy of ``routes``; raises ServingError naming the bad model or version."""
+    """A checked, normalized copy of ``routes``; raises ServingError naming the bad model, version or weight.
+
+    A canary needs a weight unless it is a shadow; ``weight`` and ``shadow: true`` need a canary.
+    """
     checked: Routes = {}
     for model, route in routes.items():
         if not MODEL_RE.match(model):
             raise ServingError(f"model name {model!r} does not match {MODEL_RE.pattern}; rename the model")
-        stable = str(route.get("stable", ""))
-        if not VERSION_RE.match(stable):
-            raise ServingError(
-                f"route {model!r}: stable version {stable!r} does not match {VERSION_RE.pattern}")
-        checked[model] = {**route, "stable": stable}
+        out = {**route, "stable": _check_version(model, "stable", route.get("stable"))}
+        shadow = route.get("shadow", False)
+        if not isinstance(shadow, bool):
+            raise ServingError(f"route {model!r}: shadow must be true or false, got {shadow!r}")
+        if route.get("canary") is None:
+            if route.get("weight") is not None or shadow:
+                raise ServingError(f"route {model!r}: weight or shadow without a canary version; set a canary "
+                                   "or clear them")
+            for key in _CANARY_KEYS:
+                out.pop(key, None)
+        else:
+            out["canary"] = _check_version(model, "canary", route["canary"])
+            if out["canary"] == out["stable"]:
+                raise ServingError(f"route {model!r}: canary and stable are both version {out['stable']!r}; "
+                                   "use set_route for a single version")
+            out["shadow"] = shadow
+            if route.get("weight") is not None:
+                out["weight"] = _check_weight(model, route["weight"], shadow)
+            elif not shadow:
+                raise ServingError(f"route {model!r}: canary {out['canary']!r} needs a weight (percent of traffic)")
+            else:
+                out.pop("weight", None)
+        checked[model] = out
     return checked
+
+
+def _percent(weight: float) -> str:
+    return f"{weight:.2f}".rstrip("0").rstrip(".")
 
 
 class NginxRouter:
@@ -118,10 +186,30 @@ class NginxRouter:
         return validate_routes(data.get("routes", {}))
 
     def set_route(self, model: str, version: str) -> None:
-        """Route all of ``model``'s traffic to ``version`` (other keys of its route are kept)."""
+        """Route all of ``model``'s traffic to ``version``: its canary (and split, shadow) is cleared, other keys
+        of its route are kept."""
         routes = self.routes()
-        routes[model] = {**routes.get(model, {}), "stable": str(version)}
+        route = {k: v for k, v in routes.get(model, {}).items() if k not in _CANARY_KEYS}
+        routes[model] = {**route, "stable": str(version)}
         self.apply(routes)
+
+    def set_split(self, model: str, stable: str, canary: str, weight: float, shadow: bool = False) -> None:
+        """``weight`` percent (0 < weight <= 100, 0.01 steps) of ``model``'s unpinned traffic to ``canary``, the
+        rest to ``stable``; users with the sticky header stay on one version while the weight holds, and only move
+        stable -> canary when it grows. With ``shadow``, stable answers all requests and each is also sent to
+        ``canary``, whose answer is only logged; the weight is then kept but ignored (0 allowed)."""
+        routes = self.routes()
+        routes[model] = {**routes.get(model, {}), "stable": str(stable), "canary": str(canary),
+                         "weight": weight, "shadow": shadow}
+        self.apply(routes)
+
+    def clear_canary(self, model: str) -> None:
+        """All of ``model``'s traffic to its stable version again; a no-op without a canary or route."""
+        routes = self.routes()
+        route = routes.get(model)
+        if route is not None and any(key in route for key in _CANARY_KEYS):
+            routes[model] = {k: v for k, v in route.items() if k not in _CANARY_KEYS}
+            self.apply(routes)
 
     def remove_route(self, model: str) -> None:
         """Stop routing ``model``; a no-op when it is not routed."""
@@ -141,8 +229,17 @@ class NginxRouter:
         # Model names are [A-Za-z0-9_.-]: "." is the only regex metacharacter; "[.]" needs no backslash.
         env.filters["regex"] = lambda name: name.replace(".", "[.]")
         template = env.from_string(_TEMPLATE.read_text(encoding="utf-8"))
+        checked = validate_routes(routes)
+        canaries = {m: r for m, r in sorted(checked.items()) if "canary" in r}
+        live = {m: r for m, r in canaries.items() if not r["shadow"]}
+        user_header = s.canary.user_header
         text = template.render(
-            routes=validate_routes(routes), token=token, run_as_root=os.geteuid() == 0,
+            routes=checked, token=token, run_as_root=os.geteuid() == 0,
+            splits=[{"model": m, "stable": r["stable"], "canary": r["canary"], "percent": _percent(r["weight"])}
+                    for m, r in live.items() if r["weight"] < 100],
+            full_canary=[m for m, r in live.items() if r["weight"] >= 100],
+            shadow_models=[m for m, r in canaries.items() if r["shadow"]], shadow_uri=SHADOW_URI,
+            user_header=user_header, user_var="http_" + user_header.lower().replace("-", "_"),
             listen=_hostport(s.host, s.ports.router),
             upstream=_hostport(s.host, s.ports.torchserve_inference),
             # TorchServe times out at response_timeout_s itself; nginx waits a little longer so that its
