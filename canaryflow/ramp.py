@@ -20,6 +20,7 @@ from canaryflow.registry import REASON_TAG, STATUS_TAG
 from canaryflow.release import ReleaseState
 from canaryflow.services import Services
 from deployments import canary as ctl
+from validation.results import judged
 
 if TYPE_CHECKING:
     from deployments.metrics import MetricsSource, Window
@@ -101,6 +102,11 @@ def analyse(svc: Services, st: ReleaseState, status: ctl.CanaryStatus,
         apply_route(svc, st.model, decision.status)
     save_status(svc, st.model, decision.status)
     record(svc, st, decision, window, now)
+    if decision.status.done:
+        st.results.append(judged("canary", decision.action is ctl.Action.PROMOTE, "; ".join(decision.reasons),
+                                 {"analyses": decision.status.iterations, "weight": decision.status.weight,
+                                  "failed_analyses": decision.status.failed_checks},
+                                 {"steps": st.policy.canary.steps}))
     return decision
 
 

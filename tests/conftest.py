@@ -30,7 +30,13 @@ def stack_env(state_dir: Path) -> dict[str, str]:
     # Short load tests keep each release of the suite at a few seconds of locust.
     # A lighter offered load: the suite's own processes share the 2 cores with the servers under test.
     env = {"CANARYFLOW_STATE_DIR": str(state_dir), "CANARYFLOW_LOADTEST__DURATION_S": "4",
-           "CANARYFLOW_LOADTEST__TARGET_RPS": "40", "CANARYFLOW_LOADTEST__MIN_RPS": "20"}
+           "CANARYFLOW_LOADTEST__TARGET_RPS": "40", "CANARYFLOW_LOADTEST__MIN_RPS": "20",
+           # A short ramp with fault injection allowed (tests/e2e/test_canary.py); the defaults are 5/25/50/100 %
+           # every 30 s with 50 requests per version.
+           "CANARYFLOW_CANARY__STEPS": "[20, 50, 100]", "CANARYFLOW_CANARY__INTERVAL_S": "3",
+           "CANARYFLOW_CANARY__MIN_REQUESTS": "25", "CANARYFLOW_CANARY__STEP_DEADLINE_S": "90",
+           "CANARYFLOW_CANARY__RETIRE_GRACE_S": "2", "CANARYFLOW_CANARY__ALLOW_CHAOS": "true",
+           "CANARYFLOW_RECONCILE__MISSED_AFTER_S": "15"}
     for name, port in zip(PORT_NAMES, free_ports(len(PORT_NAMES)), strict=True):
         env[f"CANARYFLOW_PORTS__{name.upper()}"] = str(port)
     # Python worker ports of TorchServe: a block unlikely to be in use by another stack.

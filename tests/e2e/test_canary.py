@@ -1,0 +1,224 @@
+"""The canary on the real stack: a good candidate is ramped in and promoted; injected errors, injected latency and
+drifted predictions are each rolled back by the right check; a release killed at its first step is repaired by
+reconcile; a missed webhook is picked up by reconcile; a manual rollback restores the previous champion.
+
+Live traffic comes from tests/live_traffic.py (unpinned, sticky users) through the router. The stack runs a short
+ramp (tests/conftest.py: 20/50/100 % every 3 s, 25 requests per version) with fault injection allowed: a version
+tagged ``canaryflow.chaos`` at registration misbehaves on live traffic only (its pinned smoke and load tests pass).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import mlflow
+import psutil
+import pytest
+import torch
+from mlflow import MlflowClient
+from mlflow.models import infer_signature
+
+from canaryflow.datasets import frame, log_release_datasets
+from canaryflow.demo import train_classifier, wait_for_release
+from canaryflow.orchestrator import PrefectLauncher
+from canaryflow.reconcile import reconcile
+from canaryflow.services import Services
+from tests.live_traffic import LiveTraffic
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
+MODEL = "canary-model"
+
+
+def register(stack, seed: int, name: str = MODEL, tags: dict | None = None, flip_labels: bool = False) -> str:
+    """Train, log and register a version (with version tags set at creation, before its webhook fires)."""
+    model, (x_tr, y_tr), (x_te, y_te), _ = train_classifier(seed, flip_labels=flip_labels)
+    mlflow.set_tracking_uri(stack.settings.mlflow_uri)
+    client = MlflowClient(stack.settings.mlflow_uri)
+    with torch.no_grad():
+        scores = model(torch.from_numpy(x_te[:5])).numpy()
+    with mlflow.start_run() as run:
+        log_release_datasets(frame(x_tr, y_tr), frame(x_te, y_te))
+        info = mlflow.pytorch.log_model(model, name="model", signature=infer_signature(x_te[:5], scores),
+                                        input_example=x_te[:5])
+    try:
+        client.create_registered_model(name)
+    except mlflow.exceptions.MlflowException:
+        pass  # exists
+    mv = client.create_model_version(name, info.model_uri, run.info.run_id,
+                                     tags={k: json.dumps(v) for k, v in (tags or {}).items()})
+    return str(mv.version)
+
+
+@pytest.fixture(scope="module")
+def rows() -> object:
+    _, _, (x_te, _), _ = train_classifier(0, epochs=1)
+    return x_te
+
+
+@pytest.fixture(scope="module")
+def svc(stack) -> Services:
+    return Services(stack.settings)
+
+
+@pytest.fixture(scope="module")
+def champion(stack, rows) -> str:
+    version = register(stack, seed=0)
+    assert wait_for_release(stack.settings.mlflow_uri, MODEL, version, 400).status == "released"
+    return version
+
+
+def traffic(stack, rows, model: str = MODEL) -> LiveTraffic:
+    return LiveTraffic(stack.settings.router_url, model, rows, rps=40, user_header=stack.settings.canary.user_header)
+
+
+def serving_state(svc: Services, model: str = MODEL) -> tuple[str | None, dict, str | None]:
+    """(champion alias, router route, TorchServe default version)."""
+    return (svc.registry.alias_version(model, "champion"), svc.router.routes().get(model, {}),
+            svc.backend.default_version(model))
+
+
+def test_good_candidate_is_ramped_in_and_promoted(stack, svc, rows, champion) -> None:
+    with traffic(stack, rows) as live:
+        version = register(stack, seed=1)
+        outcome = wait_for_release(stack.settings.mlflow_uri, MODEL, version, 400)
+    assert outcome.status == "released", outcome
+    assert serving_state(svc) == (version, {"stable": version}, version)
+    assert svc.registry.alias_version(MODEL, "previous") == champion
+    tags = svc.registry.get_version(MODEL, version).tags
+    status = json.loads(tags["canaryflow.canary"])
+    assert status["phase"] == "promoted" and status["iterations"] >= 2, status
+    assert tags["canaryflow.gate.canary"].startswith("passed: every check passed at 50%"), tags
+    assert live.served_by(version) > 0 and live.served_by(champion) > 0  # both answered during the ramp
+    assert live.errors == [] and all(status == 200 for status, _ in live.counts), live.counts
+    client = MlflowClient(stack.settings.mlflow_uri)
+    run_id = tags["canaryflow.release_run"]
+    weights = [m.value for m in client.get_metric_history(run_id, "canary.weight")]
+    assert 20.0 in weights and weights[-1] == 100.0, weights
+    assert "canary/canary_timeline.png" in [a.path for a in client.list_artifacts(run_id, "canary")]
+    deadline = time.monotonic() + 60  # the old champion is retired after the grace period
+    while champion in svc.backend.versions(MODEL) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert champion not in svc.backend.versions(MODEL)
+
+
+@pytest.mark.parametrize(("chaos", "check"), [
+    ({"error_ratio": 0.3}, "errors: error ratio"),
+    ({"latency_ms": 40}, "p95"),
+], ids=["injected-errors", "injected-latency"])
+def test_faulty_candidate_is_rolled_back_by_the_right_check(stack, svc, rows, champion, chaos, check) -> None:
+    before = svc.registry.alias_version(MODEL, "champion")
+    with traffic(stack, rows) as live:
+        version = register(stack, seed=5, tags={"canaryflow.chaos": chaos})
+        outcome = wait_for_release(stack.settings.mlflow_uri, MODEL, version, 400)
+    assert outcome.status == "rolled_back", outcome
+    assert check in outcome.reason, outcome.reason
+    assert serving_state(svc) == (before, {"stable": before}, before)
+    assert version not in svc.backend.versions(MODEL)
+    assert live.served_by(before) > 0
+
+
+def test_candidate_with_drifted_predictions_is_rolled_back_by_prediction_drift(stack, svc, rows, champion) -> None:
+    before = svc.registry.alias_version(MODEL, "champion")
+    with traffic(stack, rows):
+        version = register(stack, seed=2, flip_labels=True)  # same speed, no errors, opposite answers
+        outcome = wait_for_release(stack.settings.mlflow_uri, MODEL, version, 400)
+    assert outcome.status == "rolled_back", outcome
+    assert "prediction_drift: PSI of predicted classes" in outcome.reason, outcome.reason
+    assert "errors" not in outcome.reason.split("prediction_drift")[0]
+    assert serving_state(svc) == (before, {"stable": before}, before)
+
+
+def _flow_run_process(run_id: str) -> psutil.Process | None:
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if proc.environ().get("PREFECT__FLOW_RUN_ID") == run_id:
+                return proc
+        except (psutil.Error, OSError):
+            continue
+    return None
+
+
+def test_release_killed_at_its_first_step_is_resumed_by_reconcile(stack, svc, rows, champion) -> None:
+    launcher = PrefectLauncher(stack.settings.prefect_api_url, stack.settings.prefect.release_deployment)
+    before = svc.registry.alias_version(MODEL, "champion")
+    with traffic(stack, rows):
+        # a slower first step, so the kill lands while 20 % of traffic is on the candidate
+        svc.registry.set_model_tag(MODEL, "canaryflow.policy", json.dumps({"canary": {"interval_s": 6}}))
+        version = register(stack, seed=3)
+        deadline = time.monotonic() + 300
+        status = None
+        while time.monotonic() < deadline:
+            raw = svc.registry.get_version(MODEL, version).tags.get("canaryflow.canary")
+            status = json.loads(raw) if raw else None
+            if status and status["phase"] == "progressing" and status["weight"] == 20.0:
+                break
+            time.sleep(0.5)
+        assert status and status["weight"] == 20.0, status
+        run = [r for r in launcher.list_flow_runs(MODEL, version) if r["state_type"] == "RUNNING"][0]
+        proc = _flow_run_process(run["id"])
+        assert proc is not None, "flow run process not found"
+        os.kill(proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and launcher.list_flow_runs(MODEL, version)[0]["state_type"] == "RUNNING":
+            time.sleep(1)
+        assert launcher.list_flow_runs(MODEL, version)[0]["state_type"] == "CRASHED"
+        tags = svc.registry.get_version(MODEL, version).tags
+        assert tags["canaryflow.status"] == "canary"  # left half-way
+        assert svc.router.routes()[MODEL]["canary"] == version  # 20 % of users still on it
+        actions = reconcile(svc, launcher)
+        assert any(f"v{version}: release left half-way" in a for a in actions), actions
+        outcome = wait_for_release(stack.settings.mlflow_uri, MODEL, version, 400)
+    svc.registry.client.delete_registered_model_tag(MODEL, "canaryflow.policy")
+    assert outcome.status == "released", outcome
+    final = json.loads(svc.registry.get_version(MODEL, version).tags["canaryflow.canary"])
+    assert final["started_at"] == status["started_at"]  # the same ramp, resumed, not started over
+    assert len(launcher.list_flow_runs(MODEL, version)) == 2
+    assert serving_state(svc)[0] == version and before != version
+
+
+def test_missed_webhook_is_picked_up_by_reconcile(stack, svc) -> None:
+    client = MlflowClient(stack.settings.mlflow_uri)
+    hook = [w for w in client.list_webhooks() if w.name == stack.settings.webhook.name][0]
+    client.update_webhook(hook.webhook_id, status="DISABLED")
+    try:
+        version = register(stack, seed=4, name="missed-model")
+    finally:
+        client.update_webhook(hook.webhook_id, status="ACTIVE")
+    launcher = PrefectLauncher(stack.settings.prefect_api_url, stack.settings.prefect.release_deployment)
+    time.sleep(3)
+    assert launcher.list_flow_runs("missed-model", version) == []  # the webhook never came
+    assert not [a for a in reconcile(svc, launcher) if "missed-model" in a]  # too recent: a webhook may be late
+    time.sleep(stack.settings.reconcile.missed_after_s)
+    actions = reconcile(svc, launcher)  # (or the scheduled pass got there first: then nothing is left to do)
+    runs = launcher.list_flow_runs("missed-model", version)
+    assert len(runs) == 1, (actions, runs)
+    outcome = wait_for_release(stack.settings.mlflow_uri, "missed-model", version, 400)
+    assert outcome.status == "released", outcome
+    assert reconcile(svc, launcher) == []  # nothing left to reconcile
+
+
+def test_manual_rollback_restores_the_previous_champion(stack, svc, champion) -> None:
+    current = svc.registry.alias_version(MODEL, "champion")
+    previous = svc.registry.alias_version(MODEL, "previous")
+    assert previous and previous != current
+    exe = str(Path(sys.executable).parent / "canaryflow")
+    env = {**os.environ, "COLUMNS": "200"}
+    first = subprocess.run([exe, "rollback", MODEL, "--reason", "on-call saw a p99 regression"], env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0 and "rolled back" in first.stdout, first.stdout + first.stderr
+    assert serving_state(svc) == (previous, {"stable": previous}, previous)
+    tags = svc.registry.get_version(MODEL, current).tags
+    assert tags["canaryflow.status"] == "rolled_back" and "on-call saw a p99 regression" in tags["canaryflow.reason"]
+    resp = httpx.post(f"{stack.settings.router_url}/predictions/{MODEL}", json={"inputs": [[1.0] * 30]}, timeout=30)
+    assert resp.status_code == 200 and resp.json()["model_version"] == previous
+    again = subprocess.run([exe, "rollback", MODEL, "--reason", "clicked twice"], env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert again.returncode == 0 and "nothing to do" in again.stdout, again.stdout + again.stderr
+    assert serving_state(svc) == (previous, {"stable": previous}, previous)

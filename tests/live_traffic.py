@@ -1,0 +1,67 @@
+"""Live (unpinned) traffic through the real router for tests that need a canary to see requests."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import Counter
+from types import TracebackType
+
+import httpx
+import numpy as np
+
+
+class LiveTraffic:
+    """Sends ``rps`` requests per second from ``threads`` threads, each request from one of ``users`` sticky user
+    ids; counts answers per (status, version). Use as a context manager."""
+
+    def __init__(self, router_url: str, model: str, rows: np.ndarray, rps: float = 40.0, threads: int = 2,
+                 users: int = 200, user_header: str = "X-User-Id") -> None:
+        self.url = f"{router_url}/predictions/{model}"
+        self.bodies = [{"inputs": [r]} for r in np.round(np.asarray(rows, dtype=np.float64), 5).tolist()]
+        self.interval = threads / rps
+        self.threads, self.users, self.user_header = threads, users, user_header
+        self.counts: Counter[tuple[int, str]] = Counter()
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._workers: list[threading.Thread] = []
+
+    def __enter__(self) -> LiveTraffic:
+        for k in range(self.threads):
+            t = threading.Thread(target=self._run, args=(k,), daemon=True, name=f"live-traffic-{k}")
+            t.start()
+            self._workers.append(t)
+        return self
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self._stop.set()
+        for t in self._workers:
+            t.join(timeout=30)
+
+    def _run(self, k: int) -> None:
+        bodies = itertools.cycle(self.bodies[k::self.threads] or self.bodies)
+        users = itertools.cycle(range(k, self.users, self.threads))
+        next_at = time.monotonic()
+        with httpx.Client(timeout=30) as client:
+            while not self._stop.is_set():
+                try:
+                    resp = client.post(self.url, json=next(bodies), headers={self.user_header: f"u{next(users)}"})
+                    key = (resp.status_code, resp.headers.get("X-Model-Version", ""))
+                except httpx.HTTPError as exc:
+                    key = (0, "")
+                    with self._lock:
+                        self.errors.append(repr(exc))
+                with self._lock:
+                    self.counts[key] += 1
+                next_at += self.interval
+                self._stop.wait(max(0.0, next_at - time.monotonic()))
+
+    def total(self) -> int:
+        with self._lock:
+            return sum(self.counts.values())
+
+    def served_by(self, version: str) -> int:
+        with self._lock:
+            return sum(n for (status, v), n in self.counts.items() if v == version and status == 200)
