@@ -1,0 +1,313 @@
+"""Per-version canary measurements from the router: the local :class:`MetricsSource` reads nginx's access log.
+
+One JSON line per request (``deployments/templates/nginx.conf.j2``), one more per shadow copy. A
+:class:`Window` gathers, for one model and a time range of the lines' ``ts`` (when nginx logged them, epoch
+seconds), per version: requests, 5xx errors, latencies, predicted classes and top scores; in shadow mode also how
+often the canary's copy predicted what stable answered (paired by request id).
+
+nginx writes its log buffer at least every second (``flush=1s``), and the old and new workers of a reload write
+their buffers independently: ask for windows that ended at least 2 s ago (``end <= time.time() - FLUSH_DELAY_S``),
+or the newest lines are not there yet.
+
+Pinned requests (``X-Model-Version``: the pipeline's own warm-up, smoke and load tests) are left out of every
+count, as are lines without a version (404 ModelNotRouted and the like).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol
+
+import numpy as np
+
+from canaryflow.errors import MetricsSourceError
+
+FLUSH_DELAY_S = 2.0
+"""How long ago a window should have ended for all its lines to be in the log (1 s flush, reload overlap)."""
+REORDER_S = 5.0
+"""Lines may be out of ``ts`` order by this much (workers of a reload flush their own buffers)."""
+_SEARCH_BLOCK = 64 << 10  # below this many bytes, scan instead of bisecting
+_TS_PREFIX = b'{"ts":'
+_HEAD_BYTES = 64
+
+
+@dataclass
+class VersionWindow:
+    """What one version answered in a window. ``requests``, ``errors`` and ``latencies_ms`` are client answers
+    (non-shadow lines); shadow copies are counted in ``shadow_*``. ``classes`` and ``scores`` come from the
+    prediction summaries of both (a version is either split or shadowed at a time)."""
+
+    version: str
+    requests: int = 0
+    errors: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+    classes: dict[str, int] = field(default_factory=dict)
+    scores: list[float] = field(default_factory=list)
+    shadow_requests: int = 0
+    shadow_errors: int = 0
+    shadow_latencies_ms: list[float] = field(default_factory=list)
+
+    @property
+    def error_ratio(self) -> float:
+        """5xx answers (TorchServe's and nginx's 502/504) over requests; 0.0 without requests."""
+        return self.errors / self.requests if self.requests else 0.0
+
+    @property
+    def shadow_error_ratio(self) -> float:
+        return self.shadow_errors / self.shadow_requests if self.shadow_requests else 0.0
+
+    def _percentile(self, q: float) -> float | None:
+        return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else None
+
+    @property
+    def p50_ms(self) -> float | None:
+        return self._percentile(50)
+
+    @property
+    def p95_ms(self) -> float | None:
+        return self._percentile(95)
+
+    @property
+    def p99_ms(self) -> float | None:
+        return self._percentile(99)
+
+
+@dataclass
+class Window:
+    """One model's measurements for lines with ``start <= ts < end``."""
+
+    model: str
+    start: float
+    end: float
+    versions: dict[str, VersionWindow] = field(default_factory=dict)
+    shadow_pairs: int = 0
+    """Request ids with a successful client answer and a successful shadow answer (both with predictions)."""
+    shadow_agreements: int = 0
+    """Pairs whose predicted classes agree on every row."""
+    lines: int = 0
+    """Well-formed lines of this model in the window (pinned included)."""
+    bad_lines: int = 0
+    """Malformed lines met in the window's part of the log: skipped."""
+
+    def get(self, version: str) -> VersionWindow:
+        """The version's measurements; an empty one when it answered nothing."""
+        return self.versions.get(str(version)) or VersionWindow(str(version))
+
+    @property
+    def shadow_agreement(self) -> float | None:
+        """Share of shadow pairs that agree; None without pairs."""
+        return self.shadow_agreements / self.shadow_pairs if self.shadow_pairs else None
+
+
+class MetricsSource(Protocol):
+    """Per-version measurements of a model's live traffic (router access log locally, Prometheus on Kubernetes).
+
+    Raises MetricsSourceError when the source cannot be read: that is not a model failure."""
+
+    def window(self, model: str, start: float, end: float) -> Window: ...
+
+
+def parse_prediction(summary: str) -> tuple[list[str], list[float], int] | None:
+    """``"0:0.973,2:0.511,+3"`` -> (classes, top scores, rows left out); None when empty or malformed."""
+    if not summary:
+        return None
+    classes, scores, more = [], [], 0
+    try:
+        for part in summary.split(","):
+            if part.startswith("+"):
+                more = int(part[1:])
+                continue
+            cls, _, score = part.partition(":")
+            if not cls:
+                return None
+            scores.append(float(score))
+            classes.append(cls)
+    except ValueError:
+        return None
+    return classes, scores, more
+
+
+@dataclass
+class _Cursor:
+    inode: int
+    head: bytes  # the file's first bytes: a file truncated and written again (copytruncate) has another head
+    start: float
+    offset: int
+
+
+class AccessLogMetrics:
+    """The local :class:`MetricsSource`: the router's JSON access log at ``path``.
+
+    Fast on logs of millions of lines: lines are in ``ts`` order (give or take ``REORDER_S``), so the first line
+    of a window is found by bisecting the file, starting from the offset remembered for the last window's start
+    when the new start is not earlier (windows move forward); only the window's own lines are parsed. A file that
+    shrank or was replaced (rotation) is read from its beginning.
+    """
+
+    _cursors: dict[str, _Cursor] = {}  # per path, shared by instances: callers often make a new one per analysis
+    _lock = threading.Lock()
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def window(self, model: str, start: float, end: float) -> Window:
+        """Measurements of ``model`` for lines with ``start <= ts < end``; an empty Window without a log yet."""
+        win = Window(model, start, end)
+        try:
+            fh = open(self.path, "rb")  # noqa: SIM115 (closed below)
+        except FileNotFoundError:
+            return win  # no request logged yet
+        except OSError as exc:
+            raise MetricsSourceError(f"cannot open the router access log {self.path}: {exc}; check its "
+                                     "permissions") from exc
+        try:
+            with fh:
+                st = os.fstat(fh.fileno())
+                offset = self._first_offset(fh, st, start - REORDER_S)
+                _Aggregator(win).read(fh, offset, start, end)
+        except OSError as exc:
+            raise MetricsSourceError(f"cannot read the router access log {self.path}: {exc}") from exc
+        return win
+
+    def _first_offset(self, fh: BinaryIO, st: os.stat_result, since: float) -> int:
+        """Offset of a line at or before the first line with ``ts >= since``; remembered for the next call."""
+        key = str(self.path.resolve())
+        fh.seek(0)
+        head = fh.read(_HEAD_BYTES)
+        with self._lock:
+            cursor = self._cursors.get(key)
+        low = 0
+        if (cursor is not None and (cursor.inode, cursor.head) == (st.st_ino, head) and cursor.offset <= st.st_size
+                and since >= cursor.start):
+            low = cursor.offset
+        offset = _bisect(fh, low, st.st_size, since)
+        with self._lock:
+            self._cursors[key] = _Cursor(st.st_ino, head, since, offset)
+        return offset
+
+
+def _line_ts(line: bytes) -> float | None:
+    """The ``ts`` of a log line, without parsing all of it; None when the line is not one of ours."""
+    if line.startswith(_TS_PREFIX):
+        comma = line.find(b",", len(_TS_PREFIX))
+        try:
+            return float(line[len(_TS_PREFIX) : comma])
+        except ValueError:
+            return None
+    return None
+
+
+def _bisect(fh: BinaryIO, low: int, high: int, since: float) -> int:
+    """A line-start offset in [low, high] at or before the first line with ``ts >= since``."""
+    while high - low > _SEARCH_BLOCK:
+        mid = (low + high) // 2
+        fh.seek(mid)
+        fh.readline()  # the rest of the line mid fell into
+        line_start = fh.tell()
+        ts = None
+        while ts is None and fh.tell() < high:
+            line = fh.readline()
+            if not line.endswith(b"\n"):
+                break
+            ts = _line_ts(line)
+        if ts is None or ts >= since:
+            high = mid
+        else:
+            low = line_start
+    return low
+
+
+def _lines(fh: BinaryIO, offset: int) -> Iterator[bytes]:
+    fh.seek(offset)
+    for line in fh:
+        if not line.endswith(b"\n"):
+            return  # being written: the next window gets it whole
+        yield line
+
+
+class _Aggregator:
+    def __init__(self, win: Window) -> None:
+        self.win = win
+        self.model_tag = b'"model":"' + win.model.encode() + b'"'
+        self.client: dict[str, tuple[tuple[str, ...], int]] = {}
+        self.shadow: dict[str, tuple[tuple[str, ...], int]] = {}
+
+    def read(self, fh: BinaryIO, offset: int, start: float, end: float) -> None:
+        win, inside, stop_after = self.win, False, end + REORDER_S
+        for line in _lines(fh, offset):
+            ts = _line_ts(line)
+            record = None
+            if ts is None:  # not our fast format: parse it all before calling it bad
+                record = _parse(line)
+                ts = record.get("ts") if record is not None else None
+                if not isinstance(ts, int | float) or isinstance(ts, bool):
+                    win.bad_lines += inside
+                    continue
+            if ts >= stop_after:
+                break
+            inside = inside or ts >= start
+            if not (start <= ts < end) or self.model_tag not in line:
+                continue
+            record = record or _parse(line)
+            if record is None or record.get("model") != win.model:
+                win.bad_lines += record is None
+                continue
+            if self.add(record):
+                win.lines += 1
+            else:
+                win.bad_lines += 1
+        self.pair()
+
+    def add(self, rec: dict[str, Any]) -> bool:
+        """Count one well-formed line; False when a field has the wrong type."""
+        try:
+            status, seconds = int(rec["status"]), float(rec["request_time"])
+        except (KeyError, TypeError, ValueError):
+            return False
+        if rec.get("pinned") in (1, "1", True):
+            return True
+        version = str(rec.get("version") or rec.get("upstream_version") or rec.get("cf_version") or "")
+        if not version:
+            return True
+        vw = self.win.versions.get(version)
+        if vw is None:
+            vw = self.win.versions[version] = VersionWindow(version)
+        shadow = rec.get("shadow") in (1, "1", True)
+        if shadow:
+            vw.shadow_requests += 1
+            vw.shadow_errors += status >= 500
+            vw.shadow_latencies_ms.append(seconds * 1000)
+        else:
+            vw.requests += 1
+            vw.errors += status >= 500
+            vw.latencies_ms.append(seconds * 1000)
+        parsed = parse_prediction(str(rec.get("prediction") or "")) if status < 400 else None
+        if parsed is not None:
+            classes, scores, more = parsed
+            for cls in classes:
+                vw.classes[cls] = vw.classes.get(cls, 0) + 1
+            vw.scores.extend(scores)
+            request_id = str(rec.get("request_id") or "")
+            if request_id:
+                (self.shadow if shadow else self.client)[request_id] = (tuple(classes), more)
+        return True
+
+    def pair(self) -> None:
+        for request_id, answer in self.shadow.items():
+            client = self.client.get(request_id)
+            if client is not None:
+                self.win.shadow_pairs += 1
+                self.win.shadow_agreements += client == answer
+
+
+def _parse(line: bytes) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
