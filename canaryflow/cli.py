@@ -153,7 +153,7 @@ def demo(keep: Annotated[bool, typer.Option("--keep", help="leave the stack runn
         load = start_live_load(s.router_url, d.DEMO_MODEL, rows, live, load_dir, s.canary.user_header)
         console.print(f"live load started: locust, {live.users} users, {live.target_rps:g} req/s, sticky on "
                       f"{s.canary.user_header}")
-        _demo_release(s, "v2: retrain (new seed); the canary ramps it in", seed=1, expect="released")
+        _demo_release(s, "v2: retrain (new seed); the canary ramps it in", seed=4, expect="released")
         _demo_release(s, "v3: a data bug flipped the labels upstream: offline gates pass, predictions invert",
                       seed=2, flip_labels=True, expect="rolled_back")
         stats = stop_live_load(load, load_dir)

@@ -86,7 +86,7 @@ def serving_state(svc: Services, model: str = MODEL) -> tuple[str | None, dict, 
 
 def test_good_candidate_is_ramped_in_and_promoted(stack, svc, rows, champion) -> None:
     with traffic(stack, rows) as live:
-        version = register(stack, seed=1)
+        version = register(stack, seed=4)
         outcome = wait_for_release(stack.settings.mlflow_uri, MODEL, version, 400)
     assert outcome.status == "released", outcome
     assert serving_state(svc) == (version, {"stable": version}, version)
