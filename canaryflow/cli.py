@@ -116,6 +116,49 @@ def reconcile(state_dir: StateDir = None) -> None:
 
 
 @app.command()
+def score(model: str, input: Annotated[str, typer.Argument(help="Parquet file or directory: path or fsspec URI")],
+          alias: Annotated[str | None, typer.Option(help="registry alias (default: batch.alias, champion)")] = None,
+          version: Annotated[str | None, typer.Option("--version", help="a version instead of an alias")] = None,
+          output: Annotated[str | None, typer.Option(help="output directory (default <state>/batch-output)")] = None,
+          chunk_rows: Annotated[int | None, typer.Option(help="rows per part (default 65536)")] = None,
+          keep: Annotated[list[str] | None, typer.Option(help="input column copied to the output (repeat)")] = None,
+          allow_unreleased: Annotated[bool, typer.Option(help="score a version that was never released")] = False,
+          as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
+          state_dir: StateDir = None) -> None:
+    """Score a Parquet dataset with the champion (or --version) in-process, resumable (the batch flow's code)."""
+    import os
+
+    from rich.markdown import Markdown
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from canaryflow.batch import run_batch
+    from canaryflow.batch_report import markdown
+    from canaryflow.errors import CanaryflowError
+
+    if state_dir is not None:
+        os.environ["CANARYFLOW_STATE_DIR"] = str(state_dir)
+        reset_settings()
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
+               TextColumn("{task.fields[speed]}"), TimeRemainingColumn()]
+    try:
+        with Progress(*columns, console=console, transient=as_json) as bar:
+            task = bar.add_task(f"{model}: resolving", total=None, speed="")
+            summary = run_batch(
+                get_settings(), model, input, alias=alias, version=version, output_dir=output, chunk_rows=chunk_rows,
+                keep_columns=keep, allow_unreleased=allow_unreleased or None,
+                on_job=lambda job: bar.update(task, total=job.total_rows, description=(
+                    f"{model} v{job.model.version} ({job.model.variant})")),
+                on_part=lambda p: bar.update(task, completed=p.rows_done, speed=f"{p.rows_per_s:,.0f} rows/s"))
+    except CanaryflowError as exc:
+        console.print(f"[red]batch inference failed[/]: {exc}", highlight=False)
+        raise typer.Exit(1) from exc
+    if as_json:
+        print(json.dumps(summary, indent=2, default=str))
+    else:
+        console.print(Markdown(markdown(summary)))
+
+
+@app.command()
 def demo(keep: Annotated[bool, typer.Option("--keep", help="leave the stack running")] = False,
          state_dir: StateDir = None) -> None:
     """The whole release story on a local stack: v1 released, v2 promoted through the canary under live load,

@@ -148,7 +148,19 @@ class BatchSettings(BaseModel):
     chunk_rows: int = Field(65536, ge=1)
     on_bad_rows: str = Field("reject", pattern="^(reject|fail)$")
     output_dir: Path = Field(Path("batch-output"), description="relative paths are under the state dir")
+    # the cron of the scheduled deployment in prefect.yaml (kept equal by a unit test; edit both)
     schedule_cron: str = "0 2 * * *"
+    # what the scheduled deployment scores when its parameters do not say (unset: the run is skipped, not failed)
+    model: str | None = Field(None, description="registered model name")
+    input: str | None = Field(None, description="Parquet file or directory: local path or fsspec URI")
+    alias: str = "champion"
+    allow_unreleased: bool = Field(False, description="score a never-released version (exported, unoptimized)")
+    max_parallel: int = Field(2, ge=1, description="chunks scored at once; one more is read ahead")
+    score_rows: int = Field(8192, ge=1, description="rows per model call (torch.export: at most its max batch)")
+    row_expectations: bool = Field(True, description="reject rows outside the release's expectation ranges")
+    drift_sample_rows: int = Field(10000, ge=100, description="scored rows sampled for the drift report")
+    experiment: str = "canaryflow-batch"
+    dask_address: str | None = Field(None, description="Dask scheduler (needs the [dask] extra); unset: threads")
 
 
 class Settings(BaseSettings):
