@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -65,6 +66,13 @@ def child_env(settings: Settings, paths: StatePaths) -> dict[str, str]:
         "DO_NOT_TRACK": "1", "MLFLOW_ENABLE_TELEMETRY": "false", "PYTHONUNBUFFERED": "1",
     })
     env.update({f"CANARYFLOW_PORTS__{k.upper()}": str(v) for k, v in settings.ports.model_dump().items()})
+    # The whole tree, not only what came from the environment: a stack built from a Settings object (the benches)
+    # runs its flows with the same policy.
+    for section in ("serving", "release", "gates", "optimization", "loadtest", "canary", "reconcile", "batch"):
+        for key, value in getattr(settings, section).model_dump(mode="json").items():
+            if value is not None:
+                env[f"CANARYFLOW_{section.upper()}__{key.upper()}"] = value if isinstance(value, str) else \
+                    json.dumps(value)
     return env
 
 
