@@ -2,7 +2,7 @@
 drifted predictions are each rolled back by the right check; a release killed at its first step is repaired by
 reconcile; a missed webhook is picked up by reconcile; a manual rollback restores the previous champion.
 
-Live traffic comes from tests/live_traffic.py (unpinned, sticky users) through the router. The stack runs a short
+Live traffic comes from deployments/traffic.py (unpinned, sticky users) through the router. The stack runs a short
 ramp (tests/conftest.py: 20/50/100 % every 3 s, 25 requests per version) with fault injection allowed: a version
 tagged ``canaryflow.chaos`` at registration misbehaves on live traffic only (its pinned smoke and load tests pass).
 """
@@ -30,7 +30,7 @@ from canaryflow.demo import train_classifier, wait_for_release
 from canaryflow.orchestrator import PrefectLauncher
 from canaryflow.reconcile import reconcile
 from canaryflow.services import Services
-from tests.live_traffic import LiveTraffic
+from deployments.traffic import LiveTraffic
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 MODEL = "canary-model"

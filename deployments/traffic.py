@@ -1,4 +1,6 @@
-"""Live (unpinned) traffic through the real router for tests that need a canary to see requests."""
+"""Live (unpinned) traffic through the router from Python threads, with exact accounting: the e2e tests and the
+canary benchmark use it (the demo uses locust). Every answer is recorded: time, status, answering version and
+whether the row belongs to a subgroup the caller marks (e.g. the rows a fault flips)."""
 
 from __future__ import annotations
 
@@ -6,10 +8,20 @@ import itertools
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 from types import TracebackType
 
 import httpx
 import numpy as np
+
+
+@dataclass(frozen=True)
+class Answer:
+    t: float  # epoch seconds when the answer arrived
+    status: int  # 0: no HTTP answer
+    version: str
+    subgroup: bool
 
 
 class LiveTraffic:
@@ -17,9 +29,12 @@ class LiveTraffic:
     ids; counts answers per (status, version). Use as a context manager."""
 
     def __init__(self, router_url: str, model: str, rows: np.ndarray, rps: float = 40.0, threads: int = 2,
-                 users: int = 200, user_header: str = "X-User-Id") -> None:
+                 users: int = 200, user_header: str = "X-User-Id",
+                 subgroup: Callable[[list[float]], bool] | None = None) -> None:
         self.url = f"{router_url}/predictions/{model}"
-        self.bodies = [{"inputs": [r]} for r in np.round(np.asarray(rows, dtype=np.float64), 5).tolist()]
+        rows = np.round(np.asarray(rows, dtype=np.float64), 5).tolist()
+        self.bodies = [({"inputs": [r]}, bool(subgroup(r)) if subgroup else False) for r in rows]
+        self.answers: list[Answer] = []
         self.interval = threads / rps
         self.threads, self.users, self.user_header = threads, users, user_header
         self.counts: Counter[tuple[int, str]] = Counter()
@@ -46,8 +61,9 @@ class LiveTraffic:
         next_at = time.monotonic()
         with httpx.Client(timeout=30) as client:
             while not self._stop.is_set():
+                body, marked = next(bodies)
                 try:
-                    resp = client.post(self.url, json=next(bodies), headers={self.user_header: f"u{next(users)}"})
+                    resp = client.post(self.url, json=body, headers={self.user_header: f"u{next(users)}"})
                     key = (resp.status_code, resp.headers.get("X-Model-Version", ""))
                 except httpx.HTTPError as exc:
                     key = (0, "")
@@ -55,6 +71,7 @@ class LiveTraffic:
                         self.errors.append(repr(exc))
                 with self._lock:
                     self.counts[key] += 1
+                    self.answers.append(Answer(time.time(), key[0], key[1], marked))
                 next_at += self.interval
                 self._stop.wait(max(0.0, next_at - time.monotonic()))
 
