@@ -4,10 +4,10 @@ Plain functions (no Prefect): :func:`prepare` resolves the model and plans the r
 input in chunks through an executor (threads here, a Prefect task runner in flows/batch_inference.py),
 :func:`finish` proves the output adds up and reports it; :func:`run_batch` chains them (the CLI).
 
-Output: ``<output_dir>/<model>/v<version>/<input name>-<run key>/`` with ``part-<file>-<chunk>.parquet``,
-``rejects/``, ``manifest.json``, ``summary.json`` and, last, ``_SUCCESS``. The run key hashes the input files
-(paths, sizes, versions), the model version and everything that shapes the output, so a re-run of the same input
-resumes (or, finished, changes nothing), while a changed input or model writes to a new directory.
+Output: ``<output_dir>/<model>/v<version>/<input name>-<run key>/`` with ``scores/part-<file>-<chunk>.parquet``,
+``rejects/``, ``manifest.json``, ``summary.json``, ``reports/`` and, last, ``_SUCCESS``. The run key hashes the
+input files (paths, sizes, versions), the model version and everything that shapes the output, so a re-run of the
+same input resumes (or, finished, changes nothing), while a changed input or model writes to a new directory.
 """
 
 from __future__ import annotations
@@ -15,12 +15,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, Protocol
 
 import pyarrow as pa
@@ -28,121 +25,49 @@ import pyarrow as pa
 from canaryflow import batch_report
 from canaryflow.batch_io import (
     ChunkSpec,
-    InputFile,
     discover,
     filesystem,
-    fingerprint,
     join,
-    plan_chunks,
     remove_temporaries,
-    schema_of,
     stream_chunks,
     write_text_atomic,
 )
-from canaryflow.batch_manifest import SUCCESS, Manifest, PartRecord, is_complete, verify
-from canaryflow.batch_model import BatchModel, fetch_model, resolve_version
+from canaryflow.batch_job import BatchJob, Progress, plan_job, safe_name
+from canaryflow.batch_manifest import SUCCESS, Manifest, PartRecord, verify
+from canaryflow.batch_model import fetch_model, resolve_version
 from canaryflow.batch_score import score_chunk
 from canaryflow.errors import BatchError
 from canaryflow.settings import Settings
 
-OUTPUT_FORMAT = 1  # bump when the part layout changes: old runs are then not resumed into
+__all__ = ["BatchInterrupted", "BatchJob", "Progress", "finish", "plan_job", "prepare", "run_batch", "run_chunks",
+           "run_job"]
 
 
 class BatchInterrupted(BatchError):
     """The run stopped on purpose after some parts (the ``stop_after_parts`` hook that simulates a crash)."""
 
 
-@dataclass(frozen=True)
-class BatchJob:
-    """Everything a chunk task needs (picklable, small: no chunk list, no data)."""
-
-    model: BatchModel
-    input_uri: str
-    files: tuple[InputFile, ...]
-    run_dir: str
-    run_key: str
-    chunk_rows: int
-    score_rows: int
-    keep_columns: tuple[str, ...]
-    on_bad_rows: str
-    row_expectations: bool
-    drift_sample_rows: int
-    max_parallel: int
-    complete: bool = False
-
-    @property
-    def total_rows(self) -> int:
-        return sum(f.rows for f in self.files)
-
-    def chunks(self) -> list[ChunkSpec]:
-        return plan_chunks(list(self.files), self.chunk_rows)
-
-
-@dataclass(frozen=True)
-class Progress:
-    parts_done: int
-    parts_total: int
-    rows_done: int
-    rows_total: int
-    rows_per_s: float
-
-
 def prepare(settings: Settings, model_name: str, input_uri: str, *, alias: str | None = None,
             version: str | None = None, output_dir: str | None = None, chunk_rows: int | None = None,
             keep_columns: list[str] | None = None, allow_unreleased: bool | None = None) -> BatchJob:
-    """Resolve the model, read the input's footers, plan the run and open its manifest.
+    """Read the input's footers, resolve and fetch the model, plan the run and open its manifest.
 
-    Every error that can be found before scoring (no such alias, unreadable input, a missing kept column) is
-    raised here, before anything is written.
+    Every error that can be found before scoring (unreadable input, no such alias or version, a version that was
+    never released, a missing kept column) is raised here, before anything is written.
     """
     from canaryflow.registry import MlflowRegistry
 
     cfg = settings.batch
-    chunk_rows = int(chunk_rows or cfg.chunk_rows)
     files = discover(input_uri)
     registry = MlflowRegistry(settings.mlflow_uri)
     alias = None if version is not None else (alias or cfg.alias)
     number = resolve_version(registry, model_name, alias, version)
-    work = settings.state_dir / "work" / "batch" / f"{_safe(model_name)}-v{number}"
+    work = settings.state_dir / "work" / "batch" / f"{safe_name(model_name)}-v{number}"
     model = fetch_model(registry, model_name, number, alias, work,
                         allow_unreleased=cfg.allow_unreleased if allow_unreleased is None else allow_unreleased,
                         max_batch_rows=cfg.score_rows)
-    keep = tuple(keep_columns or ())
-    _check_kept(input_uri, files, keep)
-    plan = plan_chunks(files, chunk_rows)
-    key = fingerprint(files, model=model_name, version=number, chunk_rows=chunk_rows, keep=keep,
-                      features=model.feature_columns, row_expectations=cfg.row_expectations, format=OUTPUT_FORMAT)
-    out = str(output_dir or cfg.output_dir)
-    if "://" not in out and not Path(out).is_absolute():
-        out = str(settings.state_dir / out)
-    run_dir = join(out, _safe(model_name), f"v{number}", f"{_input_name(input_uri)}-{key}")
-    job = BatchJob(model, input_uri, tuple(files), run_dir, key, chunk_rows, cfg.score_rows, keep, cfg.on_bad_rows,
-                   cfg.row_expectations, cfg.drift_sample_rows, cfg.max_parallel)
-    fs, root = filesystem(run_dir)
-    manifest = Manifest.load(fs, root)
-    if manifest is not None and manifest.status == "complete" and is_complete(fs, root):
-        return replace(job, complete=True)
-    if manifest is None:
-        identity = {"model": model_name, "version": number, "alias": alias, "input": input_uri,
-                    "files": [f.rel for f in files], "chunk_rows": chunk_rows, "variant": model.variant}
-        fs.makedirs(root, exist_ok=True)
-        Manifest(key, identity, job.total_rows, len(plan)).save(fs, root)
-    return job
-
-
-def _check_kept(uri: str, files: list[InputFile], keep: tuple[str, ...]) -> None:
-    for f in files if keep else []:
-        missing = [c for c in keep if c not in schema_of(uri, f).names]
-        if missing:
-            raise BatchError(f"input file {f.rel!r} lacks the columns to keep {missing}")
-
-
-def _safe(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "x"
-
-
-def _input_name(uri: str) -> str:
-    return _safe(Path(uri.rstrip("/").split("://")[-1]).stem)
+    return plan_job(settings, model, input_uri, files, output_dir=output_dir, chunk_rows=chunk_rows,
+                    keep_columns=keep_columns)
 
 
 class ChunkExecutor(Protocol):
@@ -291,12 +216,20 @@ def run_batch(settings: Settings, model_name: str, input_uri: str, *, alias: str
                   chunk_rows=chunk_rows, keep_columns=keep_columns, allow_unreleased=allow_unreleased)
     if on_job is not None:
         on_job(job)
+    return run_job(job, settings, on_part=on_part, stop_after_parts=stop_after_parts, report=report,
+                   started=started)
+
+
+def run_job(job: BatchJob, settings: Settings, *, on_part: Callable[[Progress], None] | None = None,
+            stop_after_parts: int | None = None, report: bool = True,
+            started: float | None = None) -> dict[str, Any]:
+    """Score a prepared job on local threads and finish it (nothing to do if it is already complete)."""
     if job.complete:
         return previous_summary(job)
     executor = ThreadExecutor(job.max_parallel)
     try:
         with run_lock(job):
             stats = run_chunks(job, executor, on_part, stop_after_parts)
-            return finish(job, settings, stats, started=started, report=report)
+            return finish(job, settings, stats, started=started or time.monotonic(), report=report)
     finally:
         executor.close()

@@ -72,13 +72,16 @@ class RowChecks:
         x = np.empty((n, len(self.features)), dtype=self.dtype)
         problems: list[tuple[np.ndarray, Any]] = []  # (row mask, message or per-row message function)
         floats: dict[str, np.ndarray] = {}
+        broken: set[str] = set()  # missing or not numeric: every row already has its reason
         for j, name in enumerate(self.features):
             if name not in table.column_names:
                 problems.append((np.ones(n, bool), f"column {name!r} is missing (the model's signature needs it)"))
+                broken.add(name)
                 continue
             col = table.column(name)
             if not _numeric(col.type):
                 problems.append((np.ones(n, bool), f"column {name!r} has type {col.type}, the model needs numbers"))
+                broken.add(name)
                 continue
             values = floats[name] = _floats(col)
             with np.errstate(over="ignore", invalid="ignore"):
@@ -95,7 +98,10 @@ class RowChecks:
         for e in self.expectations:
             mask = self._unexpected(e, table, floats)
             unexpected[e.label] = int(mask.sum())
-            if self.row_expectations and e.kind != _NOT_NULL and mask.any():  # nulls are reported above
+            reported = e.kind == _NOT_NULL or e.column in broken  # already a reason for these rows
+            if e.column in floats:  # infinite values already have theirs
+                mask = mask & np.isfinite(floats[e.column])
+            if self.row_expectations and not reported and mask.any():
                 problems.append((mask, _expectation_message(e, table)))
         bad = np.zeros(n, bool)
         for mask, _ in problems:
@@ -142,7 +148,7 @@ def _null_mask(col: pa.ChunkedArray) -> np.ndarray:
 
 
 def _value_message(name: str, values: np.ndarray, what: str):  # noqa: ANN202 - row index -> message
-    return lambda i: f"{name} {what}" if what in ("is null", "is NaN") else f"{name}={values[i]!r} {what}"
+    return lambda i: f"{name} {what}" if what in ("is null", "is NaN") else f"{name}={float(values[i])!r} {what}"
 
 
 def _expectation_message(e: Expectation, table: pa.Table):  # noqa: ANN202 - row index -> message
@@ -167,7 +173,7 @@ def _reasons(bad: np.ndarray, problems: list[tuple[np.ndarray, Any]]) -> list[st
     for mask, message in problems:
         hit = np.flatnonzero(mask[rows])
         for k in hit:
-            if len(found[k]) <= MAX_REASONS:
+            if len(found[k]) < MAX_REASONS:
                 found[k].append(message(int(rows[k])) if callable(message) else message)
     counts = np.zeros(rows.size, int)
     for mask, _ in problems:
