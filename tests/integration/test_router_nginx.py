@@ -1,6 +1,7 @@
 """The real nginx router, rendered by NginxRouter, in front of a recording stand-in for TorchServe.
 
-The stand-in only observes what nginx sends upstream; the full-stack tests use real TorchServe.
+The stand-in only observes what nginx sends upstream; the full-stack tests use real TorchServe. The canary tests
+(test_router_canary.py) import the stand-in and helpers from here.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -42,8 +43,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def default_prediction(version: str, body: bytes) -> str:
+    return "0:0.900"
+
+
 class Upstream(ThreadingHTTPServer):
-    """Records every request; answers like TorchServe, with the version in X-Model-Version."""
+    """Records every request; answers like TorchServe, with the version in X-Model-Version and a prediction
+    summary in X-Prediction (``predict(version, body)``, settable by a test)."""
 
     daemon_threads = True
 
@@ -51,10 +57,12 @@ class Upstream(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.seen: list[dict] = []
         self.lock = threading.Lock()
+        self.predict: Callable[[str, bytes], str] = default_prediction
 
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # nginx keeps upstream connections alive
+    disable_nagle_algorithm = True  # headers and body are separate writes: no 40 ms delayed-ACK stall
 
     def do_POST(self) -> None:  # noqa: N802
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
@@ -65,14 +73,17 @@ class _Handler(BaseHTTPRequestHandler):
         if parts[1] == "broken":
             self._send(400, TORCHSERVE_400, "1")
         else:
-            self._send(200, {"model": parts[1], "version": parts[2], "predictions": [0]}, parts[2])
+            prediction = server.predict(parts[2], body)
+            self._send(200, {"model": parts[1], "version": parts[2], "predictions": [0]}, parts[2], prediction)
 
-    def _send(self, status: int, payload: dict, version: str) -> None:
+    def _send(self, status: int, payload: dict, version: str, prediction: str = "") -> None:
         data = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.send_header("X-Model-Version", version)
+        if prediction:
+            self.send_header("X-Prediction", prediction)
         self.send_header("x-request-id", "torchserve-own-id")  # TorchServe sends one; the router's wins
         self.end_headers()
         self.wfile.write(data)
@@ -96,6 +107,17 @@ def request(router: NginxRouter, method: str, path: str, headers: dict[str, str]
 def make_router(root: Path, inference_port: int) -> NginxRouter:
     settings = Settings(state_dir=root, ports=Ports(router=free_port(), torchserve_inference=inference_port))
     return NginxRouter(settings, StatePaths(root), lambda: TOKEN)
+
+
+def log_records(router: NginxRouter, done: Callable[[list[dict]], bool], timeout_s: float = 5.0) -> list[dict]:
+    """The access log's records once ``done(records)``; nginx writes its buffer every second."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        path = router.paths.router_access_log
+        records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        if done(records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
 
 
 @contextmanager
@@ -235,6 +257,17 @@ def test_request_id_is_generated_or_kept(router: NginxRouter, seen: list[dict]) 
     assert headers["X-Request-ID"] == "client-id-43"
 
 
+def test_prediction_summary_is_logged_not_sent_to_clients(router: NginxRouter) -> None:
+    status, headers, _ = request(router, "POST", "/predictions/iris")
+    assert status == 200 and "X-Prediction" not in headers
+
+
+def test_the_shadow_location_is_not_reachable_from_outside(router: NginxRouter, seen: list[dict]) -> None:
+    status, headers, body = request(router, "POST", "/_canaryflow/shadow")
+    assert status == 404 and json.loads(body)["type"] == "NotFound"
+    assert seen == []
+
+
 def test_torchserve_errors_pass_through(router: NginxRouter) -> None:
     status, headers, body = request(router, "POST", "/predictions/broken")
     assert status == 400
@@ -249,22 +282,23 @@ def test_access_log_line_per_request(router: NginxRouter) -> None:
            "log-405": ("GET", "/predictions/iris", {})}
     for rid, (method, path, headers) in ids.items():
         request(router, method, path, {"X-Request-ID": rid, **headers})
-    lines: dict[str, dict] = {}
-    deadline = time.monotonic() + 5  # the log is flushed every second
-    while time.monotonic() < deadline and len(lines) < len(ids):
-        time.sleep(0.2)
-        records = [json.loads(line) for line in router.paths.router_access_log.read_text().splitlines()]
-        lines = {r["request_id"]: r for r in records if r["request_id"] in ids}
+    before = time.time()
+    records = log_records(router, lambda recs: ids.keys() <= {r["request_id"] for r in recs})
+    lines = {r["request_id"]: r for r in records if r["request_id"] in ids}
     assert set(lines) == set(ids)
-    fields = {"time", "request_id", "model", "version", "upstream_version", "status", "request_time",
-              "upstream_time", "upstream_status", "method", "uri", "request_bytes", "body_bytes"}
+    fields = {"ts", "time", "request_id", "model", "version", "upstream_version", "status", "request_time",
+              "upstream_time", "upstream_status", "method", "uri", "request_bytes", "body_bytes", "prediction",
+              "pinned", "shadow"}
     assert all(set(r) == fields for r in lines.values())
     ok = lines["log-ok"]
     assert (ok["model"], ok["version"], ok["upstream_version"], ok["status"], ok["upstream_status"]) == (
         "iris", "1", "1", 200, "200")
     assert ok["method"] == "POST" and ok["uri"] == "/predictions/iris" and ok["body_bytes"] > 0
     assert isinstance(ok["request_time"], float) and float(ok["upstream_time"]) >= 0
+    assert isinstance(ok["ts"], float) and before - 10 < ok["ts"] <= time.time()
+    assert (ok["prediction"], ok["pinned"], ok["shadow"]) == ("0:0.900", 0, 0)
     assert (lines["log-pin"]["version"], lines["log-pin"]["upstream_version"]) == ("5", "5")
+    assert lines["log-pin"]["pinned"] == 1
     missing = lines["log-404"]
     assert (missing["status"], missing["model"], missing["version"]) == (404, "wine", "")
     assert missing["upstream_status"] == "" and missing["upstream_time"] == ""

@@ -161,8 +161,8 @@ def test_truncated_summaries_pair_on_what_they_show(log: Path) -> None:
 
 def test_bad_lines_are_counted_and_skipped(log: Path) -> None:
     write(log, line(T0 + 1), "not json\n", '{"ts":' + str(T0 + 2) + ',"model":"iris","status":\n',
-          "[1, 2]\n", line(T0 + 3).replace('"status":200', '"status":"x"'), json.dumps({"model": "iris", "ts": "soon"}) + "\n",
-          line(T0 + 4))
+          "[1, 2]\n", line(T0 + 3).replace('"status":200', '"status":"x"'),
+          json.dumps({"model": "iris", "ts": "soon"}) + "\n", line(T0 + 4))
     win = AccessLogMetrics(log).window("iris", T0, T0 + 60)
     assert win.get("1").requests == 2
     assert win.bad_lines == 5 and win.lines == 2
