@@ -1,0 +1,187 @@
+"""Canary benchmark: how fast a bad candidate is caught, and how many requests it served before it was.
+
+    .venv/bin/python bench/canary_bench.py            # the default ramp policy (5/25/50/100 %, every 30 s, 50 req)
+    .venv/bin/python bench/canary_bench.py --quick    # a 10 s interval and 30 requests: same checks, faster
+
+One process run: a private local stack on free ports; the breast-cancer MLP is released as champion; then, under
+steady live traffic (deployments/traffic.py, unpinned, sticky users, every answer recorded), three bad candidates
+are released one after the other, each with one fault injected on live traffic only (the ``canaryflow.chaos``
+version tag, allowed on this stack):
+
+- ``errors``: 5 % of requests answer HTTP 500;
+- ``latency``: +40 ms per request;
+- ``flip``: predictions inverted for a subgroup (rows with mean radius above the median, about half the rows).
+
+For each: time from the first live answer of the candidate to its last (time exposed), which check rolled it back,
+the share of ALL requests in that window answered by the candidate, and the share answered BADLY (an error, a
+slow answer, a flipped prediction). Next to it, what Flagger's documented example analysis would allow
+(``interval: 1m``, ``threshold: 5``, starting at ``stepWeight`` 10 %): at least interval x threshold before a
+rollback, at 10 % of traffic or more; Flagger has no check on what a model predicts, so the flip is never caught.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import signal
+import sys
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PROJECT = Path(__file__).resolve().parent.parent
+if str(PROJECT) not in sys.path:
+    sys.path.insert(0, str(PROJECT))
+
+from bench.serving_bench import bench_settings, log  # noqa: E402
+from canaryflow.demo import register_model, train_classifier, wait_for_release  # noqa: E402
+from canaryflow.registry import MlflowRegistry  # noqa: E402
+from canaryflow.settings import CanarySettings  # noqa: E402
+from canaryflow.stack import LocalStack  # noqa: E402
+from deployments.traffic import LiveTraffic  # noqa: E402
+
+RESULTS = PROJECT / "bench" / "results"
+MODEL = "bench-canary"
+FLAGGER = {"interval_s": 60, "threshold": 5, "step_weight": 10}  # Flagger docs' example Canary analysis
+
+
+def faults(median_radius: float) -> dict[str, dict[str, Any]]:
+    return {
+        "errors": {"chaos": {"error_ratio": 0.05}, "bad": lambda a: a.status >= 500},
+        "latency": {"chaos": {"latency_ms": 40}, "bad": lambda a: a.status == 200},
+        "flip": {"chaos": {"flip": {"column": 0, "above": median_radius}}, "bad": lambda a: a.subgroup},
+    }
+
+
+def register_candidate(uri: str, chaos: dict[str, Any], seed: int = 4) -> str:
+    """A good model (same data, another seed) whose version carries the fault from its creation."""
+    import mlflow
+    import torch
+    from mlflow import MlflowClient
+    from mlflow.models import infer_signature
+
+    from canaryflow.datasets import frame, log_release_datasets
+
+    model, (x_tr, y_tr), (x_te, y_te), _ = train_classifier(seed)
+    mlflow.set_tracking_uri(uri)
+    with torch.no_grad():
+        scores = model(torch.from_numpy(x_te[:5])).numpy()
+    with mlflow.start_run() as run:
+        log_release_datasets(frame(x_tr, y_tr), frame(x_te, y_te))
+        info = mlflow.pytorch.log_model(model, name="model", signature=infer_signature(x_te[:5], scores),
+                                        input_example=x_te[:5])
+    mv = MlflowClient(uri).create_model_version(MODEL, info.model_uri, run.info.run_id,
+                                                tags={"canaryflow.chaos": json.dumps(chaos)})
+    return str(mv.version)
+
+
+def measure(stack: LocalStack, name: str, fault: dict[str, Any], rows: np.ndarray, median: float,
+            rps: float) -> dict[str, Any]:
+    s = stack.settings
+    with LiveTraffic(s.router_url, MODEL, rows, rps=rps, user_header=s.canary.user_header,
+                     subgroup=lambda r: r[0] > median) as live:
+        version = register_candidate(s.mlflow_uri, fault["chaos"])
+        outcome = wait_for_release(s.mlflow_uri, MODEL, version, timeout_s=1800)
+    # a 5xx carries no X-Model-Version (TorchServe's error answer); only the candidate fails here, so they are its
+    cand = [a for a in live.answers if a.version == version or a.status >= 500 or a.status == 0]
+    if not cand:
+        return {"fault": name, "version": version, "outcome": outcome.status, "reason": outcome.reason,
+                "exposed_s": 0.0, "requests": 0}
+    t0, t1 = cand[0].t, cand[-1].t
+    window = [a for a in live.answers if t0 <= a.t <= t1]
+    bad = [a for a in cand if fault["bad"](a)]
+    tags = MlflowRegistry(s.mlflow_uri).get_version(MODEL, version).tags
+    canary = json.loads(tags.get("canaryflow.canary", "{}"))
+    flagger_s = FLAGGER["interval_s"] * FLAGGER["threshold"]
+    flagger_share = FLAGGER["step_weight"] / 100
+    bad_rate = len(bad) / len(cand)
+    return {
+        "fault": name, "chaos": fault["chaos"], "version": version, "outcome": outcome.status,
+        "reason": outcome.reason, "analyses": canary.get("iterations"), "weight_at_end": canary.get("weight"),
+        "exposed_s": round(t1 - t0, 1), "requests": len(window), "candidate_served": len(cand),
+        "candidate_share": round(len(cand) / len(window), 4), "bad_served": len(bad),
+        "bad_share": round(len(bad) / len(window), 4),
+        "flagger_min_time_s": flagger_s if name != "flip" else None,
+        "flagger_bad_share": round(flagger_share * bad_rate, 4) if name != "flip" else None,
+        "flagger_note": ("no prediction check: promoted" if name == "flip" else
+                         f">= {flagger_s} s at >= {FLAGGER['step_weight']} % of traffic"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="10 s analyses, 30 requests per version")
+    ap.add_argument("--rps", type=float, default=60.0, help="live traffic, requests per second")
+    ap.add_argument("--faults", default="errors,latency,flip")
+    ap.add_argument("--keep-state", action="store_true")
+    args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    work = Path(tempfile.mkdtemp(prefix="canaryflow-canary-bench-"))
+    settings = bench_settings(work / ".canaryflow")
+    canary = CanarySettings(allow_chaos=True, retire_grace_s=5,
+                            **({"interval_s": 10, "min_requests": 30} if args.quick else {}))
+    settings = settings.model_copy(update={"canary": canary})
+    stack = LocalStack(settings)
+    ok = False
+    try:
+        log(f"starting a local stack in {work}")
+        stack.up(progress=lambda msg: log(f"stack: {msg}"))
+        version, rows, _ = register_model(settings.mlflow_uri, name=MODEL, seed=0)
+        outcome = wait_for_release(settings.mlflow_uri, MODEL, version)
+        if outcome.status != "released":
+            raise SystemExit(f"champion not released: {outcome}")
+        _, (x_tr, _), _, _ = train_classifier(0, epochs=1)
+        median = float(np.median(x_tr[:, 0]))
+        log(f"champion v{version} released; policy: steps {canary.steps} %, every {canary.interval_s:g} s, "
+            f">= {canary.min_requests} requests per version; live traffic {args.rps:g} req/s")
+        table = []
+        all_faults = faults(median)
+        for name in args.faults.split(","):
+            log(f"fault {name}: {all_faults[name]['chaos']}")
+            row = measure(stack, name, all_faults[name], rows, median, args.rps)
+            log(f"  -> {row['outcome']} after {row['exposed_s']} s: {row['reason'][:160]}")
+            table.append(row)
+        print_table(table, canary)
+        write(table, canary, args)
+        ok = True
+    finally:
+        stack.down()
+        if ok and not args.keep_state:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            log(f"state kept in {work}")
+    return 0
+
+
+def print_table(table: list[dict[str, Any]], canary: CanarySettings) -> None:
+    print(f"\ncanary policy: steps {canary.steps} %, interval {canary.interval_s:g} s, min requests "
+          f"{canary.min_requests}, rollback after {canary.max_failed_checks} failed analyses")
+    print("| fault | outcome | caught by | time exposed s | requests in window | candidate share | bad-served share "
+          "| Flagger example: min time s / bad share |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in table:
+        caught = r["reason"].split(":")[0].removeprefix("canary") or "-"
+        checks = [c for c in ("errors", "p95", "latency_u", "prediction_drift") if f"{c}:" in r["reason"]]
+        flagger = (f"{r['flagger_min_time_s']} / {r['flagger_bad_share']}" if r.get("flagger_min_time_s")
+                   else "never caught: promoted")
+        print(f"| {r['fault']} | {r['outcome']} | {', '.join(checks) or caught} | {r['exposed_s']} | "
+              f"{r.get('requests', 0)} | {r.get('candidate_share', 0):.3f} | {r.get('bad_share', 0):.4f} | "
+              f"{flagger} |")
+
+
+def write(table: list[dict[str, Any]], canary: CanarySettings, args: argparse.Namespace) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    data = {"when": stamp, "policy": canary.model_dump(mode="json"), "rps": args.rps, "quick": args.quick,
+            "flagger_reference": FLAGGER, "faults": table}
+    for path in (RESULTS / f"canary-{stamp}.json", RESULTS / "canary-latest.json"):
+        path.write_text(json.dumps(data, indent=2, default=str))
+    log(f"results: {RESULTS / 'canary-latest.json'}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
