@@ -26,8 +26,8 @@ if TYPE_CHECKING:
     from deployments.metrics import MetricsSource, Window
 
 CANARY_TAG = "canaryflow.canary"
-# nginx flushes its access log every second: a window ending earlier than this misses nothing.
-LOG_FLUSH_S = 1.5
+# nginx flushes its access log every second (and old workers at a reload): windows end this long ago.
+LOG_FLUSH_S = 2.0  # deployments.metrics.FLUSH_DELAY_S: old nginx workers flush at reload, ~1 s late
 
 
 def load_status(svc: Services, model: str, version: str) -> ctl.CanaryStatus | None:
