@@ -272,8 +272,12 @@ def summary(checks: list[Check]) -> str:
     """``errors 0 <= 0.01, p95 4.1 <= 12.3, ...``: each check's measured value against its threshold."""
     def num(x: float | None) -> str:
         return "-" if x is None else f"{x:.3g}"
-    ops = {"latency_u": ">=", "shadow_agreement": ">="}
-    return ", ".join(f"{c.name} {num(c.measured)} {ops.get(c.name, '<=')} {num(c.threshold)}" for c in checks)
+    def one(c: Check) -> str:
+        if c.name == "latency_u":  # a p-value alone does not decide (the median shift must matter too)
+            return f"latency_u p={num(c.measured)}"
+        op = ">=" if c.name == "shadow_agreement" else "<="
+        return f"{c.name} {num(c.measured)} {op} {num(c.threshold)}"
+    return ", ".join(one(c) for c in checks)
 
 
 def psi(actual: dict[str, int], expected: dict[str, int], eps: float = 0.5) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,9 @@ from tests.conftest import stack_env
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 
-def test_demo_releases_a_model_and_predicts_through_the_router(tmp_path: Path) -> None:
+def test_demo_releases_ramps_and_rolls_back(tmp_path: Path) -> None:
+    """v1 released and answering; v2 promoted through the canary steps under live load; the label-flipped v3
+    rolled back by the prediction-drift check; not one live request failed; nothing left running."""
     state = tmp_path / ".canaryflow"
     env = {**os.environ, **stack_env(state), "COLUMNS": "200"}
     exe = str(Path(sys.executable).parent / "canaryflow")
@@ -27,6 +30,11 @@ def test_demo_releases_a_model_and_predicts_through_the_router(tmp_path: Path) -
     assert "/runs/flow-run/" in out
     assert '"model_version": "1"' in out and '"probabilities"' in out
     assert "curl -s -X POST http://127.0.0.1:" in out
+    assert "canary analysis" in out and "advancing to 25%" in out
+    assert "release released after" in out and "replacing v1" in out
+    assert re.search(r"release rolled_back after [\d.]+ s: canary: prediction_drift: PSI of predicted classes", out)
+    assert re.search(r"live load: \d+ requests, 0 failed", out), out[-3000:]
+    assert "champion is v2; the router answers with v2" in out
     assert "stack stopped" in out
     # nothing of the demo's stack is left running
     leftovers = [p.info["pid"] for p in psutil.process_iter(["pid", "cmdline"])
