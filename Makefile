@@ -9,7 +9,7 @@ APT_PACKAGES := nginx wrk
 DEMO_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: all setup system-deps demo test test-unit lint bench clean
+.PHONY: all setup system-deps demo test test-unit lint bench bench-canary bench-batch clean
 
 all: test
 
@@ -43,6 +43,13 @@ test-unit: setup
 # our endpoint vs `mlflow models serve` on the same models and load (wrk); `BENCH_ARGS=--quick` for a short run
 bench: setup
 	$(BIN)/python bench/serving_bench.py $(BENCH_ARGS)
+
+# batch scoring vs pandas chunks + mlflow.pyfunc, 1M and 4M rows x 20 features; `BENCH_ARGS=--quick`: 200k/800k
+bench-batch: setup
+	$(BIN)/python bench/batch_bench.py $(BENCH_ARGS)
+
+bench-canary: setup
+	$(BIN)/python bench/canary_bench.py $(BENCH_ARGS)
 
 lint: setup
 	$(BIN)/ruff check .
