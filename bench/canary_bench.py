@@ -61,7 +61,6 @@ def register_candidate(uri: str, chaos: dict[str, Any], seed: int = 4) -> str:
     """A good model (same data, another seed) whose version carries the fault from its creation."""
     import mlflow
     import torch
-    from mlflow import MlflowClient
     from mlflow.models import infer_signature
 
     from canaryflow.datasets import frame, log_release_datasets
@@ -70,12 +69,11 @@ def register_candidate(uri: str, chaos: dict[str, Any], seed: int = 4) -> str:
     mlflow.set_tracking_uri(uri)
     with torch.no_grad():
         scores = model(torch.from_numpy(x_te[:5])).numpy()
-    with mlflow.start_run() as run:
+    with mlflow.start_run():
         log_release_datasets(frame(x_tr, y_tr), frame(x_te, y_te))
         info = mlflow.pytorch.log_model(model, name="model", signature=infer_signature(x_te[:5], scores),
                                         input_example=x_te[:5])
-    mv = MlflowClient(uri).create_model_version(MODEL, info.model_uri, run.info.run_id,
-                                                tags={"canaryflow.chaos": json.dumps(chaos)})
+    mv = mlflow.register_model(info.model_uri, MODEL, tags={"canaryflow.chaos": json.dumps(chaos)})
     return str(mv.version)
 
 

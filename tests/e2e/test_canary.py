@@ -40,19 +40,13 @@ def register(stack, seed: int, name: str = MODEL, tags: dict | None = None, flip
     """Train, log and register a version (with version tags set at creation, before its webhook fires)."""
     model, (x_tr, y_tr), (x_te, y_te), _ = train_classifier(seed, flip_labels=flip_labels)
     mlflow.set_tracking_uri(stack.settings.mlflow_uri)
-    client = MlflowClient(stack.settings.mlflow_uri)
     with torch.no_grad():
         scores = model(torch.from_numpy(x_te[:5])).numpy()
-    with mlflow.start_run() as run:
+    with mlflow.start_run():
         log_release_datasets(frame(x_tr, y_tr), frame(x_te, y_te))
         info = mlflow.pytorch.log_model(model, name="model", signature=infer_signature(x_te[:5], scores),
                                         input_example=x_te[:5])
-    try:
-        client.create_registered_model(name)
-    except mlflow.exceptions.MlflowException:
-        pass  # exists
-    mv = client.create_model_version(name, info.model_uri, run.info.run_id,
-                                     tags={k: json.dumps(v) for k, v in (tags or {}).items()})
+    mv = mlflow.register_model(info.model_uri, name, tags={k: json.dumps(v) for k, v in (tags or {}).items()})
     return str(mv.version)
 
 
