@@ -27,13 +27,6 @@ class ServingBackend(Protocol):
 
     def healthy(self) -> bool: ...
     def versions(self, model: str) -> list[str]: ...
-    def default_version(self, model: str) -> str | None:
-        """The version TorchServe serves for ``/predictions/<model>`` without a version (None: model unknown)."""
-        resp = self._call("management", "GET", f"/models/{model}")
-        if resp.status_code == 404:
-            return None
-        return str(self._check(resp, f"describe {model}").json()[0]["modelVersion"])
-
     def register(self, model: str, version: str, archive: Path) -> bool: ...
     def unregister(self, model: str, version: str) -> None: ...
     def set_default(self, model: str, version: str) -> None: ...
@@ -144,6 +137,13 @@ class TorchServeClient:
         """TorchServe's description of one version (workers, default flag, ...)."""
         resp = self._check(self._call("management", "GET", f"/models/{model}/{version}"), f"describe {model}")
         return resp.json()[0]
+
+    def default_version(self, model: str) -> str | None:
+        """The version TorchServe serves for ``/predictions/<model>`` without a version (None: model unknown)."""
+        resp = self._call("management", "GET", f"/models/{model}")
+        if resp.status_code == 404:
+            return None
+        return str(self._check(resp, f"describe {model}").json()[0]["modelVersion"])
 
     def register(self, model: str, version: str, archive: Path) -> bool:
         """Register an archive from the model store; False when that version was already registered."""
