@@ -13,7 +13,7 @@ from canaryflow.batch_manifest import Manifest
 from canaryflow.batch_score import SAMPLES
 
 if TYPE_CHECKING:
-    from canaryflow.batch import BatchJob
+    from canaryflow.batch_job import BatchJob
     from canaryflow.settings import Settings
 
 METRICS = ("rows_in", "rows_scored", "rows_rejected", "rows_processed", "rows_per_s", "duration_s", "parts",
@@ -56,8 +56,9 @@ def report(job: BatchJob, settings: Settings, summary: dict[str, Any], fs: Any, 
         (out / "summary.json").write_text(json.dumps({**summary, **added}, indent=2, default=str))
         with fs.open(join(root, "manifest.json"), "rb") as fh:
             (out / "manifest.json").write_bytes(fh.read())
+        fs.makedirs(join(root, "reports"), exist_ok=True)
         for path in (out / "drift").glob("*"):
-            fs.put(str(path), join(root, "reports", path.name))
+            fs.put_file(str(path), join(root, "reports", path.name))
         added["mlflow_run"] = log_run(job, settings, {**summary, **added}, out)
     return added
 

@@ -22,7 +22,7 @@ from canaryflow.batch_model import scorer_for
 from canaryflow.errors import BatchError
 
 if TYPE_CHECKING:
-    from canaryflow.batch import BatchJob
+    from canaryflow.batch_job import BatchJob
 
 SCORES, REJECTS, SAMPLES = "scores", "rejects", "_samples"  # directories of the run directory
 
@@ -46,8 +46,8 @@ def score_chunk(job: BatchJob, spec: ChunkSpec, table: pa.Table) -> PartRecord:
     scorer = scorer_for(job.model, job.score_rows)
     probs = scorer.probabilities(checked.x)
     scored_at = datetime.now(UTC)
-    out = _scored_table(job, spec, file, rows[checked.good], probs, table.filter(pa.array(checked.good)),
-                        scorer.class_labels, scored_at)
+    kept = table.filter(pa.array(checked.good)) if checked.n_bad else table
+    out = _scored_table(job, spec, file, rows[checked.good], probs, kept, scorer.class_labels, scored_at)
     part = f"{SCORES}/{spec.part_name}"
     write_parquet_atomic(fs, out, join(root, part))
     rejects = None

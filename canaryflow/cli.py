@@ -141,7 +141,7 @@ def score(model: str, input: Annotated[str, typer.Argument(help="Parquet file or
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
                TextColumn("{task.fields[speed]}"), TimeRemainingColumn()]
     try:
-        with Progress(*columns, console=console, transient=as_json) as bar:
+        with Progress(*columns, console=Console(stderr=True) if as_json else console, transient=as_json) as bar:
             task = bar.add_task(f"{model}: resolving", total=None, speed="")
             summary = run_batch(
                 get_settings(), model, input, alias=alias, version=version, output_dir=output, chunk_rows=chunk_rows,

@@ -1,0 +1,198 @@
+"""Batch inference on the real stack: a model released by the real pipeline scores real Parquet files through
+the Prefect deployment (stopped half-way and resumed), through `canaryflow score` (killed with SIGKILL and re-run)
+and through the plain function (rejects, the fail policy, clear errors that write nothing)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pandas as pd
+import pyarrow.dataset as ds
+import pytest
+from mlflow import MlflowClient
+
+from canaryflow.batch import run_batch
+from canaryflow.batch_manifest import MANIFEST, SUCCESS
+from canaryflow.demo import register_model, train_classifier, wait_for_release
+from canaryflow.errors import BatchError
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
+MODEL = "batch-it-model"
+FEATURES = [f"f{i}" for i in range(30)]
+
+
+@pytest.fixture(scope="module")
+def released(stack) -> str:
+    # Batch scoring is in-process: the load test gate only has to let this model through on a busy machine.
+    policy = {"loadtest": {"max_p95_ms": 5000, "min_rps": 1, "max_failure_ratio": 0.5}}
+    MlflowClient(stack.settings.mlflow_uri).create_registered_model(MODEL, tags={"canaryflow.policy":
+                                                                                 json.dumps(policy)})
+    version, _, _ = register_model(stack.settings.mlflow_uri, name=MODEL, seed=0)
+    outcome = wait_for_release(stack.settings.mlflow_uri, MODEL, version, timeout_s=400)
+    assert outcome.status == "released", outcome
+    return version
+
+
+def _dataset(directory: Path, rows: list[int], seed: int = 0, bad: bool = False) -> Path:
+    """Rows of the model's training split (its reference data), jittered by 1%, so none breaks the release's data
+    expectations unless ``bad``; one Parquet file per entry of ``rows``."""
+    _, (x, _), _, _ = train_classifier(seed=0, epochs=0)  # register_model(seed=0) trains on this split
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    for i, n in enumerate(rows):
+        sample = x[rng.integers(0, len(x), n)] * rng.normal(1.0, 0.01, size=(n, 30))
+        frame = pd.DataFrame(sample, columns=FEATURES)
+        if bad and i == 0:
+            frame.loc[3, "f2"] = None
+            frame.loc[11, "f5"] = 1e9
+        frame.to_parquet(directory / f"part-{i}.parquet", row_group_size=1000, index=False)
+    return directory
+
+
+def _run_dir(out: Path) -> Path:
+    (manifest,) = out.glob(f"{MODEL}/v*/*/{MANIFEST}")
+    return manifest.parent
+
+
+def _assert_exactly_once(run_dir: Path, rows: int) -> ds.Dataset:
+    assert (run_dir / SUCCESS).exists()
+    scores = ds.dataset(run_dir / "scores", format="parquet").to_table(columns=["row_id"])
+    assert scores.num_rows == rows
+    assert len(set(scores.column("row_id").to_pylist())) == rows
+    return scores
+
+
+def _api(stack, method: str, path: str, body: dict | None = None) -> dict | list:
+    resp = httpx.request(method, stack.settings.prefect_api_url + path, json=body, timeout=30)
+    resp.raise_for_status()
+    return resp.json()
+
+
+def _deployment_run(stack, parameters: dict, timeout_s: float = 400) -> dict:
+    dep = _api(stack, "GET", "/deployments/name/batch-inference/manual")
+    run = _api(stack, "POST", f"/deployments/{dep['id']}/create_flow_run", {"parameters": parameters})
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        run = _api(stack, "GET", f"/flow_runs/{run['id']}")
+        if run["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            return run
+        time.sleep(1)
+    raise AssertionError(f"flow run {run['id']} still {run['state_type']} after {timeout_s} s")
+
+
+def test_scheduled_deployment_exists_with_its_cron(stack) -> None:
+    scheduled = _api(stack, "GET", "/deployments/name/batch-inference/scheduled")
+    crons = [s["schedule"].get("cron") for s in scheduled["schedules"]]
+    assert crons == [stack.settings.batch.schedule_cron] == ["0 2 * * *"]
+    assert all(s["active"] for s in scheduled["schedules"])
+    manual = _api(stack, "GET", "/deployments/name/batch-inference/manual")
+    assert manual["schedules"] == [] and manual["entrypoint"] == scheduled["entrypoint"]
+
+
+def test_deployment_run_stopped_half_way_resumes_to_every_row_once(stack, released, tmp_path: Path) -> None:
+    data = _dataset(tmp_path / "in", [6000, 4000])
+    params = {"model_name": MODEL, "input": str(data), "output_dir": str(tmp_path / "out"), "chunk_rows": 1000}
+    first = _deployment_run(stack, {**params, "stop_after_parts": 3})
+    assert first["state_type"] == "FAILED", first["state"]
+    run_dir = _run_dir(tmp_path / "out")
+    manifest = json.loads((run_dir / MANIFEST).read_text())
+    assert manifest["status"] == "failed" and len(manifest["parts"]) == 3 and not (run_dir / SUCCESS).exists()
+
+    second = _deployment_run(stack, params)
+    assert second["state_type"] == "COMPLETED", second["state"]
+    _assert_exactly_once(run_dir, 10_000)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["parts_skipped"] == 3 and summary["rows_processed"] == 7000
+    assert (summary["rows_in"], summary["rows_scored"], summary["rows_rejected"]) == (10_000, 10_000, 0)
+    assert summary["version"] == released and summary["variant"] and summary["drift"]["outcome"] == "passed"
+
+    run = MlflowClient(stack.settings.mlflow_uri).get_run(summary["mlflow_run"])
+    assert run.data.tags["canaryflow.version"] == released
+    assert run.data.metrics["rows_in"] == 10_000 and run.data.metrics["rows_per_s"] > 0
+    artifacts = {a.path for a in MlflowClient(stack.settings.mlflow_uri).list_artifacts(run.info.run_id, "batch")}
+    assert {"batch/summary.json", "batch/manifest.json", "batch/drift"} <= artifacts
+    found = _api(stack, "POST", "/artifacts/latest/filter", {"artifacts": {"key": {"any_": [
+        f"batch-{MODEL}", f"batch-progress-{MODEL}"]}}})
+    by_type = {a["type"]: a for a in found}
+    assert "10,000" in by_type["markdown"]["data"] and by_type["progress"]["data"] == 100.0
+
+    third = _deployment_run(stack, params)  # a finished run: nothing changes
+    assert third["state_type"] == "COMPLETED"
+    assert json.loads((run_dir / "summary.json").read_text()) == summary
+
+
+def test_killed_cli_run_resumes_to_exactly_the_input_rows(stack, released, tmp_path: Path) -> None:
+    data = _dataset(tmp_path / "in", [30_000, 30_000], seed=1)
+    cmd = [str(Path(sys.executable).with_name("canaryflow")), "score", MODEL, str(data), "--output",
+           str(tmp_path / "out"), "--chunk-rows", "250", "--json"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    parts, deadline = 0, time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            manifests = list((tmp_path / "out").glob(f"{MODEL}/v*/*/{MANIFEST}"))
+            if manifests:
+                try:
+                    parts = len(json.loads(manifests[0].read_text())["parts"])
+                except ValueError:
+                    parts = 0
+                if parts >= 5:
+                    os.killpg(proc.pid, signal.SIGKILL)  # a real crash: no cleanup, no finally
+                    break
+            time.sleep(0.02)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    run_dir = _run_dir(tmp_path / "out")
+    assert not (run_dir / SUCCESS).exists()
+    killed_at = len(json.loads((run_dir / MANIFEST).read_text())["parts"])
+    assert 5 <= killed_at < 240
+
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout[done.stdout.index("{"):])
+    assert summary["parts_skipped"] == killed_at and summary["rows_in"] == 60_000
+    _assert_exactly_once(run_dir, 60_000)
+    assert not list(run_dir.rglob(".tmp-*"))
+
+
+def test_bad_rows_are_rejected_with_reasons_or_fail_the_run(stack, released, tmp_path: Path) -> None:
+    data = _dataset(tmp_path / "in", [2000], seed=2, bad=True)
+    summary = run_batch(stack.settings, MODEL, str(data), output_dir=str(tmp_path / "out"), chunk_rows=500)
+    assert (summary["rows_in"], summary["rows_scored"], summary["rows_rejected"]) == (2000, 1998, 2)
+    rejects = pd.read_parquet(Path(summary["output"]) / "rejects").sort_values("source_row")
+    assert rejects["source_row"].tolist() == [3, 11]
+    assert rejects["reason"].tolist()[0] == "f2 is null"
+    assert rejects["reason"].tolist()[1].startswith("f5=1000000000.0 outside [")
+
+    strict = stack.settings.model_copy(update={"batch": stack.settings.batch.model_copy(
+        update={"on_bad_rows": "fail"})})
+    with pytest.raises(BatchError, match=r"on_bad_rows=fail .*part-0\.parquet:3: f2 is null"):
+        run_batch(strict, MODEL, str(data), output_dir=str(tmp_path / "strict"), chunk_rows=500)
+    assert not list((tmp_path / "strict").rglob(SUCCESS))
+
+
+def test_missing_alias_or_unreadable_input_is_a_clear_error_and_writes_nothing(stack, released,
+                                                                               tmp_path: Path) -> None:
+    data = _dataset(tmp_path / "in", [100])
+    out = tmp_path / "out"
+    with pytest.raises(BatchError, match=f"model '{MODEL}' has no version with alias 'nightly'"):
+        run_batch(stack.settings, MODEL, str(data), alias="nightly", output_dir=str(out))
+    with pytest.raises(BatchError, match="has no version with alias 'champion'"):
+        run_batch(stack.settings, "no-such-model", str(data), output_dir=str(out))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "x.parquet").write_bytes(b"PAR1 truncated")
+    with pytest.raises(BatchError, match="'x.parquet' .* is not readable Parquet"):
+        run_batch(stack.settings, MODEL, str(tmp_path / "broken"), output_dir=str(out))
+    with pytest.raises(BatchError, match="does not exist"):
+        run_batch(stack.settings, MODEL, str(tmp_path / "nowhere"), output_dir=str(out))
+    assert not out.exists() or not any(out.rglob("*"))
