@@ -64,7 +64,8 @@ def svc(stack) -> Services:
 @pytest.fixture(scope="module")
 def champion(stack, rows) -> str:
     version = register(stack, seed=0)
-    assert wait_for_release(stack.settings.mlflow_uri, MODEL, version, 400).status == "released"
+    outcome = wait_for_release(stack.settings.mlflow_uri, MODEL, version, 400)
+    assert outcome.status == "released", outcome
     return version
 
 
