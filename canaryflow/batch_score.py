@@ -43,7 +43,7 @@ def score_chunk(job: BatchJob, spec: ChunkSpec, table: pa.Table) -> PartRecord:
         listed = "; ".join(f"{file.rel}:{r}: {why}" for r, why in zip(bad[:5], checked.reasons[:5], strict=False))
         raise BatchError(f"{checked.n_bad} of {table.num_rows} rows of chunk {spec.key} are bad and the policy is "
                          f"on_bad_rows=fail (set it to 'reject' to write them to rejects/): {listed}")
-    scorer = scorer_for(job.model, job.score_rows)
+    scorer = scorer_for(job.model, job.score_rows, job.max_parallel)
     probs = scorer.probabilities(checked.x)
     scored_at = datetime.now(UTC)
     kept = table.filter(pa.array(checked.good)) if checked.n_bad else table

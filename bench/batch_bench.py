@@ -1,0 +1,328 @@
+"""Batch bench: canaryflow's batch scoring against the common approach, same model, same files, same run.
+
+    .venv/bin/python bench/batch_bench.py               # 1M and 4M rows x 20 float32 features: a few minutes
+    .venv/bin/python bench/batch_bench.py --quick       # 200k and 800k rows
+
+Setup (once per run, in this process): Parquet files of N rows x 20 float32 features (pyarrow's default row
+groups of 1Mi rows); an MLP 20-256-256-2 trained briefly and logged to a local MLflow (SQLite, no server) with
+its reference/holdout data; then what a release records for it, done with the release's own functions: the
+optimization gate (``optimize_pytorch``: variants, parity, micro-benchmark, choice), the .mar
+(``build_mar``), the data suite (``build_suite``), all on a release run, the version tagged released and
+aliased ``champion``. No TorchServe or Prefect here: the batch path scores in-process and needs neither.
+
+Measured, each in a fresh subprocess: peak RSS of the whole process (VmHWM) and while scoring (sampled every
+20 ms), so imports and the model (the same for any input size) are told apart from what streaming costs:
+- ``canaryflow``: ``prepare`` (resolve champion, fetch .mar/suite/reference) then the same functions the
+  Prefect flow runs (``run_chunks`` on 2 threads: checks, scoring through the handler code, atomic parts,
+  manifest; then ``finish``: verification, Evidently drift, MLflow run). rows/s is over the scoring phase
+  (model already loaded), end-to-end seconds are reported too.
+- ``pyfunc``: the common approach: ``mlflow.pyfunc.load_model("models:/<name>@champion")``, then pandas chunks
+  (``ParquetFile.iter_batches(65536).to_pandas()``) into ``.predict``, predictions appended to a Parquet file
+  with a ParquetWriter. Bounded memory too, but no validation, no ids, no resumption.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PROJECT = Path(__file__).resolve().parent.parent
+if str(PROJECT) not in sys.path:  # run as a script: bench/ is not a package
+    sys.path.insert(0, str(PROJECT))
+
+RESULTS = PROJECT / "bench" / "results"
+MODEL = "bench-batch-mlp"
+N_FEATURES = 20
+CHUNK_ROWS = 65536
+
+
+def log(msg: str) -> None:
+    print(f"[batch-bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# -- setup -------------------------------------------------------------------------------------------------
+def make_data(path: Path, rows: int, seed: int) -> None:
+    """N rows x 20 float32 from the training distribution, written in slices of 1M rows (bounded memory)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    schema = pa.schema([(f"f{i}", pa.float32()) for i in range(N_FEATURES)])
+    with pq.ParquetWriter(path, schema) as writer:
+        for start in range(0, rows, 1 << 20):
+            x = rng.normal(size=(min(1 << 20, rows - start), N_FEATURES)).astype(np.float32)
+            writer.write_table(pa.table({f"f{i}": x[:, i] for i in range(N_FEATURES)}, schema=schema))
+
+
+def train_and_release(work: Path, tracking_uri: str) -> dict[str, Any]:
+    """Train, log, register; then record a release of it the way the release flow does (see module doc)."""
+    import mlflow
+    import torch
+    from mlflow import MlflowClient
+    from mlflow.models import infer_signature
+
+    from canaryflow.datasets import frame, log_release_datasets
+    from canaryflow.optimization import optimize_pytorch, write_reports
+    from canaryflow.packaging import InputContract
+    from canaryflow.registry import MlflowRegistry
+    from canaryflow.settings import OptimizationSettings
+    from deployments.archive import build_mar
+    from validation.data import build_suite, suite_to_json
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(24_000, N_FEATURES)).astype(np.float32)
+    w = rng.normal(size=N_FEATURES).astype(np.float32)
+    y = (x @ w + 0.3 * np.sin(3 * x[:, 0]) > 0).astype(np.int64)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(N_FEATURES, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256),
+                                torch.nn.ReLU(), torch.nn.Linear(256, 2))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    xt, yt = torch.from_numpy(x[:20_000]), torch.from_numpy(y[:20_000])
+    for _ in range(3):
+        for idx in torch.randperm(len(xt)).split(256):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        acc = float((model(torch.from_numpy(x[20_000:])).argmax(1).numpy() == y[20_000:]).mean())
+
+    client = MlflowClient(tracking_uri)
+    for exp in ("canaryflow-bench", "canaryflow-releases", "canaryflow-batch"):
+        if client.get_experiment_by_name(exp) is None:
+            client.create_experiment(exp, artifact_location=(work / "artifacts" / exp).as_uri())
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    mlflow.set_experiment("canaryflow-bench")
+    reference, holdout = frame(x[:20_000], y[:20_000]), frame(x[20_000:], y[20_000:])
+    with mlflow.start_run(run_name=f"train-{MODEL}"):
+        log_release_datasets(reference, holdout)
+        with torch.no_grad():
+            example_out = model(torch.from_numpy(x[:5])).numpy()
+        info = mlflow.pytorch.log_model(model, name="model", signature=infer_signature(x[:5], example_out),
+                                        input_example=x[:5], registered_model_name=MODEL)
+    version = str(info.registered_model_version)
+
+    registry = MlflowRegistry(tracking_uri)
+    run_id = registry.release_run("canaryflow-releases", MODEL, version)
+    result = optimize_pytorch(model, InputContract(N_FEATURES, None, "float32"), x[20_000:], work / "variants",
+                              name=MODEL, version=version, settings=OptimizationSettings())
+    assert result.chosen is not None, result.gate.reason
+    files = write_reports(result, work / "reports" / "optimization")
+    registry.log_to_run(run_id, files=list(files), artifact_path="optimization")
+    (work / "store").mkdir(exist_ok=True)
+    mar = build_mar(result.chosen.model_file, [result.chosen.meta_file], model=MODEL, version=version,
+                    model_store=work / "store")
+    registry.log_to_run(run_id, files=[mar.path, result.chosen.meta_file], artifact_path="torchserve")
+    suite_file = work / "reports" / "expectation_suite.json"
+    suite_file.write_text(json.dumps(suite_to_json(build_suite(reference, [f"f{i}" for i in range(N_FEATURES)]))))
+    registry.log_to_run(run_id, files=[suite_file], artifact_path="gates/data")
+    registry.set_tags(MODEL, version, {"canaryflow.release_run": run_id, "canaryflow.status": "released"})
+    registry.set_alias(MODEL, "champion", version)
+    return {"version": version, "variant": result.variant, "holdout_accuracy": round(acc, 4),
+            "optimization": [{k: r.get(k) for k in ("variant", "status", "p50_b64_ms")} for r in result.table]}
+
+
+# -- the two contenders, each in its own process -----------------------------------------------------------
+def run_canaryflow(data: Path, out: Path, state: Path, tracking_uri: str) -> dict[str, Any]:
+    from canaryflow.batch import ThreadExecutor, finish, plan_job, run_chunks
+    from canaryflow.batch_io import discover
+    from canaryflow.batch_model import fetch_model, resolve_version, scorer_for
+    from canaryflow.registry import MlflowRegistry
+    from canaryflow.settings import Settings
+
+    started = time.monotonic()
+    settings = Settings(state_dir=state)
+    registry = MlflowRegistry(tracking_uri)
+    version = resolve_version(registry, MODEL, "champion", None)
+    model = fetch_model(registry, MODEL, version, "champion", state / "work")
+    job = plan_job(settings, model, str(data), discover(str(data)), output_dir=str(out), chunk_rows=CHUNK_ROWS)
+    scorer_for(model, job.score_rows, job.max_parallel)  # load the model before the clock, as the pyfunc side does
+    setup_rss = _rss_mb()
+    executor = ThreadExecutor(job.max_parallel)
+    t0 = time.monotonic()
+    with RssPeak() as rss:
+        stats = run_chunks(job, executor)
+    scoring_s = time.monotonic() - t0
+    executor.close()
+    summary = finish(job, settings, stats, started=started)
+    assert summary["rows_scored"] == summary["rows_in"], summary
+    return {"rows": summary["rows_in"], "scoring_s": scoring_s, "end_to_end_s": time.monotonic() - started,
+            "setup_rss_mb": setup_rss, "scoring_peak_rss_mb": rss.peak, "variant": model.variant,
+            "drift": summary["drift"]["outcome"],
+            "parts": summary["parts"]}
+
+
+def run_pyfunc(data: Path, out: Path, tracking_uri: str) -> dict[str, Any]:
+    import mlflow.pyfunc
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    started = time.monotonic()
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
+    model.predict(np.zeros((2, N_FEATURES), np.float32))  # warm, like our scorer's warm-up
+    setup_rss = _rss_mb()
+    t0, rows, writer = time.monotonic(), 0, None
+    out.mkdir(parents=True, exist_ok=True)
+    with RssPeak() as rss:
+        for batch in pq.ParquetFile(data).iter_batches(batch_size=CHUNK_ROWS):
+            df = batch.to_pandas()
+            pred = np.asarray(model.predict(df.to_numpy(np.float32)))
+            table = pa.table({"row": np.arange(rows, rows + len(df)), "prediction": pred.argmax(1),
+                              **{f"score_{k}": pred[:, k] for k in range(pred.shape[1])}})
+            writer = writer or pq.ParquetWriter(out / "predictions.parquet", table.schema)
+            writer.write_table(table)
+            rows += len(df)
+        writer.close()
+    scoring_s = time.monotonic() - t0
+    return {"rows": rows, "scoring_s": scoring_s, "end_to_end_s": time.monotonic() - started,
+            "setup_rss_mb": setup_rss, "scoring_peak_rss_mb": rss.peak}
+
+
+def _rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _peak_rss_mb() -> float:
+    """VmHWM: this process's own high-water mark. Not ru_maxrss: Linux carries the parent's peak across
+    fork + exec into it, so every worker reported the orchestrator's 1.2 GB (it held the generated data)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class RssPeak:
+    """The highest RSS seen every 20 ms while the block runs (the scoring phase alone)."""
+
+    def __enter__(self) -> RssPeak:
+        import threading
+
+        self.peak, self._stop = _rss_mb(), threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, _rss_mb())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_mb())
+
+
+def worker(args: argparse.Namespace) -> None:
+    os.chdir(args.work)  # MLflow's defaults write ./mlruns: keep everything under the bench's directory
+    data, out, uri = Path(args.data), Path(args.out), args.tracking_uri
+    result = (run_canaryflow(data, out, Path(args.work) / "state", uri) if args.approach == "canaryflow"
+              else run_pyfunc(data, out, uri))
+    result["peak_rss_mb"] = _peak_rss_mb()
+    result["rows_per_s"] = result["rows"] / result["scoring_s"]
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def measure(approach: str, data: Path, work: Path, tracking_uri: str) -> dict[str, Any]:
+    out = work / f"out-{approach}-{data.stem}"
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, __file__, "--worker", approach, "--data", str(data), "--out", str(out), "--work",
+           str(work), "--tracking-uri", tracking_uri]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800,
+                          env={**os.environ, "DO_NOT_TRACK": "1", "MLFLOW_ENABLE_TELEMETRY": "false"})
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"{approach} on {data.name} failed ({done.returncode}): {done.stderr[-3000:]}")
+    result = json.loads(lines[-1].removeprefix("RESULT "))
+    shutil.rmtree(out, ignore_errors=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="200k and 800k rows")
+    parser.add_argument("--rows", type=int, nargs="+", help="row counts (default 1M and 4M)")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    for hidden in ("--data", "--out", "--work", "--tracking-uri"):
+        parser.add_argument(hidden, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        args.approach = args.worker
+        return worker(args)
+
+    sizes = args.rows or ([200_000, 800_000] if args.quick else [1_000_000, 4_000_000])
+    work = Path(tempfile.mkdtemp(prefix="canaryflow-batch-bench-", dir="/tmp"))
+    tracking_uri = f"sqlite:///{work / 'mlflow.db'}"
+    os.chdir(work)
+    try:
+        log(f"work dir {work}; training, logging and releasing {MODEL}")
+        release = train_and_release(work, tracking_uri)
+        log(f"released v{release['version']}: serving variant {release['variant']}")
+        runs = []
+        for rows in sizes:
+            data = work / f"data-{rows}.parquet"
+            make_data(data, rows, seed=rows)
+            log(f"{rows:,} rows x {N_FEATURES}: {data.stat().st_size / 2**20:.0f} MiB of Parquet")
+            for approach in ("pyfunc", "canaryflow"):
+                result = measure(approach, data, work, tracking_uri)
+                runs.append({"approach": approach, **result})
+                log(f"  {approach:>10}: {result['rows_per_s']:>10,.0f} rows/s, peak RSS while scoring "
+                    f"{result['scoring_peak_rss_mb']:,.0f} MB, whole process {result['peak_rss_mb']:,.0f} MB "
+                    f"(after model load {result['setup_rss_mb']:,.0f} MB)")
+            data.unlink()
+        report(runs, release, sizes)
+    finally:
+        if not args.keep:
+            os.chdir(PROJECT)
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def report(runs: list[dict[str, Any]], release: dict[str, Any], sizes: list[int]) -> None:
+    print()
+    print(f"{'rows':>10} {'approach':>10} {'rows/s':>10} {'RSS scoring':>12} {'RSS process':>12} {'RSS setup':>10} "
+          f"{'scoring s':>10} {'end-to-end s':>13}")
+    for r in runs:
+        print(f"{r['rows']:>10,} {r['approach']:>10} {r['rows_per_s']:>10,.0f} {r['scoring_peak_rss_mb']:>12,.0f} "
+              f"{r['peak_rss_mb']:>12,.0f} {r['setup_rss_mb']:>10,.0f} {r['scoring_s']:>10.1f} "
+              f"{r['end_to_end_s']:>13.1f}")
+    by = {(r["approach"], r["rows"]): r for r in runs}
+    ratios = {}
+    for rows in sizes:
+        ours, theirs = by[("canaryflow", rows)], by[("pyfunc", rows)]
+        ratios[rows] = {"rows_per_s": ours["rows_per_s"] / theirs["rows_per_s"],
+                        "scoring_peak_rss": ours["scoring_peak_rss_mb"] / theirs["scoring_peak_rss_mb"]}
+        print(f"{rows:>10,} canaryflow / pyfunc: {ratios[rows]['rows_per_s']:.2f}x rows/s, "
+              f"{ratios[rows]['scoring_peak_rss']:.2f}x peak RSS while scoring")
+    small, large = sizes[0], sizes[-1]
+    growth = by[("canaryflow", large)]["scoring_peak_rss_mb"] - by[("canaryflow", small)]["scoring_peak_rss_mb"]
+    print(f"canaryflow peak RSS while scoring, {small:,} -> {large:,} rows: {growth:+,.0f} MB "
+          f"(input {large / small:.0f}x larger); serving variant {release['variant']}")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    result = {"when": stamp, "machine": {"cpus": os.cpu_count()}, "model": "MLP 20-256-256-2",
+              "chunk_rows": CHUNK_ROWS, "release": release, "runs": runs,
+              "ratios": {str(k): v for k, v in ratios.items()}, "canaryflow_rss_growth_mb": growth}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for name in (f"batch-{stamp}.json", "batch-latest.json"):
+        (RESULTS / name).write_text(json.dumps(result, indent=2))
+    log(f"results in {RESULTS / f'batch-{stamp}.json'}")
+
+
+if __name__ == "__main__":
+    main()
