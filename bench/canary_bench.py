@@ -59,22 +59,7 @@ def faults(median_radius: float) -> dict[str, dict[str, Any]]:
 
 def register_candidate(uri: str, chaos: dict[str, Any], seed: int = 4) -> str:
     """A good model (same data, another seed) whose version carries the fault from its creation."""
-    import mlflow
-    import torch
-    from mlflow.models import infer_signature
-
-    from canaryflow.datasets import frame, log_release_datasets
-
-    model, (x_tr, y_tr), (x_te, y_te), _ = train_classifier(seed)
-    mlflow.set_tracking_uri(uri)
-    with torch.no_grad():
-        scores = model(torch.from_numpy(x_te[:5])).numpy()
-    with mlflow.start_run():
-        log_release_datasets(frame(x_tr, y_tr), frame(x_te, y_te))
-        info = mlflow.pytorch.log_model(model, name="model", signature=infer_signature(x_te[:5], scores),
-                                        input_example=x_te[:5])
-    mv = mlflow.register_model(info.model_uri, MODEL, tags={"canaryflow.chaos": json.dumps(chaos)})
-    return str(mv.version)
+    return register_model(uri, name=MODEL, seed=seed, tags={"canaryflow.chaos": chaos})[0]
 
 
 def measure(stack: LocalStack, name: str, fault: dict[str, Any], rows: np.ndarray, median: float,

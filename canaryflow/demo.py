@@ -6,6 +6,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import numpy as np
@@ -61,8 +62,11 @@ def train_classifier(seed: int = 0, epochs: int = 300,  # noqa: ANN201 - (module
 
 
 def register_model(tracking_uri: str, name: str = DEMO_MODEL, seed: int = 0,
-                   flip_labels: bool = False) -> tuple[str, np.ndarray, float]:
+                   flip_labels: bool = False, tags: dict[str, Any] | None = None) -> tuple[str, np.ndarray, float]:
     """Train, log and register one version; returns (version, holdout rows, holdout accuracy).
+
+    ``tags`` are set on the version at its creation (values JSON-encoded unless strings), so the release the
+    webhook starts already sees them (e.g. ``canaryflow.chaos``).
 
     ``flip_labels`` simulates a data bug upstream of training: the labels are inverted in the training AND the
     holdout data, so every offline gate (quality on its own holdout included) looks fine, while the model
@@ -84,8 +88,10 @@ def register_model(tracking_uri: str, name: str = DEMO_MODEL, seed: int = 0,
         mlflow.log_metric("holdout_accuracy", acc)
         log_release_datasets(frame(X_tr, y_tr), frame(X_te, y_te))
         info = mlflow.pytorch.log_model(model, name="model", signature=infer_signature(X_te[:5], logits),
-                                        input_example=X_te[:5], registered_model_name=name)
-    return str(info.registered_model_version), X_te, acc
+                                        input_example=X_te[:5])
+    encoded = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (tags or {}).items()}
+    mv = mlflow.register_model(info.model_uri, name, tags=encoded)
+    return str(mv.version), X_te, acc
 
 
 @dataclass

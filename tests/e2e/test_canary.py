@@ -18,15 +18,11 @@ import time
 from pathlib import Path
 
 import httpx
-import mlflow
 import psutil
 import pytest
-import torch
 from mlflow import MlflowClient
-from mlflow.models import infer_signature
 
-from canaryflow.datasets import frame, log_release_datasets
-from canaryflow.demo import train_classifier, wait_for_release
+from canaryflow.demo import register_model, train_classifier, wait_for_release
 from canaryflow.orchestrator import PrefectLauncher
 from canaryflow.reconcile import reconcile
 from canaryflow.services import Services
@@ -37,17 +33,8 @@ MODEL = "canary-model"
 
 
 def register(stack, seed: int, name: str = MODEL, tags: dict | None = None, flip_labels: bool = False) -> str:
-    """Train, log and register a version (with version tags set at creation, before its webhook fires)."""
-    model, (x_tr, y_tr), (x_te, y_te), _ = train_classifier(seed, flip_labels=flip_labels)
-    mlflow.set_tracking_uri(stack.settings.mlflow_uri)
-    with torch.no_grad():
-        scores = model(torch.from_numpy(x_te[:5])).numpy()
-    with mlflow.start_run():
-        log_release_datasets(frame(x_tr, y_tr), frame(x_te, y_te))
-        info = mlflow.pytorch.log_model(model, name="model", signature=infer_signature(x_te[:5], scores),
-                                        input_example=x_te[:5])
-    mv = mlflow.register_model(info.model_uri, name, tags={k: json.dumps(v) for k, v in (tags or {}).items()})
-    return str(mv.version)
+    """Train, log and register a version (tags set at creation, before its webhook fires)."""
+    return register_model(stack.settings.mlflow_uri, name=name, seed=seed, flip_labels=flip_labels, tags=tags)[0]
 
 
 @pytest.fixture(scope="module")
