@@ -51,9 +51,10 @@ def batch_inference(model_name: str | None = None, input: str | None = None, out
                  job.model.version, job.model.variant, job.run_dir)
         progress = t.ProgressArtifact(job.model.name, len(job.chunks()))
         try:
-            with run_lock(job), t.task_runner(dask_address or cfg.dask_address, job.max_parallel) as runner:
-                stats = run_chunks(job, t.PrefectChunkExecutor(runner), progress.update, stop_after_parts)
-            summary = t.finish(job, stats, started)
+            with run_lock(job):
+                with t.task_runner(dask_address or cfg.dask_address, job.max_parallel) as runner:
+                    stats = run_chunks(job, t.PrefectChunkExecutor(runner), progress.update, stop_after_parts)
+                summary = t.finish(job, stats, started)
         except Exception as exc:
             t.summary_artifact(model_name, {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"})
             raise

@@ -76,8 +76,8 @@ def _api(stack, method: str, path: str, body: dict | None = None) -> dict | list
     return resp.json()
 
 
-def _deployment_run(stack, parameters: dict, timeout_s: float = 400) -> dict:
-    dep = _api(stack, "GET", "/deployments/name/batch-inference/manual")
+def _deployment_run(stack, parameters: dict, timeout_s: float = 400, deployment: str = "manual") -> dict:
+    dep = _api(stack, "GET", f"/deployments/name/batch-inference/{deployment}")
     run = _api(stack, "POST", f"/deployments/{dep['id']}/create_flow_run", {"parameters": parameters})
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -95,6 +95,14 @@ def test_scheduled_deployment_exists_with_its_cron(stack) -> None:
     assert all(s["active"] for s in scheduled["schedules"])
     manual = _api(stack, "GET", "/deployments/name/batch-inference/manual")
     assert manual["schedules"] == [] and manual["entrypoint"] == scheduled["entrypoint"]
+
+
+def test_scheduled_run_without_model_or_input_is_skipped_not_failed(stack) -> None:
+    run = _deployment_run(stack, {}, deployment="scheduled")
+    assert run["state_type"] == "COMPLETED", run["state"]
+    (artifact,) = _api(stack, "POST", "/artifacts/latest/filter",
+                       {"artifacts": {"key": {"any_": ["batch-unconfigured"]}}})
+    assert "skipped" in artifact["data"] and "CANARYFLOW_BATCH__MODEL" in artifact["data"]
 
 
 def test_deployment_run_stopped_half_way_resumes_to_every_row_once(stack, released, tmp_path: Path) -> None:
@@ -196,3 +204,29 @@ def test_missing_alias_or_unreadable_input_is_a_clear_error_and_writes_nothing(s
     with pytest.raises(BatchError, match="does not exist"):
         run_batch(stack.settings, MODEL, str(tmp_path / "nowhere"), output_dir=str(out))
     assert not out.exists() or not any(out.rglob("*"))
+
+
+def test_unreleased_version_is_refused_unless_allowed(stack, tmp_path: Path) -> None:
+    """A version whose release was rejected (no release data: the data gate says no) has no serving artifact;
+    scoring it needs --allow-unreleased, which exports the MLflow model unoptimized."""
+    import mlflow
+    import torch
+    from mlflow.models import infer_signature
+
+    name = "batch-it-unreleased"
+    model, (x, _), _, _ = train_classifier(seed=1, epochs=5)
+    mlflow.set_tracking_uri(stack.settings.mlflow_uri)
+    with mlflow.start_run(), torch.no_grad():
+        info = mlflow.pytorch.log_model(model, name="model", signature=infer_signature(x[:5], model(
+            torch.from_numpy(x[:5])).numpy()), input_example=x[:5], registered_model_name=name)
+    version = str(info.registered_model_version)
+    outcome = wait_for_release(stack.settings.mlflow_uri, name, version, timeout_s=300)
+    assert outcome.status == "rejected" and outcome.reason.startswith("data: "), outcome
+    data = _dataset(tmp_path / "in", [700])
+    with pytest.raises(BatchError, match=f"'{name}' v{version} has no released serving artifact .*rejected"):
+        run_batch(stack.settings, name, str(data), version=version, output_dir=str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+    summary = run_batch(stack.settings, name, str(data), version=version, output_dir=str(tmp_path / "out"),
+                        allow_unreleased=True)
+    assert summary["variant"] == "export" and summary["rows_scored"] == 700
+    assert summary["drift"]["outcome"] == "skipped"  # no reference data on the training run
