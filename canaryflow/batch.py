@@ -43,6 +43,10 @@ __all__ = ["BatchInterrupted", "BatchJob", "Progress", "finish", "plan_job", "pr
            "run_job"]
 
 
+# The manifest is rewritten whole (atomically) at most this often: per part it would cost O(parts^2) bytes.
+MANIFEST_EVERY_S = 1.0
+
+
 class BatchInterrupted(BatchError):
     """The run stopped on purpose after some parts (the ``stop_after_parts`` hook that simulates a crash)."""
 
@@ -107,7 +111,8 @@ def run_chunks(job: BatchJob, executor: ChunkExecutor, on_part: Callable[[Progre
     manifest.status, manifest.error = "running", None
     source = _stream(job, plan, set(manifest.parts))
     inflight: dict[Any, ChunkSpec] = {}
-    started, rows_now, parts_now = time.monotonic(), 0, 0
+    started, rows_now, parts_now, saved = time.monotonic(), 0, 0, 0.0
+    rows_before = manifest.rows_done
     try:
         while True:
             while len(inflight) <= job.max_parallel and (item := next(source, None)) is not None:
@@ -118,11 +123,13 @@ def run_chunks(job: BatchJob, executor: ChunkExecutor, on_part: Callable[[Progre
             inflight.pop(handle)
             part: PartRecord = handle.result()
             manifest.record(part)
-            manifest.save(fs, root)
+            if time.monotonic() - saved >= MANIFEST_EVERY_S:  # parts landing in between are redone after a crash
+                manifest.save(fs, root)
+                saved = time.monotonic()
             parts_now, rows_now = parts_now + 1, rows_now + part.rows_in
             if on_part is not None:
                 elapsed = max(time.monotonic() - started, 1e-9)
-                on_part(Progress(len(manifest.parts), len(plan), manifest.rows_done, job.total_rows,
+                on_part(Progress(len(manifest.parts), len(plan), rows_before + rows_now, job.total_rows,
                                  rows_now / elapsed))
             if stop_after_parts is not None and parts_now >= stop_after_parts:
                 raise BatchInterrupted(f"stopped after {parts_now} parts (stop_after_parts={stop_after_parts})")
@@ -132,6 +139,7 @@ def run_chunks(job: BatchJob, executor: ChunkExecutor, on_part: Callable[[Progre
         with contextlib.suppress(Exception):
             manifest.save(fs, root)
         raise
+    manifest.save(fs, root)
     seconds = time.monotonic() - started
     return {"parts_skipped": skipped, "parts_scored": parts_now, "rows_processed": rows_now,
             "seconds": seconds, "rows_per_s": rows_now / seconds if seconds > 0 else 0.0}

@@ -1,10 +1,11 @@
 """The manifest of a batch run: which parts are finished, and the proof that every input row is in exactly one.
 
-``manifest.json`` sits in the run directory and is replaced atomically after every finished part. Only the process
-coordinating the run writes it (tasks return their part's record; they never touch it). A part file that exists
-but is not in the manifest (a crash between its rename and the manifest's) is rewritten under the same name on the
-next run, so it can never count twice. ``_SUCCESS`` is written last, after :func:`verify` passed and the summary
-was recorded: an output directory without it is not complete, whatever it holds.
+``manifest.json`` sits in the run directory and is replaced atomically (at most once a second while parts land,
+and when the run stops). Only the process coordinating the run writes it (tasks return their part's record; they
+never touch it). A part file that exists but is not in the manifest (a crash before the manifest caught up) is
+rewritten under the same name on the next run, so it can never count twice. ``_SUCCESS`` is written last, after
+:func:`verify` passed and the summary was recorded: an output directory without it is not complete, whatever it
+holds.
 """
 
 from __future__ import annotations

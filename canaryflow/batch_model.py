@@ -189,10 +189,12 @@ class Scorer:
         meta = self.handler.meta
         self.step = min(score_rows, meta.max_batch_rows) if meta.format == "torch_export" else score_rows
         self.class_labels = meta.class_labels
+        # an all-rejected chunk still writes a part with every column: the class count comes from one zero row
+        self.n_classes = self.handler.probabilities(np.zeros((1, meta.n_features), np.float32)).shape[1]
 
     def probabilities(self, x: np.ndarray) -> np.ndarray:
         if len(x) == 0:
-            return np.zeros((0, 0), np.float32)
+            return np.zeros((0, self.n_classes), np.float32)
         return np.concatenate([self.handler.probabilities(x[i : i + self.step]).astype(np.float32, copy=False)
                                for i in range(0, len(x), self.step)])
 

@@ -225,3 +225,16 @@ def test_both_deployments_exist_and_the_cron_matches_the_setting() -> None:
     assert {d["entrypoint"] for d in found.values()} == {"flows/batch_inference.py:batch_inference"}
     assert [s["cron"] for s in found["scheduled"]["schedules"]] == [Settings().batch.schedule_cron]
     assert "schedules" not in found["manual"]
+
+
+def test_a_chunk_with_every_row_rejected_still_writes_a_part_with_every_column(tmp_path: Path,
+                                                                               model: BatchModel) -> None:
+    data = _inputs(tmp_path / "in")
+    pq.write_table(pa.table({f: pa.array([None] * 100, pa.float64()) for f in FEATURES}), data / "z.parquet")
+    settings = _settings(tmp_path)
+    job = _job(settings, model, data)
+    summary = batch.run_job(job, settings, report=False)
+    assert (summary["rows_in"], summary["rows_scored"], summary["rows_rejected"]) == (630, 530, 100)
+    empty = pq.read_table(f"{job.run_dir}/scores/part-00002-000000.parquet")
+    assert empty.num_rows == 0 and empty.schema == pq.read_schema(f"{job.run_dir}/scores/part-00000-000000.parquet")
+    assert _scores(job).num_rows == 530
