@@ -16,6 +16,9 @@ if TYPE_CHECKING:
     from canaryflow.batch_job import BatchJob
     from canaryflow.settings import Settings
 
+SUPPORTED = {"expect_table_columns_to_match_set", "expect_column_values_to_be_in_type_list",  # see batch_checks
+             "expect_column_values_to_not_be_null", "expect_column_values_to_be_between",
+             "expect_column_values_to_be_in_set"}
 METRICS = ("rows_in", "rows_scored", "rows_rejected", "rows_processed", "rows_per_s", "duration_s", "parts",
            "parts_skipped", "drift_share")
 
@@ -42,6 +45,8 @@ def summarize(job: BatchJob, manifest: Manifest, totals: dict[str, int], stats: 
         "scoring_s": round(stats.get("seconds", 0.0), 3), "rows_per_s": round(stats.get("rows_per_s", 0.0), 1),
         "duration_s": round(time.monotonic() - started, 3) if started is not None else None,
         "expectations_failed": [e["expectation"] for e in expectations if not e["ok"]],
+        "expectations_not_checked": sorted({e.get("type", "") for e in (m.suite or {}).get("expectations", [])}
+                                           - SUPPORTED),
         "expectations": expectations, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
