@@ -12,11 +12,14 @@ version tag, allowed on this stack):
 - ``latency``: +40 ms per request;
 - ``flip``: predictions inverted for a subgroup (rows with mean radius above the median, about half the rows).
 
-For each: time from the first live answer of the candidate to its last (time exposed), which check rolled it back,
-the share of ALL requests in that window answered by the candidate, and the share answered BADLY (an error, a
-slow answer, a flipped prediction). Next to it, what Flagger's documented example analysis would allow
-(``interval: 1m``, ``threshold: 5``, starting at ``stepWeight`` 10 %): at least interval x threshold before a
-rollback, at 10 % of traffic or more; Flagger has no check on what a model predicts, so the flip is never caught.
+Each fault runs under two policies, set per model: ``split`` (the default ramp) and ``shadow`` (a shadow phase
+first: the champion answers, the candidate gets mirrored copies). For each: time from the ramp's start to the
+final decision, which check decided, the share of ALL requests in that window answered by the candidate, and the
+share answered BADLY (an error, a slow answer, a flipped prediction). A fault that gets promoted is rolled back
+by hand (``canaryflow.rollback``) before the next one. Next to it, what Flagger's documented example analysis
+would allow (``interval: 1m``, ``threshold: 5``, starting at ``stepWeight`` 10 %): at least interval x threshold
+before a rollback, at 10 % of traffic or more; Flagger has no check on what a model predicts, so the flip is never
+caught.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -40,6 +44,8 @@ if str(PROJECT) not in sys.path:
 from bench.serving_bench import bench_settings, log  # noqa: E402
 from canaryflow.demo import register_model, train_classifier, wait_for_release  # noqa: E402
 from canaryflow.registry import MlflowRegistry  # noqa: E402
+from canaryflow.rollback import rollback  # noqa: E402
+from canaryflow.services import Services  # noqa: E402
 from canaryflow.settings import CanarySettings  # noqa: E402
 from canaryflow.stack import LocalStack  # noqa: E402
 from deployments.traffic import LiveTraffic  # noqa: E402
@@ -62,37 +68,37 @@ def register_candidate(uri: str, chaos: dict[str, Any], seed: int = 4) -> str:
     return register_model(uri, name=MODEL, seed=seed, tags={"canaryflow.chaos": chaos})[0]
 
 
-def measure(stack: LocalStack, name: str, fault: dict[str, Any], rows: np.ndarray, median: float,
+def measure(stack: LocalStack, policy: str, name: str, fault: dict[str, Any], rows: np.ndarray, median: float,
             rps: float) -> dict[str, Any]:
+    """One bad candidate under live traffic; the window is from its ramp's start to the final decision."""
     s = stack.settings
+    registry = MlflowRegistry(s.mlflow_uri)
+    registry.set_model_tag(MODEL, "canaryflow.policy", json.dumps({"canary": {"shadow": policy == "shadow"}}))
     with LiveTraffic(s.router_url, MODEL, rows, rps=rps, user_header=s.canary.user_header,
                      subgroup=lambda r: r[0] > median) as live:
         version = register_candidate(s.mlflow_uri, fault["chaos"])
         outcome = wait_for_release(s.mlflow_uri, MODEL, version, timeout_s=1800)
+        decided = time.time()  # polled every second: within 1 s of the decision
+    canary = json.loads(registry.get_version(MODEL, version).tags.get("canaryflow.canary", "{}"))
+    started = canary.get("started_at", decided)
+    window = [a for a in live.answers if started <= a.t <= decided]
     # a 5xx carries no X-Model-Version (TorchServe's error answer); only the candidate fails here, so they are its
-    cand = [a for a in live.answers if a.version == version or a.status >= 500 or a.status == 0]
-    if not cand:
-        return {"fault": name, "version": version, "outcome": outcome.status, "reason": outcome.reason,
-                "exposed_s": 0.0, "requests": 0}
-    t0, t1 = cand[0].t, cand[-1].t
-    window = [a for a in live.answers if t0 <= a.t <= t1]
+    cand = [a for a in window if a.version == version or a.status >= 500 or a.status == 0]
     bad = [a for a in cand if fault["bad"](a)]
-    tags = MlflowRegistry(s.mlflow_uri).get_version(MODEL, version).tags
-    canary = json.loads(tags.get("canaryflow.canary", "{}"))
     flagger_s = FLAGGER["interval_s"] * FLAGGER["threshold"]
-    flagger_share = FLAGGER["step_weight"] / 100
-    bad_rate = len(bad) / len(cand)
-    return {
-        "fault": name, "chaos": fault["chaos"], "version": version, "outcome": outcome.status,
+    bad_rate = {"errors": 0.05, "latency": 1.0}.get(name)
+    row = {
+        "policy": policy, "fault": name, "chaos": fault["chaos"], "version": version, "outcome": outcome.status,
         "reason": outcome.reason, "analyses": canary.get("iterations"), "weight_at_end": canary.get("weight"),
-        "exposed_s": round(t1 - t0, 1), "requests": len(window), "candidate_served": len(cand),
-        "candidate_share": round(len(cand) / len(window), 4), "bad_served": len(bad),
-        "bad_share": round(len(bad) / len(window), 4),
-        "flagger_min_time_s": flagger_s if name != "flip" else None,
-        "flagger_bad_share": round(flagger_share * bad_rate, 4) if name != "flip" else None,
-        "flagger_note": ("no prediction check: promoted" if name == "flip" else
-                         f">= {flagger_s} s at >= {FLAGGER['step_weight']} % of traffic"),
+        "time_to_decision_s": round(decided - started, 1), "requests": len(window), "candidate_served": len(cand),
+        "candidate_share": round(len(cand) / max(len(window), 1), 4), "bad_served": len(bad),
+        "bad_share": round(len(bad) / max(len(window), 1), 4),
+        "flagger_min_time_s": flagger_s if bad_rate else None,
+        "flagger_bad_share": round(FLAGGER["step_weight"] / 100 * bad_rate, 4) if bad_rate else None,
     }
+    if outcome.status == "released":  # a fault got through: put the champion back for the next one
+        rollback(Services(s), MODEL, None, f"bench: {name} under {policy} was promoted", "canary-bench")
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="10 s analyses, 30 requests per version")
     ap.add_argument("--rps", type=float, default=60.0, help="live traffic, requests per second")
     ap.add_argument("--faults", default="errors,latency,flip")
+    ap.add_argument("--policies", default="split,shadow", help="split: the default ramp; shadow: a shadow phase first")
     ap.add_argument("--keep-state", action="store_true")
     args = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -123,11 +130,12 @@ def main(argv: list[str] | None = None) -> int:
             f">= {canary.min_requests} requests per version; live traffic {args.rps:g} req/s")
         table = []
         all_faults = faults(median)
-        for name in args.faults.split(","):
-            log(f"fault {name}: {all_faults[name]['chaos']}")
-            row = measure(stack, name, all_faults[name], rows, median, args.rps)
-            log(f"  -> {row['outcome']} after {row['exposed_s']} s: {row['reason'][:160]}")
-            table.append(row)
+        for policy in args.policies.split(","):
+            for name in args.faults.split(","):
+                log(f"{policy}: fault {name}: {all_faults[name]['chaos']}")
+                row = measure(stack, policy, name, all_faults[name], rows, median, args.rps)
+                log(f"  -> {row['outcome']} after {row['time_to_decision_s']} s: {row['reason'][:160]}")
+                table.append(row)
         print_table(table, canary)
         write(table, canary, args)
         ok = True
@@ -143,16 +151,16 @@ def main(argv: list[str] | None = None) -> int:
 def print_table(table: list[dict[str, Any]], canary: CanarySettings) -> None:
     print(f"\ncanary policy: steps {canary.steps} %, interval {canary.interval_s:g} s, min requests "
           f"{canary.min_requests}, rollback after {canary.max_failed_checks} failed analyses")
-    print("| fault | outcome | caught by | time exposed s | requests in window | candidate share | bad-served share "
-          "| Flagger example: min time s / bad share |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| policy | fault | outcome | caught by | ramp start -> decision s | requests | candidate share "
+          "| bad-served share | Flagger example: min s / bad share |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in table:
-        caught = r["reason"].split(":")[0].removeprefix("canary") or "-"
-        checks = [c for c in ("errors", "p95", "latency_u", "prediction_drift") if f"{c}:" in r["reason"]]
+        checks = [c for c in ("errors", "p95", "latency_u", "prediction_drift", "shadow_agreement")
+                  if f"{c}:" in r["reason"]]
         flagger = (f"{r['flagger_min_time_s']} / {r['flagger_bad_share']}" if r.get("flagger_min_time_s")
                    else "never caught: promoted")
-        print(f"| {r['fault']} | {r['outcome']} | {', '.join(checks) or caught} | {r['exposed_s']} | "
-              f"{r.get('requests', 0)} | {r.get('candidate_share', 0):.3f} | {r.get('bad_share', 0):.4f} | "
+        print(f"| {r['policy']} | {r['fault']} | {r['outcome']} | {', '.join(checks) or '-'} | "
+              f"{r['time_to_decision_s']} | {r['requests']} | {r['candidate_share']:.3f} | {r['bad_share']:.4f} | "
               f"{flagger} |")
 
 

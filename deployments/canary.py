@@ -183,14 +183,17 @@ def analyse(w: Window, s: CanaryStatus, p: CanarySettings) -> list[Check]:
     """Every check of one analysis on one window."""
     cand, champ = w.get(s.candidate), w.get(s.champion)
     if s.shadow:
-        return [_shadow_errors(cand, p), _shadow_agreement(w, p)]
+        # the candidate's mirrored answers stand in for its own: same requests as the champion's
+        cand = replace(cand, requests=cand.shadow_requests, errors=cand.shadow_errors,
+                       latencies_ms=cand.shadow_latencies_ms)
     need = p.min_requests
     if cand.requests < need or champ.requests < need:
-        why = (f"too few requests to judge: candidate {cand.requests}, champion {champ.requests}, "
+        what = "mirrored requests" if s.shadow else "requests"
+        why = (f"too few {what} to judge: candidate {cand.requests}, champion {champ.requests}, "
                f"need {need} each")
         return [Check("traffic", Outcome.INCONCLUSIVE, float(cand.requests), float(need), why)]
     checks = [_errors(cand, p), _p95(cand, champ, p), _latency_u(cand, champ, p), _drift(cand, champ, p)]
-    if w.shadow_pairs:
+    if s.shadow or w.shadow_pairs:
         checks.append(_shadow_agreement(w, p))
     return checks
 
@@ -200,17 +203,6 @@ def _errors(cand: VersionWindow, p: CanarySettings) -> Check:
     ok = r <= p.max_error_ratio
     return Check("errors", Outcome.PASSED if ok else Outcome.FAILED, r, p.max_error_ratio,
                  f"error ratio {r:.3f} ({cand.errors}/{cand.requests}) {'<=' if ok else '>'} {p.max_error_ratio:.3f}")
-
-
-def _shadow_errors(cand: VersionWindow, p: CanarySettings) -> Check:
-    if cand.shadow_requests < p.min_requests:
-        return Check("errors", Outcome.INCONCLUSIVE, float(cand.shadow_requests), float(p.min_requests),
-                     f"{cand.shadow_requests} mirrored requests, need {p.min_requests}")
-    r = cand.shadow_errors / cand.shadow_requests
-    ok = r <= p.max_error_ratio
-    return Check("errors", Outcome.PASSED if ok else Outcome.FAILED, r, p.max_error_ratio,
-                 f"shadow error ratio {r:.3f} ({cand.shadow_errors}/{cand.shadow_requests}) "
-                 f"{'<=' if ok else '>'} {p.max_error_ratio:.3f}")
 
 
 def _p95(cand: VersionWindow, champ: VersionWindow, p: CanarySettings) -> Check:

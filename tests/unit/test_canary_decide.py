@@ -26,6 +26,13 @@ def version(name: str, n: int = 200, errors: int = 0, latency_ms: float = 5.0, s
                          scores=list(np.clip(rng.normal(scores, 0.03, n), 0, 1)))
 
 
+def mirrored(n: int, errors: int = 0, latency_ms: float = 5.0) -> VersionWindow:
+    """A shadowed candidate: no client answers, ``n`` mirrored copies."""
+    copy = version("2", n=n, latency_ms=latency_ms, seed=3)
+    return replace(copy, requests=0, errors=0, latencies_ms=[], shadow_requests=n, shadow_errors=errors,
+                   shadow_latencies_ms=copy.latencies_ms)
+
+
 def window(cand: VersionWindow | None = None, champ: VersionWindow | None = None, **kw: int) -> Window:
     cand = cand or version("2", seed=1)
     champ = champ or version("1", n=800, seed=2)
@@ -89,14 +96,20 @@ CASES = [
          Measurements(window(version("2", scores=0.55)), NOW), Action.ROLLBACK, 0, "Wasserstein",
          "prediction_drift", POLICY.model_copy(update={"drift_metric": "wasserstein"})),
     Case("shadow: good agreement advances to the first step", status(-1, phase=Phase.SHADOW),
-         Measurements(window(replace(version("2", n=0), shadow_requests=120), shadow_pairs=120,
-                             shadow_agreements=119), NOW), Action.ADVANCE, 5, "advancing to 5%"),
+         Measurements(window(mirrored(120), shadow_pairs=120, shadow_agreements=119), NOW), Action.ADVANCE, 5,
+         "advancing to 5%"),
     Case("shadow: low agreement fails", status(-1, phase=Phase.SHADOW, failed_checks=1),
-         Measurements(window(replace(version("2", n=0), shadow_requests=120), shadow_pairs=120,
-                             shadow_agreements=60), NOW), Action.ROLLBACK, 0, "agreement 0.500", "shadow_agreement"),
+         Measurements(window(mirrored(120), shadow_pairs=120, shadow_agreements=60), NOW), Action.ROLLBACK, 0,
+         "agreement 0.500", "shadow_agreement"),
+    Case("shadow: mirrored errors fail", status(-1, phase=Phase.SHADOW, failed_checks=1),
+         Measurements(window(mirrored(120, errors=9), shadow_pairs=111, shadow_agreements=111), NOW),
+         Action.ROLLBACK, 0, "error ratio 0.075", "errors"),
+    Case("shadow: slower mirrored answers fail p95", status(-1, phase=Phase.SHADOW, failed_checks=1),
+         Measurements(window(mirrored(120, latency_ms=45), shadow_pairs=120, shadow_agreements=120), NOW),
+         Action.ROLLBACK, 0, "p95", "p95"),
     Case("shadow: too few mirrored requests holds", status(-1, phase=Phase.SHADOW),
-         Measurements(window(replace(version("2", n=0), shadow_requests=5), shadow_pairs=5, shadow_agreements=5),
-                      NOW), Action.HOLD, 0, "need 50"),
+         Measurements(window(mirrored(5), shadow_pairs=5, shadow_agreements=5), NOW), Action.HOLD, 0,
+         "too few mirrored requests"),
 ]
 
 
