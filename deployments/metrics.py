@@ -269,6 +269,9 @@ class _Aggregator:
             status, seconds = int(rec["status"]), float(rec["request_time"])
         except (KeyError, TypeError, ValueError):
             return False
+        # The upstream's time where there is one: a request with a shadow copy is finalized (and its
+        # request_time stopped) only when the copy is done, though its answer left long before.
+        seconds = _upstream_seconds(rec.get("upstream_time")) or seconds
         if rec.get("pinned") in (1, "1", True):
             return True
         version = str(rec.get("version") or rec.get("upstream_version") or rec.get("cf_version") or "")
@@ -311,3 +314,15 @@ def _parse(line: bytes) -> dict[str, Any] | None:
     except ValueError:
         return None
     return record if isinstance(record, dict) else None
+
+
+def _upstream_seconds(value: Any) -> float | None:
+    """``$upstream_response_time``: "0.004", "0.002, 0.004" after a retry (summed), "-" or "" when none."""
+    total, seen = 0.0, False
+    for part in str(value or "").replace(":", ",").split(","):
+        try:
+            total += float(part)
+            seen = True
+        except ValueError:
+            continue
+    return total if seen else None

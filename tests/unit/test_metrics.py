@@ -266,3 +266,12 @@ def test_window_get_and_agreement() -> None:
     assert win.get("1").error_ratio == pytest.approx(1 / 3)
     assert win.get("9").requests == 0 and "9" not in win.versions
     assert win.shadow_agreement == 0.75
+
+
+def test_latency_is_the_upstream_time_when_there_is_one(log: Path) -> None:
+    """A request with a shadow copy is finalized (request_time) only after the copy; its answer left earlier."""
+    write(log, line(100.0, "1", ms=4.0, request_time=2.5),  # champion answered in 4 ms, copy took 2.5 s
+          line(100.1, "1", ms=6.0, upstream_time="0.002, 0.004"),  # a retry: both tries count
+          line(100.2, "1", status=502, ms=30.0, upstream_time="-"))  # no upstream answer: nginx's own time
+    got = AccessLogMetrics(log).window("iris", 99.0, 101.0).get("1").latencies_ms
+    assert got == pytest.approx([4.0, 6.0, 30.0])
