@@ -93,6 +93,7 @@ def measure(stack: LocalStack, policy: str, name: str, fault: dict[str, Any], ro
         "time_to_decision_s": round(decided - started, 1), "requests": len(window), "candidate_served": len(cand),
         "candidate_share": round(len(cand) / max(len(window), 1), 4), "bad_served": len(bad),
         "bad_share": round(len(bad) / max(len(window), 1), 4),
+        "client_p95_ms": round(float(np.percentile([a.ms for a in window], 95)), 1) if window else None,
         "flagger_min_time_s": flagger_s if bad_rate else None,
         "flagger_bad_share": round(FLAGGER["step_weight"] / 100 * bad_rate, 4) if bad_rate else None,
     }
@@ -152,8 +153,8 @@ def print_table(table: list[dict[str, Any]], canary: CanarySettings) -> None:
     print(f"\ncanary policy: steps {canary.steps} %, interval {canary.interval_s:g} s, min requests "
           f"{canary.min_requests}, rollback after {canary.max_failed_checks} failed analyses")
     print("| policy | fault | outcome | caught by | ramp start -> decision s | requests | candidate share "
-          "| bad-served share | Flagger example: min s / bad share |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| bad-served share | client p95 ms | Flagger example: min s / bad share |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in table:
         checks = [c for c in ("errors", "p95", "latency_u", "prediction_drift", "shadow_agreement")
                   if f"{c}:" in r["reason"]]
@@ -161,7 +162,7 @@ def print_table(table: list[dict[str, Any]], canary: CanarySettings) -> None:
                    else "never caught: promoted")
         print(f"| {r['policy']} | {r['fault']} | {r['outcome']} | {', '.join(checks) or '-'} | "
               f"{r['time_to_decision_s']} | {r['requests']} | {r['candidate_share']:.3f} | {r['bad_share']:.4f} | "
-              f"{flagger} |")
+              f"{r['client_p95_ms']} | {flagger} |")
 
 
 def write(table: list[dict[str, Any]], canary: CanarySettings, args: argparse.Namespace) -> None:

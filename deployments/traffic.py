@@ -22,6 +22,7 @@ class Answer:
     status: int  # 0: no HTTP answer
     version: str
     subgroup: bool
+    ms: float  # client-observed latency
 
 
 class LiveTraffic:
@@ -62,6 +63,7 @@ class LiveTraffic:
         with httpx.Client(timeout=30) as client:
             while not self._stop.is_set():
                 body, marked = next(bodies)
+                sent = time.monotonic()
                 try:
                     resp = client.post(self.url, json=body, headers={self.user_header: f"u{next(users)}"})
                     key = (resp.status_code, resp.headers.get("X-Model-Version", ""))
@@ -71,7 +73,8 @@ class LiveTraffic:
                         self.errors.append(repr(exc))
                 with self._lock:
                     self.counts[key] += 1
-                    self.answers.append(Answer(time.time(), key[0], key[1], marked))
+                    self.answers.append(Answer(time.time(), key[0], key[1], marked,
+                                               (time.monotonic() - sent) * 1000))
                 next_at += self.interval
                 self._stop.wait(max(0.0, next_at - time.monotonic()))
 
