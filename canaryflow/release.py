@@ -138,7 +138,11 @@ def promote(svc: Services, st: ReleaseState) -> str:
 
 def stop(svc: Services, st: ReleaseState, reason: str) -> str:
     """Take a release that did not promote off TorchServe (production untouched); returns the reason to record."""
-    routed = svc.router.routes().get(st.model, {}).get("stable")
+    route = svc.router.routes().get(st.model, {})
+    if route.get("canary") == st.version and st.champion:
+        svc.router.set_route(st.model, st.champion)  # a ramp cut short by an error: all traffic back first
+        route = {"stable": st.champion}
+    routed = route.get("stable")
     if st.version not in (st.champion, routed):
         try:
             svc.backend.unregister(st.model, st.version)

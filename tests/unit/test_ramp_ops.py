@@ -285,3 +285,13 @@ def test_reconcile_repairs_router_weights_that_disagree_with_the_record(tmp_path
     svc.registry.set_tags("m", "2", {STATUS_TAG: "released"})
     actions = reconcile.reconcile(svc, FakeLauncher(runs=[run("2", "COMPLETED")]), now=NOW)
     assert svc.router.table["m"] == {"stable": "1"} and "v7 alone" in actions[0]
+
+
+def test_a_release_stopped_mid_ramp_puts_all_traffic_back_before_unregistering(tmp_path: Path) -> None:
+    from canaryflow.release import stop
+
+    svc = services(tmp_path, {"1": released("1"), "2": info("2")}, route={"stable": "1", "canary": "2",
+                                                                         "weight": 25.0}, champion="1")
+    reason = stop(svc, state(svc, tmp_path), "RegistryError: MLflow went away")
+    assert svc.router.table["m"] == {"stable": "1"} and "2" not in svc.backend.registered
+    assert reason == "RegistryError: MLflow went away"
