@@ -45,8 +45,11 @@ def stack_env(state_dir: Path) -> dict[str, str]:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests that stop the shared stack run last."""
-    items.sort(key=lambda item: item.get_closest_marker("stops_stack") is not None)
+    """Tests that do not use the shared stack run before it starts (the demo starts a whole stack of its own and
+    load-tests on it: the shared one idling beside it costs it its p95); tests that stop the shared stack run
+    last."""
+    items.sort(key=lambda item: (item.get_closest_marker("stops_stack") is not None,
+                                 "stack" in getattr(item, "fixturenames", ())))
 
 
 @pytest.fixture(scope="session")

@@ -88,7 +88,7 @@ def test_observed_split_matches_the_weight(router: NginxRouter, seen: list[dict]
     # The access log tells the same story, per version, for the canary analysis.
     source = AccessLogMetrics(router.paths.router_access_log)
     deadline = time.monotonic() + 5
-    while (win := source.window("iris", started - 1, time.time() + 1)).get(STABLE).requests + win.get(
+    while (win := source.window("iris", started, time.time() + 1)).get(STABLE).requests + win.get(
             CANARY).requests < n and time.monotonic() < deadline:
         time.sleep(0.2)
     assert (win.get(STABLE).requests, win.get(CANARY).requests) == (counts[STABLE], counts[CANARY])
