@@ -61,12 +61,15 @@ class PredictionUser(FastHttpUser):
         self.headers = {"Content-Type": "application/json"}
         if VERSION:
             self.headers["X-Model-Version"] = VERSION
-        if USER_HEADER:
-            self.headers[USER_HEADER] = f"user-{os.getpid()}-{next(_user_ids)}"
+        # each locust user plays 50 sticky end users in turn: a handful of locust users alone would put the whole
+        # load on one side of a 10-20 % split
+        self.end_users = itertools.cycle([f"user-{os.getpid()}-{next(_user_ids)}-{k}" for k in range(50)])
         self.turn = itertools.cycle(BODIES)
 
     @task
     def predict(self) -> None:
+        if USER_HEADER:
+            self.headers[USER_HEADER] = next(self.end_users)
         with self.client.post(f"/predictions/{MODEL}", data=next(self.turn), headers=self.headers,
                               name="/predictions/[model]", catch_response=True) as resp:
             if not resp.status_code:  # no HTTP answer at all: refused, reset, timed out
