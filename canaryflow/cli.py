@@ -203,7 +203,9 @@ def demo(keep: Annotated[bool, typer.Option("--keep", help="leave the stack runn
         load = None
         console.print(f"live load: {stats.get('requests', 0)} requests, {stats.get('failures', 0)} failed, "
                       f"p95 {stats.get('p95_ms', 0)} ms")
-        champion = d.champion_version(s.mlflow_uri, d.DEMO_MODEL)
+        from canaryflow.registry import MlflowRegistry
+
+        champion = MlflowRegistry(s.mlflow_uri).alias_version(d.DEMO_MODEL, s.release.champion_alias)
         answer, _, _ = d.predict(s, d.DEMO_MODEL, rows[:1])
         console.print(f"champion is v{champion}; the router answers with v{answer['model_version']}")
         if answer["model_version"] != champion:

@@ -141,12 +141,6 @@ def watch_release(tracking_uri: str, name: str, version: str, on_decision: Calla
                      "check the Prefect UI and the worker log")
 
 
-def champion_version(tracking_uri: str, name: str) -> str | None:
-    from canaryflow.registry import MlflowRegistry
-
-    return MlflowRegistry(tracking_uri).alias_version(name, "champion")
-
-
 def find_flow_run(settings: Settings, name: str, version: str) -> dict | None:
     """The release flow run Prefect holds for this version (by its run name)."""
     body = {"flow_runs": {"name": {"any_": [f"release-{name}-v{version}"]}}, "limit": 1}

@@ -11,23 +11,18 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from canaryflow.errors import MetricsSourceError
 from canaryflow.registry import REASON_TAG, STATUS_TAG
 from canaryflow.release import ReleaseState
 from canaryflow.services import Services
 from deployments import canary as ctl
+from deployments.metrics import FLUSH_DELAY_S, AccessLogMetrics, MetricsSource, Window
 from validation.results import judged
 
-if TYPE_CHECKING:
-    from deployments.metrics import MetricsSource, Window
-
 CANARY_TAG = "canaryflow.canary"
-# nginx flushes its access log every second (and old workers at a reload): windows end this long ago.
-LOG_FLUSH_S = 2.0  # deployments.metrics.FLUSH_DELAY_S: old nginx workers flush at reload, ~1 s late
 
 
 def load_status(svc: Services, model: str, version: str) -> ctl.CanaryStatus | None:
@@ -88,12 +83,9 @@ def analyse(svc: Services, st: ReleaseState, status: ctl.CanaryStatus,
         return ctl.Decision(ctl.Action.ROLLBACK if persisted.phase is ctl.Phase.ROLLED_BACK else ctl.Action.PROMOTE,
                             persisted, [], persisted.reasons or [f"ramp ended elsewhere: {persisted.phase.value}"])
     now = time.time() if now is None else now
-    if source is None:
-        from deployments.metrics import AccessLogMetrics
-
-        source = AccessLogMetrics(svc.paths.router_access_log)
+    source = source or AccessLogMetrics(svc.paths.router_access_log)
     try:
-        window = source.window(st.model, status.step_started_at, now - LOG_FLUSH_S)
+        window = source.window(st.model, status.step_started_at, now - FLUSH_DELAY_S)
         m = ctl.Measurements(window, now)
     except MetricsSourceError as exc:
         window, m = None, ctl.Measurements(None, now, str(exc))
@@ -204,7 +196,3 @@ def write_timeline_png(st: ReleaseState, path: Path) -> Path | None:
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
-
-
-def status_dict(status: ctl.CanaryStatus) -> dict[str, Any]:
-    return {**asdict(status), "phase": status.phase.value}

@@ -48,7 +48,7 @@ def rollback(svc: Services, model: str, to: str | None, reason: str, actor: str)
     target = to or svc.registry.alias_version(model, cfg.previous_alias)
     if target is None:
         if last.get("to") == champion and champion is not None:
-            return _same(svc, model, champion, f"already rolled back to v{champion} by {last.get('by')}")
+            return _same(champion, f"already rolled back to v{champion} by {last.get('by')}")
         raise RegistryError(f"{model} has no {cfg.previous_alias!r} alias to roll back to; name a version with --to")
     info = svc.registry.get_version(model, target)
     if info.tags.get(STATUS_TAG) != "released":
@@ -58,7 +58,7 @@ def rollback(svc: Services, model: str, to: str | None, reason: str, actor: str)
     for version in _ramping(svc, model):
         abort_release(svc, model, version, f"ramp aborted by a manual rollback ({actor}: {reason})")
     if champion == target and route.get("stable") == target:
-        return _same(svc, model, target, f"v{target} is already the champion and serves alone")
+        return _same(target, f"v{target} is already the champion and serves alone")
     archive = svc.paths.model_store / archive_name(model, target)
     if target not in svc.backend.versions(model):
         if not archive.exists():
@@ -84,7 +84,7 @@ def rollback(svc: Services, model: str, to: str | None, reason: str, actor: str)
     return {"changed": "true", "champion": target, "from": champion or "", "reason": note}
 
 
-def _same(svc: Services, model: str, version: str, why: str) -> dict[str, str]:
+def _same(version: str, why: str) -> dict[str, str]:
     return {"changed": "false", "champion": version, "from": version, "reason": why}
 
 

@@ -121,10 +121,6 @@ class Decision:
     checks: list[Check]
     reasons: list[str]
 
-    @property
-    def weight(self) -> float:
-        return self.status.weight
-
 
 def decide(status: CanaryStatus, m: Measurements, policy: CanarySettings) -> Decision:
     """Hold, advance, promote or roll back, with the reasons; pure (no clock, no I/O)."""

@@ -78,10 +78,6 @@ class LiveTraffic:
                 next_at += self.interval
                 self._stop.wait(max(0.0, next_at - time.monotonic()))
 
-    def total(self) -> int:
-        with self._lock:
-            return sum(self.counts.values())
-
     def served_by(self, version: str) -> int:
         with self._lock:
             return sum(n for (status, v), n in self.counts.items() if v == version and status == 200)
