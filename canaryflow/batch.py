@@ -23,20 +23,13 @@ from typing import Any, Protocol
 import pyarrow as pa
 
 from canaryflow import batch_report
-from canaryflow.batch_io import (
-    ChunkSpec,
-    discover,
-    filesystem,
-    join,
-    remove_temporaries,
-    stream_chunks,
-    write_text_atomic,
-)
+from canaryflow.batch_io import ChunkSpec, discover, filesystem, join, stream_chunks
 from canaryflow.batch_job import BatchJob, Progress, plan_job, safe_name
-from canaryflow.batch_manifest import SUCCESS, Manifest, PartRecord, verify
+from canaryflow.batch_manifest import SUCCESS, Manifest, PartRecord, repair, verify
 from canaryflow.batch_model import fetch_model, resolve_version
-from canaryflow.batch_score import score_chunk
-from canaryflow.errors import BatchError
+from canaryflow.batch_score import SAMPLES, score_chunk
+from canaryflow.batch_write import remove_temporaries, write_error, write_text_atomic
+from canaryflow.errors import BatchError, BatchWriteError
 from canaryflow.settings import Settings
 
 __all__ = ["BatchInterrupted", "BatchJob", "Progress", "finish", "plan_job", "prepare", "run_batch", "run_chunks",
@@ -100,12 +93,18 @@ class ThreadExecutor:
 def run_chunks(job: BatchJob, executor: ChunkExecutor, on_part: Callable[[Progress], None] | None = None,
                stop_after_parts: int | None = None) -> dict[str, float]:
     """Score every chunk the manifest does not list yet, at most ``max_parallel + 1`` in flight (so memory stays
-    bounded whatever the input size), recording each finished part in the manifest as it lands."""
+    bounded whatever the input size), recording each finished part in the manifest as it lands.
+
+    Listed parts whose files are damaged are scored again (:func:`canaryflow.batch_manifest.repair`). When chunks
+    fail, the error raised is that of the first failing chunk in input order, whichever thread failed first. A
+    failed write (disk full) says how far the run got; finished parts are kept and a re-run resumes.
+    """
     fs, root = filesystem(job.run_dir)
     manifest = Manifest.load(fs, root)
     if manifest is None:
         raise BatchError(f"{job.run_dir} has no manifest: call prepare() first")
     remove_temporaries(fs, root)
+    repaired = repair(manifest, fs, root, SAMPLES)
     plan = job.chunks()
     skipped = len(manifest.parts)
     manifest.status, manifest.error = "running", None
@@ -120,8 +119,11 @@ def run_chunks(job: BatchJob, executor: ChunkExecutor, on_part: Callable[[Progre
             if not inflight:
                 break
             handle = executor.first_done(list(inflight))
-            inflight.pop(handle)
-            part: PartRecord = handle.result()
+            spec = inflight.pop(handle)
+            try:
+                part: PartRecord = handle.result()
+            except Exception as exc:
+                raise _first_in_input_order({spec: exc} | _drain(inflight)) from None
             manifest.record(part)
             if time.monotonic() - saved >= MANIFEST_EVERY_S:  # parts landing in between are redone after a crash
                 manifest.save(fs, root)
@@ -136,13 +138,18 @@ def run_chunks(job: BatchJob, executor: ChunkExecutor, on_part: Callable[[Progre
     except BaseException as exc:
         _drain(inflight)
         manifest.status, manifest.error = "failed", f"{type(exc).__name__}: {exc}"[:2000]
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception):  # on a full disk this fails too: the last saved manifest stands
             manifest.save(fs, root)
+        if isinstance(exc, BatchWriteError):
+            cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else OSError(exc.errno, str(exc))
+            raise write_error(exc.path, cause, f"{len(manifest.parts)} of {len(plan)} parts "
+                              f"({manifest.rows_done:,} of {job.total_rows:,} rows) were finished before it, in "
+                              f"{job.run_dir}") from exc
         raise
     manifest.save(fs, root)
     seconds = time.monotonic() - started
-    return {"parts_skipped": skipped, "parts_scored": parts_now, "rows_processed": rows_now,
-            "seconds": seconds, "rows_per_s": rows_now / seconds if seconds > 0 else 0.0}
+    return {"parts_skipped": skipped, "parts_scored": parts_now, "parts_repaired": len(repaired),
+            "rows_processed": rows_now, "seconds": seconds, "rows_per_s": rows_now / seconds if seconds > 0 else 0.0}
 
 
 def _stream(job: BatchJob, plan: list[ChunkSpec], done: set[str]) -> Iterator[tuple[ChunkSpec, pa.Table]]:
@@ -155,13 +162,23 @@ def _stream(job: BatchJob, plan: list[ChunkSpec], done: set[str]) -> Iterator[tu
         yield from stream_chunks(fs, f, by_file.get(i, []), columns, done)
 
 
-def _drain(inflight: dict[Any, ChunkSpec]) -> None:
-    """Wait for running chunks (their parts are not recorded) so nothing writes after the run has failed."""
-    for handle in inflight:
-        with contextlib.suppress(BaseException):
+def _drain(inflight: dict[Any, ChunkSpec]) -> dict[ChunkSpec, BaseException]:
+    """Wait for running chunks (their parts are not recorded) so nothing writes after the run has failed; returns
+    the chunks that failed meanwhile, with their errors."""
+    failed = {}
+    for handle, spec in list(inflight.items()):
+        try:
             handle.result()
+        except BaseException as exc:  # noqa: BLE001 - collected, the caller raises one
+            failed[spec] = exc
+    inflight.clear()
+    return failed
 
 
+def _first_in_input_order(failed: dict[ChunkSpec, BaseException]) -> BaseException:
+    """The error of the earliest failing chunk: chunks are submitted in input order and a failure drains every
+    chunk in flight, so this is the first failing chunk of the input however the threads were scheduled."""
+    return failed[min(failed, key=lambda s: (s.file, s.chunk))]
 
 
 def finish(job: BatchJob, settings: Settings, stats: dict[str, float], *, started: float | None = None,

@@ -2,7 +2,8 @@
 
 Input and output are local paths or fsspec URIs (``s3://``, ``gs://``, ``memory://`` ...). Only Parquet footers are
 read up front; a chunk is read by the task that scores it, from the row groups it overlaps, in record batches, so
-memory depends on the chunk size and the file's row-group size, never on the size of the input.
+memory depends on the chunk size and the file's row-group size, never on the size of the input. Writing the output
+is in :mod:`canaryflow.batch_write`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -174,44 +174,3 @@ def stream_chunks(fs: Any, file: InputFile, specs: list[ChunkSpec], columns: lis
 
 def join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *parts])
-
-
-def write_parquet_atomic(fs: Any, table: pa.Table, path: str) -> None:
-    """Write under a temporary name in the same directory, then rename: readers never see half a file."""
-    tmp = join(os.path.dirname(path), f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
-    fs.makedirs(os.path.dirname(path), exist_ok=True)
-    with fs.open(tmp, "wb") as fh:
-        # snappy (3x faster to write than zstd here); dictionary pages only for the columns that are dictionaries:
-        # trying them on random floats cost 9x the write time
-        dictionary = [f.name for f in table.schema if pa.types.is_dictionary(f.type)]
-        pq.write_table(table, fh, use_dictionary=dictionary)
-        _sync(fh)
-    fs.mv(tmp, path)
-
-
-def write_text_atomic(fs: Any, text: str, path: str) -> None:
-    tmp = join(os.path.dirname(path), f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
-    fs.makedirs(os.path.dirname(path), exist_ok=True)
-    with fs.open(tmp, "wb") as fh:
-        fh.write(text.encode())
-        _sync(fh)
-    fs.mv(tmp, path)
-
-
-def _sync(fh: Any) -> None:
-    # local files: the data must be on disk before the rename makes it visible
-    try:
-        fh.flush()
-        os.fsync(fh.fileno())
-    except (AttributeError, OSError, ValueError, NotImplementedError):
-        pass
-
-
-def remove_temporaries(fs: Any, root: str) -> int:
-    """Delete ``.tmp-*`` files a crashed run left behind; returns how many."""
-    if not fs.exists(root):
-        return 0
-    stale = [p for p in fs.find(root) if os.path.basename(p).startswith(".tmp-")]
-    for p in stale:
-        fs.rm(p)
-    return len(stale)

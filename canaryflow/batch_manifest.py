@@ -3,22 +3,29 @@
 ``manifest.json`` sits in the run directory and is replaced atomically (at most once a second while parts land,
 and when the run stops). Only the process coordinating the run writes it (tasks return their part's record; they
 never touch it). A part file that exists but is not in the manifest (a crash before the manifest caught up) is
-rewritten under the same name on the next run, so it can never count twice. ``_SUCCESS`` is written last, after
-:func:`verify` passed and the summary was recorded: an output directory without it is not complete, whatever it
-holds.
+rewritten under the same name on the next run, so it can never count twice; a listed part whose files are
+damaged (truncated, unreadable, another row count) is dropped from the manifest and rewritten too (:func:`repair`).
+``_SUCCESS`` is written last, after :func:`verify` passed and the summary was recorded: an output directory
+without it is not complete, whatever it holds.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from canaryflow.batch_io import ChunkSpec, join, write_text_atomic
+from canaryflow.batch_io import ChunkSpec, join
+from canaryflow.batch_write import write_text_atomic
 from canaryflow.errors import BatchError
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 SUCCESS = "_SUCCESS"
@@ -110,11 +117,9 @@ def verify(manifest: Manifest, plan: list[ChunkSpec], fs: Any, root: str, total_
         if p["rows_scored"] + p["rows_rejected"] != p["rows_in"]:
             problems.append(f"part {key}: {p['rows_in']} rows in != {p['rows_scored']} scored + "
                             f"{p['rows_rejected']} rejected")
-        for name, expected in ((p["part"], p["rows_scored"]), (p["rejects"], p["rows_rejected"])):
-            if name is not None:
-                found = _rows_in_file(fs, join(root, name))
-                if found != expected:
-                    problems.append(f"{name} holds {found} rows, the manifest says {expected}")
+        damage = part_damage(fs, root, p)
+        if damage:
+            problems.append(damage)
         totals["parts"] += 1
         for k in ("rows_in", "rows_scored", "rows_rejected"):
             totals[k] += p[k]
@@ -125,9 +130,47 @@ def verify(manifest: Manifest, plan: list[ChunkSpec], fs: Any, root: str, total_
     return totals
 
 
-def _rows_in_file(fs: Any, path: str) -> int | None:
+def repair(manifest: Manifest, fs: Any, root: str, samples_dir: str | None = None) -> dict[str, str]:
+    """Drop the listed parts whose files cannot be trusted (missing, truncated, unreadable, another row count than
+    recorded; their drift sample under ``samples_dir`` unreadable), so the run scores them again under the same
+    names, and save the manifest; returns why, by key.
+
+    Writes are atomic, so this is damage from outside the run (a copy cut short, a disk error, a hand edit):
+    without it every re-run would fail in :func:`verify`, for ever.
+    """
+    damaged = {}
+    for key, record in manifest.parts.items():
+        sample = join(samples_dir, os.path.basename(record["part"])) if samples_dir else None
+        why = part_damage(fs, root, record) or (sample and file_damage(fs, join(root, sample), None, sample))
+        if why:
+            damaged[key] = why
+    for key, why in damaged.items():
+        log.warning("batch part %s is listed in the manifest but %s: scoring it again", key, why)
+        manifest.parts.pop(key)
+    if damaged:
+        manifest.save(fs, root)  # before re-scoring: a crash from here on must not trust them either
+    return damaged
+
+
+def part_damage(fs: Any, root: str, record: dict[str, Any]) -> str | None:
+    """Why the files of a listed part do not hold what the manifest says (None: they do)."""
+    for name, expected in ((record["part"], record["rows_scored"]), (record["rejects"], record["rows_rejected"])):
+        if name is not None:
+            why = file_damage(fs, join(root, name), expected, name)
+            if why:
+                return why
+    return None
+
+
+def file_damage(fs: Any, path: str, expected_rows: int | None, name: str) -> str | None:
+    """Why a Parquet output file is not whole (missing, unreadable footer, ``expected_rows`` not matched)."""
     try:
         with fs.open(path, "rb") as fh:
-            return pq.ParquetFile(fh).metadata.num_rows
+            rows = pq.ParquetFile(fh).metadata.num_rows
     except FileNotFoundError:
-        return None
+        return f"{name} is missing"
+    except (OSError, pa.ArrowException) as exc:  # truncated or garbled: no valid footer
+        return f"{name} is unreadable ({type(exc).__name__}: {str(exc)[:200]})"
+    if expected_rows is not None and rows != expected_rows:
+        return f"{name} holds {rows} rows, the manifest says {expected_rows}"
+    return None

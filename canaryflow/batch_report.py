@@ -20,7 +20,7 @@ SUPPORTED = {"expect_table_columns_to_match_set", "expect_column_values_to_be_in
              "expect_column_values_to_not_be_null", "expect_column_values_to_be_between",
              "expect_column_values_to_be_in_set"}
 METRICS = ("rows_in", "rows_scored", "rows_rejected", "rows_processed", "rows_per_s", "duration_s", "parts",
-           "parts_skipped", "drift_share")
+           "parts_skipped", "parts_repaired", "drift_share")
 
 
 def summarize(job: BatchJob, manifest: Manifest, totals: dict[str, int], stats: dict[str, float],
@@ -41,7 +41,8 @@ def summarize(job: BatchJob, manifest: Manifest, totals: dict[str, int], stats: 
         "serving_format": m.serving_format, "release_run": m.release_run, "input": job.input_uri,
         "files": len(job.files), "output": job.run_dir, "run_key": job.run_key, "chunk_rows": job.chunk_rows,
         "on_bad_rows": job.on_bad_rows, **totals,
-        "parts_skipped": int(stats.get("parts_skipped", 0)), "rows_processed": int(stats.get("rows_processed", 0)),
+        "parts_skipped": int(stats.get("parts_skipped", 0)), "parts_repaired": int(stats.get("parts_repaired", 0)),
+        "rows_processed": int(stats.get("rows_processed", 0)),
         "scoring_s": round(stats.get("seconds", 0.0), 3), "rows_per_s": round(stats.get("rows_per_s", 0.0), 1),
         "duration_s": round(time.monotonic() - started, 3) if started is not None else None,
         "expectations_failed": [e["expectation"] for e in expectations if not e["ok"]],

@@ -16,9 +16,10 @@ import numpy as np
 import pyarrow as pa
 
 from canaryflow.batch_checks import RowChecks
-from canaryflow.batch_io import FILE_BITS, ChunkSpec, InputFile, filesystem, join, write_parquet_atomic
+from canaryflow.batch_io import FILE_BITS, ChunkSpec, InputFile, filesystem, join
 from canaryflow.batch_manifest import PartRecord
 from canaryflow.batch_model import scorer_for
+from canaryflow.batch_write import write_parquet_atomic
 from canaryflow.errors import BatchError
 
 if TYPE_CHECKING:

@@ -48,6 +48,19 @@ class BatchError(CanaryflowError):
     """A batch-inference run cannot proceed (missing model, unreadable input, rows unaccounted for)."""
 
 
+class BatchWriteError(BatchError):
+    """Batch output could not be written durably (disk full, write, fsync or rename failed): names the file and what
+    to do; finished parts stay valid, so a re-run resumes."""
+
+    def __init__(self, message: str, path: str = "", errno: int | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.errno = errno
+
+    def __reduce__(self) -> tuple[type, tuple[str, str, int | None]]:  # crosses process boundaries (Dask workers)
+        return type(self), (str(self), self.path, self.errno)
+
+
 class CanaryRolledBack(GateFailed):
     """The canary analysis (or an operator) rolled the candidate back; the reason quotes the failed checks."""
 

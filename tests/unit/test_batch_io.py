@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import pickle
 from pathlib import Path
 
 import fsspec
@@ -11,16 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from canaryflow.batch_io import (
-    discover,
-    filesystem,
-    fingerprint,
-    plan_chunks,
-    remove_temporaries,
-    stream_chunks,
-    write_parquet_atomic,
-)
-from canaryflow.errors import BatchError
+from canaryflow import batch_write
+from canaryflow.batch_io import discover, filesystem, fingerprint, plan_chunks, stream_chunks
+from canaryflow.batch_write import FAULT_ENV, remove_temporaries, write_parquet_atomic, write_text_atomic
+from canaryflow.errors import BatchError, BatchWriteError
 
 
 def _write(path: Path, n: int, row_group_size: int | None = None, start: int = 0) -> None:
@@ -121,3 +117,46 @@ def test_atomic_write_leaves_only_the_final_file_and_temporaries_are_cleaned(tmp
     (tmp_path / "out" / ".tmp-dead-part.parquet").write_bytes(b"half a file")
     assert remove_temporaries(fs, root) == 1
     assert sorted(os.listdir(tmp_path / "out")) == ["part.parquet"]
+
+
+def _fail(code: int):
+    def fail(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+    return fail
+
+
+@pytest.mark.parametrize("where", ["fsync", "rename"])
+def test_a_failed_fsync_or_rename_raises_names_the_file_and_leaves_nothing(tmp_path: Path, where: str,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    fs, root = filesystem(str(tmp_path))
+    if where == "fsync":
+        monkeypatch.setattr(batch_write.os, "fsync", _fail(errno.EIO))
+    else:
+        monkeypatch.setattr(type(fs), "mv", _fail(errno.EXDEV))
+    with pytest.raises(BatchWriteError, match=rf"cannot write {root}/out/part\.parquet: OSError: .*re-run") as err:
+        write_parquet_atomic(fs, pa.table({"x": [1, 2]}), f"{root}/out/part.parquet")
+    assert err.value.path == f"{root}/out/part.parquet"
+    assert err.value.errno == (errno.EIO if where == "fsync" else errno.EXDEV)
+    assert os.listdir(tmp_path / "out") == []  # no final file, no temporary
+
+
+def test_disk_full_is_a_clear_error_that_survives_pickling(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fs, root = filesystem(str(tmp_path))
+    monkeypatch.setenv(FAULT_ENV, "enospc:write:out/summary.json")
+    write_text_atomic(fs, "{}", f"{root}/out/other.json")  # the fault names one file only
+    with pytest.raises(BatchWriteError, match="output disk full: no space left writing .*/out/summary.json "
+                                              r"\(No space left on device\)\. Free space and re-run: finished "
+                                              "parts are kept") as err:
+        write_text_atomic(fs, "{}", f"{root}/out/summary.json")
+    assert sorted(os.listdir(tmp_path / "out")) == ["other.json"]
+    copy = pickle.loads(pickle.dumps(err.value))
+    assert (str(copy), copy.path, copy.errno) == (str(err.value), err.value.path, errno.ENOSPC)
+
+
+def test_files_without_a_descriptor_are_written_without_fsync() -> None:
+    fs = fsspec.filesystem("memory")
+    write_parquet_atomic(fs, pa.table({"x": [1, 2, 3]}), "/batch-write-test/out/part.parquet")
+    with fs.open("/batch-write-test/out/part.parquet", "rb") as fh:
+        assert pq.read_table(fh).num_rows == 3
+    assert fs.ls("/batch-write-test/out", detail=False) == ["/batch-write-test/out/part.parquet"]
+    fs.rm("/batch-write-test", recursive=True)
