@@ -65,16 +65,27 @@ def _print_status(data: dict) -> None:
                       "[green]yes[/]" if s["healthy"] else "[red]no[/]")
     console.print(table)
     console.print(f"Prefect UI: {data['ui']['prefect']}   MLflow UI: {data['ui']['mlflow']}")
+    kw = data.get("keywatch")
+    if kw:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(kw.get("at", 0)))
+        color = "green" if kw.get("ok") else "red"
+        console.print(f"last TorchServe restart recovery ({when}): [{color}]{'ok' if kw.get('ok') else 'PROBLEMS'}[/]",
+                      highlight=False)
+        for line in kw.get("problems") or []:
+            console.print(f"  - {line}", highlight=False, markup=False)
 
 
 @app.command()
-def release(model: str, version: str, state_dir: StateDir = None) -> None:
+def release(model: str, version: str,
+            allow_older: Annotated[bool, typer.Option("--allow-older", help="release a version older than the "
+                                                      "champion (a deliberate downgrade)")] = False,
+            state_dir: StateDir = None) -> None:
     """Start the release deployment for a registered version (what the webhook does)."""
     from canaryflow.orchestrator import PrefectLauncher
 
     settings = _stack(state_dir).settings
     run_id = PrefectLauncher(settings.prefect_api_url, settings.prefect.release_deployment).start_release(
-        model, version, idempotency_key=f"cli:{model}:{version}:{time.time_ns()}")
+        model, version, idempotency_key=f"cli:{model}:{version}:{time.time_ns()}", allow_older=allow_older)
     console.print(f"release flow run {run_id}: {settings.url('prefect')}/runs/flow-run/{run_id}")
 
 

@@ -111,15 +111,19 @@ class PrefectLauncher:
             raise
         return _id_of(body, f"deployment {self.deployment!r}")
 
-    def start_release(self, model_name: str, version: str, idempotency_key: str) -> str:
-        """Create (or find, for a known key) the release run of ``model_name`` version ``version``."""
+    def start_release(self, model_name: str, version: str, idempotency_key: str, allow_older: bool = False) -> str:
+        """Create (or find, for a known key) the release run of ``model_name`` version ``version``;
+        ``allow_older`` lets a person release a version older than the champion (never the webhook)."""
         deployment_id = self.deployment_id()
+        parameters: dict[str, Any] = {"model_name": model_name, "version": str(version)}
+        if allow_older:
+            parameters["allow_older"] = True
         response = self._request(
             "POST",
             f"/deployments/{deployment_id}/create_flow_run",
             json={
                 "name": release_run_name(model_name, version),
-                "parameters": {"model_name": model_name, "version": str(version)},
+                "parameters": parameters,
                 "idempotency_key": idempotency_key,
             },
         )
@@ -150,6 +154,16 @@ class PrefectLauncher:
             offset += _PAGE
         unique = {r.get("id"): r for r in runs}  # pages can overlap if runs are created meanwhile
         return [r for r in unique.values() if _matches(r.get("parameters") or {}, model_name, version)]
+
+    def mark_crashed(self, run_id: str, message: str) -> None:
+        """Force a flow run into CRASHED (its process died without reporting; reconcile saw no heartbeat)."""
+        body = _json(self._request("POST", f"/flow_runs/{quote(run_id, safe='')}/set_state", json={
+            "state": {"type": "CRASHED", "name": "Crashed", "message": message[:2000]}, "force": True}))
+        outcome = body.get("status") if isinstance(body, dict) else None
+        if outcome not in (None, "ACCEPT"):
+            raise PrefectAPIError(f"Prefect answered {outcome!r} (expected ACCEPT) to marking run {run_id} crashed: "
+                                  f"{str(body.get('details'))[:200]}")
+        _log.warning("flow run %s marked crashed: %s", run_id, message)
 
     def count_runs(self, model_name: str, version: str) -> int:
         """How many release runs exist for this model version."""

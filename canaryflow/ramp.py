@@ -10,11 +10,15 @@ work dir (for the table artifact and the PNG timeline).
 from __future__ import annotations
 
 import json
+import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from canaryflow import locks
 from canaryflow.errors import MetricsSourceError
+from canaryflow.locks import StatusConflict
 from canaryflow.registry import REASON_TAG, STATUS_TAG
 from canaryflow.release import ReleaseState
 from canaryflow.services import Services
@@ -23,6 +27,7 @@ from deployments.metrics import FLUSH_DELAY_S, AccessLogMetrics, MetricsSource, 
 from validation.results import judged
 
 CANARY_TAG = "canaryflow.canary"
+HEARTBEAT_TAG = "canaryflow.heartbeat"
 
 
 def load_status(svc: Services, model: str, version: str) -> ctl.CanaryStatus | None:
@@ -31,8 +36,72 @@ def load_status(svc: Services, model: str, version: str) -> ctl.CanaryStatus | N
     return ctl.CanaryStatus.from_json(raw) if raw else None
 
 
-def save_status(svc: Services, model: str, status: ctl.CanaryStatus) -> None:
-    svc.registry.set_tags(model, status.candidate, {CANARY_TAG: status.to_json()})
+def save_status(svc: Services, model: str, status: ctl.CanaryStatus) -> ctl.CanaryStatus:
+    """Compare-and-set: persist ``status`` if the persisted one still has the generation ``status`` was read
+    from; returns what was written (generation + 1). Raises :class:`StatusConflict` (with the persisted status)
+    when someone else wrote in between."""
+    with locks.hold(svc, model, f"save the ramp status of v{status.candidate}"):
+        persisted = load_status(svc, model, status.candidate)
+        current = persisted.generation if persisted is not None else 0
+        if current != status.generation:
+            raise StatusConflict(
+                f"ramp status of {model} v{status.candidate} changed under this writer: persisted generation "
+                f"{current} ({persisted.phase.value if persisted else 'none'}), written from generation "
+                f"{status.generation}; re-read it before acting", persisted)
+        saved = replace(status, generation=current + 1)
+        tags = {CANARY_TAG: saved.to_json()}
+        if saved.heartbeat_at:
+            tags[HEARTBEAT_TAG] = f"{saved.heartbeat_at:.3f}"
+        svc.registry.set_tags(model, saved.candidate, tags)
+        return saved
+
+
+def heartbeat(svc: Services, model: str, version: str, now: float | None = None) -> float:
+    """The release flow is alive: write ``canaryflow.heartbeat`` (epoch s) on the version being released."""
+    now = time.time() if now is None else now
+    svc.registry.set_tags(model, version, {HEARTBEAT_TAG: f"{now:.3f}"})
+    return now
+
+
+def last_heartbeat(tags: dict[str, str]) -> float:
+    """The latest sign of life a release flow left on a version's tags (0.0: none)."""
+    beats = [0.0]
+    try:
+        beats.append(float(tags.get(HEARTBEAT_TAG) or 0.0))
+    except ValueError:
+        pass  # a user-writable tag: garbage means no signal
+    raw = tags.get(CANARY_TAG)
+    if raw:
+        try:
+            beats.append(float(ctl.CanaryStatus.from_json(raw).heartbeat_at))
+        except (ValueError, TypeError, KeyError):
+            pass
+    return max(beats)
+
+
+class Heartbeat:
+    """Writes the heartbeat of one release every ``every_s`` from a daemon thread, for the life of the flow
+    process: a killed process stops beating, which is what reconcile looks for."""
+
+    def __init__(self, svc: Services, model: str, version: str, every_s: float) -> None:
+        self.svc, self.model, self.version, self.every_s = svc, model, version, every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{version}", daemon=True)
+
+    def start(self) -> Heartbeat:
+        heartbeat(self.svc, self.model, self.version)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                heartbeat(self.svc, self.model, self.version)
+            except Exception:  # noqa: BLE001 - a missed beat is retried next time; the flow must not die of it
+                continue
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 def apply_route(svc: Services, model: str, status: ctl.CanaryStatus) -> None:
@@ -60,15 +129,22 @@ def pending(svc: Services, st: ReleaseState) -> ctl.CanaryStatus | None:
 
 
 def start_or_resume(svc: Services, st: ReleaseState) -> ctl.CanaryStatus:
-    """Resume the persisted ramp of this candidate, or start a new one against the current champion."""
-    status = load_status(svc, st.model, st.version)
+    """Resume the persisted ramp of this candidate, or start a new one against the current champion; returns the
+    persisted status (apply, save and tag happen under the model's state lock)."""
+    with locks.hold(svc, st.model, f"start the ramp of v{st.version}"):
+        return _start_or_resume(svc, st)
+
+
+def _start_or_resume(svc: Services, st: ReleaseState) -> ctl.CanaryStatus:
+    persisted = status = load_status(svc, st.model, st.version)
     if status is None or status.done or status.champion != st.champion:
-        status = ctl.start(st.champion or "", st.version, st.policy.canary, time.time())
+        status = replace(ctl.start(st.champion or "", st.version, st.policy.canary, time.time()),
+                         generation=persisted.generation if persisted else 0)
         st.notes.append(f"canary started at {status.weight:g}%{' (shadow)' if status.shadow else ''}")
     else:
         st.notes.append(f"canary resumed at {status.weight:g}% after {status.iterations} analyses")
     apply_route(svc, st.model, status)
-    save_status(svc, st.model, status)
+    status = save_status(svc, st.model, replace(status, heartbeat_at=time.time()))
     svc.registry.set_tags(st.model, st.version, {STATUS_TAG: "canary",
                                                  REASON_TAG: f"canary at {status.weight:g}%"})
     return status
@@ -76,12 +152,23 @@ def start_or_resume(svc: Services, st: ReleaseState) -> ctl.CanaryStatus:
 
 def analyse(svc: Services, st: ReleaseState, status: ctl.CanaryStatus,
             source: MetricsSource | None = None, now: float | None = None) -> ctl.Decision:
-    """Measure the step's window, decide, apply the decision, persist and record it."""
+    """Measure the step's window, decide, apply the decision, persist and record it, all under the model's state
+    lock: a rollback that landed before it is seen here and nothing is re-applied."""
+    with locks.hold(svc, st.model, f"analyse the ramp of v{st.version}"):
+        return _analyse(svc, st, status, source, now)
+
+
+def _analyse(svc: Services, st: ReleaseState, status: ctl.CanaryStatus,
+             source: MetricsSource | None, now: float | None) -> ctl.Decision:
     persisted = load_status(svc, st.model, st.version)
     if persisted is not None and persisted.done and not status.done:
         # someone else ended the ramp (a manual rollback): respect it
         return ctl.Decision(ctl.Action.ROLLBACK if persisted.phase is ctl.Phase.ROLLED_BACK else ctl.Action.PROMOTE,
                             persisted, [], persisted.reasons or [f"ramp ended elsewhere: {persisted.phase.value}"])
+    if persisted is None or persisted.generation != status.generation:
+        raise StatusConflict(f"ramp status of {st.model} v{st.version} is at generation "
+                             f"{persisted.generation if persisted else 'none'}, this run holds {status.generation}: "
+                             "another writer owns the ramp; this run stops without touching the router", persisted)
     now = time.time() if now is None else now
     source = source or AccessLogMetrics(svc.paths.router_access_log)
     try:
@@ -92,7 +179,7 @@ def analyse(svc: Services, st: ReleaseState, status: ctl.CanaryStatus,
     decision = ctl.decide(status, m, st.policy.canary)
     if decision.action is not ctl.Action.HOLD:
         apply_route(svc, st.model, decision.status)
-    save_status(svc, st.model, decision.status)
+    decision = replace(decision, status=save_status(svc, st.model, replace(decision.status, heartbeat_at=now)))
     record(svc, st, decision, window, now)
     if decision.status.done:
         st.results.append(judged("canary", decision.action is ctl.Action.PROMOTE, "; ".join(decision.reasons),
@@ -157,13 +244,14 @@ def retire(svc: Services, model: str, version: str, grace_s: float) -> str:
     """Unregister a former champion from TorchServe after the grace period, unless it serves again."""
     if grace_s > 0:
         time.sleep(grace_s)
-    route = svc.router.routes().get(model, {})
-    if version in (route.get("stable"), route.get("canary")):
-        return f"v{version} is routed again; kept"
-    try:
-        svc.backend.unregister(model, version)
-    except Exception as exc:
-        return f"retiring v{version} failed: {exc}"
+    with locks.hold(svc, model, f"retire v{version}"):  # check and unregister with no rollback in between
+        route = svc.router.routes().get(model, {})
+        if version in (route.get("stable"), route.get("canary")):
+            return f"v{version} is routed again; kept"
+        try:
+            svc.backend.unregister(model, version)
+        except Exception as exc:
+            return f"retiring v{version} failed: {exc}"
     return f"v{version} retired from TorchServe after {grace_s:g} s (its .mar stays in the model store)"
 
 

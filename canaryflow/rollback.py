@@ -12,6 +12,7 @@ import json
 import time
 from dataclasses import replace
 
+from canaryflow import locks
 from canaryflow.errors import RegistryError, ServingError
 from canaryflow.ramp import CANARY_TAG, load_status, save_status
 from canaryflow.registry import REASON_TAG, STATUS_TAG
@@ -23,7 +24,14 @@ LAST_ROLLBACK_TAG = "canaryflow.last_rollback"
 
 
 def abort_release(svc: Services, model: str, version: str, reason: str, status: str = "rolled_back") -> str:
-    """Take a candidate off the router and TorchServe, end its ramp, tag it; the champion keeps serving."""
+    """Take a candidate off the router and TorchServe, end its ramp, tag it; the champion keeps serving.
+
+    Under the model's state lock: a ramp analysis cannot re-apply its split in between."""
+    with locks.hold(svc, model, f"abort the release of v{version}"):
+        return _abort(svc, model, version, reason, status)
+
+
+def _abort(svc: Services, model: str, version: str, reason: str, status: str) -> str:
     canary = load_status(svc, model, version)
     route = svc.router.routes().get(model, {})
     champion = svc.registry.alias_version(model, svc.settings.release.champion_alias)
@@ -41,7 +49,14 @@ def abort_release(svc: Services, model: str, version: str, reason: str, status: 
 
 
 def rollback(svc: Services, model: str, to: str | None, reason: str, actor: str) -> dict[str, str]:
-    """Serve ``to`` (default: the ``previous`` alias) as champion again; returns what was done."""
+    """Serve ``to`` (default: the ``previous`` alias) as champion again; returns what was done.
+
+    Under the model's state lock, so a ramp in progress sees ROLLED_BACK at its next analysis and stops."""
+    with locks.hold(svc, model, "roll back"):
+        return _rollback(svc, model, to, reason, actor)
+
+
+def _rollback(svc: Services, model: str, to: str | None, reason: str, actor: str) -> dict[str, str]:
     cfg = svc.settings.release
     champion = svc.registry.alias_version(model, cfg.champion_alias)
     last = json.loads(svc.registry.model_tags(model).get(LAST_ROLLBACK_TAG) or "{}")

@@ -140,6 +140,12 @@ class ReconcileSettings(BaseModel):
 
     missed_after_s: float = Field(60.0, ge=0, description="a version this old with no status missed its webhook")
     max_attempts: int = Field(3, ge=1, description="release runs of one version before reconcile gives up on it")
+    # A release flow writes a heartbeat every heartbeat_s (and at each canary analysis); a RUNNING/PENDING run
+    # silent for longer than stale_after_s is taken as dead. Keep it above 5 x canary.interval_s.
+    stale_after_s: float = Field(300.0, gt=0, description="a run whose heartbeat is older than this has crashed")
+    heartbeat_s: float = Field(30.0, gt=0, description="how often a release flow writes its heartbeat")
+    lock_timeout_s: float = Field(180.0, gt=0, description="max wait for a model's state lock (canaryflow.locks)")
+
 
 
 class BatchSettings(BaseModel):

@@ -191,10 +191,14 @@ class LocalStack:
         return out
 
     def status_dict(self) -> dict[str, object]:
+        from canaryflow.keywatch import read_result
+
         rows = self.status()
         return {"state_dir": str(self.paths.root), "healthy": all(r.healthy for r in rows),
                 "ui": {"prefect": self.settings.url("prefect"), "mlflow": self.settings.mlflow_uri},
-                "services": [asdict(r) for r in rows]}
+                "services": [asdict(r) for r in rows],
+                # the last recovery after a TorchServe restart: versions it could not serve again (a missing .mar)
+                "keywatch": read_result(self.paths)}
 
 
 def _http_ok(url: str) -> bool:

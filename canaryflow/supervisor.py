@@ -150,6 +150,12 @@ class Supervisor:
         if info["statename"] not in ("RUNNING", "STARTING"):
             self._rpc().startProcess(name, True)
 
+    def stop_program(self, name: str) -> None:
+        """Stop a program (waits until it stopped); one that is not running is left alone."""
+        info = self._rpc().getProcessInfo(name)
+        if info["statename"] in ("RUNNING", "STARTING", "BACKOFF"):
+            self._rpc().stopProcess(name, True)
+
     def processes(self) -> list[dict[str, Any]]:
         """supervisord's view of every program (name, statename, pid, ...); [] when it is down."""
         if not self.running():

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
@@ -65,6 +65,8 @@ class CanaryStatus:
     failed_checks: int = 0
     source_errors: int = 0  # in a row; a readable window resets it
     reasons: list[str] = field(default_factory=list)
+    generation: int = 0  # of the persisted status this one was read from; each save increments it (CAS)
+    heartbeat_at: float = 0.0  # the release flow's last analysis (epoch s); reconcile's liveness signal
 
     @property
     def shadow(self) -> bool:
@@ -81,7 +83,8 @@ class CanaryStatus:
     def from_json(cls, text: str) -> CanaryStatus:
         data = json.loads(text)
         data["phase"] = Phase(data["phase"])
-        return cls(**data)
+        known = {f.name for f in fields(cls)}  # older JSON lacks newer fields (defaults); newer keys are ignored
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 def start(champion: str, candidate: str, policy: CanarySettings, now: float) -> CanaryStatus:

@@ -16,7 +16,10 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from canaryflow.errors import CanaryRolledBack, GateFailed
+from canaryflow.ramp import Heartbeat
+from canaryflow.reconcile import downgrade_reason
 from canaryflow.release import ReleaseState, already_released
+from canaryflow.services import get_services
 from deployments.canary import Action, CanaryStatus
 from tasks import canary as c
 from tasks import gates as g
@@ -25,14 +28,22 @@ from tasks.report import artifact_key, release_summary
 
 
 @flow(name="release", log_prints=True)
-def release(model_name: str, version: str) -> dict[str, str]:
-    """Release one model version; returns {"status", "reason"}."""
+def release(model_name: str, version: str, allow_older: bool = False) -> dict[str, str]:
+    """Release one model version; returns {"status", "reason"}. A version older than the champion is refused
+    (tagged ``skipped``) unless ``allow_older`` (a person asked for it)."""
     log = get_run_logger()
     st = t.begin(model_name, str(version))
     if already_released(st):
         log.info("v%s of %s is already the released champion; nothing to do", st.version, st.model)
         return {"status": "released", "reason": "already released"}
+    older = None if allow_older else downgrade_reason(st.model, st.version, st.champion)
+    if older:
+        log.warning("v%s of %s not released: %s", st.version, st.model, older)
+        t.finish(st, "skipped", older)
+        return {"status": "skipped", "reason": older}
     status, reason = "failed", "release did not finish"
+    svc = get_services()
+    beat = Heartbeat(svc, st.model, st.version, svc.settings.reconcile.heartbeat_s).start()  # reconcile's liveness
     try:
         resume = c.pending(st)
         if resume is None:
@@ -53,6 +64,7 @@ def release(model_name: str, version: str) -> dict[str, str]:
         reason = f"{type(exc).__name__}: {exc}"
         raise
     finally:
+        beat.stop()
         if status != "released":
             log.error("release of %s v%s %s: %s", st.model, st.version, status, reason)
             reason = t.stop(st, reason)

@@ -121,7 +121,9 @@ def services(tmp_path: Path, versions: dict[str, VersionInfo], route: dict | Non
 
 
 def state(svc: SimpleNamespace, tmp_path: Path, version: str = "2", champion: str = "1") -> ReleaseState:
-    policy = svc.settings.model_copy(update={"canary": CanarySettings(steps=[10, 50, 100], min_requests=20)})
+    # replay off: these fakes have no inference API (the pairwise replay has its own tests)
+    policy = svc.settings.model_copy(update={"canary": CanarySettings(steps=[10, 50, 100], min_requests=20,
+                                                                      replay=False)})
     return ReleaseState("m", version, "run-2", tmp_path / "work", champion, svc.registry.versions[version],
                         policy=policy)
 
@@ -172,11 +174,12 @@ def test_failed_checks_roll_back_to_the_champion(tmp_path: Path) -> None:
 def test_a_rerun_resumes_the_persisted_ramp(tmp_path: Path) -> None:
     svc = services(tmp_path, {"1": info("1"), "2": info("2")}, champion="1")
     st = state(svc, tmp_path)
-    mid = replace(start("1", "2", st.policy.canary, NOW - 100), step=1, weight=50.0, iterations=3)
-    ramp.save_status(svc, "m", mid)
-    assert ramp.pending(svc, st) == mid
+    mid = ramp.save_status(svc, "m", replace(start("1", "2", st.policy.canary, NOW - 100), step=1, weight=50.0,
+                                             iterations=3))
+    assert mid.generation == 1 and ramp.pending(svc, st) == mid
     resumed = ramp.start_or_resume(svc, st)
-    assert resumed == mid and svc.router.table["m"]["weight"] == 50.0 and "resumed" in st.notes[-1]
+    assert replace(resumed, generation=mid.generation, heartbeat_at=0.0) == mid and resumed.generation == 2
+    assert svc.router.table["m"]["weight"] == 50.0 and "resumed" in st.notes[-1]
     svc.backend.registered.discard("2")  # candidate lost (TorchServe restarted): gates must run again
     assert ramp.pending(svc, st) is None
 
@@ -234,9 +237,16 @@ def test_rollback_aborts_a_ramp_in_progress(tmp_path: Path) -> None:
 class FakeLauncher:
     runs: list[dict] = field(default_factory=list)
     started: list[tuple[str, str, str]] = field(default_factory=list)
+    crashed: list[tuple[str, str]] = field(default_factory=list)
 
     def list_flow_runs(self, model_name: str | None = None, version: str | None = None) -> list[dict]:
-        return self.runs
+        return [dict(r) for r in self.runs if model_name in (None, r["parameters"]["model_name"])]
+
+    def mark_crashed(self, run_id: str, message: str) -> None:
+        self.crashed.append((run_id, message))
+        for r in self.runs:
+            if r.get("id") == run_id:
+                r["state_type"] = "CRASHED"
 
     def start_release(self, model_name: str, version: str, idempotency_key: str) -> str:
         self.started.append((model_name, version, idempotency_key))
