@@ -34,10 +34,11 @@ class OrchestrationError(CanaryflowError):
 class GateFailed(CanaryflowError):
     """A release gate measured the candidate and refused it; the reason quotes value and threshold."""
 
-    def __init__(self, gate: str, reason: str) -> None:
+    def __init__(self, gate: str, reason: str, outcome: str = "failed") -> None:
         super().__init__(f"{gate}: {reason}")
         self.gate = gate
         self.reason = reason
+        self.outcome = outcome  # "inconclusive" / "error": nothing was judged, the release may be run again
 
 
 class MetricsSourceError(CanaryflowError):

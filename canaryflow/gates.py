@@ -7,11 +7,13 @@ test. The pure measurements live in validation/ and deployments/loadtest.py; thi
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from canaryflow.calibration import choose_peer
 from canaryflow.datasets import ReleaseData, load_release_data, load_traffic
 from canaryflow.errors import RegistryError
 from canaryflow.optimization import markdown, optimize_pytorch, write_reports
@@ -19,7 +21,8 @@ from canaryflow.packaging import Bundle, input_contract, labels_from_tag, load_p
 from canaryflow.predict import load_predictor
 from canaryflow.release import ReleaseState
 from canaryflow.services import Services
-from deployments.loadtest import gate_load_test, run_load_test
+from deployments.loadtest import run_load_test
+from deployments.loadtest_gate import gate_load_test, retry_gate
 from validation.contract import check_contract
 from validation.data import build_suite, check_data
 from validation.drift import check_drift
@@ -118,8 +121,22 @@ def optimize(svc: Services, st: ReleaseState, model_dir: Path, release_data: Rel
     return result.chosen
 
 
-def load_test(svc: Services, st: ReleaseState, rows: np.ndarray) -> GateResult:
-    """locust against the staged candidate through the router (version pinned)."""
-    result = run_load_test(svc.settings.router_url, st.model, st.version, rows, st.policy.loadtest,
-                           _dir(st, "load_test"))
-    return st.record(gate_load_test(result, st.policy.loadtest))
+def load_test(svc: Services, st: ReleaseState, rows: np.ndarray,
+              sleep: Callable[[float], None] = time.sleep) -> GateResult:
+    """locust against the staged candidate through the router (version pinned) and, in the same run, against a
+    peer (the champion, or the stack's calibration model on a first release), so a busy machine is not taken for
+    a slow model. An inconclusive (busy) or unmeasurable run is repeated up to ``attempts`` times; every
+    attempt's reason goes to the release notes, only the last is recorded."""
+    cfg = st.policy.loadtest
+    peer = choose_peer(svc, st.model, st.champion, st.version, rows)
+
+    def measure(attempt: int) -> GateResult:
+        result = run_load_test(svc.settings.router_url, st.model, st.version, rows, cfg,
+                               _dir(st, "load_test") / f"attempt-{attempt}", peer=peer)
+        return gate_load_test(result, cfg)
+
+    tried = retry_gate(measure, cfg.attempts, cfg.retry_pause_s, sleep)
+    if len(tried) > 1:
+        st.notes.append("## Load test attempts\n\n" + "\n".join(
+            f"{i}. {r.outcome.value}: {r.reason}" for i, r in enumerate(tried, 1)))
+    return st.record(tried[-1])

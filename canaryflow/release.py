@@ -45,7 +45,7 @@ class ReleaseState:
         """Keep the result; raise GateFailed when it did not pass."""
         self.results.append(result)
         if not result.passed:
-            raise GateFailed(result.gate, result.reason)
+            raise GateFailed(result.gate, result.reason, result.outcome.value)
         return result
 
 

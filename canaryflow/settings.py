@@ -108,6 +108,14 @@ class LoadTestSettings(BaseModel):
     max_p95_ms: float = Field(50.0, gt=0)
     max_failure_ratio: float = Field(0.01, ge=0, le=1)
     min_rps: float = Field(50.0, ge=0)
+    # A peer (the champion, or a stack-owned calibration model) is loaded in the same locust run: a busy machine
+    # slows both, a slow model only the candidate.
+    max_p95_ratio: float = Field(2.0, ge=1, description="candidate p95 over the champion's (+ p95_slack_ms)")
+    p95_slack_ms: float = Field(10.0, ge=0)
+    peer_busy_share: float = Field(0.5, gt=0, le=1, description="peer p95 above this share of max_p95_ms: "
+                                                                 "the machine is busy")
+    attempts: int = Field(3, ge=1, le=10, description="measurements while the outcome is inconclusive or error")
+    retry_pause_s: float = Field(5.0, ge=0, le=300)
 
 
 class CanarySettings(BaseModel):

@@ -2,8 +2,10 @@
 
 Locust is never imported here: ``import locust`` monkey-patches the whole process with gevent (shared/FACTS.md).
 :func:`run_load_test` starts ``locust -f deployments/locustfile.py --headless ...`` with a hard timeout and reads
-its ``--json-file`` (per-endpoint stats with the full response-time histogram); :func:`gate_load_test` judges the
-numbers. A target that cannot be reached or a locust that crashed is an ERROR, never the model's failure.
+its ``--json-file`` (per-endpoint stats with the full response-time histogram). A :class:`Peer` (the champion, or
+the stack's calibration model) gets the same offered load from its own users in the same run, so the gate can tell
+a slow model from a busy machine; :func:`gate_load_test` judges the numbers (see its docstring). A target that
+cannot be reached or a locust that crashed is an ERROR, never the model's failure.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -23,12 +25,27 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from canaryflow.settings import LoadTestSettings
-from validation.results import GateResult, Outcome, judged
 
-GATE = "load_test"
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 JSON_STEM = "locust-stats"  # locust writes --json-file X to "X.json"
+CANDIDATE, PEER = "candidate", "peer"  # locust request names (deployments/locustfile.py)
 _LOG_TAIL = 1500
+
+
+@dataclass(frozen=True)
+class Peer:
+    """The second target of a paired run: ``role`` "champion" (relative check too) or "calibration" (the stack's
+    own tiny model, for a first release). ``error`` set: no peer could be loaded; the gate says so."""
+
+    role: str
+    model: str
+    version: str
+    rows: np.ndarray
+    error: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"champion v{self.version}" if self.role == "champion" else self.role
 
 
 @dataclass(frozen=True)
@@ -48,10 +65,17 @@ class LoadTestResult:
     failure_messages: dict[str, int] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
     error: str | None = None
+    role: str = CANDIDATE
+    version: str = ""
+    peer: LoadTestResult | None = None  # the peer measured in the same run, when there was one
 
     @property
     def failure_ratio(self) -> float:
         return self.failures / self.requests if self.requests else 0.0
+
+    @property
+    def label(self) -> str:
+        return f"champion v{self.version}" if self.role == "champion" else self.role
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "failure_ratio": self.failure_ratio}
@@ -99,11 +123,20 @@ def parse_locust_stats(entries: list[dict[str, Any]]) -> dict[str, float | int]:
     }
 
 
-def locust_command(host: str, settings: LoadTestSettings, out_dir: Path) -> list[str]:
-    """The locust command line (locust 2.47 flags)."""
+def split_locust_stats(entries: list[dict[str, Any]]) -> dict[str, dict[str, float | int]]:
+    """:func:`parse_locust_stats` per request name (``candidate``, ``peer``): each its own throughput window."""
+    names: dict[str, list[dict[str, Any]]] = {}
+    for entry in entries:
+        names.setdefault(str(entry.get("name", "")), []).append(entry)
+    return {name: parse_locust_stats(group) for name, group in names.items()}
+
+
+def locust_command(host: str, settings: LoadTestSettings, out_dir: Path, paired: bool = False) -> list[str]:
+    """The locust command line (locust 2.47 flags); ``paired``: as many users again for the peer."""
     exe = Path(sys.executable).parent / "locust"
+    k = 2 if paired else 1
     return [str(exe), "-f", str(LOCUSTFILE), "--headless", "--only-summary",
-            "-u", str(settings.users), "-r", str(settings.spawn_rate), "-t", f"{settings.duration_s}s",
+            "-u", str(settings.users * k), "-r", str(settings.spawn_rate * k), "-t", f"{settings.duration_s}s",
             "--host", host, "--json-file", str(out_dir / JSON_STEM), "--html", str(out_dir / "locust-report.html"),
             # failures are judged by the gate; a non-zero exit then means locust itself broke
             "--exit-code-on-error", "0", "--stop-timeout", "0"]
@@ -120,21 +153,24 @@ def _unreachable(url: str) -> str | None:
 
 
 def run_load_test(router_url: str, model: str, version: str | None, rows: np.ndarray,
-                  settings: LoadTestSettings, out_dir: Path, timeout_s: float | None = None) -> LoadTestResult:
-    """Load ``POST {router_url}/predictions/{model}`` (pinned to ``version``) with locust; never raises for a
-    failed measurement: the result carries ``error`` instead. ``timeout_s`` defaults to the duration + 60 s."""
+                  settings: LoadTestSettings, out_dir: Path, timeout_s: float | None = None,
+                  peer: Peer | None = None) -> LoadTestResult:
+    """Load ``POST {router_url}/predictions/{model}`` (pinned to ``version``) with locust, and ``peer`` with the
+    same offered load in the same run; never raises for a failed measurement: the result (or its ``peer``)
+    carries ``error`` instead. ``timeout_s`` defaults to the duration + 60 s."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    base = LoadTestResult(router_url, settings.users, float(settings.duration_s))
+    base = LoadTestResult(router_url, settings.users, float(settings.duration_s), version=str(version or ""))
     rows = np.atleast_2d(np.asarray(rows, dtype=np.float64))
     if rows.size == 0 or not np.isfinite(rows).all():
         return _with(base, error="no finite sample rows to send")
     if (reason := _unreachable(router_url)) is not None:
         return _with(base, error=reason)
-    cmd = locust_command(router_url, settings, out_dir)
+    paired = peer is not None and peer.error is None
+    cmd = locust_command(router_url, settings, out_dir, paired)
     if not Path(cmd[0]).exists():
         return _with(base, error=f"locust is not installed at {cmd[0]}")
-    env = _locust_env(model, version, rows, settings, out_dir)
+    env = _locust_env(model, version, rows, settings, out_dir, name=CANDIDATE, peer=peer if paired else None)
     log = out_dir / "locust.log"
     files = {"json": str(out_dir / f"{JSON_STEM}.json"), "html": str(out_dir / "locust-report.html"),
              "log": str(log)}
@@ -150,11 +186,19 @@ def run_load_test(router_url: str, model: str, version: str | None, rows: np.nda
             os.killpg(proc.pid, signal.SIGKILL)  # its own session: locust and nothing else
             proc.wait()
             return _with(base, files=files, error=f"locust did not finish within {limit:.0f} s and was killed")
-    return _read_run(base, files, rc, time.monotonic() - started)
+    result = _read_run(base, files, rc, time.monotonic() - started, peer if paired else None)
+    if peer is not None and not paired:
+        result = _with(result, peer=_peer_base(base, peer, error=peer.error))
+    return result
+
+
+def _peer_base(base: LoadTestResult, peer: Peer, **changes: Any) -> LoadTestResult:
+    return LoadTestResult(base.target, base.users, base.duration_s, role=peer.role, version=peer.version,
+                          **changes)
 
 
 def _locust_env(model: str, version: str | None, rows: np.ndarray, settings: LoadTestSettings, out_dir: Path,
-                user_header: str = "") -> dict[str, str]:
+                user_header: str = "", name: str = "", peer: Peer | None = None) -> dict[str, str]:
     rows_file = out_dir / "rows.json"
     rows_file.write_text(json.dumps(np.atleast_2d(np.asarray(rows, dtype=np.float64)).tolist()))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCUST_", "CANARYFLOW_LOCUST_"))}
@@ -163,6 +207,13 @@ def _locust_env(model: str, version: str | None, rows: np.ndarray, settings: Loa
                 "CANARYFLOW_LOCUST_ROWS_PER_REQUEST": str(settings.rows_per_request),
                 "CANARYFLOW_LOCUST_RATE_PER_USER": str(settings.target_rps / settings.users),
                 "CANARYFLOW_LOCUST_USER_HEADER": user_header})
+    if name:
+        env["CANARYFLOW_LOCUST_NAME"] = name
+    if peer is not None:
+        peer_rows = out_dir / "peer-rows.json"
+        peer_rows.write_text(json.dumps(np.atleast_2d(np.asarray(peer.rows, dtype=np.float64)).tolist()))
+        env.update({"CANARYFLOW_LOCUST_PEER_MODEL": peer.model, "CANARYFLOW_LOCUST_PEER_VERSION": peer.version,
+                    "CANARYFLOW_LOCUST_PEER_ROWS_FILE": str(peer_rows)})
     return env
 
 
@@ -194,24 +245,36 @@ def stop_live_load(proc: subprocess.Popen, out_dir: Path) -> dict[str, float | i
         return {}
 
 
-def _read_run(base: LoadTestResult, files: dict[str, str], rc: int, wall_s: float) -> LoadTestResult:
+def _read_run(base: LoadTestResult, files: dict[str, str], rc: int, wall_s: float,
+              peer: Peer | None = None) -> LoadTestResult:
     log_tail = _tail(Path(files["log"]))
     stats_file = Path(files["json"])
     if rc != 0 or not stats_file.exists():
         return _with(base, files=files, error=f"locust exited with code {rc} after {wall_s:.1f} s: {log_tail}")
-    stats = parse_locust_stats(json.loads(stats_file.read_text()))
+    by_name = split_locust_stats(json.loads(stats_file.read_text()))
     errors_file = Path(f"{stats_file.with_suffix('')}.errors.json")
     extra = json.loads(errors_file.read_text()) if errors_file.exists() else {}
-    if extra.get("exceptions"):
-        files["errors"] = str(errors_file)
-        first = extra["exceptions"][0]
-        return _with(base, files=files, error=f"the locust user raised {first['count']}x: {first['msg'][:300]}")
-    messages = dict(sorted(extra.get("failures", {}).items(), key=lambda kv: -kv[1])[:10])
     if errors_file.exists():
         files["errors"] = str(errors_file)
-    result = _with(base, files=files, failure_messages=messages, **stats)
+    if extra.get("exceptions"):
+        first = extra["exceptions"][0]
+        return _with(base, files=files, error=f"the locust user raised {first['count']}x: {first['msg'][:300]}")
+    messages = extra.get("by_name", {})
+    result = _target(_with(base, files=files), by_name.get(CANDIDATE, {}),
+                     messages.get(CANDIDATE, extra.get("failures", {}) if peer is None else {}), wall_s, log_tail)
+    if peer is not None:
+        result = _with(result, peer=_target(_peer_base(base, peer), by_name.get(PEER, {}), messages.get(PEER, {}),
+                                            wall_s, log_tail))
+    return result
+
+
+def _target(base: LoadTestResult, stats: dict[str, float | int], failures: dict[str, int], wall_s: float,
+            log_tail: str) -> LoadTestResult:
+    """One request name's numbers; ``error`` when it made no request or none got an HTTP answer."""
+    messages = dict(sorted(failures.items(), key=lambda kv: -kv[1])[:10])
+    result = _with(base, failure_messages=messages, **stats)
     if result.requests == 0:
-        return _with(result, error=f"locust made no requests in {wall_s:.1f} s: {log_tail}")
+        return _with(result, error=f"locust made no requests to the {base.role} in {wall_s:.1f} s: {log_tail}")
     no_answer = sum(n for msg, n in messages.items() if "no response" in msg)
     if no_answer and no_answer >= result.requests:
         return _with(result, error=f"target {base.target} stopped answering: every request failed "
@@ -220,7 +283,7 @@ def _read_run(base: LoadTestResult, files: dict[str, str], rc: int, wall_s: floa
 
 
 def _with(result: LoadTestResult, **changes: Any) -> LoadTestResult:
-    return LoadTestResult(**{**asdict(result), **changes})
+    return replace(result, **changes)
 
 
 def _tail(path: Path) -> str:
@@ -229,32 +292,3 @@ def _tail(path: Path) -> str:
     except OSError:
         return ""
 
-
-def gate_load_test(result: LoadTestResult, settings: LoadTestSettings) -> GateResult:
-    """PASSED when p95, failure ratio and throughput are all within ``settings``; ERROR when nothing was
-    measured (unreachable target, crashed locust); INCONCLUSIVE when no request completed."""
-    measured = {k: v for k, v in result.to_dict().items() if k not in ("files", "error")}
-    measured["files"] = dict(result.files)
-    thresholds = {"max_p95_ms": settings.max_p95_ms, "max_failure_ratio": settings.max_failure_ratio,
-                  "min_rps": settings.min_rps}
-    if result.error:
-        return GateResult(GATE, Outcome.ERROR, f"load test could not be measured: {result.error}", measured,
-                          thresholds)
-    if result.requests == 0:
-        return GateResult(GATE, Outcome.INCONCLUSIVE, "no request completed; nothing to judge", measured,
-                          thresholds)
-    p95, ratio, rps = result.p95_ms, result.failure_ratio, result.rps
-    top = next(iter(result.failure_messages), "")
-    checks = [
-        (p95 <= settings.max_p95_ms,
-         f"p95 {p95:.1f} ms {'<=' if p95 <= settings.max_p95_ms else '>'} {settings.max_p95_ms:.1f} ms"),
-        (ratio <= settings.max_failure_ratio,
-         f"failure ratio {ratio:.2%} {'<=' if ratio <= settings.max_failure_ratio else '>'} "
-         f"{settings.max_failure_ratio:.2%}" + (f" (most common: {top[:120]})" if top and ratio > 0 else "")),
-        (rps >= settings.min_rps,
-         f"throughput {rps:.1f} req/s {'>=' if rps >= settings.min_rps else '<'} {settings.min_rps:.1f} req/s"),
-    ]
-    ok = all(passed for passed, _ in checks)
-    shown = [text for passed, text in checks if passed == ok]
-    context = f" [{result.requests} requests, {result.users} users, {result.duration_s:.0f} s]"
-    return judged(GATE, ok, "; ".join(shown) + context, measured, thresholds)

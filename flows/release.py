@@ -58,7 +58,8 @@ def release(model_name: str, version: str, allow_older: bool = False) -> dict[st
         status, reason = "rolled_back", str(exc)
         raise
     except GateFailed as exc:
-        status, reason = "rejected", str(exc)
+        # an inconclusive or unmeasurable gate judged nothing: "failed" (run it again), not "rejected"
+        status, reason = ("failed" if exc.outcome in ("inconclusive", "error") else "rejected"), str(exc)
         raise
     except Exception as exc:
         reason = f"{type(exc).__name__}: {exc}"

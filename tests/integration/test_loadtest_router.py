@@ -1,4 +1,5 @@
-"""The load-test gate for real: locust (subprocess) -> nginx router -> TorchServe, pinned to a released version."""
+"""The load-test gate for real: locust (subprocess) -> nginx router -> TorchServe, pinned to a released version,
+alone and paired with the stack's calibration model in the same run."""
 
 from __future__ import annotations
 
@@ -7,21 +8,43 @@ import time
 from pathlib import Path
 
 import pytest
+from mlflow import MlflowClient
 
+from canaryflow.calibration import CALIBRATION_MODEL, ensure_calibration
 from canaryflow.demo import register_model, wait_for_release
+from canaryflow.services import Services
 from canaryflow.settings import LoadTestSettings
-from deployments.loadtest import gate_load_test, run_load_test
+from deployments.loadtest import Peer, run_load_test
+from deployments.loadtest_gate import gate_load_test
 from validation.results import Outcome
 
 pytestmark = pytest.mark.integration
 MODEL = "loadtest-it-model"
 
 
-def test_load_test_through_the_router_pinned_to_a_version(stack, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def released(stack) -> tuple[str, object]:
+    """A first release of MODEL (its own load test ran against the calibration peer); (version, rows)."""
     uri = stack.settings.mlflow_uri
     version, rows, _ = register_model(uri, name=MODEL)
     outcome = wait_for_release(uri, MODEL, version, timeout_s=240)
     assert outcome.status == "released", outcome.reason
+    return version, rows
+
+
+def _access_log(stack, model: str, at_least: int) -> list[dict]:
+    """The router's JSON access-log lines of ``model`` once at least ``at_least`` are there (flushed each 1 s)."""
+    deadline = time.monotonic() + 10
+    while True:
+        text = stack.paths.router_access_log.read_text()
+        ours = [json.loads(line) for line in text.splitlines() if f'"model":"{model}"' in line]
+        if len(ours) >= at_least or time.monotonic() > deadline:
+            return ours
+        time.sleep(0.5)
+
+
+def test_load_test_through_the_router_pinned_to_a_version(stack, released, tmp_path: Path) -> None:
+    version, rows = released
 
     settings = LoadTestSettings(users=4, spawn_rate=4, duration_s=3, max_p95_ms=1000.0, min_rps=5.0)
     result = run_load_test(stack.settings.router_url, MODEL, version, rows[:16], settings, tmp_path, timeout_s=90)
@@ -34,12 +57,35 @@ def test_load_test_through_the_router_pinned_to_a_version(stack, tmp_path: Path)
     assert gate.outcome is Outcome.PASSED, gate.reason
     assert Path(gate.measured["files"]["html"]).stat().st_size > 1000
     # every locust request went through the router to the pinned version (its JSON access log flushes each 1 s)
-    deadline = time.monotonic() + 10
-    while True:
-        text = stack.paths.router_access_log.read_text()
-        ours = [json.loads(line) for line in text.splitlines() if f'"model":"{MODEL}"' in line]
-        if len(ours) >= result.requests or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
+    ours = _access_log(stack, MODEL, result.requests)
     assert len(ours) >= result.requests
     assert {line["version"] for line in ours} == {version}
+
+
+def test_paired_load_reaches_the_candidate_and_the_calibration_peer(stack, released, tmp_path: Path) -> None:
+    version, rows = released
+    # the release's own gate was judged against the calibration peer, and says so
+    tags = MlflowClient(stack.settings.mlflow_uri).get_model_version(MODEL, version).tags
+    assert tags["canaryflow.gate.load_test"].startswith("passed: p95 "), tags["canaryflow.gate.load_test"]
+    assert "; peer calibration: p95 " in tags["canaryflow.gate.load_test"]
+
+    svc = Services(stack.settings)
+    calibration = ensure_calibration(svc, rows.shape[1])  # registered by that release: found, not rebuilt
+    assert calibration == f"n{rows.shape[1]}" and calibration in svc.backend.versions(CALIBRATION_MODEL)
+    before = len(_access_log(stack, CALIBRATION_MODEL, 0))
+    settings = LoadTestSettings(users=3, spawn_rate=3, duration_s=3, target_rps=30, max_p95_ms=1000.0, min_rps=5.0)
+    peer = Peer("calibration", CALIBRATION_MODEL, calibration, rows[:16])
+    result = run_load_test(stack.settings.router_url, MODEL, version, rows[:16], settings, tmp_path, timeout_s=90,
+                           peer=peer)
+
+    assert result.error is None and result.peer is not None and result.peer.error is None, result
+    assert result.requests > 10 and result.failures == 0, result.failure_messages
+    assert result.peer.requests > 10 and result.peer.failures == 0, result.peer.failure_messages
+    gate = gate_load_test(result, settings)
+    assert gate.outcome is Outcome.PASSED, gate.reason
+    assert gate.measured["peer_requests"] == result.peer.requests and gate.measured["peer_p95_ms"] > 0
+    # both targets were served through the router, each by its pinned version
+    peer_lines = _access_log(stack, CALIBRATION_MODEL, before + result.peer.requests)[before:]
+    assert len(peer_lines) >= result.peer.requests
+    assert {line["version"] for line in peer_lines} == {calibration}
+    assert all(line["status"] == 200 for line in peer_lines)

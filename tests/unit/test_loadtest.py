@@ -1,4 +1,5 @@
-"""The load-test gate: real locust subprocess runs against a tiny stand-in of the router, and the gate's reasons.
+"""The load-test gate: real locust subprocess runs against a tiny stand-in of the router, the gate's verdicts
+(candidate alone, against a peer loaded in the same run), its retry, and the choice of peer.
 
 The stand-in (stdlib http.server in a thread) answers like our router: ``POST /predictions/<model>`` with
 ``{"inputs": [...]}`` -> ``{"predictions": [...]}`` one per row, version from ``X-Model-Version``. Locust itself is
@@ -9,16 +10,30 @@ from __future__ import annotations
 
 import json
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from canaryflow.settings import LoadTestSettings
-from deployments import loadtest
-from deployments.loadtest import LoadTestResult, gate_load_test, parse_locust_stats, percentile, run_load_test
+from canaryflow import calibration, gates
+from canaryflow.errors import GateFailed
+from canaryflow.registry import VersionInfo
+from canaryflow.release import ReleaseState
+from canaryflow.settings import LoadTestSettings, Settings
+from deployments import loadtest, loadtest_gate
+from deployments.loadtest import (
+    LoadTestResult,
+    Peer,
+    parse_locust_stats,
+    percentile,
+    run_load_test,
+    split_locust_stats,
+)
+from deployments.loadtest_gate import gate_load_test, retry_gate
 from tests.conftest import free_ports
 from validation.results import Outcome
 
@@ -30,15 +45,15 @@ class _RouterStandIn(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True
     seen: list[tuple[str, str, int]] = []
-    counter = 0
+    counter: Counter[str] = Counter()  # per model: a paired run interleaves models
 
     def do_POST(self) -> None:  # noqa: N802 - http.server's naming
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
         model = self.path.rsplit("/", 1)[-1]
         version = self.headers.get("X-Model-Version", "")
         type(self).seen.append((model, version, len(body["inputs"])))
-        type(self).counter += 1
-        if model == "flaky" and type(self).counter % 4 == 0:
+        type(self).counter[model] += 1
+        if model == "flaky" and type(self).counter[model] % 4 == 0:
             self._answer(503, {"code": 503, "type": "ServiceUnavailable", "message": "worker died"})
             return
         preds = [{"class": "0", "class_index": 0, "model_version": version} for _ in body["inputs"]]
@@ -94,7 +109,7 @@ def test_real_run_is_parsed_into_sane_numbers(real_run: LoadTestResult) -> None:
 
 def test_locust_json_sample_parses_like_locust(real_run: LoadTestResult) -> None:
     entries = json.loads(Path(real_run.files["json"]).read_text())
-    assert isinstance(entries, list) and entries[0]["name"] == "/predictions/[model]"
+    assert isinstance(entries, list) and [e["name"] for e in entries] == ["candidate"]
     assert {"num_requests", "num_failures", "response_times", "start_time", "last_request_timestamp"} <= set(entries[0])
     stats = parse_locust_stats(entries)
     assert stats["requests"] == real_run.requests == entries[0]["num_requests"]
@@ -186,3 +201,201 @@ def test_gate_error_and_inconclusive() -> None:
                                          "load test could not be measured: target http://r unreachable: refused")
     none = gate_load_test(_result(requests=0), LoadTestSettings())
     assert (none.outcome, none.reason) == (Outcome.INCONCLUSIVE, "no request completed; nothing to judge")
+
+
+# --- a peer in the same run ---------------------------------------------------------------------------------
+
+
+def test_paired_run_loads_candidate_and_peer_under_their_own_names(router_url: str, tmp_path: Path) -> None:
+    before = len(_RouterStandIn.seen)
+    peer = Peer("calibration", "calib", "n3", ROWS)
+    r = run_load_test(router_url, "iris", "7", ROWS, QUICK, tmp_path, timeout_s=60, peer=peer)
+    assert r.error is None and r.peer is not None and r.peer.error is None, (r.error, r.peer)
+    assert r.requests > 10 and r.peer.requests > 10 and r.failures == r.peer.failures == 0
+    assert (r.role, r.version, r.peer.role, r.peer.version) == ("candidate", "7", "calibration", "n3")
+    entries = json.loads(Path(r.files["json"]).read_text())
+    split = split_locust_stats(entries)
+    assert set(split) == {"candidate", "peer"}
+    assert split["candidate"]["requests"] == r.requests and split["peer"]["requests"] == r.peer.requests
+    assert parse_locust_stats(entries)["requests"] == r.requests + r.peer.requests  # the merged view still works
+    seen = Counter((m, v) for m, v, _ in _RouterStandIn.seen[before:])
+    assert seen[("iris", "7")] >= r.requests and seen[("calib", "n3")] >= r.peer.requests
+    assert "-u 4 -r 4" in " ".join(loadtest.locust_command("http://r", QUICK, tmp_path, paired=True))
+    gate = gate_load_test(r, QUICK)
+    assert gate.measured["peer_requests"] == r.peer.requests and gate.measured["peer_role"] == "calibration"
+
+
+def test_a_peer_that_could_not_be_had_is_not_loaded_and_the_gate_says_so(router_url: str, tmp_path: Path) -> None:
+    peer = Peer("calibration", "calib", "n3", ROWS, error="the calibration model could not be served: boom")
+    r = run_load_test(router_url, "iris", "8", ROWS, QUICK, tmp_path, timeout_s=60, peer=peer)
+    assert r.error is None and r.peer is not None and r.peer.error == peer.error
+    assert [e["name"] for e in json.loads(Path(r.files["json"]).read_text())] == ["candidate"]
+    assert "peer calibration not measured (the calibration model could not be served: boom): judged on the " \
+           "absolute bars only]" in gate_load_test(r, QUICK).reason
+
+
+def test_peer_failures_are_counted_apart_from_the_candidates(router_url: str, tmp_path: Path) -> None:
+    r = run_load_test(router_url, "iris", "9", ROWS, QUICK, tmp_path, timeout_s=60,
+                      peer=Peer("champion", "flaky", "2", ROWS))
+    assert r.error is None and r.failures == 0 and r.peer is not None
+    assert r.peer.failure_ratio == pytest.approx(0.25, abs=0.05)
+    assert next(iter(r.peer.failure_messages)).startswith("HTTP 503: ")
+
+
+S = LoadTestSettings()  # max p95 50 ms, failures 1 %, 50 req/s, ratio 2 + 10 ms, busy above 25 ms
+CTX = "[1000 requests, 8 users, 10 s"
+
+
+def _peer(role: str = "calibration", **kw: object) -> LoadTestResult:
+    return _result(role=role, version="3" if role == "champion" else "n30", **{"p95_ms": 4.0, **kw})
+
+
+@pytest.mark.parametrize(("candidate", "peer", "outcome", "reason"), [
+    ({}, _peer(), Outcome.PASSED,
+     f"p95 9.0 ms <= 50.0 ms; failure ratio 0.00% <= 1.00%; throughput 100.0 req/s >= 50.0 req/s {CTX}; "
+     "peer calibration: p95 4.0 ms, 100.0 req/s]"),
+    ({"p95_ms": 87.0}, _peer(), Outcome.FAILED,  # a slow model on a quiet machine
+     f"p95 87.0 ms > 50.0 ms {CTX}; peer calibration: p95 4.0 ms, 100.0 req/s]"),
+    ({"p95_ms": 87.0}, _peer(p95_ms=61.0), Outcome.INCONCLUSIVE,  # both slow: the machine is busy
+     "p95 87.0 ms > 50.0 ms but the peer (calibration) also took p95 61.0 ms (> 25.0 ms): the machine is busy, "
+     f"not the model {CTX}; peer calibration: p95 61.0 ms, 100.0 req/s]"),
+    ({"rps": 30.0}, _peer(rps=28.0), Outcome.INCONCLUSIVE,  # the load could not even be offered
+     "throughput 30.0 req/s < 50.0 req/s but the peer (calibration) also got only 28.0 req/s (< 50.0 req/s): "
+     f"the machine is busy, not the model {CTX}; peer calibration: p95 4.0 ms, 28.0 req/s]"),
+    ({"p95_ms": 140.0}, _peer(p95_ms=61.0), Outcome.FAILED,  # its own excess is over the bar even when busy
+     "p95 140.0 ms > 50.0 ms; the peer (calibration) also took p95 61.0 ms (> 25.0 ms), but the candidate's own "
+     f"excess 79.0 ms > 50.0 ms: slow even on a busy machine {CTX}; peer calibration: p95 61.0 ms, 100.0 req/s]"),
+    ({"p95_ms": 30.0}, _peer("champion", p95_ms=5.0), Outcome.FAILED,  # fast enough, but 6x the champion
+     f"p95 30.0 ms > 20.0 ms (champion v3 p95 5.0 ms x 2 + 10 ms) {CTX}; peer champion v3: p95 5.0 ms, "
+     "100.0 req/s]"),
+    ({"p95_ms": 18.0}, _peer("champion", p95_ms=5.0), Outcome.PASSED,
+     "p95 18.0 ms <= 50.0 ms; failure ratio 0.00% <= 1.00%; throughput 100.0 req/s >= 50.0 req/s; p95 18.0 ms <= "
+     f"20.0 ms (champion v3 p95 5.0 ms x 2 + 10 ms) {CTX}; peer champion v3: p95 5.0 ms, 100.0 req/s]"),
+    ({"p95_ms": 75.0}, _peer("champion", p95_ms=30.0), Outcome.INCONCLUSIVE,  # relative and absolute, but busy
+     "p95 75.0 ms > 50.0 ms; p95 75.0 ms > 70.0 ms (champion v3 p95 30.0 ms x 2 + 10 ms) but the peer (champion "
+     "v3) also took p95 30.0 ms (> 25.0 ms): the machine is busy, not the model "
+     f"{CTX}; peer champion v3: p95 30.0 ms, 100.0 req/s]"),
+    ({"p95_ms": 87.0, "failures": 25, "failure_messages": {"HTTP 503: x": 25}}, _peer(p95_ms=61.0),
+     Outcome.FAILED,  # errors are the model's, busy or not
+     "p95 87.0 ms > 50.0 ms; failure ratio 2.50% > 1.00% (most common: HTTP 503: x) "
+     f"{CTX}; peer calibration: p95 61.0 ms, 100.0 req/s]"),
+    ({"p95_ms": 87.0}, _peer(requests=0, error="target http://r stopped answering"), Outcome.FAILED,
+     f"p95 87.0 ms > 50.0 ms {CTX}; peer calibration not measured (target http://r stopped answering): judged "
+     "on the absolute bars only]"),
+    ({"p95_ms": 87.0}, _peer(p95_ms=61.0, failures=50), Outcome.FAILED,  # a failing peer proves nothing
+     f"p95 87.0 ms > 50.0 ms {CTX}; peer calibration not measured (failure ratio 5.00% > 1.00%): judged on the "
+     "absolute bars only]"),
+    ({"requests": 0, "error": "locust exited with code 1 after 0.5 s: boom"}, _peer(), Outcome.ERROR,
+     "load test could not be measured: locust exited with code 1 after 0.5 s: boom"),
+])
+def test_gate_against_a_peer(candidate: dict, peer: LoadTestResult, outcome: Outcome, reason: str) -> None:
+    gate = gate_load_test(_result(peer=peer, **candidate), S)
+    assert (gate.outcome, gate.reason) == (outcome, reason)
+    assert gate.measured["peer_p95_ms"] == peer.p95_ms and gate.measured["peer_role"] == peer.role
+    assert "peer" not in gate.measured  # flat numbers only: the release run logs them as metrics
+    assert gate.thresholds["max_p95_ratio"] == 2.0 and gate.thresholds["peer_busy_share"] == 0.5
+
+
+def _results(*outcomes: Outcome) -> list:
+    return [loadtest_gate.GateResult("load_test", o, f"attempt {i}") for i, o in enumerate(outcomes, 1)]
+
+
+def test_retry_repeats_inconclusive_and_error_runs_only() -> None:
+    sleeps: list[float] = []
+    planned = _results(Outcome.INCONCLUSIVE, Outcome.ERROR, Outcome.PASSED)
+    tried = retry_gate(lambda n: planned[n - 1], 3, 5.0, sleeps.append)
+    assert [r.reason for r in tried] == ["attempt 1", "attempt 2", "attempt 3"] and sleeps == [5.0, 5.0]
+    busy = _results(Outcome.INCONCLUSIVE, Outcome.INCONCLUSIVE, Outcome.INCONCLUSIVE)
+    tried = retry_gate(lambda n: busy[n - 1], 2, 1.0, sleeps.append)
+    assert len(tried) == 2 and tried[-1].outcome is Outcome.INCONCLUSIVE
+    failed = _results(Outcome.FAILED, Outcome.PASSED)
+    sleeps.clear()
+    assert len(retry_gate(lambda n: failed[n - 1], 3, 5.0, sleeps.append)) == 1 and sleeps == []
+
+
+def _state(tmp_path: Path, policy: Settings) -> ReleaseState:
+    return ReleaseState("m", "2", "run", tmp_path, None, VersionInfo("m", "2", "src", None), policy=policy)
+
+
+def test_load_test_step_retries_a_busy_machine_and_records_only_the_last(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    policy = Settings().model_copy(update={"loadtest": LoadTestSettings(attempts=3, retry_pause_s=7)})
+    busy = _result(p95_ms=87.0, peer=_peer(p95_ms=61.0))
+    quiet = _result(p95_ms=12.0, peer=_peer(p95_ms=3.0))
+    runs = iter([busy, busy, quiet])
+    dirs: list[Path] = []
+
+    def fake_run(url: str, model: str, version: str, rows: np.ndarray, settings: LoadTestSettings, out: Path,
+                 peer: Peer) -> LoadTestResult:
+        assert (model, version, peer.role) == ("m", "2", "calibration")
+        dirs.append(out)
+        return next(runs)
+
+    monkeypatch.setattr(gates, "choose_peer", lambda svc, *a: Peer("calibration", "calib", "n3", ROWS))
+    monkeypatch.setattr(gates, "run_load_test", fake_run)
+    sleeps: list[float] = []
+    st = _state(tmp_path, policy)
+    svc = SimpleNamespace(settings=SimpleNamespace(router_url="http://r"))
+    gate = gates.load_test(svc, st, ROWS, sleep=sleeps.append)
+    assert gate.outcome is Outcome.PASSED and st.results == [gate] and sleeps == [7, 7]
+    assert [d.name for d in dirs] == ["attempt-1", "attempt-2", "attempt-3"]
+    notes = st.notes[-1].splitlines()
+    assert notes[0] == "## Load test attempts" and notes[2].startswith("1. inconclusive: p95 87.0 ms > 50.0 ms but")
+    assert notes[-1].startswith("3. passed: p95 12.0 ms <= 50.0 ms")
+
+    runs = iter([busy, busy, busy])
+    st = _state(tmp_path, policy)
+    with pytest.raises(GateFailed) as info:
+        gates.load_test(svc, st, ROWS, sleep=sleeps.append)
+    assert info.value.outcome == "inconclusive" and "the machine is busy, not the model" in info.value.reason
+    assert [r.outcome for r in st.results] == [Outcome.INCONCLUSIVE]
+
+
+# --- choosing the peer --------------------------------------------------------------------------------------
+
+
+class _Backend:
+    def __init__(self, registered: dict[str, list[str]], fail: bool = False) -> None:
+        self.registered, self.fail, self.calls = registered, fail, []
+
+    def versions(self, model: str) -> list[str]:
+        return list(self.registered.get(model, []))
+
+    def register(self, model: str, version: str, archive: Path) -> bool:
+        self.calls.append((model, version, archive.name))
+        if self.fail:
+            raise RuntimeError("TorchServe refused to register: HTTP 507")
+        self.registered.setdefault(model, []).append(version)
+        return True
+
+
+def _svc(tmp_path: Path, backend: _Backend) -> SimpleNamespace:
+    (tmp_path / "store").mkdir(exist_ok=True)
+    return SimpleNamespace(backend=backend, settings=Settings(),
+                           paths=SimpleNamespace(work_dir=tmp_path / "work", model_store=tmp_path / "store"))
+
+
+def test_the_serving_champion_is_the_peer(tmp_path: Path) -> None:
+    backend = _Backend({"m": ["1", "2"]})
+    peer = calibration.choose_peer(_svc(tmp_path, backend), "m", "1", "2", ROWS)
+    assert (peer.role, peer.model, peer.version, peer.error) == ("champion", "m", "1", None)
+    assert peer.rows.shape == ROWS.shape and backend.calls == []
+
+
+def test_first_release_builds_the_calibration_model_once_and_reuses_it(tmp_path: Path) -> None:
+    backend = _Backend({"m": ["2"]})
+    svc = _svc(tmp_path, backend)
+    peer = calibration.choose_peer(svc, "m", None, "2", ROWS)
+    assert (peer.role, peer.model, peer.version, peer.error) == ("calibration", "canaryflow-calibration", "n3", None)
+    assert backend.calls == [("canaryflow-calibration", "n3", "canaryflow-calibration_vn3.mar")]
+    assert (tmp_path / "store" / "canaryflow-calibration_vn3.mar").stat().st_size > 0
+    # a champion that is not on TorchServe any more: the calibration model, already there, is reused
+    again = calibration.choose_peer(svc, "m", "1", "2", ROWS)
+    assert (again.role, again.version) == ("calibration", "n3") and len(backend.calls) == 1
+    assert list((tmp_path / "work").iterdir()) == []  # the export's scratch directory is gone
+
+
+def test_calibration_that_cannot_be_served_leaves_a_peer_with_the_reason(tmp_path: Path) -> None:
+    peer = calibration.choose_peer(_svc(tmp_path, _Backend({}, fail=True)), "m", None, "1", ROWS)
+    assert peer.role == "calibration" and peer.error is not None
+    assert peer.error.startswith("the calibration model could not be served: RuntimeError: TorchServe refused")
