@@ -123,7 +123,7 @@ def run_chunks(job: BatchJob, executor: ChunkExecutor, on_part: Callable[[Progre
             try:
                 part: PartRecord = handle.result()
             except Exception as exc:
-                raise _first_in_input_order({spec: exc} | _drain(inflight)) from None
+                raise _first_in_input_order({spec: exc} | _drain(inflight))  # noqa: B904 - keeps its cause
             manifest.record(part)
             if time.monotonic() - saved >= MANIFEST_EVERY_S:  # parts landing in between are redone after a crash
                 manifest.save(fs, root)
@@ -141,7 +141,8 @@ def run_chunks(job: BatchJob, executor: ChunkExecutor, on_part: Callable[[Progre
         with contextlib.suppress(Exception):  # on a full disk this fails too: the last saved manifest stands
             manifest.save(fs, root)
         if isinstance(exc, BatchWriteError):
-            cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else OSError(exc.errno, str(exc))
+            cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else OSError(  # lost on a pickled way back
+                exc.errno or 0, os.strerror(exc.errno) if exc.errno else "write failed")
             raise write_error(exc.path, cause, f"{len(manifest.parts)} of {len(plan)} parts "
                               f"({manifest.rows_done:,} of {job.total_rows:,} rows) were finished before it, in "
                               f"{job.run_dir}") from exc

@@ -1,14 +1,11 @@
 """Batch inference on the real stack: a model released by the real pipeline scores real Parquet files through
-the Prefect deployment (stopped half-way and resumed), through `canaryflow score` (killed with SIGKILL and re-run)
-and through the plain function (rejects, the fail policy, clear errors that write nothing)."""
+the Prefect deployment (stopped half-way and resumed) and through the plain function (rejects, the fail policy,
+clear errors that write nothing). `canaryflow score` killed with SIGKILL, or stopped by a full disk, and re-run:
+tests/drills/test_batch_drills.py (it reuses the fixtures and helpers here)."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -31,10 +28,17 @@ FEATURES = [f"f{i}" for i in range(30)]
 
 @pytest.fixture(scope="module")
 def released(stack) -> str:
+    return release_model(stack)
+
+
+def release_model(stack) -> str:
+    """The released champion of MODEL, released once per session stack (tests/drills use it too)."""
+    client = MlflowClient(stack.settings.mlflow_uri)
+    if client.search_registered_models(f"name = '{MODEL}'"):
+        return client.get_model_version_by_alias(MODEL, "champion").version
     # Batch scoring is in-process: the load test gate only has to let this model through on a busy machine.
     policy = {"loadtest": {"max_p95_ms": 5000, "min_rps": 1, "max_failure_ratio": 0.5}}
-    MlflowClient(stack.settings.mlflow_uri).create_registered_model(MODEL, tags={"canaryflow.policy":
-                                                                                 json.dumps(policy)})
+    client.create_registered_model(MODEL, tags={"canaryflow.policy": json.dumps(policy)})
     version, _, _ = register_model(stack.settings.mlflow_uri, name=MODEL, seed=0)
     outcome = wait_for_release(stack.settings.mlflow_uri, MODEL, version, timeout_s=400)
     assert outcome.status == "released", outcome
@@ -135,42 +139,6 @@ def test_deployment_run_stopped_half_way_resumes_to_every_row_once(stack, releas
     third = _deployment_run(stack, params)  # a finished run: nothing changes
     assert third["state_type"] == "COMPLETED"
     assert json.loads((run_dir / "summary.json").read_text()) == summary
-
-
-def test_killed_cli_run_resumes_to_exactly_the_input_rows(stack, released, tmp_path: Path) -> None:
-    data = _dataset(tmp_path / "in", [30_000, 30_000], seed=1)
-    cmd = [str(Path(sys.executable).with_name("canaryflow")), "score", MODEL, str(data), "--output",
-           str(tmp_path / "out"), "--chunk-rows", "250", "--json"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    parts, deadline = 0, time.monotonic() + 300
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            manifests = list((tmp_path / "out").glob(f"{MODEL}/v*/*/{MANIFEST}"))
-            if manifests:
-                try:
-                    parts = len(json.loads(manifests[0].read_text())["parts"])
-                except ValueError:
-                    parts = 0
-                if parts >= 5:
-                    os.killpg(proc.pid, signal.SIGKILL)  # a real crash: no cleanup, no finally
-                    break
-            time.sleep(0.02)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
-    run_dir = _run_dir(tmp_path / "out")
-    assert not (run_dir / SUCCESS).exists()
-    killed_at = len(json.loads((run_dir / MANIFEST).read_text())["parts"])
-    assert 5 <= killed_at < 240
-
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    summary = json.loads(done.stdout[done.stdout.index("{"):])
-    assert summary["parts_skipped"] == killed_at and summary["rows_in"] == 60_000
-    _assert_exactly_once(run_dir, 60_000)
-    assert not list(run_dir.rglob(".tmp-*"))
 
 
 def test_bad_rows_are_rejected_with_reasons_or_fail_the_run(stack, released, tmp_path: Path) -> None:

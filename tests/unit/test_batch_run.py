@@ -34,10 +34,13 @@ PROJECT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> BatchModel:
+    return make_model(tmp_path_factory.mktemp("model"))
+
+
+def make_model(root: Path) -> BatchModel:
     """A 4 -> 8 -> 2 MLP exported like a release (max batch 64, so scoring slices), a suite from its reference."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)).eval()
-    root = tmp_path_factory.mktemp("model")
     rows = np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32)
     export_module(net, rows, root / "bundle", contract=InputContract(4, FEATURES, "float32"), name="unit-batch",
                   version="3", max_batch_rows=64, class_labels=["no", "yes"])
