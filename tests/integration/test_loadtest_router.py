@@ -26,6 +26,9 @@ MODEL = "loadtest-it-model"
 def released(stack) -> tuple[str, object]:
     """A first release of MODEL (its own load test ran against the calibration peer); (version, rows)."""
     uri = stack.settings.mlflow_uri
+    # bars a busy test machine meets: this module tests the measurement, tests/e2e the default bars
+    policy = {"loadtest": {"max_p95_ms": 1000, "min_rps": 5}}
+    MlflowClient(uri).create_registered_model(MODEL, tags={"canaryflow.policy": json.dumps(policy)})
     version, rows, _ = register_model(uri, name=MODEL)
     outcome = wait_for_release(uri, MODEL, version, timeout_s=240)
     assert outcome.status == "released", outcome.reason
