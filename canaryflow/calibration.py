@@ -15,10 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
+from canaryflow.errors import ServingError
 from canaryflow.packaging import Bundle, InputContract, export_module
 from canaryflow.services import Services
 from deployments.archive import build_mar
 from deployments.loadtest import Peer
+from deployments.smoke import smoke_test
 
 CALIBRATION_MODEL = "canaryflow-calibration"
 _SEED = 0
@@ -43,9 +45,10 @@ def build_calibration(n_features: int, out_dir: Path, max_batch_rows: int) -> Bu
 
 
 def ensure_calibration(svc: Services, n_features: int) -> str:
-    """Register the calibration model for ``n_features`` on the serving backend unless it is there; its version.
-
-    Idempotent and safe to race: an existing .mar is reused, a second registration is a no-op.
+    """Register the calibration model for ``n_features`` on the serving backend unless it is there, and warm it
+    up through the router like a staged candidate (a cold worker's first answers would make a quiet machine look
+    busy); returns its version. Idempotent and safe to race: an existing .mar is reused, a second registration
+    is a no-op.
     """
     version = calibration_version(n_features)
     if version in svc.backend.versions(CALIBRATION_MODEL):
@@ -55,7 +58,12 @@ def ensure_calibration(svc: Services, n_features: int) -> str:
         bundle = build_calibration(n_features, Path(tmp), svc.settings.serving.max_batch_rows)
         mar = build_mar(bundle.model_file, [bundle.meta_file], model=CALIBRATION_MODEL, version=version,
                         model_store=svc.paths.model_store)
-    svc.backend.register(CALIBRATION_MODEL, version, mar.path)
+    if svc.backend.register(CALIBRATION_MODEL, version, mar.path):
+        rows = np.random.default_rng(_SEED).normal(size=(4, n_features))
+        warm = smoke_test(svc.settings.router_url, CALIBRATION_MODEL, version, rows,
+                          warmup=svc.settings.serving.warmup_requests)
+        if not warm.passed:
+            raise ServingError(f"calibration model v{version} registered but not answering: {warm.reason}")
     return version
 
 

@@ -382,20 +382,31 @@ def test_the_serving_champion_is_the_peer(tmp_path: Path) -> None:
     assert peer.rows.shape == ROWS.shape and backend.calls == []
 
 
-def test_first_release_builds_the_calibration_model_once_and_reuses_it(tmp_path: Path) -> None:
+def test_first_release_builds_the_calibration_model_once_and_reuses_it(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    warmed: list[tuple] = []
+    monkeypatch.setattr(calibration, "smoke_test", lambda url, model, version, rows, warmup: warmed.append(
+        (model, version, rows.shape)) or loadtest_gate.GateResult("smoke", Outcome.PASSED, "ok"))
     backend = _Backend({"m": ["2"]})
     svc = _svc(tmp_path, backend)
     peer = calibration.choose_peer(svc, "m", None, "2", ROWS)
     assert (peer.role, peer.model, peer.version, peer.error) == ("calibration", "canaryflow-calibration", "n3", None)
     assert backend.calls == [("canaryflow-calibration", "n3", "canaryflow-calibration_vn3.mar")]
+    assert warmed == [("canaryflow-calibration", "n3", (4, 3))]  # warmed up through the router once registered
     assert (tmp_path / "store" / "canaryflow-calibration_vn3.mar").stat().st_size > 0
     # a champion that is not on TorchServe any more: the calibration model, already there, is reused
     again = calibration.choose_peer(svc, "m", "1", "2", ROWS)
-    assert (again.role, again.version) == ("calibration", "n3") and len(backend.calls) == 1
+    assert (again.role, again.version) == ("calibration", "n3") and len(backend.calls) == 1 and len(warmed) == 1
     assert list((tmp_path / "work").iterdir()) == []  # the export's scratch directory is gone
 
 
-def test_calibration_that_cannot_be_served_leaves_a_peer_with_the_reason(tmp_path: Path) -> None:
+def test_calibration_that_cannot_be_served_leaves_a_peer_with_the_reason(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     peer = calibration.choose_peer(_svc(tmp_path, _Backend({}, fail=True)), "m", None, "1", ROWS)
     assert peer.role == "calibration" and peer.error is not None
     assert peer.error.startswith("the calibration model could not be served: RuntimeError: TorchServe refused")
+    monkeypatch.setattr(calibration, "smoke_test", lambda *a, **k: loadtest_gate.GateResult(
+        "smoke", Outcome.FAILED, "4-row request answered HTTP 503: worker died"))
+    silent = calibration.choose_peer(_svc(tmp_path, _Backend({})), "m", None, "1", ROWS)
+    assert silent.error == ("the calibration model could not be served: ServingError: calibration model vn3 "
+                            "registered but not answering: 4-row request answered HTTP 503: worker died")
