@@ -173,7 +173,7 @@ def score(model: str, input: Annotated[str, typer.Argument(help="Parquet file or
 def demo(keep: Annotated[bool, typer.Option("--keep", help="leave the stack running")] = False,
          state_dir: StateDir = None) -> None:
     """The whole release story on a local stack: v1 released, v2 promoted through the canary under live load,
-    a bad v3 rolled back by the prediction-drift check."""
+    a bad v3 (wrong only on inputs its holdout barely has) rolled back by the pairwise replay check."""
     import os
 
     from canaryflow import demo as d
@@ -191,7 +191,9 @@ def demo(keep: Annotated[bool, typer.Option("--keep", help="leave the stack runn
         c = s.canary
         console.print(f"canary policy: steps {c.steps} %, analysis every {c.interval_s:g} s, >= {c.min_requests} "
                       f"requests per version, max error ratio {c.max_error_ratio:g}, max prediction drift "
-                      f"(PSI) {c.max_prediction_drift:g}, rollback after {c.max_failed_checks} failed analyses")
+                      f"(PSI) {c.max_prediction_drift:g}, pairwise agreement >= {c.min_pair_agreement:g} overall "
+                      f"and >= {c.min_segment_agreement:g} per segment, rollback after {c.max_failed_checks} "
+                      "failed analyses")
         version, rows, registered = _demo_release(s, "v1: train and register a classifier", seed=0)
         answer, request_id, curl = d.predict(s, d.DEMO_MODEL, rows[:2])
         console.print(f"first prediction through the router {time.monotonic() - registered:.1f} s after "
@@ -204,12 +206,15 @@ def demo(keep: Annotated[bool, typer.Option("--keep", help="leave the stack runn
 
         load_dir = stack.paths.work_dir / "demo-live-load"
         live = s.loadtest.model_copy(update={"users": 8, "target_rps": 40.0, "duration_s": 3600})
-        load = start_live_load(s.router_url, d.DEMO_MODEL, rows, live, load_dir, s.canary.user_header)
+        traffic_rows, segment = d.live_rows()
+        load = start_live_load(s.router_url, d.DEMO_MODEL, traffic_rows, live, load_dir, s.canary.user_header)
+        share = (traffic_rows[:, segment.column] > segment.above).mean()
         console.print(f"live load started: locust, {live.users} users, {live.target_rps:g} req/s, sticky on "
-                      f"{s.canary.user_header}")
+                      f"{s.canary.user_header}; {share:.0%} of its rows have {segment.describe()}, which the "
+                      "holdout barely has")
         _demo_release(s, "v2: retrain (new seed); the canary ramps it in", seed=4, expect="released")
-        _demo_release(s, "v3: a data bug flipped the labels upstream: offline gates pass, predictions invert",
-                      seed=2, flip_labels=True, expect="rolled_back")
+        _demo_release(s, f"v3: a feature-pipeline bug inverts its answers for {segment.describe()}: every offline "
+                      "gate passes, live traffic exposes it", seed=2, fault=segment, expect="rolled_back")
         stats = stop_live_load(load, load_dir)
         load = None
         console.print(f"live load: {stats.get('requests', 0)} requests, {stats.get('failures', 0)} failed, "
@@ -231,13 +236,13 @@ def demo(keep: Annotated[bool, typer.Option("--keep", help="leave the stack runn
             console.print("stack stopped")
 
 
-def _demo_release(s, title: str, seed: int, flip_labels: bool = False,  # noqa: ANN001 - Settings
+def _demo_release(s, title: str, seed: int, fault=None,  # noqa: ANN001 - Settings, demo.Segment
                   expect: str = "released"):  # noqa: ANN202 - (version, rows, registered-at)
     from canaryflow import demo as d
 
     console.rule(title)
     with console.status("training and registering"):
-        version, rows, acc = d.register_model(s.mlflow_uri, seed=seed, flip_labels=flip_labels)
+        version, rows, acc = d.register_model(s.mlflow_uri, seed=seed, fault=fault)
     registered = time.monotonic()
     console.print(f"registered [bold]{d.DEMO_MODEL}[/] v{version} (holdout accuracy {acc:.3f}); "
                   "no further command: the MLflow webhook starts the release")

@@ -22,9 +22,59 @@ DEMO_CANARY = {"CANARYFLOW_CANARY__STEPS": "[10, 25, 50, 100]", "CANARYFLOW_CANA
                "CANARYFLOW_CANARY__MIN_REQUESTS": "30", "CANARYFLOW_CANARY__RETIRE_GRACE_S": "5"}
 
 
+@dataclass(frozen=True)
+class Segment:
+    """Rows whose feature ``column`` is above ``above``: rare in the holdout, common in the demo's live traffic."""
+
+    column: int
+    above: float
+    name: str
+
+    def describe(self) -> str:
+        return f"{self.name} (f{self.column}) > {self.above:g}"
+
+
+def rare_segment(x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, names: list[str],
+                 min_train_rows: int = 5) -> Segment:
+    """The feature region the holdout barely has (above its second-largest value) with the most mixed labels in
+    training, so inverting answers there keeps the class balance: a fault only a pairwise check can see."""
+    best: tuple[float, Segment] | None = None
+    for j in range(x_tr.shape[1]):
+        above = float(np.sort(x_te[:, j])[-2])
+        hit = x_tr[:, j] > above
+        if hit.sum() < min_train_rows:
+            continue
+        mixed = 1.0 - abs(float(y_tr[hit].mean()) - 0.5) * 2  # 1.0 = half and half
+        if best is None or mixed > best[0]:
+            best = (mixed, Segment(j, above, str(names[j])))
+    assert best is not None, "no feature has a rare region with training rows"
+    return best[1]
+
+
+def segment_rows(x_tr: np.ndarray, segment: Segment, n: int, seed: int = 0) -> np.ndarray:
+    """``n`` distinct rows in the segment: its training rows, jittered by 2% (live traffic from a new source)."""
+    rng = np.random.default_rng(seed)
+    base = x_tr[x_tr[:, segment.column] > segment.above]
+    rows = base[rng.integers(0, len(base), n)] * rng.normal(1.0, 0.02, (n, x_tr.shape[1]))
+    rows[:, segment.column] = np.maximum(rows[:, segment.column], segment.above * 1.01)
+    return rows.astype(np.float32)
+
+
+def live_rows(seed: int = 0, extra: int = 40) -> tuple[np.ndarray, Segment]:
+    """The demo's live traffic: the holdout rows plus ``extra`` rows from the rare segment (about a fifth)."""
+    from sklearn.datasets import load_breast_cancer
+
+    _, (x_tr, y_tr), (x_te, _), _ = train_classifier(seed, epochs=0)
+    segment = rare_segment(x_tr, y_tr, x_te, list(load_breast_cancer().feature_names))
+    return np.concatenate([x_te, segment_rows(x_tr, segment, extra, seed)]), segment
+
+
 def train_classifier(seed: int = 0, epochs: int = 300,  # noqa: ANN201 - (module, train, holdout, accuracy)
-                     flip_labels: bool = False):
-    """An MLP on scikit-learn's bundled breast-cancer data (no download); standardisation is in the model."""
+                     flip_labels: bool = False, fault: Segment | None = None):
+    """An MLP on scikit-learn's bundled breast-cancer data (no download); standardisation is in the model.
+
+    ``fault``: the trained model inverts its answers for rows in that segment (a bug in its own forward, e.g. a
+    feature pipeline that mis-scales values past the range it was tested on)."""
     import torch
     from sklearn.datasets import load_breast_cancer
     from sklearn.model_selection import train_test_split
@@ -55,22 +105,48 @@ def train_classifier(seed: int = 0, epochs: int = 300,  # noqa: ANN201 - (module
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(xt), yt).backward()
         opt.step()
+    if fault is not None:
+        model = SegmentFault(model, fault.column, fault.above)
     model.eval()
     with torch.no_grad():
         acc = float((model(torch.from_numpy(X_te)).argmax(1).numpy() == y_te).mean())
     return model, (X_tr, y_tr), (X_te, y_te), acc
 
 
-def register_model(tracking_uri: str, name: str = DEMO_MODEL, seed: int = 0,
-                   flip_labels: bool = False, tags: dict[str, Any] | None = None) -> tuple[str, np.ndarray, float]:
+def _segment_fault_class():  # noqa: ANN202 - torch is imported lazily (nothing at import time)
+    import torch
+
+    class _SegmentFault(torch.nn.Module):
+        """A model whose scores are reversed for rows with feature ``column`` > ``above``."""
+
+        def __init__(self, inner: torch.nn.Module, column: int, above: float) -> None:
+            super().__init__()
+            self.inner, self.column, self.above = inner, column, above
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.inner(x)
+            hit = (x[:, self.column] > self.above).unsqueeze(1)
+            return torch.where(hit, out.flip(1), out)
+
+    return _SegmentFault
+
+
+def SegmentFault(inner, column: int, above: float):  # noqa: ANN001, ANN201, N802 - a class built lazily
+    return _segment_fault_class()(inner, column, above)
+
+
+def register_model(tracking_uri: str, name: str = DEMO_MODEL, seed: int = 0, flip_labels: bool = False,
+                   tags: dict[str, Any] | None = None,
+                   fault: Segment | None = None) -> tuple[str, np.ndarray, float]:
     """Train, log and register one version; returns (version, holdout rows, holdout accuracy).
 
     ``tags`` are set on the version at its creation (values JSON-encoded unless strings), so the release the
     webhook starts already sees them (e.g. ``canaryflow.chaos``).
 
     ``flip_labels`` simulates a data bug upstream of training: the labels are inverted in the training AND the
-    holdout data, so every offline gate (quality on its own holdout included) looks fine, while the model
-    predicts the opposite of the champion on live traffic. Only the canary's prediction-drift check sees it.
+    holdout data: the quality gate's own-holdout comparison looks fine, and its cross-check on the champion's
+    holdout (gate ``quality_cross``) refuses it. ``fault``: see :func:`train_classifier`; every offline gate
+    passes (the holdout barely has the segment) and only the canary's pairwise replay sees it.
     """
     import mlflow
     import torch
@@ -78,7 +154,7 @@ def register_model(tracking_uri: str, name: str = DEMO_MODEL, seed: int = 0,
 
     from canaryflow.datasets import frame, log_release_datasets
 
-    model, (X_tr, y_tr), (X_te, y_te), acc = train_classifier(seed, flip_labels=flip_labels)
+    model, (X_tr, y_tr), (X_te, y_te), acc = train_classifier(seed, flip_labels=flip_labels, fault=fault)
 
     with torch.no_grad():
         logits = model(torch.from_numpy(X_te[:5])).numpy()

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from canaryflow.calibration import choose_peer
 from canaryflow.datasets import ReleaseData, load_release_data, load_traffic
@@ -22,11 +23,11 @@ from canaryflow.predict import load_predictor
 from canaryflow.release import ReleaseState
 from canaryflow.services import Services
 from deployments.loadtest import run_load_test
-from deployments.loadtest_gate import gate_load_test, retry_gate
+from deployments.loadtest_gate import gate_load_test, retry_gate, settle_busy
 from validation.contract import check_contract
 from validation.data import build_suite, check_data
 from validation.drift import check_drift
-from validation.quality import check_quality
+from validation.quality import check_cross_holdouts, check_quality
 from validation.results import GateResult, Outcome
 
 
@@ -78,16 +79,42 @@ def drift(svc: Services, st: ReleaseState, release_data: ReleaseData) -> GateRes
 
 
 def quality(svc: Services, st: ReleaseState, model_dir: Path, release_data: ReleaseData) -> GateResult:
-    """Candidate vs champion on the candidate's holdout (the first release: an absolute floor only)."""
+    """Candidate vs champion on the candidate's holdout (the first release: an absolute floor only), then
+    (gate ``quality_cross``) both on the champion's holdout and the operator's evaluation set, so a holdout
+    that contradicts the others (labels flipped upstream) is caught offline."""
     g = st.policy.gates
     champion_predict: Callable[[np.ndarray], np.ndarray] | None = None
     if st.champion and st.champion != st.version:
         champion_dir = svc.registry.download(st.model, st.champion, st.workdir / "champion-model")
         champion_predict = load_predictor(champion_dir)
-    return st.record(check_quality(load_predictor(model_dir), champion_predict, release_data.holdout,
-                                   release_data.feature_columns, release_data.label_column, g.quality_metric,
-                                   g.quality_min, g.quality_max_abs_drop, g.quality_max_rel_drop,
-                                   _dir(st, "quality")))
+    candidate_predict = load_predictor(model_dir)
+    result = st.record(check_quality(candidate_predict, champion_predict, release_data.holdout,
+                                     release_data.feature_columns, release_data.label_column, g.quality_metric,
+                                     g.quality_min, g.quality_max_abs_drop, g.quality_max_rel_drop,
+                                     _dir(st, "quality")))
+    if champion_predict is not None:
+        sets = {f"v{st.version}'s holdout": release_data.holdout, **_other_sets(svc, st, release_data)}
+        st.record(check_cross_holdouts(candidate_predict, champion_predict, sets, release_data.feature_columns,
+                                       release_data.label_column, g.quality_metric, g.quality_max_contradiction,
+                                       g.quality_max_abs_drop, g.quality_max_rel_drop, g.quality_min))
+    return result
+
+
+def _other_sets(svc: Services, st: ReleaseState, release_data: ReleaseData) -> dict[str, pd.DataFrame]:
+    """The champion's holdout (from its training run) and the operator's evaluation set, where there are."""
+    out: dict[str, pd.DataFrame] = {}
+    champion = svc.registry.get_version(st.model, str(st.champion))
+    if champion.run_id and champion.run_id != st.info.run_id:
+        try:
+            data = load_release_data(svc.settings.mlflow_uri, champion.run_id, st.workdir / "champion-data",
+                                     release_data.label_column, release_data.feature_columns,
+                                     len(release_data.feature_columns))
+            out[f"champion v{st.champion}'s holdout"] = data.holdout
+        except RegistryError as exc:  # an older champion without the convention: nothing to cross-check
+            st.notes.append(f"quality_cross: champion v{st.champion}'s holdout not available: {exc}")
+    if svc.settings.gates.evaluation_set:  # operator-owned: from the stack's settings, never a model's policy
+        out["operator's evaluation set"] = pd.read_parquet(svc.settings.gates.evaluation_set)
+    return out
 
 
 def optimize(svc: Services, st: ReleaseState, model_dir: Path, release_data: ReleaseData) -> Bundle:
@@ -139,4 +166,4 @@ def load_test(svc: Services, st: ReleaseState, rows: np.ndarray,
     if len(tried) > 1:
         st.notes.append("## Load test attempts\n\n" + "\n".join(
             f"{i}. {r.outcome.value}: {r.reason}" for i, r in enumerate(tried, 1)))
-    return st.record(tried[-1])
+    return st.record(settle_busy(tried[-1], len(tried), cfg))

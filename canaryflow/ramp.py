@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from canaryflow import locks
+from canaryflow import locks, replay
 from canaryflow.errors import MetricsSourceError
 from canaryflow.locks import StatusConflict
 from canaryflow.registry import REASON_TAG, STATUS_TAG
@@ -171,11 +171,13 @@ def _analyse(svc: Services, st: ReleaseState, status: ctl.CanaryStatus,
                              "another writer owns the ramp; this run stops without touching the router", persisted)
     now = time.time() if now is None else now
     source = source or AccessLogMetrics(svc.paths.router_access_log)
+    # the same live rows answered by both versions (off band): what a split alone cannot compare
+    pairs = replay.collect(svc, st, status, now) if st.policy.canary.replay else None
     try:
         window = source.window(st.model, status.step_started_at, now - FLUSH_DELAY_S)
-        m = ctl.Measurements(window, now)
+        m = ctl.Measurements(window, now, pairs=pairs)
     except MetricsSourceError as exc:
-        window, m = None, ctl.Measurements(None, now, str(exc))
+        window, m = None, ctl.Measurements(None, now, str(exc), pairs=pairs)
     decision = ctl.decide(status, m, st.policy.canary)
     if decision.action is not ctl.Action.HOLD:
         apply_route(svc, st.model, decision.status)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -83,6 +84,10 @@ class GateSettings(BaseModel):
     quality_min: float = Field(0.7, ge=0, le=1)
     quality_max_abs_drop: float = Field(0.02, ge=0)
     quality_max_rel_drop: float = Field(0.05, ge=0)
+    # the candidate's holdout is cross-checked against the champion's holdout (and an operator-owned evaluation
+    # set: a Parquet path with the feature and label columns); sets that disagree by more than this are refused
+    quality_max_contradiction: float = Field(0.2, ge=0)
+    evaluation_set: str | None = None
 
 
 class OptimizationSettings(BaseModel):
@@ -116,6 +121,9 @@ class LoadTestSettings(BaseModel):
                                                                  "the machine is busy")
     attempts: int = Field(3, ge=1, le=10, description="measurements while the outcome is inconclusive or error")
     retry_pause_s: float = Field(5.0, ge=0, le=300)
+    on_busy: Literal["relative", "fail"] = Field(
+        "relative", description="when every attempt found the machine busy: judge the candidate against the peer "
+                                "of the same window (relative), or end the release as failed (fail)")
 
 
 class CanarySettings(BaseModel):
@@ -136,6 +144,16 @@ class CanarySettings(BaseModel):
     drift_metric: str = Field("psi", pattern="^(psi|wasserstein)$")
     max_prediction_drift: float = Field(0.2, ge=0, description="PSI of predicted classes (or Wasserstein of scores)")
     min_shadow_agreement: float = Field(0.95, ge=0, le=1)
+    # pairwise replay (canaryflow/replay.py, deployments/pairwise.py): live rows answered by both versions
+    replay: bool = Field(True, description="replay recent live rows to champion and candidate at each analysis")
+    replay_rows: int = Field(1000, ge=1, description="new live rows replayed per analysis, at most")
+    replay_batch_rows: int = Field(100, ge=1, description="rows per replay request")
+    min_pairs: int = Field(100, ge=1, description="distinct replayed rows before agreement is judged")
+    min_pair_agreement: float = Field(0.95, ge=0, le=1, description="same class on the same row")
+    min_segment_pairs: int = Field(20, ge=1, description="pairs in a segment before it is judged")
+    min_segment_agreement: float = Field(0.8, ge=0, le=1, description="agreement in every segment")
+    pair_alpha: float = Field(0.05, gt=0, lt=1, description="confidence 1-alpha of the agreement bounds")
+    max_mean_prob_delta: float = Field(0.2, ge=0, le=1, description="mean of max |p_candidate - p_champion|")
     max_failed_checks: int = Field(2, ge=1, description="failed analyses (not source errors) before rollback")
     max_source_errors: int = Field(5, ge=1, description="metrics source failures in a row before rollback")
     user_header: str = Field("X-User-Id", pattern=r"^[A-Za-z0-9-]{1,64}$", description="sticky assignment key")
@@ -153,7 +171,6 @@ class ReconcileSettings(BaseModel):
     stale_after_s: float = Field(300.0, gt=0, description="a run whose heartbeat is older than this has crashed")
     heartbeat_s: float = Field(30.0, gt=0, description="how often a release flow writes its heartbeat")
     lock_timeout_s: float = Field(180.0, gt=0, description="max wait for a model's state lock (canaryflow.locks)")
-
 
 
 class BatchSettings(BaseModel):

@@ -9,7 +9,9 @@ errors and latency. At each analysis the candidate is compared with the champion
 - ``latency_u``: a one-sided Mann-Whitney U test, candidate slower than champion at confidence 1 - alpha, and a
   median shift worth caring about (a bare threshold cannot tell noise from a regression; Kayenta does the same);
 - ``prediction_drift``: PSI of the predicted classes (or Wasserstein distance of the top scores) between versions;
-- ``shadow_agreement``: in shadow mode, the share of identical requests answered alike.
+- ``shadow_agreement``: in shadow mode, the share of identical requests answered alike;
+- ``agreement``, ``segment_agreement``, ``probability_delta``: recent live rows replayed to both versions out of
+  band and their answers compared pairwise, overall and per input segment (deployments/pairwise.py).
 
 Each check ends passed, failed, inconclusive (too few requests) or error. Inconclusive holds the step, up to a
 deadline; a source error (the access log could not be read) is counted apart from model failures. The status is
@@ -27,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from canaryflow.settings import CanarySettings
+from deployments import pairwise
+from deployments.pairwise import PairSample
 from validation.results import Outcome
 
 if TYPE_CHECKING:
@@ -115,6 +119,7 @@ class Measurements:
     window: Window | None
     now: float
     source_error: str | None = None
+    pairs: PairSample | None = None  # replayed rows answered by both versions (None: replay off)
 
 
 @dataclass(frozen=True)
@@ -139,10 +144,21 @@ def decide(status: CanaryStatus, m: Measurements, policy: CanarySettings) -> Dec
         if s.source_errors >= policy.max_source_errors:
             return _rollback(s, [check], [why])
         return Decision(Action.HOLD, replace(s, reasons=[why]), [check], [why])
-    s = replace(s, source_errors=0)
     checks = analyse(m.window, s, policy)
+    if m.pairs is not None:
+        checks += [Check(*c) for c in pairwise.checks(m.pairs, policy)]
     failed = [c for c in checks if c.outcome is Outcome.FAILED]
     waiting = [c for c in checks if c.outcome is Outcome.INCONCLUSIVE]
+    broken = [c for c in checks if c.outcome is Outcome.ERROR]
+    if broken and not failed:
+        # a measurement that could not be taken is not evidence either way: hold, counted apart
+        s = replace(s, source_errors=s.source_errors + 1)
+        why = (f"measurement error {s.source_errors}/{policy.max_source_errors}: "
+               + "; ".join(f"{c.name}: {c.reason}" for c in broken))
+        if s.source_errors >= policy.max_source_errors:
+            return _rollback(s, checks, [why])
+        return Decision(Action.HOLD, replace(s, reasons=[why]), checks, [why])
+    s = replace(s, source_errors=0)
     if failed:
         s = replace(s, failed_checks=s.failed_checks + 1)
         reasons = [f"{c.name}: {c.reason}" for c in failed]
@@ -266,7 +282,7 @@ def summary(checks: list[Check]) -> str:
     def one(c: Check) -> str:
         if c.name == "latency_u":  # a p-value alone does not decide (the median shift must matter too)
             return f"latency_u p={num(c.measured)}"
-        op = ">=" if c.name == "shadow_agreement" else "<="
+        op = ">=" if "agreement" in c.name else "<="
         return f"{c.name} {num(c.measured)} {op} {num(c.threshold)}"
     return ", ".join(one(c) for c in checks)
 

@@ -319,14 +319,17 @@ def _onnx_model(path: str, device: torch.device) -> Callable[[torch.Tensor], tor
 
 
 PINNED_HEADER = "x-canaryflow-pinned"  # set by the router when the client pinned a version
+# Set by the canary's pairwise replay (straight to TorchServe, never through the router, which strips it): the
+# rows are live traffic answered again, so they get what live rows get (faults included) but are not sampled twice.
+REPLAY_HEADER = "x-canaryflow-replay"
 
 
-def _pinned(context: Any, idx: int) -> bool:
+def _pinned(context: Any, idx: int, header: str = PINNED_HEADER) -> bool:
     try:
         names = context.get_all_request_header(idx) if context is not None else {}
     except (AttributeError, IndexError, KeyError):
         return False
-    return any(str(name).lower() == PINNED_HEADER for name in names)
+    return any(str(name).lower() == header for name in names)
 
 
 class TrafficSample:
@@ -430,8 +433,9 @@ class CanaryflowHandler(BaseHandler):
             # sampled nor given faults. Shadow copies are live.
             context = getattr(self, "context", None)
             live = [not _pinned(context, k) for k in range(len(arrays))]
-            if traffic is not None and any(live):
-                traffic.add([a for a, keep in zip(arrays, live, strict=True) if keep])
+            fresh = [keep and not _pinned(context, k, REPLAY_HEADER) for k, keep in enumerate(live)]
+            if traffic is not None and any(fresh):
+                traffic.add([a for a, keep in zip(arrays, fresh, strict=True) if keep])
         x = torch.from_numpy(np.concatenate(arrays)).to(self.device)
         if chaos is not None:
             self._chaos_batch = (x, live)

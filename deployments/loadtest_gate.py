@@ -112,6 +112,26 @@ def gate_load_test(result: LoadTestResult, settings: LoadTestSettings) -> GateRe
                                                   f"busy, not the model{context}", measured, thresholds)
 
 
+def settle_busy(last: GateResult, attempts: int, settings: LoadTestSettings) -> GateResult:
+    """The verdict when every attempt found the machine busy (``on_busy``): ``relative`` judges the candidate
+    against the peer loaded in the same window (``p95 <= peer p95 * max_p95_ratio + p95_slack_ms``; its own
+    excess was already held to ``max_p95_ms``), ``fail`` keeps INCONCLUSIVE, so the release ends as failed and
+    can be re-run. Anything but a busy-machine INCONCLUSIVE is returned as it is."""
+    m = last.measured
+    busy = (last.outcome is Outcome.INCONCLUSIVE and m.get("requests", 0) > 0 and m.get("peer_requests", 0) > 0
+            and not m.get("peer_error"))
+    if not busy or settings.on_busy != "relative":
+        return last
+    p95, peer = float(m["p95_ms"]), float(m["peer_p95_ms"])
+    bound = peer * settings.max_p95_ratio + settings.p95_slack_ms
+    ok = p95 <= bound
+    reason = (f"machine busy in all {attempts} attempts, so judged against the peer of the same window: p95 "
+              f"{p95:.1f} ms {'<=' if ok else '>'} {bound:.1f} ms (peer {m.get('peer_role')} p95 {peer:.1f} ms x "
+              f"{settings.max_p95_ratio:g} + {settings.p95_slack_ms:g} ms); last attempt: {last.reason}")
+    return GateResult(GATE, Outcome.PASSED if ok else Outcome.FAILED, reason, {**m, "busy_machine": True},
+                      {**last.thresholds, "on_busy": settings.on_busy})
+
+
 def retry_gate(measure: Callable[[int], GateResult], attempts: int, pause_s: float,
                sleep: Callable[[float], None] = time.sleep) -> list[GateResult]:
     """``measure(attempt)`` (1-based) until it is PASSED or FAILED, at most ``attempts`` times, ``pause_s``

@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import quote
 
 import httpx
 
@@ -30,6 +31,7 @@ class ServingBackend(Protocol):
     def register(self, model: str, version: str, archive: Path) -> bool: ...
     def unregister(self, model: str, version: str) -> None: ...
     def set_default(self, model: str, version: str) -> None: ...
+    def replay(self, model: str, version: str, rows: list[list[float]]) -> list[dict[str, Any]]: ...
 
 
 def render_config(settings: Settings, paths: StatePaths) -> str:
@@ -101,13 +103,13 @@ class TorchServeClient:
     timeout_s: float = 10.0
 
     def _call(self, api: str, method: str, path: str, *, timeout: float | None = None,
-              **kwargs: Any) -> httpx.Response:
+              headers: dict[str, str] | None = None, **kwargs: Any) -> httpx.Response:
         port = {"inference": self.settings.ports.torchserve_inference,
                 "management": self.settings.ports.torchserve_management}[api]
         key = read_keys(self.paths)[api]
         url = f"http://{self.settings.host}:{port}{path}"
         try:
-            return httpx.request(method, url, headers={"Authorization": f"Bearer {key}"},
+            return httpx.request(method, url, headers={**(headers or {}), "Authorization": f"Bearer {key}"},
                                  timeout=timeout or self.timeout_s, **kwargs)
         except httpx.HTTPError as exc:
             raise ServingError(f"TorchServe {api} API unreachable at {url}: {exc}") from exc
@@ -164,6 +166,15 @@ class TorchServeClient:
         resp = self._call("management", "DELETE", f"/models/{model}/{version}", timeout=60.0)
         if resp.status_code != 404:
             self._check(resp, f"unregister {model} v{version}")
+
+    def replay(self, model: str, version: str, rows: list[list[float]]) -> list[dict[str, Any]]:
+        """Answer live rows again with one version, out of band (the canary's pairwise replay): straight to the
+        inference API, so the router's access log and the traffic sample see nothing. Returns the predictions."""
+        path = f"/predictions/{quote(model, safe='')}/{quote(str(version), safe='')}"
+        resp = self._call("inference", "POST", path, json={"inputs": rows}, timeout=30.0,
+                          headers={"X-Canaryflow-Replay": "1", "Content-Type": "application/json"})
+        body = self._check(resp, f"replay {len(rows)} rows on {model} v{version}").json()
+        return list(body["predictions"])
 
     def set_default(self, model: str, version: str) -> None:
         """Make a version TorchServe's default for /predictions/<model>."""

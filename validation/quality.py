@@ -158,3 +158,64 @@ def _probabilities(scores: np.ndarray) -> np.ndarray:
         return scores / scores.sum(axis=1, keepdims=True)  # float32 rounding trips sklearn's sum check
     z = np.exp(scores - scores.max(axis=1, keepdims=True))
     return z / z.sum(axis=1, keepdims=True)
+
+
+CROSS_GATE = "quality_cross"
+
+
+def check_cross_holdouts(candidate_predict: Predict, champion_predict: Predict, sets: dict[str, pd.DataFrame],
+                         feature_columns: list[str], label_column: str, metric: str, max_contradiction: float,
+                         max_abs_drop: float, max_rel_drop: float, floor: float) -> GateResult:
+    """The candidate's own holdout is not trusted alone: both models are scored on every evaluation set (the
+    candidate's holdout first, then the champion's and an operator-owned set when there are).
+
+    FAILED when the sets contradict each other: the champion is far worse (by more than ``max_contradiction``)
+    on the candidate's holdout than on its own (the signature of labels flipped or shifted upstream of the
+    candidate), or the candidate is far worse on another set than on its own; and FAILED when the candidate falls
+    behind the champion on any other set by more than the quality gate's drops. ERROR when a set cannot be scored.
+    """
+    thresholds = {"metric": metric, "max_contradiction": max_contradiction, "max_abs_drop": max_abs_drop,
+                  "max_rel_drop": max_rel_drop, "floor": floor}
+    if metric not in GREATER_IS_BETTER:
+        return GateResult(CROSS_GATE, Outcome.ERROR, f"unknown metric {metric!r}", {}, thresholds)
+    scores: dict[str, dict[str, float]] = {}
+    for name, df in sets.items():
+        problem = _holdout_problem(df, feature_columns, label_column)
+        if problem:
+            return GateResult(CROSS_GATE, Outcome.ERROR, f"{name}: {problem}", {"scores": scores}, thresholds)
+        x = df[feature_columns].to_numpy(dtype=np.float32)
+        y = df[label_column].to_numpy().astype(np.int64)
+        try:
+            scores[name] = {"candidate": all_metrics(y, _scores(candidate_predict, x)).get(metric, float("nan")),
+                            "champion": all_metrics(y, _scores(champion_predict, x)).get(metric, float("nan")),
+                            "rows": float(len(y))}
+        except Exception as exc:  # noqa: BLE001 - a set the models cannot score is no verdict on the candidate
+            return GateResult(CROSS_GATE, Outcome.ERROR, f"{name}: scoring failed: {type(exc).__name__}: {exc}"[:500],
+                              {"scores": scores}, thresholds)
+    names = list(scores)
+    own, others = names[0], names[1:]
+    measured: dict[str, Any] = {"scores": scores}
+    if not others:
+        return GateResult(CROSS_GATE, Outcome.PASSED, "no other evaluation set (champion's holdout or "
+                          "operator's) to cross-check the candidate's holdout against", measured, thresholds)
+    worse = (lambda a, b: b - a) if GREATER_IS_BETTER[metric] else (lambda a, b: a - b)  # how much a is worse than b
+    problems = []
+    for other in others:
+        c, o = scores[own], scores[other]
+        if worse(c["champion"], o["champion"]) > max_contradiction:
+            problems.append(f"the champion scores {metric} {c['champion']:.3f} on {own} but {o['champion']:.3f} "
+                            f"on {other}: the sets contradict each other (labels flipped or shifted upstream?)")
+        if worse(o["candidate"], c["candidate"]) > max_contradiction:
+            problems.append(f"the candidate scores {metric} {o['candidate']:.3f} on {other} but "
+                            f"{c['candidate']:.3f} on {own}")
+        drop = worse(o["candidate"], o["champion"])
+        rel = drop / abs(o["champion"]) if o["champion"] else 0.0
+        if drop > max_abs_drop or rel > max_rel_drop:
+            problems.append(f"on {other} the candidate's {metric} {o['candidate']:.3f} falls behind the champion's "
+                            f"{o['champion']:.3f} by {drop:.3f} ({rel:.1%}; allowed {max_abs_drop:g} / "
+                            f"{max_rel_drop:.1%})")
+    if problems:
+        return judged(CROSS_GATE, False, "; ".join(problems), measured, thresholds)
+    table = ", ".join(f"{n}: candidate {s['candidate']:.3f} / champion {s['champion']:.3f}" for n, s in scores.items())
+    return judged(CROSS_GATE, True, f"{metric} consistent across sets ({table}); contradiction limit "
+                                    f"{max_contradiction:g}", measured, thresholds)

@@ -1,5 +1,6 @@
-"""The canary on the real stack: a good candidate is ramped in and promoted; injected errors, injected latency and
-drifted predictions are each rolled back by the right check; a release killed at its first step is repaired by
+"""The canary on the real stack: a good candidate is ramped in and promoted; injected errors and injected latency are
+each rolled back by the right check, a model wrong on a rare input segment by the pairwise replay check, and a
+label-flipped model is rejected offline; a release killed at its first step is repaired by
 reconcile; a missed webhook is picked up by reconcile; a manual rollback restores the previous champion.
 
 Live traffic comes from deployments/traffic.py (unpinned, sticky users) through the router. The stack runs a short
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,7 +24,7 @@ import psutil
 import pytest
 from mlflow import MlflowClient
 
-from canaryflow.demo import register_model, train_classifier, wait_for_release
+from canaryflow.demo import Segment, live_rows, register_model, train_classifier, wait_for_release
 from canaryflow.orchestrator import PrefectLauncher
 from canaryflow.reconcile import reconcile
 from canaryflow.services import Services
@@ -32,9 +34,15 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 MODEL = "canary-model"
 
 
-def register(stack, seed: int, name: str = MODEL, tags: dict | None = None, flip_labels: bool = False) -> str:
+def register(stack, seed: int, name: str = MODEL, tags: dict | None = None, flip_labels: bool = False,
+             fault: Segment | None = None) -> str:
     """Train, log and register a version (tags set at creation, before its webhook fires)."""
-    return register_model(stack.settings.mlflow_uri, name=name, seed=seed, flip_labels=flip_labels, tags=tags)[0]
+    return register_model(stack.settings.mlflow_uri, name=name, seed=seed, flip_labels=flip_labels, tags=tags,
+                          fault=fault)[0]
+
+
+def live_segment_rows() -> tuple[object, Segment]:
+    return live_rows(seed=0, extra=40)
 
 
 @pytest.fixture(scope="module")
@@ -106,15 +114,35 @@ def test_faulty_candidate_is_rolled_back_by_the_right_check(stack, svc, rows, ch
     assert live.served_by(before) > 0
 
 
-def test_candidate_with_drifted_predictions_is_rolled_back_by_prediction_drift(stack, svc, rows, champion) -> None:
+def test_label_flipped_candidate_is_rejected_offline_by_the_cross_holdout_check(stack, svc, rows, champion) -> None:
+    """Labels flipped upstream: on its own holdout the candidate looks perfect and the champion hopeless; on the
+    champion's holdout the contradiction shows, before any live request reaches the candidate."""
     before = svc.registry.alias_version(MODEL, "champion")
-    with traffic(stack, rows):
-        version = register(stack, seed=2, flip_labels=True)  # same speed, no errors, opposite answers
+    version = register(stack, seed=2, flip_labels=True)
+    outcome = wait_for_release(stack.settings.mlflow_uri, MODEL, version, 400)
+    assert outcome.status == "rejected", outcome
+    assert "quality_cross" in outcome.reason and "contradict" in outcome.reason, outcome.reason
+    tags = svc.registry.get_version(MODEL, version).tags
+    assert tags["canaryflow.gate.quality"].startswith("passed"), tags  # its own holdout alone was fooled
+    assert "canaryflow.canary" not in tags  # never ramped
+    assert serving_state(svc) == (before, {"stable": before}, before)
+
+
+def test_candidate_wrong_on_a_rare_segment_is_rolled_back_by_the_pairwise_check(stack, svc, champion) -> None:
+    """Every offline gate passes (its holdout barely has the segment) and the class balance is kept, so errors,
+    latency and prediction drift see nothing; the same live rows answered by both versions do."""
+    live_rows, segment = live_segment_rows()
+    before = svc.registry.alias_version(MODEL, "champion")
+    with traffic(stack, live_rows) as live:
+        version = register(stack, seed=2, fault=segment)
         outcome = wait_for_release(stack.settings.mlflow_uri, MODEL, version, 400)
     assert outcome.status == "rolled_back", outcome
-    assert "prediction_drift: PSI of predicted classes" in outcome.reason, outcome.reason
-    assert "errors" not in outcome.reason.split("prediction_drift")[0]
+    assert re.search(r"(segment_)?agreement: agreement [\d.]+", outcome.reason), outcome.reason
+    assert "prediction_drift" not in outcome.reason and "errors:" not in outcome.reason, outcome.reason
+    tags = svc.registry.get_version(MODEL, version).tags
+    assert all(tags[f"canaryflow.gate.{g}"].startswith("passed") for g in ("quality", "quality_cross", "load_test"))
     assert serving_state(svc) == (before, {"stable": before}, before)
+    assert live.errors == [] and all(status == 200 for status, _ in live.counts), live.counts
 
 
 def _flow_run_process(run_id: str) -> psutil.Process | None:

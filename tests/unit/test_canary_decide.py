@@ -10,6 +10,7 @@ import pytest
 from canaryflow.settings import CanarySettings
 from deployments.canary import Action, CanaryStatus, Measurements, Phase, decide, psi, start
 from deployments.metrics import VersionWindow, Window
+from deployments.pairwise import Pair, PairSample
 from validation.results import Outcome
 
 T0 = 1_000_000.0
@@ -55,6 +56,23 @@ class Case:
     reason: str  # a substring of the decision's reasons
     failed_check: str | None = None
     policy: CanarySettings | None = None
+
+
+def pairs(n: int = 300, flipped: float = 0.0, segment_share: float = 0.0, seed: int = 7) -> PairSample:
+    """``n`` replayed rows of 4 features; a ``flipped`` share of all rows, or every row with f3 in its top
+    ``segment_share``, answered with the other class by the candidate."""
+    rng = np.random.default_rng(seed)
+    rows = rng.normal(0, 1, (n, 4))
+    cut = np.quantile(rows[:, 3], 1 - segment_share) if segment_share else np.inf
+    out = []
+    for i, row in enumerate(rows):
+        a = int(row[0] > 0)
+        bad = i < flipped * n or row[3] > cut
+        b = 1 - a if bad else a
+        pa = [0.9, 0.1] if a == 0 else [0.1, 0.9]
+        pb = [0.9, 0.1] if b == 0 else [0.1, 0.9]
+        out.append(Pair(list(row), a, b, pa, pb))
+    return PairSample(out, ["f0", "f1", "f2", "f3"])
 
 
 NOW = T0 + 20
@@ -107,6 +125,23 @@ CASES = [
     Case("shadow: slower mirrored answers fail p95", status(-1, phase=Phase.SHADOW, failed_checks=1),
          Measurements(window(mirrored(120, latency_ms=45), shadow_pairs=120, shadow_agreements=120), NOW),
          Action.ROLLBACK, 0, "p95", "p95"),
+    Case("pairwise: agreeing answers advance", status(0), Measurements(window(), NOW, pairs=pairs(300, 0.01)),
+         Action.ADVANCE, 25, "advancing to 25%"),
+    Case("pairwise: disagreement over the limit fails", status(1, failed_checks=1),
+         Measurements(window(), NOW, pairs=pairs(300, 0.2)), Action.ROLLBACK, 0, "agreement 0.800", "agreement"),
+    Case("pairwise: a fault in 5% of rows fails its segment, keeping overall agreement", status(1, failed_checks=1),
+         Measurements(window(), NOW, pairs=pairs(1000, segment_share=0.05)), Action.ROLLBACK, 0, "f3 >",
+         "segment_agreement"),
+    Case("pairwise: too few pairs holds", status(0), Measurements(window(), NOW, pairs=pairs(40)), Action.HOLD, 5,
+         "40 replayed pairs, need 100"),
+    Case("pairwise: below the limit but not significantly holds", status(0),
+         Measurements(window(), NOW, pairs=pairs(120, 0.06)), Action.HOLD, 5, "not yet significantly"),
+    Case("pairwise: replay error holds, not a model failure", status(0),
+         Measurements(window(), NOW, pairs=PairSample([], [], "TorchServe unreachable")), Action.HOLD, 5,
+         "measurement error 1/3"),
+    Case("pairwise: replay errors in a row roll back", status(0, source_errors=2),
+         Measurements(window(), NOW, pairs=PairSample([], [], "TorchServe unreachable")), Action.ROLLBACK, 0,
+         "measurement error 3/3"),
     Case("shadow: too few mirrored requests holds", status(-1, phase=Phase.SHADOW),
          Measurements(window(mirrored(5), shadow_pairs=5, shadow_agreements=5), NOW), Action.HOLD, 0,
          "too few mirrored requests"),

@@ -33,9 +33,9 @@ from deployments.loadtest import (
     run_load_test,
     split_locust_stats,
 )
-from deployments.loadtest_gate import gate_load_test, retry_gate
+from deployments.loadtest_gate import gate_load_test, retry_gate, settle_busy
 from tests.conftest import free_ports
-from validation.results import Outcome
+from validation.results import GateResult, Outcome
 
 ROWS = np.arange(12, dtype=np.float64).reshape(4, 3)
 QUICK = LoadTestSettings(users=2, spawn_rate=2, duration_s=2)
@@ -343,8 +343,13 @@ def test_load_test_step_retries_a_busy_machine_and_records_only_the_last(tmp_pat
     assert notes[0] == "## Load test attempts" and notes[2].startswith("1. inconclusive: p95 87.0 ms > 50.0 ms but")
     assert notes[-1].startswith("3. passed: p95 12.0 ms <= 50.0 ms")
 
-    runs = iter([busy, busy, busy])
+    runs = iter([busy, busy, busy])  # busy every time: judged against the peer of the same window
     st = _state(tmp_path, policy)
+    gate = gates.load_test(svc, st, ROWS, sleep=sleeps.append)
+    assert gate.outcome is Outcome.PASSED and gate.reason.startswith("machine busy in all 3 attempts"), gate.reason
+    runs = iter([busy, busy, busy])
+    strict = policy.model_copy(update={"loadtest": LoadTestSettings(attempts=3, retry_pause_s=7, on_busy="fail")})
+    st = _state(tmp_path, strict)
     with pytest.raises(GateFailed) as info:
         gates.load_test(svc, st, ROWS, sleep=sleeps.append)
     assert info.value.outcome == "inconclusive" and "the machine is busy, not the model" in info.value.reason
@@ -410,3 +415,31 @@ def test_calibration_that_cannot_be_served_leaves_a_peer_with_the_reason(tmp_pat
     silent = calibration.choose_peer(_svc(tmp_path, _Backend({})), "m", None, "1", ROWS)
     assert silent.error == ("the calibration model could not be served: ServingError: calibration model vn3 "
                             "registered but not answering: 4-row request answered HTTP 503: worker died")
+
+
+def _busy(p95: float, peer_p95: float, requests: int = 100, peer_requests: int = 100) -> GateResult:
+    return GateResult("load_test", Outcome.INCONCLUSIVE, "p95 over the bar but the peer also took ...",
+                      {"p95_ms": p95, "requests": requests, "peer_p95_ms": peer_p95, "peer_requests": peer_requests,
+                       "peer_role": "calibration", "peer_error": ""}, {"max_p95_ms": 50.0})
+
+
+@pytest.mark.parametrize(("p95", "peer", "outcome"), [
+    (63.0, 65.0, Outcome.PASSED),  # as fast as a trivial model on the same busy machine
+    (139.0, 65.0, Outcome.PASSED),  # within 2 x 65 + 10
+    (141.0, 65.0, Outcome.FAILED),  # slower than the peer allows
+])
+def test_a_busy_machine_in_every_attempt_is_judged_against_the_peer(p95: float, peer: float,
+                                                                     outcome: Outcome) -> None:
+    settings = LoadTestSettings(max_p95_ratio=2.0, p95_slack_ms=10.0)
+    verdict = settle_busy(_busy(p95, peer), 3, settings)
+    assert verdict.outcome is outcome
+    assert "machine busy in all 3 attempts" in verdict.reason and verdict.measured["busy_machine"] is True
+
+
+def test_settle_busy_leaves_other_verdicts_and_the_fail_policy_alone() -> None:
+    settings = LoadTestSettings()
+    failed = GateResult("load_test", Outcome.FAILED, "p95 90 ms > 50 ms", {"p95_ms": 90.0})
+    assert settle_busy(failed, 3, settings) is failed
+    nothing = _busy(0.0, 0.0, requests=0)  # no request completed: not a busy machine
+    assert settle_busy(nothing, 3, settings) is nothing
+    assert settle_busy(_busy(63.0, 65.0), 3, LoadTestSettings(on_busy="fail")).outcome is Outcome.INCONCLUSIVE
