@@ -37,7 +37,7 @@ class Segment:
 def rare_segment(x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, names: list[str],
                  min_train_rows: int = 5) -> Segment:
     """The feature region the holdout barely has (above its second-largest value) with the most mixed labels in
-    training, so inverting answers there keeps the class balance: a fault only a pairwise check can see."""
+    training: a feature that does not decide the class alone, so a fault there keeps the class balance."""
     best: tuple[float, Segment] | None = None
     for j in range(x_tr.shape[1]):
         above = float(np.sort(x_te[:, j])[-2])
@@ -51,12 +51,13 @@ def rare_segment(x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, names: li
     return best[1]
 
 
-def segment_rows(x_tr: np.ndarray, segment: Segment, n: int, seed: int = 0) -> np.ndarray:
-    """``n`` distinct rows in the segment: its training rows, jittered by 2% (live traffic from a new source)."""
+def segment_rows(x_te: np.ndarray, segment: Segment, n: int, seed: int = 0) -> np.ndarray:
+    """``n`` distinct rows in the segment: holdout rows whose one feature reads 1-15 % above the holdout's range
+    (a new source of live traffic, e.g. a scanner that reports that feature higher; the others keep their
+    distribution, so the drift gate sees one drifted column, not a new population)."""
     rng = np.random.default_rng(seed)
-    base = x_tr[x_tr[:, segment.column] > segment.above]
-    rows = base[rng.integers(0, len(base), n)] * rng.normal(1.0, 0.02, (n, x_tr.shape[1]))
-    rows[:, segment.column] = np.maximum(rows[:, segment.column], segment.above * 1.01)
+    rows = x_te[rng.choice(len(x_te), n, replace=n > len(x_te))].copy()
+    rows[:, segment.column] = segment.above * rng.uniform(1.01, 1.15, n)
     return rows.astype(np.float32)
 
 
@@ -66,7 +67,7 @@ def live_rows(seed: int = 0, extra: int = 40) -> tuple[np.ndarray, Segment]:
 
     _, (x_tr, y_tr), (x_te, _), _ = train_classifier(seed, epochs=0)
     segment = rare_segment(x_tr, y_tr, x_te, list(load_breast_cancer().feature_names))
-    return np.concatenate([x_te, segment_rows(x_tr, segment, extra, seed)]), segment
+    return np.concatenate([x_te, segment_rows(x_te, segment, extra, seed)]), segment
 
 
 def train_classifier(seed: int = 0, epochs: int = 300,  # noqa: ANN201 - (module, train, holdout, accuracy)

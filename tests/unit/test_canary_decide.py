@@ -27,6 +27,15 @@ def version(name: str, n: int = 200, errors: int = 0, latency_ms: float = 5.0, s
                          scores=list(np.clip(rng.normal(scores, 0.03, n), 0, 1)))
 
 
+def tail(name: str, n: int, slow: int) -> VersionWindow:
+    """``n`` requests around 6 ms, ``slow`` of them at 80-170 ms (a cold cache, a neighbour's burst)."""
+    base = version(name, n=n, latency_ms=6.0, spread=1.0, seed=len(name) + n)
+    lat = list(base.latencies_ms)
+    for i in range(slow):
+        lat[i * (n // max(slow, 1))] = 80.0 + 30 * (i % 4)
+    return replace(base, latencies_ms=lat)
+
+
 def mirrored(n: int, errors: int = 0, latency_ms: float = 5.0) -> VersionWindow:
     """A shadowed candidate: no client answers, ``n`` mirrored copies."""
     copy = version("2", n=n, latency_ms=latency_ms, seed=3)
@@ -93,6 +102,13 @@ CASES = [
          Measurements(window(version("2", errors=12)), NOW), Action.ROLLBACK, 0, "error ratio 0.060", "errors"),
     Case("p95 over the champion's rolls back", status(1, failed_checks=1),
          Measurements(window(version("2", latency_ms=45, spread=1)), NOW), Action.ROLLBACK, 0, "p95", "p95"),
+    Case("a few slow candidate requests are not a slower tail", status(1, failed_checks=1),
+         Measurements(window(tail("2", 64, slow=3), tail("1", 2000, slow=80)), NOW), Action.ADVANCE, 50,
+         "advancing to 50%"),
+    Case("a busy machine slows both versions past the cap: not the candidate's fault", status(1, failed_checks=1),
+         Measurements(window(version("2", latency_ms=70, spread=10), version("1", n=800, latency_ms=70, spread=10,
+                                                                              seed=2)), NOW),
+         Action.ADVANCE, 50, "advancing to 50%"),
     Case("slower by Mann-Whitney U but under the p95 bar", status(1, failed_checks=1),
          Measurements(window(version("2", latency_ms=9, spread=0.5), version("1", n=800, latency_ms=5, spread=2)),
                       NOW),
