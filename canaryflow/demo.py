@@ -19,7 +19,8 @@ DEMO_MODEL = "breast-cancer-classifier"
 FINAL = ("released", "rejected", "rolled_back", "failed")
 # The demo's ramp: shorter than the defaults (5/25/50/100 %, 30 s, 50 requests) so it ends in a few minutes.
 DEMO_CANARY = {"CANARYFLOW_CANARY__STEPS": "[10, 25, 50, 100]", "CANARYFLOW_CANARY__INTERVAL_S": "5",
-               "CANARYFLOW_CANARY__MIN_REQUESTS": "30", "CANARYFLOW_CANARY__RETIRE_GRACE_S": "5"}
+               "CANARYFLOW_CANARY__MIN_REQUESTS": "30", "CANARYFLOW_CANARY__RETIRE_GRACE_S": "5",
+               "CANARYFLOW_CANARY__BAKE_S": "10"}
 
 
 @dataclass(frozen=True)

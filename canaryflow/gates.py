@@ -69,12 +69,13 @@ def drift(svc: Services, st: ReleaseState, release_data: ReleaseData) -> GateRes
     g, cols = st.policy.gates, release_data.feature_columns
     result = st.record(check_drift(release_data.reference, release_data.holdout, cols, g.drift_max_share,
                                    _dir(st, "drift"), g.drift_stattest_threshold))
-    traffic = load_traffic(svc.paths.traffic_dir / f"{st.model}.jsonl", cols)
+    # distinct rows: a row served a thousand times is one input, and repeats would give K-S a power it has not
+    traffic = load_traffic(svc.paths.traffic_dir / f"{st.model}.jsonl", cols).drop_duplicates()
     if len(traffic) >= g.drift_min_traffic_rows:
         live = check_drift(release_data.reference, traffic, cols, g.drift_max_share, _dir(st, "drift_traffic"),
                            g.drift_stattest_threshold)
         st.record(dataclasses.replace(live, gate="drift_traffic",
-                                      reason=f"live traffic, {len(traffic)} sampled rows: {live.reason}"))
+                                      reason=f"live traffic, {len(traffic)} distinct sampled rows: {live.reason}"))
     return result
 
 

@@ -106,7 +106,7 @@ class Heartbeat:
 
 def apply_route(svc: Services, model: str, status: ctl.CanaryStatus) -> None:
     """Make the router serve what ``status`` says."""
-    if status.phase is ctl.Phase.PROMOTED:
+    if status.phase in (ctl.Phase.PROMOTED, ctl.Phase.BAKING):
         svc.router.set_route(model, status.candidate)
     elif status.phase is ctl.Phase.ROLLED_BACK:
         svc.router.set_route(model, status.champion)
@@ -119,13 +119,43 @@ def apply_route(svc: Services, model: str, status: ctl.CanaryStatus) -> None:
 def pending(svc: Services, st: ReleaseState) -> ctl.CanaryStatus | None:
     """A ramp of this candidate left half-way that can resume: same champion, candidate still on TorchServe."""
     status = load_status(svc, st.model, st.version)
-    if status is None or status.done or status.champion != st.champion:
+    if status is None or status.done or not _same_ramp(status, st):
         return None
     try:
         registered = st.version in svc.backend.versions(st.model)
     except Exception:
         registered = False
     return status if registered else None
+
+
+def _same_ramp(status: ctl.CanaryStatus, st: ReleaseState) -> bool:
+    """The persisted ramp is this release's: same champion, or a bake whose promotion already moved the alias."""
+    return status.champion == st.champion or (status.phase is ctl.Phase.BAKING and st.champion == st.version)
+
+
+def promote_for_bake(svc: Services, model: str, status: ctl.CanaryStatus) -> ctl.CanaryStatus:
+    """At 100%: the candidate becomes the champion (route, TorchServe default, aliases) while the bake watches it;
+    the previous champion stays registered, and is the ``previous`` alias. Returns the status with the alias it
+    replaced, so an undo restores it."""
+    cfg = svc.settings.release
+    status = replace(status, previous=svc.registry.alias_version(model, cfg.previous_alias))
+    svc.router.set_route(model, status.candidate)
+    svc.backend.set_default(model, status.candidate)
+    svc.registry.set_alias(model, cfg.previous_alias, status.champion)
+    svc.registry.set_alias(model, cfg.champion_alias, status.candidate)
+    return status
+
+
+def undo_bake(svc: Services, model: str, status: ctl.CanaryStatus) -> None:
+    """A bake that failed: the previous champion serves again, as champion, before anything else happens."""
+    cfg = svc.settings.release
+    svc.router.set_route(model, status.champion)
+    svc.backend.set_default(model, status.champion)
+    svc.registry.set_alias(model, cfg.champion_alias, status.champion)
+    if status.previous:
+        svc.registry.set_alias(model, cfg.previous_alias, status.previous)
+    else:
+        svc.registry.delete_alias(model, cfg.previous_alias)
 
 
 def start_or_resume(svc: Services, st: ReleaseState) -> ctl.CanaryStatus:
@@ -137,7 +167,7 @@ def start_or_resume(svc: Services, st: ReleaseState) -> ctl.CanaryStatus:
 
 def _start_or_resume(svc: Services, st: ReleaseState) -> ctl.CanaryStatus:
     persisted = status = load_status(svc, st.model, st.version)
-    if status is None or status.done or status.champion != st.champion:
+    if status is None or status.done or not _same_ramp(status, st):
         status = replace(ctl.start(st.champion or "", st.version, st.policy.canary, time.time()),
                          generation=persisted.generation if persisted else 0)
         st.notes.append(f"canary started at {status.weight:g}%{' (shadow)' if status.shadow else ''}")
@@ -179,7 +209,11 @@ def _analyse(svc: Services, st: ReleaseState, status: ctl.CanaryStatus,
     except MetricsSourceError as exc:
         window, m = None, ctl.Measurements(None, now, str(exc), pairs=pairs)
     decision = ctl.decide(status, m, st.policy.canary)
-    if decision.action is not ctl.Action.HOLD:
+    if decision.action is ctl.Action.BAKE:
+        decision = replace(decision, status=promote_for_bake(svc, st.model, decision.status))
+    elif decision.action is ctl.Action.ROLLBACK and status.phase is ctl.Phase.BAKING:
+        undo_bake(svc, st.model, decision.status)
+    elif decision.action is not ctl.Action.HOLD:
         apply_route(svc, st.model, decision.status)
     decision = replace(decision, status=save_status(svc, st.model, replace(decision.status, heartbeat_at=now)))
     record(svc, st, decision, window, now)

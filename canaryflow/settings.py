@@ -121,6 +121,8 @@ class LoadTestSettings(BaseModel):
                                                                  "the machine is busy")
     attempts: int = Field(3, ge=1, le=10, description="measurements while the outcome is inconclusive or error")
     retry_pause_s: float = Field(5.0, ge=0, le=300)
+    busy_max_ratio: float = Field(3.0, ge=1, description="on a busy machine: candidate p95 within peer p95 x this "
+                                                          "+ p95_slack_ms (the machine stretches every answer)")
     on_busy: Literal["relative", "fail"] = Field(
         "relative", description="when every attempt found the machine busy: judge the candidate against the peer "
                                 "of the same window (relative), or end the release as failed (fail)")
@@ -157,6 +159,8 @@ class CanarySettings(BaseModel):
     max_failed_checks: int = Field(2, ge=1, description="failed analyses (not source errors) before rollback")
     max_source_errors: int = Field(5, ge=1, description="metrics source failures in a row before rollback")
     user_header: str = Field("X-User-Id", pattern=r"^[A-Za-z0-9-]{1,64}$", description="sticky assignment key")
+    bake_s: float = Field(120.0, ge=0, description="after 100%: the new champion is still analysed this long, the "
+                                                  "previous one kept registered; a failure rolls back (0: no watch)")
     retire_grace_s: float = Field(30.0, ge=0, description="old champion stays registered this long after promotion")
     allow_chaos: bool = Field(False, description="honour a version's canaryflow.chaos tag (fault injection)")
 

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 class Phase(StrEnum):
     SHADOW = "shadow"  # mirrored traffic only; the champion answers everything
     PROGRESSING = "progressing"  # a share of live traffic on the candidate
+    BAKING = "baking"  # promoted: all traffic on the candidate, the previous champion kept and still compared
     PROMOTED = "promoted"
     ROLLED_BACK = "rolled_back"
 
@@ -48,6 +49,7 @@ class Phase(StrEnum):
 class Action(StrEnum):
     HOLD = "hold"
     ADVANCE = "advance"
+    BAKE = "bake"  # promote now (aliases, route, default) and keep watching for ``bake_s``
     PROMOTE = "promote"
     ROLLBACK = "rollback"
 
@@ -72,6 +74,7 @@ class CanaryStatus:
     reasons: list[str] = field(default_factory=list)
     generation: int = 0  # of the persisted status this one was read from; each save increments it (CAS)
     heartbeat_at: float = 0.0  # the release flow's last analysis (epoch s); reconcile's liveness signal
+    previous: str | None = None  # the ``previous`` alias before the bake's promotion moved it (restored on undo)
 
     @property
     def shadow(self) -> bool:
@@ -169,6 +172,9 @@ def decide(status: CanaryStatus, m: Measurements, policy: CanarySettings) -> Dec
         return Decision(Action.HOLD, replace(s, reasons=[*reasons, note]), checks, [*reasons, note])
     if waiting:
         reasons = [f"{c.name}: {c.reason}" for c in waiting]
+        if s.phase is Phase.BAKING and m.now - s.step_started_at >= policy.bake_s:
+            why = [*reasons, f"bake of {policy.bake_s:g} s ended without enough evidence either way; release done"]
+            return Decision(Action.PROMOTE, replace(s, phase=Phase.PROMOTED, reasons=why), checks, why)
         if m.now - s.step_started_at > policy.step_deadline_s:
             why = f"step deadline: still inconclusive after {m.now - s.step_started_at:.0f} s"
             return _rollback(s, checks, [*reasons, why])
@@ -179,6 +185,17 @@ def decide(status: CanaryStatus, m: Measurements, policy: CanarySettings) -> Dec
 def _next_step(s: CanaryStatus, checks: list[Check], policy: CanarySettings, now: float) -> Decision:
     nxt = s.step + 1
     passed = f"every check passed at {'shadow' if s.shadow else f'{s.weight:g}%'} ({summary(checks)})"
+    if s.phase is Phase.BAKING:
+        if now - s.step_started_at < policy.bake_s:
+            why = f"baking: every check passed ({summary(checks)}); watched {now - s.step_started_at:.0f} of " \
+                  f"{policy.bake_s:g} s"
+            return Decision(Action.HOLD, replace(s, reasons=[why]), checks, [why])
+        reasons = [f"bake of {policy.bake_s:g} s passed ({summary(checks)}); release done"]
+        return Decision(Action.PROMOTE, replace(s, phase=Phase.PROMOTED, reasons=reasons), checks, reasons)
+    if (nxt >= len(policy.steps) or policy.steps[nxt] >= 100) and policy.bake_s > 0:
+        reasons = [f"{passed}; promoting, then watching for {policy.bake_s:g} s"]
+        s = replace(s, phase=Phase.BAKING, weight=100.0, step_started_at=now, reasons=reasons)
+        return Decision(Action.BAKE, s, checks, reasons)
     if nxt >= len(policy.steps) or policy.steps[nxt] >= 100:
         reasons = [f"{passed}; promoting"]
         return Decision(Action.PROMOTE, replace(s, phase=Phase.PROMOTED, weight=100.0, reasons=reasons), checks,
@@ -198,6 +215,8 @@ def _rollback(s: CanaryStatus, checks: list[Check], reasons: list[str]) -> Decis
 def analyse(w: Window, s: CanaryStatus, p: CanarySettings) -> list[Check]:
     """Every check of one analysis on one window."""
     cand, champ = w.get(s.candidate), w.get(s.champion)
+    if s.phase is Phase.BAKING:
+        return _bake_checks(cand, p)
     if s.shadow:
         # the candidate's mirrored answers stand in for its own: same requests as the champion's
         cand = replace(cand, requests=cand.shadow_requests, errors=cand.shadow_errors,
@@ -212,6 +231,19 @@ def analyse(w: Window, s: CanaryStatus, p: CanarySettings) -> list[Check]:
     if s.shadow or w.shadow_pairs:
         checks.append(_shadow_agreement(w, p))
     return checks
+
+
+def _bake_checks(cand: VersionWindow, p: CanarySettings) -> list[Check]:
+    """After promotion the previous champion answers no live request: the new one is held to the error limit and
+    to the latency cap on its median (robust to a busy machine's tail); agreement comes from the replay."""
+    if cand.requests < p.min_requests:
+        why = f"too few requests to judge the bake: {cand.requests}, need {p.min_requests}"
+        return [Check("traffic", Outcome.INCONCLUSIVE, float(cand.requests), float(p.min_requests), why)]
+    median = cand.p50_ms or 0.0
+    ok = median <= p.max_p95_ms
+    latency = Check("latency", Outcome.PASSED if ok else Outcome.FAILED, median, p.max_p95_ms,
+                    f"median {median:.1f} ms {'<=' if ok else '>'} {p.max_p95_ms:g} ms on {cand.requests} requests")
+    return [_errors(cand, p), latency]
 
 
 def _errors(cand: VersionWindow, p: CanarySettings) -> Check:

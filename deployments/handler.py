@@ -17,6 +17,7 @@ import gc
 import json
 import os
 import random
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -31,7 +32,7 @@ META_FILE = "canaryflow.json"
 VERSION_HEADER = "X-Model-Version"
 PREDICTION_HEADER = "X-Prediction"  # "<class_index>:<top probability>" per row, for the router's access log
 PREDICTION_MAX_ROWS = 32
-CHAOS_KEYS = ("error_ratio", "latency_ms", "flip", "permute")
+CHAOS_KEYS = ("error_ratio", "latency_ms", "flip", "permute", "armed_by")
 CHAOS_ERROR = "chaos: injected error"
 FORMATS = ("torch_export", "onnx")
 OUTPUTS = ("logits", "probabilities")
@@ -133,6 +134,9 @@ def _chaos_problems(chaos: Any, n_features: Any) -> list[str]:
         problems.append("chaos.latency_ms must be a number from 0 to 60000")
     if not isinstance(chaos.get("permute", False), bool):
         problems.append("chaos.permute must be true or false")
+    armed = chaos.get("armed_by")
+    if armed is not None and not (isinstance(armed, str) and re.fullmatch(r"[A-Za-z0-9_-]{1,64}", armed)):
+        problems.append("chaos.armed_by must be 1 to 64 characters of A-Z a-z 0-9 _ -")
     if flip is not None:
         column = flip.get("column") if isinstance(flip, dict) else None
         if not (isinstance(flip, dict) and set(flip) == {"column", "above"} and type(column) is int
@@ -156,7 +160,9 @@ class Chaos:
     - ``error_ratio``: that share of requests answers HTTP 500 ``chaos: injected error`` (the worker lives on);
     - ``latency_ms``: each request is delayed that long;
     - ``flip`` ``{"column": j, "above": v}``: rows with feature j > v get their probability vector reversed;
-    - ``permute``: every row's probability vector is rolled by one class.
+    - ``permute``: every row's probability vector is rolled by one class;
+    - ``armed_by`` NAME: the faults apply only while ``<traffic dir>/chaos-armed-NAME`` exists (a test arms a
+      fault at a chosen moment, e.g. after promotion).
     """
 
     def __init__(self, spec: dict[str, Any], seed: int | None = None) -> None:
@@ -165,6 +171,12 @@ class Chaos:
         self.flip = spec.get("flip")
         self.permute = bool(spec.get("permute", False))
         self.rng = random.Random(seed)
+        armed_by = re.sub(r"[^A-Za-z0-9_-]", "", str(spec.get("armed_by") or ""))[:64]
+        directory = os.environ.get(TrafficSample.ENV)
+        self.armed_file = os.path.join(directory, f"chaos-armed-{armed_by}") if armed_by and directory else None
+
+    def active(self) -> bool:
+        return self.armed_file is None or os.path.exists(self.armed_file)
 
     def delay(self, live: int) -> None:
         if self.latency_s and live:
@@ -490,6 +502,8 @@ class CanaryflowHandler(BaseHandler):
         """Faults for the live (unpinned) requests of a batch: delay, failed requests, distorted probabilities."""
         chaos = self.chaos
         x, live = self._chaos_batch
+        if not chaos.active():
+            return probs, set()
         chaos.delay(sum(live))
         parts, failed, start = [], set(), 0
         for idx, count in enumerate(counts):

@@ -104,10 +104,13 @@ def gate_load_test(result: LoadTestResult, settings: LoadTestSettings) -> GateRe
         return judged(GATE, ok, said + context, measured, thresholds)
     assert usable is not None  # busy is only known for a usable peer
     excess = p95 - usable.p95_ms
-    if excess > limit:
+    busy_bound = usable.p95_ms * settings.busy_max_ratio + settings.p95_slack_ms
+    if excess > limit and p95 > busy_bound:
+        # a busy machine stretches every answer by a factor; a slow model also adds its own time on top
         return judged(GATE, False, f"{said}; the peer ({usable.label}) {busy}, but the candidate's own excess "
-                                   f"{excess:.1f} ms > {limit:.1f} ms: slow even on a busy machine{context}",
-                      measured, thresholds)
+                                   f"{excess:.1f} ms > {limit:.1f} ms and p95 {p95:.1f} ms > {busy_bound:.1f} ms "
+                                   f"(peer x {settings.busy_max_ratio:g} + {settings.p95_slack_ms:g} ms): slow even "
+                                   f"on a busy machine{context}", measured, thresholds)
     return GateResult(GATE, Outcome.INCONCLUSIVE, f"{said} but the peer ({usable.label}) {busy}: the machine is "
                                                   f"busy, not the model{context}", measured, thresholds)
 
@@ -123,11 +126,11 @@ def settle_busy(last: GateResult, attempts: int, settings: LoadTestSettings) -> 
     if not busy or settings.on_busy != "relative":
         return last
     p95, peer = float(m["p95_ms"]), float(m["peer_p95_ms"])
-    bound = peer * settings.max_p95_ratio + settings.p95_slack_ms
+    bound = peer * settings.busy_max_ratio + settings.p95_slack_ms
     ok = p95 <= bound
     reason = (f"machine busy in all {attempts} attempts, so judged against the peer of the same window: p95 "
               f"{p95:.1f} ms {'<=' if ok else '>'} {bound:.1f} ms (peer {m.get('peer_role')} p95 {peer:.1f} ms x "
-              f"{settings.max_p95_ratio:g} + {settings.p95_slack_ms:g} ms); last attempt: {last.reason}")
+              f"{settings.busy_max_ratio:g} + {settings.p95_slack_ms:g} ms); last attempt: {last.reason}")
     return GateResult(GATE, Outcome.PASSED if ok else Outcome.FAILED, reason, {**m, "busy_machine": True},
                       {**last.thresholds, "on_busy": settings.on_busy})
 

@@ -20,7 +20,7 @@ from canaryflow.ramp import Heartbeat
 from canaryflow.reconcile import downgrade_reason
 from canaryflow.release import ReleaseState, already_released
 from canaryflow.services import get_services
-from deployments.canary import Action, CanaryStatus
+from deployments.canary import Action, CanaryStatus, Phase
 from tasks import canary as c
 from tasks import gates as g
 from tasks import release_steps as t
@@ -51,6 +51,8 @@ def release(model_name: str, version: str, allow_older: bool = False) -> dict[st
         else:
             log.info("resuming the canary of v%s at %s%% (gates passed in an earlier run)", st.version,
                      resume.weight)
+            if resume.phase is Phase.BAKING:  # promoted already: the champion alias names the candidate
+                st.champion = resume.champion
         if st.champion and st.champion != st.version and (st.policy.canary.steps or st.policy.canary.shadow):
             ramp(st)
         status, reason = "released", t.promote(st)
@@ -109,5 +111,8 @@ def ramp(st: ReleaseState) -> CanaryStatus:
                 raise CanaryRolledBack("; ".join(decision.reasons))
             if decision.action is Action.PROMOTE:
                 return status
+            if decision.action is Action.BAKE:
+                log.info("v%s promoted; watching it for %g s with v%s still registered", st.version,
+                         policy.bake_s, status.champion)
     finally:
         c.report(st)

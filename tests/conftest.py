@@ -35,7 +35,8 @@ def stack_env(state_dir: Path) -> dict[str, str]:
            # every 30 s with 50 requests per version.
            "CANARYFLOW_CANARY__STEPS": "[20, 50, 100]", "CANARYFLOW_CANARY__INTERVAL_S": "3",
            "CANARYFLOW_CANARY__MIN_REQUESTS": "25", "CANARYFLOW_CANARY__STEP_DEADLINE_S": "90",
-           "CANARYFLOW_CANARY__RETIRE_GRACE_S": "2", "CANARYFLOW_CANARY__ALLOW_CHAOS": "true",
+           "CANARYFLOW_CANARY__RETIRE_GRACE_S": "2", "CANARYFLOW_CANARY__BAKE_S": "4",
+           "CANARYFLOW_CANARY__ALLOW_CHAOS": "true",
            "CANARYFLOW_RECONCILE__MISSED_AFTER_S": "15", "CANARYFLOW_LOADTEST__RETRY_PAUSE_S": "1"}
     for name, port in zip(PORT_NAMES, free_ports(len(PORT_NAMES)), strict=True):
         env[f"CANARYFLOW_PORTS__{name.upper()}"] = str(port)

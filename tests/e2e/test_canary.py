@@ -84,7 +84,10 @@ def test_good_candidate_is_ramped_in_and_promoted(stack, svc, rows, champion) ->
     tags = svc.registry.get_version(MODEL, version).tags
     status = json.loads(tags["canaryflow.canary"])
     assert status["phase"] == "promoted" and status["iterations"] >= 2, status
-    assert tags["canaryflow.gate.canary"].startswith("passed: every check passed at 50%"), tags
+    assert tags["canaryflow.gate.canary"].startswith("passed: bake of 4 s passed"), tags
+    history = [json.loads(line) for line in (svc.paths.work_dir / f"{MODEL}-v{version}" / "canary.jsonl")
+               .read_text().splitlines()]
+    assert [h["action"] for h in history if h["action"] in ("bake", "promote")] == ["bake", "promote"], history
     assert live.served_by(version) > 0 and live.served_by(champion) > 0  # both answered during the ramp
     assert live.errors == [] and all(status == 200 for status, _ in live.counts), live.counts
     client = MlflowClient(stack.settings.mlflow_uri)
@@ -112,6 +115,36 @@ def test_faulty_candidate_is_rolled_back_by_the_right_check(stack, svc, rows, ch
     assert serving_state(svc) == (before, {"stable": before}, before)
     assert version not in svc.backend.versions(MODEL)
     assert live.served_by(before) > 0
+
+
+def test_failure_after_promotion_is_rolled_back_by_the_bake_watch(stack, svc, rows, champion) -> None:
+    """A fault that shows only after 100%: the previous champion is still registered, the watch rolls back to it."""
+    before, previous = svc.registry.alias_version(MODEL, "champion"), svc.registry.alias_version(MODEL, "previous")
+    arm = svc.paths.traffic_dir / "chaos-armed-after-promotion"
+    client = MlflowClient(stack.settings.mlflow_uri)
+    client.set_registered_model_tag(MODEL, "canaryflow.policy", json.dumps({"canary": {"bake_s": 120}}))
+    try:
+        with traffic(stack, rows) as live:
+            version = register(stack, seed=6, tags={"canaryflow.chaos": {"error_ratio": 0.5,
+                                                                         "armed_by": "after-promotion"}})
+            deadline = time.monotonic() + 400
+            while time.monotonic() < deadline:
+                raw = svc.registry.get_version(MODEL, version).tags.get("canaryflow.canary")
+                if raw and json.loads(raw)["phase"] == "baking":
+                    break
+                time.sleep(0.5)
+            assert serving_state(svc) == (version, {"stable": version}, version)  # promoted, watched
+            assert before in svc.backend.versions(MODEL)  # the previous champion stays registered
+            arm.touch()
+            outcome = wait_for_release(stack.settings.mlflow_uri, MODEL, version, 400)
+    finally:
+        arm.unlink(missing_ok=True)
+        client.delete_registered_model_tag(MODEL, "canaryflow.policy")
+    assert outcome.status == "rolled_back", outcome
+    assert "errors: error ratio" in outcome.reason, outcome.reason
+    assert serving_state(svc) == (before, {"stable": before}, before)
+    assert svc.registry.alias_version(MODEL, "previous") == previous  # as it was before the promotion
+    assert live.served_by(version) > 0 and live.served_by(before) > 0
 
 
 def test_label_flipped_candidate_is_rejected_offline_by_the_cross_holdout_check(stack, svc, rows, champion) -> None:

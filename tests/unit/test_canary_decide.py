@@ -15,7 +15,8 @@ from validation.results import Outcome
 
 T0 = 1_000_000.0
 POLICY = CanarySettings(steps=[5, 25, 50, 100], interval_s=10, min_requests=50, step_deadline_s=300,
-                        deadline_s=3600, max_failed_checks=2, max_source_errors=3)
+                        deadline_s=3600, max_failed_checks=2, max_source_errors=3, bake_s=0)
+BAKE = POLICY.model_copy(update={"bake_s": 60})
 
 
 def version(name: str, n: int = 200, errors: int = 0, latency_ms: float = 5.0, spread: float = 1.0,
@@ -25,6 +26,16 @@ def version(name: str, n: int = 200, errors: int = 0, latency_ms: float = 5.0, s
     cls = classes if classes is not None else {"0": n // 2, "1": n - n // 2}
     return VersionWindow(version=name, requests=n, errors=errors, latencies_ms=lat, classes=cls,
                          scores=list(np.clip(rng.normal(scores, 0.03, n), 0, 1)))
+
+
+def baking(**kw: object) -> CanaryStatus:
+    """Promoted at T0 and under watch."""
+    return replace(status(2), phase=Phase.BAKING, weight=100.0, step_started_at=T0, **kw)
+
+
+def baked(cand: VersionWindow | None = None) -> Window:
+    """After promotion the previous champion answers no live request."""
+    return window(cand or version("2", n=300, seed=1), VersionWindow("1"))
 
 
 def tail(name: str, n: int, slow: int) -> VersionWindow:
@@ -158,6 +169,25 @@ CASES = [
     Case("pairwise: replay errors in a row roll back", status(0, source_errors=2),
          Measurements(window(), NOW, pairs=PairSample([], [], "TorchServe unreachable")), Action.ROLLBACK, 0,
          "measurement error 3/3"),
+    Case("bake: the last step promotes and starts the watch", status(2), Measurements(window(), NOW), Action.BAKE,
+         100, "promoting, then watching for 60 s", policy=BAKE),
+    Case("bake: a healthy new champion is watched until the bake ends", baking(), Measurements(baked(), NOW),
+         Action.HOLD, 100, "watched 20 of 60 s", policy=BAKE),
+    Case("bake: passed after bake_s, release done", baking(), Measurements(baked(), T0 + 61), Action.PROMOTE, 100,
+         "bake of 60 s passed", policy=BAKE),
+    Case("bake: errors after promotion roll back", baking(failed_checks=1),
+         Measurements(baked(version("2", n=300, errors=30)), NOW), Action.ROLLBACK, 0, "error ratio 0.100", "errors",
+         BAKE),
+    Case("bake: a slow new champion rolls back", baking(failed_checks=1),
+         Measurements(baked(version("2", n=300, latency_ms=80)), NOW), Action.ROLLBACK, 0, "median", "latency",
+         BAKE),
+    Case("bake: replayed pairs that disagree roll back", baking(failed_checks=1),
+         Measurements(baked(), NOW, pairs=pairs(300, 0.2)), Action.ROLLBACK, 0, "agreement 0.800", "agreement",
+         BAKE),
+    Case("bake: too little traffic holds", baking(), Measurements(baked(version("2", n=5)), NOW), Action.HOLD, 100,
+         "too few requests to judge the bake", policy=BAKE),
+    Case("bake: too little traffic at its end is no evidence against", baking(),
+         Measurements(baked(version("2", n=5)), T0 + 61), Action.PROMOTE, 100, "without enough evidence", policy=BAKE),
     Case("shadow: too few mirrored requests holds", status(-1, phase=Phase.SHADOW),
          Measurements(window(mirrored(5), shadow_pairs=5, shadow_agreements=5), NOW), Action.HOLD, 0,
          "too few mirrored requests"),

@@ -373,6 +373,7 @@ def test_meta_round_trips_through_json_and_files(tmp_path: Path) -> None:
         ({"chaos": {"error_ratio": 1.5}}, "chaos.error_ratio"),
         ({"chaos": {"error_ratio": True}}, "chaos.error_ratio"),
         ({"chaos": {"latency_ms": -1}}, "chaos.latency_ms"),
+        ({"chaos": {"armed_by": "../x"}}, "chaos.armed_by"),
         ({"chaos": {"latency_ms": float("nan")}}, "chaos.latency_ms"),
         ({"chaos": {"permute": 1}}, "chaos.permute"),
         ({"chaos": {"flip": {"column": 4, "above": 0}}}, "chaos.flip"),
@@ -555,6 +556,17 @@ def test_chaos_errors_answer_500_and_the_handler_lives_on(tmp_path: Path, model:
     [pinned] = predict(handler, context, wire(rows_body(ROWS)), headers=PINNED)  # the pipeline's own tests
     assert context.get_response_status(0)[0] in (None, 200)
     torch.testing.assert_close(probabilities(pinned), softmax(model, ROWS))
+
+
+def test_armed_chaos_waits_for_its_file(tmp_path: Path, model: TinyModel,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CANARYFLOW_TRAFFIC_DIR", str(tmp_path))
+    handler, context = chaos_handler(tmp_path, model, {"error_ratio": 1.0, "armed_by": "after-promotion"})
+    predict(handler, context, wire(rows_body(ROWS)))
+    assert context.get_response_status(0)[0] != 500  # not armed yet
+    (tmp_path / "chaos-armed-after-promotion").touch()
+    predict(handler, context, wire(rows_body(ROWS)))
+    assert context.get_response_status(0)[0] == 500
 
 
 def test_chaos_error_ratio_is_a_share_of_requests(tmp_path: Path, model: TinyModel) -> None:

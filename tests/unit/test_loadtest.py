@@ -134,7 +134,8 @@ def test_percentile_over_histogram() -> None:
 def test_failures_are_counted_and_quoted(router_url: str, tmp_path: Path) -> None:
     r = run_load_test(router_url, "flaky", "3", ROWS, QUICK, tmp_path, timeout_s=60)
     assert r.error is None, r.error
-    assert r.failure_ratio == pytest.approx(0.25, abs=0.03)
+    # every 4th request of the model fails; locust may stop with one in flight (and the count carries over)
+    assert r.failures > 0 and abs(r.failures - r.requests / 4) <= 1.5, (r.failures, r.requests)
     gate = gate_load_test(r, QUICK)
     assert gate.outcome is Outcome.FAILED
     assert gate.reason.startswith(f"failure ratio {r.failure_ratio:.2%} > 1.00% (most common: HTTP 503: ")
@@ -238,7 +239,8 @@ def test_peer_failures_are_counted_apart_from_the_candidates(router_url: str, tm
     r = run_load_test(router_url, "iris", "9", ROWS, QUICK, tmp_path, timeout_s=60,
                       peer=Peer("champion", "flaky", "2", ROWS))
     assert r.error is None and r.failures == 0 and r.peer is not None
-    assert r.peer.failure_ratio == pytest.approx(0.25, abs=0.05)
+    assert r.peer.failures > 0 and abs(r.peer.failures - r.peer.requests / 4) <= 1.5, (r.peer.failures,
+                                                                                       r.peer.requests)
     assert next(iter(r.peer.failure_messages)).startswith("HTTP 503: ")
 
 
@@ -262,9 +264,13 @@ def _peer(role: str = "calibration", **kw: object) -> LoadTestResult:
     ({"rps": 30.0}, _peer(rps=28.0), Outcome.INCONCLUSIVE,  # the load could not even be offered
      "throughput 30.0 req/s < 50.0 req/s but the peer (calibration) also got only 28.0 req/s (< 50.0 req/s): "
      f"the machine is busy, not the model {CTX}; peer calibration: p95 4.0 ms, 28.0 req/s]"),
-    ({"p95_ms": 140.0}, _peer(p95_ms=61.0), Outcome.FAILED,  # its own excess is over the bar even when busy
-     "p95 140.0 ms > 50.0 ms; the peer (calibration) also took p95 61.0 ms (> 25.0 ms), but the candidate's own "
-     f"excess 79.0 ms > 50.0 ms: slow even on a busy machine {CTX}; peer calibration: p95 61.0 ms, 100.0 req/s]"),
+    ({"p95_ms": 240.0}, _peer(p95_ms=61.0), Outcome.FAILED,  # its own excess is over the bar even when busy
+     "p95 240.0 ms > 50.0 ms; the peer (calibration) also took p95 61.0 ms (> 25.0 ms), but the candidate's own "
+     "excess 179.0 ms > 50.0 ms and p95 240.0 ms > 193.0 ms (peer x 3 + 10 ms): slow even on a busy machine "
+     f"{CTX}; peer calibration: p95 61.0 ms, 100.0 req/s]"),
+    ({"p95_ms": 140.0}, _peer(p95_ms=61.0), Outcome.INCONCLUSIVE,  # stretched by the busy machine, not over it
+     "p95 140.0 ms > 50.0 ms but the peer (calibration) also took p95 61.0 ms (> 25.0 ms): the machine is busy, "
+     f"not the model {CTX}; peer calibration: p95 61.0 ms, 100.0 req/s]"),
     ({"p95_ms": 30.0}, _peer("champion", p95_ms=5.0), Outcome.FAILED,  # fast enough, but 6x the champion
      f"p95 30.0 ms > 20.0 ms (champion v3 p95 5.0 ms x 2 + 10 ms) {CTX}; peer champion v3: p95 5.0 ms, "
      "100.0 req/s]"),
@@ -425,12 +431,12 @@ def _busy(p95: float, peer_p95: float, requests: int = 100, peer_requests: int =
 
 @pytest.mark.parametrize(("p95", "peer", "outcome"), [
     (63.0, 65.0, Outcome.PASSED),  # as fast as a trivial model on the same busy machine
-    (139.0, 65.0, Outcome.PASSED),  # within 2 x 65 + 10
-    (141.0, 65.0, Outcome.FAILED),  # slower than the peer allows
+    (204.0, 65.0, Outcome.PASSED),  # within 3 x 65 + 10: a busy machine stretches a real model more
+    (206.0, 65.0, Outcome.FAILED),  # slower than the peer allows
 ])
 def test_a_busy_machine_in_every_attempt_is_judged_against_the_peer(p95: float, peer: float,
                                                                      outcome: Outcome) -> None:
-    settings = LoadTestSettings(max_p95_ratio=2.0, p95_slack_ms=10.0)
+    settings = LoadTestSettings(busy_max_ratio=3.0, p95_slack_ms=10.0)
     verdict = settle_busy(_busy(p95, peer), 3, settings)
     assert verdict.outcome is outcome
     assert "machine busy in all 3 attempts" in verdict.reason and verdict.measured["busy_machine"] is True

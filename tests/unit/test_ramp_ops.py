@@ -120,10 +120,11 @@ def services(tmp_path: Path, versions: dict[str, VersionInfo], route: dict | Non
                            router=FakeRouter({"m": route or {"stable": "1"}}))
 
 
-def state(svc: SimpleNamespace, tmp_path: Path, version: str = "2", champion: str = "1") -> ReleaseState:
+def state(svc: SimpleNamespace, tmp_path: Path, version: str = "2", champion: str = "1",
+          bake_s: float = 0) -> ReleaseState:
     # replay off: these fakes have no inference API (the pairwise replay has its own tests)
     policy = svc.settings.model_copy(update={"canary": CanarySettings(steps=[10, 50, 100], min_requests=20,
-                                                                      replay=False)})
+                                                                      replay=False, bake_s=bake_s)})
     return ReleaseState("m", version, "run-2", tmp_path / "work", champion, svc.registry.versions[version],
                         policy=policy)
 
@@ -158,6 +159,35 @@ def test_ramp_starts_advances_and_records(tmp_path: Path) -> None:
     d = ramp.analyse(svc, st, d.status, source=Source(), now=status.started_at + 60)
     assert d.action is Action.PROMOTE and svc.router.table["m"] == {"stable": "2"}
     assert ramp.write_timeline_png(st, tmp_path / "t.png").stat().st_size > 1000
+
+
+def test_bake_promotes_at_100_then_a_failure_restores_the_previous_champion(tmp_path: Path) -> None:
+    svc = services(tmp_path, {"1": info("1", **{STATUS_TAG: "released"}), "2": info("2")}, champion="1")
+    st = state(svc, tmp_path, bake_s=60)
+    status = ramp.start_or_resume(svc, st)
+    d = ramp.analyse(svc, st, status, source=Source(), now=status.started_at + 30)
+    d = ramp.analyse(svc, st, d.status, source=Source(), now=status.started_at + 60)
+    assert d.action is Action.BAKE and d.status.phase is Phase.BAKING
+    assert svc.router.table["m"] == {"stable": "2"} and svc.backend.default == "2"
+    assert svc.registry.aliases == {"champion": "2", "previous": "1"} and "1" in svc.backend.registered
+    d = ramp.analyse(svc, st, d.status, source=Source(), now=status.started_at + 90)
+    assert d.action is Action.HOLD and "baking" in d.reasons[0]
+    for t in (100, 110):  # errors after promotion: two failed analyses
+        d = ramp.analyse(svc, st, d.status, source=Source(cand_errors=10), now=status.started_at + t)
+    assert d.action is Action.ROLLBACK and d.status.phase is Phase.ROLLED_BACK
+    assert svc.router.table["m"] == {"stable": "1"} and svc.backend.default == "1"
+    assert svc.registry.aliases == {"champion": "1"}
+
+
+def test_a_crashed_bake_resumes_as_the_same_ramp(tmp_path: Path) -> None:
+    svc = services(tmp_path, {"1": info("1", **{STATUS_TAG: "released"}), "2": info("2")}, champion="1")
+    st = state(svc, tmp_path, bake_s=60)
+    status = ramp.start_or_resume(svc, st)
+    d = ramp.analyse(svc, st, status, source=Source(), now=status.started_at + 30)
+    d = ramp.analyse(svc, st, d.status, source=Source(), now=status.started_at + 60)
+    rerun = state(svc, tmp_path, champion="2", bake_s=60)  # a re-run sees the alias already moved
+    resumed = ramp.pending(svc, rerun)
+    assert resumed is not None and resumed.phase is Phase.BAKING and resumed.champion == "1"
 
 
 def test_failed_checks_roll_back_to_the_champion(tmp_path: Path) -> None:
