@@ -16,7 +16,7 @@ from canaryflow.paths import StatePaths
 from canaryflow.registry import STATUS_TAG, VersionInfo
 from canaryflow.release import ReleaseState
 from canaryflow.settings import CanarySettings, Settings
-from deployments.canary import Action, Phase, start
+from deployments.canary import Action, Decision, Phase, start
 from deployments.metrics import VersionWindow, Window
 
 NOW = time.time()
@@ -161,30 +161,32 @@ def test_ramp_starts_advances_and_records(tmp_path: Path) -> None:
     assert ramp.write_timeline_png(st, tmp_path / "t.png").stat().st_size > 1000
 
 
-def test_bake_promotes_at_100_then_a_failure_restores_the_previous_champion(tmp_path: Path) -> None:
+def ramp_to_bake(tmp_path: Path) -> tuple[SimpleNamespace, ReleaseState, float, Decision]:
+    """v2 ramped 10 -> 50 -> 100 % against v1 with a 60 s bake: the last decision starts the bake."""
     svc = services(tmp_path, {"1": info("1", **{STATUS_TAG: "released"}), "2": info("2")}, champion="1")
     st = state(svc, tmp_path, bake_s=60)
     status = ramp.start_or_resume(svc, st)
     d = ramp.analyse(svc, st, status, source=Source(), now=status.started_at + 30)
-    d = ramp.analyse(svc, st, d.status, source=Source(), now=status.started_at + 60)
+    return svc, st, status.started_at, ramp.analyse(svc, st, d.status, source=Source(), now=status.started_at + 60)
+
+
+def test_bake_promotes_at_100_then_a_failure_restores_the_previous_champion(tmp_path: Path) -> None:
+    svc, st, t0, d = ramp_to_bake(tmp_path)
     assert d.action is Action.BAKE and d.status.phase is Phase.BAKING
     assert svc.router.table["m"] == {"stable": "2"} and svc.backend.default == "2"
     assert svc.registry.aliases == {"champion": "2", "previous": "1"} and "1" in svc.backend.registered
-    d = ramp.analyse(svc, st, d.status, source=Source(), now=status.started_at + 90)
+    d = ramp.analyse(svc, st, d.status, source=Source(), now=t0 + 90)
     assert d.action is Action.HOLD and "baking" in d.reasons[0]
     for t in (100, 110):  # errors after promotion: two failed analyses
-        d = ramp.analyse(svc, st, d.status, source=Source(cand_errors=10), now=status.started_at + t)
+        d = ramp.analyse(svc, st, d.status, source=Source(cand_errors=10), now=t0 + t)
     assert d.action is Action.ROLLBACK and d.status.phase is Phase.ROLLED_BACK
     assert svc.router.table["m"] == {"stable": "1"} and svc.backend.default == "1"
     assert svc.registry.aliases == {"champion": "1"}
 
 
 def test_a_crashed_bake_resumes_as_the_same_ramp(tmp_path: Path) -> None:
-    svc = services(tmp_path, {"1": info("1", **{STATUS_TAG: "released"}), "2": info("2")}, champion="1")
-    st = state(svc, tmp_path, bake_s=60)
-    status = ramp.start_or_resume(svc, st)
-    d = ramp.analyse(svc, st, status, source=Source(), now=status.started_at + 30)
-    d = ramp.analyse(svc, st, d.status, source=Source(), now=status.started_at + 60)
+    svc, _, _, d = ramp_to_bake(tmp_path)
+    assert d.action is Action.BAKE
     rerun = state(svc, tmp_path, champion="2", bake_s=60)  # a re-run sees the alias already moved
     resumed = ramp.pending(svc, rerun)
     assert resumed is not None and resumed.phase is Phase.BAKING and resumed.champion == "1"
