@@ -217,6 +217,9 @@ def demo(keep: Annotated[bool, typer.Option("--keep", help="leave the stack runn
                       "gate passes, live traffic exposes it", seed=2, fault=segment, expect="rolled_back")
         stats = stop_live_load(load, load_dir)
         load = None
+        if not stats.get("requests"):
+            console.print(f"[red]live load: no statistics from locust (see {load_dir / 'locust.log'})[/]")
+            raise typer.Exit(1)
         console.print(f"live load: {stats.get('requests', 0)} requests, {stats.get('failures', 0)} failed, "
                       f"p95 {stats.get('p95_ms', 0)} ms")
         from canaryflow.registry import MlflowRegistry

@@ -52,12 +52,14 @@ def rare_segment(x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, names: li
     return best[1]
 
 
-def segment_rows(x_te: np.ndarray, segment: Segment, n: int, seed: int = 0) -> np.ndarray:
+def segment_rows(x_te: np.ndarray, y_te: np.ndarray, segment: Segment, n: int, seed: int = 0) -> np.ndarray:
     """``n`` distinct rows in the segment: holdout rows whose one feature reads 1-15 % above the holdout's range
     (a new source of live traffic, e.g. a scanner that reports that feature higher; the others keep their
-    distribution, so the drift gate sees one drifted column, not a new population)."""
+    distribution, so the drift gate sees one drifted column, not a new population). Half of each class, so a
+    fault that inverts the answers there keeps the class balance."""
     rng = np.random.default_rng(seed)
-    rows = x_te[rng.choice(len(x_te), n, replace=n > len(x_te))].copy()
+    picks = [rng.choice(np.flatnonzero(y_te == c), k, replace=False) for c, k in ((0, n // 2), (1, n - n // 2))]
+    rows = x_te[np.concatenate(picks)].copy()
     rows[:, segment.column] = segment.above * rng.uniform(1.01, 1.15, n)
     return rows.astype(np.float32)
 
@@ -66,9 +68,9 @@ def live_rows(seed: int = 0, extra: int = 40) -> tuple[np.ndarray, Segment]:
     """The demo's live traffic: the holdout rows plus ``extra`` rows from the rare segment (about a fifth)."""
     from sklearn.datasets import load_breast_cancer
 
-    _, (x_tr, y_tr), (x_te, _), _ = train_classifier(seed, epochs=0)
+    _, (x_tr, y_tr), (x_te, y_te), _ = train_classifier(seed, epochs=0)
     segment = rare_segment(x_tr, y_tr, x_te, list(load_breast_cancer().feature_names))
-    return np.concatenate([x_te, segment_rows(x_te, segment, extra, seed)]), segment
+    return np.concatenate([x_te, segment_rows(x_te, y_te, segment, extra, seed)]), segment
 
 
 def train_classifier(seed: int = 0, epochs: int = 300,  # noqa: ANN201 - (module, train, holdout, accuracy)

@@ -231,9 +231,10 @@ def start_live_load(router_url: str, model: str, rows: np.ndarray, settings: Loa
 
 
 def stop_live_load(proc: subprocess.Popen, out_dir: Path) -> dict[str, float | int]:
-    """Stop background load (SIGINT: locust writes its stats) and return its request statistics."""
+    """Stop background load (SIGTERM: locust writes its stats; SIGINT would be ignored by a locust started from a
+    background job) and return its request statistics."""
     if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGINT)
+        os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
