@@ -251,12 +251,13 @@ def _demo_release(s, title: str, seed: int, fault=None,  # noqa: ANN001 - Settin
                   "no further command: the MLflow webhook starts the release")
     with console.status(f"release of v{version}: gates, then the canary"):
         outcome = d.watch_release(s.mlflow_uri, d.DEMO_MODEL, version,
-                                  lambda line: console.print(f"  canary {line}", highlight=False, markup=False))
+                                  lambda line: console.print(f"  canary {line}", highlight=False, markup=False,
+                                                             soft_wrap=True))
     run = d.find_flow_run(s, d.DEMO_MODEL, version)
     if run:
         console.print(f"flow run [bold]{run['name']}[/]: {s.url('prefect')}/runs/flow-run/{run['id']}")
     console.print(f"release {outcome.status} after {outcome.seconds:.1f} s: {outcome.reason}", highlight=False,
-                  markup=False)
+                  markup=False, soft_wrap=True)
     if outcome.status != expect:
         console.print(f"[red]expected {expect}[/]")
         raise typer.Exit(1)
