@@ -53,6 +53,19 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                                  "stack" in getattr(item, "fixturenames", ())))
 
 
+@pytest.fixture
+def default_settings(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Default settings, whatever the session's stack put in the environment (CANARYFLOW_* unset)."""
+    from canaryflow.settings import reset_settings
+
+    for key in list(os.environ):
+        if key.startswith("CANARYFLOW_"):
+            monkeypatch.delenv(key)
+    reset_settings()
+    yield
+    reset_settings()
+
+
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """The real local stack (MLflow, Prefect server + worker, TorchServe, nginx, bridge) for this session."""

@@ -109,6 +109,18 @@ def settle(svc: Services, model: str, version: str, timeout_s: float = 400,
         time.sleep(2)
 
 
+def outage(stack: Any, program: str, until: Callable[[], Any], what: str, healthy: list[str],
+           timeout_s: float = 300) -> None:
+    """Stop a supervised program until ``until()`` holds (the outage's effect, not a span of time), then start it
+    and wait until ``healthy`` answer again."""
+    stack.supervisor.stop_program(program)
+    try:
+        poll(what, until, timeout_s)
+    finally:
+        stack.supervisor.start_program(program)
+        stack.wait_healthy(healthy)
+
+
 def set_schedule_paused(svc: Services, flow: str, deployment: str, paused: bool) -> None:
     """Pause or resume a Prefect deployment's schedule through the REST API."""
     api = svc.settings.prefect_api_url.rstrip("/")

@@ -29,7 +29,6 @@ from canaryflow.batch_manifest import MANIFEST, SUCCESS, Manifest
 from canaryflow.batch_model import BatchModel
 from canaryflow.batch_write import FAULT_ENV
 from canaryflow.errors import BatchWriteError
-from canaryflow.settings import reset_settings
 from tests.integration.test_batch_inference import MODEL, _assert_exactly_once, _dataset, _run_dir, release_model
 from tests.unit.test_batch_run import _inputs, _job, _scores, _settings, make_model
 
@@ -47,17 +46,6 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> BatchModel:
 def released(stack) -> str:
     """MODEL released by the real pipeline on the session's stack (once per session)."""
     return release_model(stack)
-
-
-@pytest.fixture
-def defaults(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """File drills see default settings, whatever the session's stack put in the environment."""
-    for key in list(os.environ):
-        if key.startswith("CANARYFLOW_"):
-            monkeypatch.delenv(key)
-    reset_settings()
-    yield
-    reset_settings()
 
 
 def _expected_ids(rows: list[int]) -> set[int]:
@@ -79,7 +67,7 @@ def _exactly_once(job: batch.BatchJob) -> None:
     ("rename", "scores/part-00001-000001.parquet"),  # the part is complete under its temporary name
     ("write", "_samples/part-00001-000001.parquet"),  # the part is renamed, the manifest does not list it
 ])
-@pytest.mark.usefixtures("defaults")
+@pytest.mark.usefixtures("default_settings")
 def test_a_run_killed_during_a_part_write_resumes_to_exactly_the_input_rows(tmp_path: Path, model: BatchModel,
                                                                             point: str, target: str) -> None:
     data = _inputs(tmp_path / "in")
@@ -108,7 +96,7 @@ def test_a_run_killed_during_a_part_write_resumes_to_exactly_the_input_rows(tmp_
     _exactly_once(job)
 
 
-@pytest.mark.usefixtures("defaults")
+@pytest.mark.usefixtures("default_settings")
 def test_a_full_disk_stops_the_run_with_a_clear_error_then_it_resumes(tmp_path: Path, model: BatchModel,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     data = _inputs(tmp_path / "in")
@@ -135,7 +123,7 @@ def test_a_full_disk_stops_the_run_with_a_clear_error_then_it_resumes(tmp_path: 
     _exactly_once(job)
 
 
-@pytest.mark.usefixtures("defaults")
+@pytest.mark.usefixtures("default_settings")
 def test_damaged_parts_listed_in_the_manifest_are_scored_again(tmp_path: Path, model: BatchModel) -> None:
     data = _inputs(tmp_path / "in")
     settings = _settings(tmp_path)
@@ -179,7 +167,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(out)], capture_output=True, timeout=30)
 
 
-@pytest.mark.usefixtures("defaults")
+@pytest.mark.usefixtures("default_settings")
 def test_a_really_full_disk_stops_the_run_then_more_space_lets_it_finish(tmp_path: Path, model: BatchModel,
                                                                         small_disk: Path) -> None:
     data = _inputs(tmp_path / "in")

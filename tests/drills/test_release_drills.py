@@ -41,6 +41,7 @@ from tests.drills.helpers import (
     assert_consistent,
     kill_running_release,
     launcher_of,
+    outage,
     poll,
     ramp_status,
     set_schedule_paused,
@@ -202,18 +203,16 @@ def test_drill3_mlflow_stopped_mid_ramp(stack, svc, rows, staged, tmp_path) -> N
     candidate, _ = staged
     with live(stack, rows) as traffic:
         _resume_by_a_fresh_run(svc, candidate, tmp_path, 6)
-        stack.supervisor.stop_program("mlflow")
-        try:
-            time.sleep(10)  # the outage itself
-        finally:
-            stack.supervisor.start_program("mlflow")
-            stack.wait_healthy(["mlflow"])
+        served = len(traffic.answers)
+        # long enough for the ramp's analyses to meet it, measured in live answers served meanwhile
+        outage(stack, "mlflow", lambda: len(traffic.answers) >= served + 300,
+               "300 live answers served while MLflow is down", ["mlflow"])
         outcome = settle(svc, MODEL, candidate)
     svc.registry.client.delete_registered_model_tag(MODEL, POLICY_TAG)
     assert outcome in ("released", "rolled_back", "failed"), outcome
     assert ramp_status(svc, MODEL, candidate)["phase"] in ("promoted", "rolled_back")
     assert_consistent(svc, MODEL, traffic)
-    print(f"drill 3: after a 10 s MLflow outage the ramp ended {outcome}")
+    print(f"drill 3: after an MLflow outage the ramp ended {outcome}")
     if outcome == "released":  # the next drill needs the candidate as a candidate again
         rollback(svc, MODEL, None, "drill 3 done: candidate back to candidate", "drill")
 
@@ -221,8 +220,8 @@ def test_drill3_mlflow_stopped_mid_ramp(stack, svc, rows, staged, tmp_path) -> N
 def test_drill6_prefect_stopped_mid_ramp(stack, svc, rows, staged, tmp_path) -> None:
     """The issue asks for a 3-minute Prefect outage. What decides the outcome is reconcile's staleness limit, not
     the outage's length: a run whose heartbeat is older than ``stale_after_s`` is taken as dead. So reconcile here
-    runs with stale_after_s = 30 s (5 x the 6 s interval, the settings' rule) and the outage lasts 35 s, longer than
-    that limit, which is what 3 minutes against the default 300 s would not even prove."""
+    runs with stale_after_s = 30 s (5 x the 6 s interval, the settings' rule) and the outage lasts until the
+    release's heartbeat is older than that limit, which 3 minutes against the default 300 s would not even prove."""
     candidate, _ = staged
     launcher = launcher_of(svc)
     cfg = svc.settings
@@ -230,19 +229,16 @@ def test_drill6_prefect_stopped_mid_ramp(stack, svc, rows, staged, tmp_path) -> 
         update={"stale_after_s": 30.0, "max_attempts": 10})}))  # several drills ran this candidate already
     with live(stack, rows) as traffic:
         _resume_by_a_fresh_run(svc, candidate, tmp_path, 6)
-        stack.supervisor.stop_program("prefect-server")
-        try:
-            time.sleep(35)  # the outage itself
-        finally:
-            stack.supervisor.start_program("prefect-server")
-            stack.wait_healthy(["prefect-server", "prefect-worker"])
+        outage(stack, "prefect-server", lambda: time.time() - float(
+                   (ramp_status(svc, MODEL, candidate) or {}).get("heartbeat_at") or 0) > 30,
+               "the release's heartbeat older than reconcile's 30 s limit", ["prefect-server", "prefect-worker"])
         outcome = settle(svc, MODEL, candidate, reconcile_with=stale)
     svc.registry.client.delete_registered_model_tag(MODEL, POLICY_TAG)
     assert outcome in ("released", "rolled_back", "failed"), outcome
     assert ramp_status(svc, MODEL, candidate)["phase"] in ("promoted", "rolled_back")  # never half-way
     assert not alive_runs(launcher, MODEL, candidate)
     assert_consistent(svc, MODEL, traffic)
-    print(f"drill 6: after a 35 s Prefect outage the ramp ended {outcome}")
+    print(f"drill 6: after a Prefect outage past the staleness limit the ramp ended {outcome}")
 
 
 def _java(stack) -> psutil.Process:
