@@ -12,9 +12,7 @@ holding the same model's lock exclude each other, because each acquisition opens
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
-import re
 import threading
 import time
 from collections.abc import Iterator
@@ -23,6 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from canaryflow.errors import CanaryflowError
+from canaryflow.paths import model_file_name
 
 DEFAULT_TIMEOUT_S = 180.0  # above TorchServe's 120 s registration timeout: a rollback may register a version
 _POLL_S = 0.05
@@ -48,8 +47,7 @@ class ModelLocks(Protocol):
 
 def lock_file_name(model: str) -> str:
     """A file name for ``model`` that cannot escape the lock directory or collide with another model's."""
-    slug = re.sub(r"[^A-Za-z0-9_.-]", "_", model)[:40].lstrip(".") or "model"
-    return f"{slug}-{hashlib.sha256(model.encode('utf-8')).hexdigest()[:32]}.lock"
+    return model_file_name(model, ".lock")
 
 
 class FileLocks:

@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
+
+
+def model_file_name(model: str, suffix: str) -> str:
+    """A file name for ``model`` (untrusted: any text MLflow accepts) that cannot escape its directory or collide
+    with another model's: a readable slug plus a hash of the whole name."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]", "_", model)[:40].lstrip(".") or "model"
+    return f"{slug}-{hashlib.sha256(model.encode('utf-8')).hexdigest()[:32]}{suffix}"
 
 
 @dataclass(frozen=True)
@@ -32,6 +41,11 @@ class StatePaths:
     @property
     def webhook_secret(self) -> Path:
         return self.root / "secrets" / "webhook_secret"
+
+    @property
+    def feedback_token(self) -> Path:
+        """Bearer token of the bridge's feedback endpoint (labels change canary verdicts: not for everyone)."""
+        return self.root / "secrets" / "feedback_token"
 
     # Prefect
     @property
@@ -91,6 +105,14 @@ class StatePaths:
     def traffic_dir(self) -> Path:
         """Samples of served rows per model, written by the handler (see deployments.handler.TrafficSample)."""
         return self.root / "traffic"
+
+    @property
+    def feedback_dir(self) -> Path:
+        """Live labels per model (``<model file name>.jsonl``), appended by the bridge's feedback endpoint."""
+        return self.root / "feedback"
+
+    def feedback_file(self, model: str) -> Path:
+        return self.feedback_dir / model_file_name(model, ".jsonl")
 
     # Supervisor
     @property

@@ -206,15 +206,19 @@ def parse_event(body: bytes, delivery_id: str) -> WebhookEvent:
 def _read_secret(path: Path) -> str:
     value = path.read_text(encoding="utf-8").strip()
     if not value:
-        raise ConfigError(f"webhook secret file {path} is empty; delete it to generate a new one")
+        raise ConfigError(f"secret file {path} is empty; delete it to generate a new one")
     return value
 
 
 def load_or_create_secret(paths: StatePaths, settings: Settings) -> str:
     """``settings.webhook.secret`` if set, else the secret file in the state dir, created (0600) if absent."""
-    if settings.webhook.secret:
-        return settings.webhook.secret
-    target = paths.webhook_secret
+    return secret_file(paths.webhook_secret, settings.webhook.secret)
+
+
+def secret_file(target: Path, configured: str | None = None) -> str:
+    """``configured`` if set, else the secret in ``target``, created (0600, in a 0700 dir) if absent."""
+    if configured:
+        return configured
     target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(target.parent, 0o700)
     if target.exists():
@@ -222,7 +226,7 @@ def load_or_create_secret(paths: StatePaths, settings: Settings) -> str:
         return _read_secret(target)
     # Write a private temp file, then link it into place: a concurrent creator either wins or loses
     # whole, and nobody ever reads a half-written secret.
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".webhook_secret.")  # mode 0600
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")  # mode 0600
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(secrets.token_urlsafe(32))
