@@ -17,10 +17,18 @@ any event but model_version.created    200     ``{"status": "ignored", "event"}`
 model_version.created, run confirmed   202     ``{"status": "started", "flow_run_id", ...}``
 Prefect unreachable / refused          503     ``{"status": "error", "detail"}`` + Retry-After
 =====================================  ======  ==============================================
+
+``POST /feedback/<model>`` takes labels for answers the router already gave (deployments/feedback.py), with
+``Authorization: Bearer <token>`` (``<state>/secrets/feedback_token``, or ``CANARYFLOW_FEEDBACK__TOKEN``): 200
+``{"status": "recorded", "recorded", "already_recorded"}``; 401 without the token; 400 not JSON; 404 a request id
+the router never answered for that model; 409 a different label for an answer already labelled; 413 too large;
+422 malformed. Every refusal records nothing and names each bad item in ``problems``.
 """
 
 from __future__ import annotations
 
+import hmac
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -42,8 +50,10 @@ from canaryflow.webhook import (
     SignatureError,
     load_or_create_secret,
     parse_event,
+    secret_file,
     verify,
 )
+from deployments.feedback import AnswerIndex, FeedbackError, FeedbackRecorder
 
 _log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 1 << 20  # MLflow payloads are a few hundred bytes
@@ -98,18 +108,23 @@ def create_app(
     secret: str | None = None,
     *,
     clock: Callable[[], float] = time.time,
+    feedback_token: str | None = None,
 ) -> Starlette:
-    """Build the bridge; missing pieces come from :func:`get_settings` and the state dir's secret file."""
+    """Build the bridge; missing pieces come from :func:`get_settings` and the state dir's secret files."""
     settings = settings or get_settings()
+    paths = StatePaths(settings.state_dir)
     if launcher is None:
         launcher = PrefectLauncher(settings.prefect_api_url, settings.prefect.release_deployment)
     if secret is None:
-        secret = load_or_create_secret(StatePaths(settings.state_dir), settings)
+        secret = load_or_create_secret(paths, settings)
     if not secret:
         raise ConfigError(
             "the webhook secret is empty; set CANARYFLOW_WEBHOOK__SECRET or unset it to generate one"
         )
     tolerance_s = settings.webhook.tolerance_s
+    token = (feedback_token or secret_file(paths.feedback_token, settings.feedback.token)).encode()
+    recorder = FeedbackRecorder(AnswerIndex(paths.router_access_log, settings.feedback.index_answers),
+                                paths.feedback_file, settings.feedback.max_items, clock)
     _ensure_delivery_log()
 
     async def health(request: Request) -> JSONResponse:
@@ -162,10 +177,32 @@ def create_app(
             status_code=202,
         )
 
+    async def feedback(request: Request) -> JSONResponse:
+        model = request.path_params["model"]
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token):
+            return JSONResponse({"status": "rejected", "detail": "missing or wrong bearer token"}, status_code=401,
+                                headers={"WWW-Authenticate": "Bearer"})
+        try:
+            body = json.loads(await _read_body(request))
+        except _BodyTooLarge:
+            return JSONResponse({"status": "rejected", "detail": f"body over {MAX_BODY_BYTES} bytes"},
+                                status_code=413)
+        except ValueError as exc:
+            return JSONResponse({"status": "rejected", "detail": f"body is not JSON: {exc}"}, status_code=400)
+        try:
+            result = await run_in_threadpool(recorder.record, model, body)
+        except FeedbackError as exc:
+            _log.info("feedback model=%s refused %d: %s", _clean(model), exc.status, _clean(exc.detail, 200))
+            return JSONResponse({"status": "rejected", "detail": exc.detail, "problems": exc.problems[:100]},
+                                status_code=exc.status)
+        return JSONResponse(result)
+
     return Starlette(
         routes=[
             Route("/health", health, methods=["GET"]),
             Route("/webhooks/mlflow", mlflow_webhook, methods=["POST"]),
+            Route("/feedback/{model:path}", feedback, methods=["POST"]),
         ]
     )
 

@@ -66,11 +66,19 @@ def segment_rows(x_te: np.ndarray, y_te: np.ndarray, segment: Segment, n: int, s
 
 def live_rows(seed: int = 0, extra: int = 40) -> tuple[np.ndarray, Segment]:
     """The demo's live traffic: the holdout rows plus ``extra`` rows from the rare segment (about a fifth)."""
+    rows, _, segment = labelled_live_rows(seed, extra)
+    return rows, segment
+
+
+def labelled_live_rows(seed: int = 0, extra: int = 40) -> tuple[np.ndarray, np.ndarray, Segment]:
+    """:func:`live_rows` with their true labels (a segment row keeps the class of the holdout row it came from:
+    only the reading of one feature moved)."""
     from sklearn.datasets import load_breast_cancer
 
     _, (x_tr, y_tr), (x_te, y_te), _ = train_classifier(seed, epochs=0)
     segment = rare_segment(x_tr, y_tr, x_te, list(load_breast_cancer().feature_names))
-    return np.concatenate([x_te, segment_rows(x_te, y_te, segment, extra, seed)]), segment
+    labels = np.concatenate([y_te, np.repeat([0, 1], [extra // 2, extra - extra // 2])])
+    return np.concatenate([x_te, segment_rows(x_te, y_te, segment, extra, seed)]), labels, segment
 
 
 def train_classifier(seed: int = 0, epochs: int = 300,  # noqa: ANN201 - (module, train, holdout, accuracy)

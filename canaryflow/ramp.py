@@ -200,7 +200,7 @@ def _analyse(svc: Services, st: ReleaseState, status: ctl.CanaryStatus,
                              f"{persisted.generation if persisted else 'none'}, this run holds {status.generation}: "
                              "another writer owns the ramp; this run stops without touching the router", persisted)
     now = time.time() if now is None else now
-    source = source or AccessLogMetrics(svc.paths.router_access_log)
+    source = source or AccessLogMetrics(svc.paths.router_access_log, svc.paths.feedback_file)
     # the same live rows answered by both versions (off band): what a split alone cannot compare
     pairs = replay.collect(svc, st, status, now) if st.policy.canary.replay else None
     try:
@@ -235,7 +235,7 @@ def record(svc: Services, st: ReleaseState, d: ctl.Decision, window: Window | No
         for role, version in (("candidate", s.candidate), ("champion", s.champion)):
             v = window.get(version)
             stats = {"requests": v.requests, "error_ratio": v.error_ratio, "p50_ms": v.p50_ms, "p95_ms": v.p95_ms,
-                     "p99_ms": v.p99_ms}
+                     "p99_ms": v.p99_ms, "labelled": v.labelled, "accuracy": v.accuracy}
             line[role] = stats
             metrics.update({f"canary.{role}.{k}": x for k, x in stats.items() if x is not None})
     for c in d.checks:

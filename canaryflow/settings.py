@@ -57,6 +57,14 @@ class WebhookSettings(BaseModel):
     secret: str | None = Field(None, description="HMAC secret; generated into the state dir when unset")
 
 
+class FeedbackSettings(BaseModel):
+    """The bridge's feedback endpoint: labels for answers the router already gave (``POST /feedback/<model>``)."""
+
+    token: str | None = Field(None, description="bearer token; generated into the state dir when unset")
+    max_items: int = Field(1000, ge=1, description="labels per request, at most")
+    index_answers: int = Field(200_000, ge=1000, description="recent router answers a label can refer to")
+
+
 class ReleaseSettings(BaseModel):
     """The release flow."""
 
@@ -156,6 +164,13 @@ class CanarySettings(BaseModel):
     min_segment_agreement: float = Field(0.8, ge=0, le=1, description="agreement in every segment")
     pair_alpha: float = Field(0.05, gt=0, lt=1, description="confidence 1-alpha of the agreement bounds")
     max_mean_prob_delta: float = Field(0.2, ge=0, le=1, description="mean of max |p_candidate - p_champion|")
+    # live accuracy from labels sent to the feedback endpoint (deployments/metrics.py joins them to the answers)
+    feedback: str = Field("auto", pattern="^(auto|required|off)$",
+                          description="auto: judged once labels arrive for the window; required: inconclusive "
+                                      "without them; off: never")
+    min_feedback_labels: int = Field(50, ge=1, description="labelled rows per version before accuracy is judged")
+    max_accuracy_drop: float = Field(0.05, ge=0, le=1, description="candidate accuracy below champion's by more")
+    accuracy_alpha: float = Field(0.05, gt=0, lt=1, description="Fisher's exact test: candidate less accurate")
     max_failed_checks: int = Field(2, ge=1, description="failed analyses (not source errors) before rollback")
     max_source_errors: int = Field(5, ge=1, description="metrics source failures in a row before rollback")
     user_header: str = Field("X-User-Id", pattern=r"^[A-Za-z0-9-]{1,64}$", description="sticky assignment key")
@@ -209,6 +224,7 @@ class Settings(BaseSettings):
     serving: ServingSettings = ServingSettings()
     prefect: PrefectSettings = PrefectSettings()
     webhook: WebhookSettings = WebhookSettings()
+    feedback: FeedbackSettings = FeedbackSettings()
     release: ReleaseSettings = ReleaseSettings()
     gates: GateSettings = GateSettings()
     optimization: OptimizationSettings = OptimizationSettings()

@@ -12,7 +12,9 @@ errors and latency. At each analysis the candidate is compared with the champion
 - ``prediction_drift``: PSI of the predicted classes (or Wasserstein distance of the top scores) between versions;
 - ``shadow_agreement``: in shadow mode, the share of identical requests answered alike;
 - ``agreement``, ``segment_agreement``, ``probability_delta``: recent live rows replayed to both versions out of
-  band and their answers compared pairwise, overall and per input segment (deployments/pairwise.py).
+  band and their answers compared pairwise, overall and per input segment (deployments/pairwise.py);
+- ``live_accuracy``: where labels came back for the window's answers (the bridge's feedback endpoint), the
+  candidate's accuracy against the champion's, by Fisher's exact test and a drop worth caring about.
 
 Each check ends passed, failed, inconclusive (too few requests) or error. Inconclusive holds the step, up to a
 deadline; a source error (the access log could not be read) is counted apart from model failures. The status is
@@ -220,7 +222,8 @@ def analyse(w: Window, s: CanaryStatus, p: CanarySettings) -> list[Check]:
     if s.shadow:
         # the candidate's mirrored answers stand in for its own: same requests as the champion's
         cand = replace(cand, requests=cand.shadow_requests, errors=cand.shadow_errors,
-                       latencies_ms=cand.shadow_latencies_ms)
+                       latencies_ms=cand.shadow_latencies_ms, labelled=cand.shadow_labelled,
+                       correct=cand.shadow_correct)
     need = p.min_requests
     if cand.requests < need or champ.requests < need:
         what = "mirrored requests" if s.shadow else "requests"
@@ -230,6 +233,8 @@ def analyse(w: Window, s: CanaryStatus, p: CanarySettings) -> list[Check]:
     checks = [_errors(cand, p), _p95(cand, champ, p), _latency_u(cand, champ, p), _drift(cand, champ, p)]
     if s.shadow or w.shadow_pairs:
         checks.append(_shadow_agreement(w, p))
+    if p.feedback == "required" or (p.feedback == "auto" and (cand.labelled or champ.labelled or w.feedback_error)):
+        checks.append(_live_accuracy(cand, champ, w.feedback_error, p))
     return checks
 
 
@@ -312,6 +317,28 @@ def _drift(cand: VersionWindow, champ: VersionWindow, p: CanarySettings) -> Chec
                  f"(candidate {_shares(cand.classes)} vs champion {_shares(champ.classes)})")
 
 
+def _live_accuracy(cand: VersionWindow, champ: VersionWindow, error: str | None, p: CanarySettings) -> Check:
+    """Labelled rows answered right, candidate vs champion in the same window: failed when the candidate is less
+    accurate at confidence 1 - ``accuracy_alpha`` (Fisher's exact test) by more than ``max_accuracy_drop``."""
+    from scipy.stats import fisher_exact
+
+    if error:
+        return Check("live_accuracy", Outcome.ERROR, None, None, error)
+    need = p.min_feedback_labels
+    if cand.labelled < need or champ.labelled < need:
+        return Check("live_accuracy", Outcome.INCONCLUSIVE, float(cand.labelled), float(need),
+                     f"labelled rows: candidate {cand.labelled}, champion {champ.labelled}, need {need} each")
+    ac, ab = cand.correct / cand.labelled, champ.correct / champ.labelled
+    table = [[cand.correct, cand.labelled - cand.correct], [champ.correct, champ.labelled - champ.correct]]
+    pvalue = float(fisher_exact(table, alternative="less")[1])
+    worse = pvalue < p.accuracy_alpha and ab - ac > p.max_accuracy_drop
+    return Check("live_accuracy", Outcome.FAILED if worse else Outcome.PASSED, ac, ab - p.max_accuracy_drop,
+                 f"live accuracy {ac:.3f} ({cand.correct}/{cand.labelled} labelled rows) vs champion {ab:.3f} "
+                 f"({champ.correct}/{champ.labelled}): drop {ab - ac:+.3f} "
+                 f"{'>' if ab - ac > p.max_accuracy_drop else '<='} {p.max_accuracy_drop:g} (Fisher p={pvalue:.2g})"
+                 + ("; candidate less accurate" if worse else ""))
+
+
 def _shadow_agreement(w: Window, p: CanarySettings) -> Check:
     if w.shadow_pairs < p.min_requests:
         return Check("shadow_agreement", Outcome.INCONCLUSIVE, float(w.shadow_pairs), float(p.min_requests),
@@ -330,7 +357,7 @@ def summary(checks: list[Check]) -> str:
     def one(c: Check) -> str:
         if c.name == "latency_u":  # a p-value alone does not decide (the median shift must matter too)
             return f"latency_u p={num(c.measured)}"
-        op = ">=" if "agreement" in c.name else "<="
+        op = ">=" if "agreement" in c.name or "accuracy" in c.name else "<="
         return f"{c.name} {num(c.measured)} {op} {num(c.threshold)}"
     return ", ".join(one(c) for c in checks)
 

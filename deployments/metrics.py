@@ -9,6 +9,11 @@ nginx writes its log buffer at least every second (``flush=1s``), and the old an
 their buffers independently: ask for windows that ended at least 2 s ago (``end <= time.time() - FLUSH_DELAY_S``),
 or the newest lines are not there yet.
 
+Labels sent to the bridge's feedback endpoint (``<state>/feedback/<model>.jsonl``, one JSON line per labelled
+request: ``{"ts", "request_id", "labels"}``) are joined to the window's answers by request id: per version, how
+many labelled rows it answered and how many of them right. A label may arrive long after its answer; it counts
+for the window its answer belongs to, once it is there.
+
 Pinned requests (``X-Model-Version``: the pipeline's own warm-up, smoke and load tests) are left out of every
 count, as are lines without a version (404 ModelNotRouted and the like).
 """
@@ -18,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
@@ -51,6 +56,17 @@ class VersionWindow:
     shadow_requests: int = 0
     shadow_errors: int = 0
     shadow_latencies_ms: list[float] = field(default_factory=list)
+    labelled: int = 0
+    """Rows of its client answers that got a label (feedback endpoint)."""
+    correct: int = 0
+    """Of those, rows whose predicted class is the label."""
+    shadow_labelled: int = 0
+    shadow_correct: int = 0
+
+    @property
+    def accuracy(self) -> float | None:
+        """Share of labelled rows answered right; None without labels."""
+        return self.correct / self.labelled if self.labelled else None
 
     @property
     def error_ratio(self) -> float:
@@ -93,6 +109,8 @@ class Window:
     """Well-formed lines of this model in the window (pinned included)."""
     bad_lines: int = 0
     """Malformed lines met in the window's part of the log: skipped."""
+    feedback_error: str | None = None
+    """Why the labels could not be read (the window's other measurements stand)."""
 
     def get(self, version: str) -> VersionWindow:
         """The version's measurements; an empty one when it answered nothing."""
@@ -152,8 +170,10 @@ class AccessLogMetrics:
     _cursors: dict[str, _Cursor] = {}  # per path, shared by instances: callers often make a new one per analysis
     _lock = threading.Lock()
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, feedback: Callable[[str], Path] | None = None) -> None:
+        """``feedback``: a model's labels file (:meth:`StatePaths.feedback_file`); None: no labels joined."""
         self.path = Path(path)
+        self.feedback = feedback
 
     def window(self, model: str, start: float, end: float) -> Window:
         """Measurements of ``model`` for lines with ``start <= ts < end``; an empty Window without a log yet."""
@@ -169,9 +189,16 @@ class AccessLogMetrics:
             with fh:
                 st = os.fstat(fh.fileno())
                 offset = self._first_offset(fh, st, start - REORDER_S)
-                _Aggregator(win).read(fh, offset, start, end)
+                agg = _Aggregator(win)
+                agg.read(fh, offset, start, end)
         except OSError as exc:
             raise MetricsSourceError(f"cannot read the router access log {self.path}: {exc}") from exc
+        if self.feedback is not None and (agg.client or agg.shadow):
+            path = self.feedback(model)
+            try:
+                agg.score(read_labels(path, start - REORDER_S, set(agg.client) | set(agg.shadow)))
+            except OSError as exc:
+                win.feedback_error = f"cannot read the labels {path}: {exc}"
         return win
 
     def _first_offset(self, fh: BinaryIO, st: os.stat_result, since: float) -> int:
@@ -234,8 +261,9 @@ class _Aggregator:
     def __init__(self, win: Window) -> None:
         self.win = win
         self.model_tag = b'"model":"' + win.model.encode() + b'"'
-        self.client: dict[str, tuple[tuple[str, ...], int]] = {}
-        self.shadow: dict[str, tuple[tuple[str, ...], int]] = {}
+        # request id -> (answering version, predicted classes, rows left out of the summary)
+        self.client: dict[str, tuple[str, tuple[str, ...], int]] = {}
+        self.shadow: dict[str, tuple[str, tuple[str, ...], int]] = {}
 
     def read(self, fh: BinaryIO, offset: int, start: float, end: float) -> None:
         win, inside, stop_after = self.win, False, end + REORDER_S
@@ -297,15 +325,47 @@ class _Aggregator:
             vw.scores.extend(scores)
             request_id = str(rec.get("request_id") or "")
             if request_id:
-                (self.shadow if shadow else self.client)[request_id] = (tuple(classes), more)
+                (self.shadow if shadow else self.client)[request_id] = (version, tuple(classes), more)
         return True
 
     def pair(self) -> None:
-        for request_id, answer in self.shadow.items():
+        for request_id, (_, classes, more) in self.shadow.items():
             client = self.client.get(request_id)
             if client is not None:
                 self.win.shadow_pairs += 1
-                self.win.shadow_agreements += client == answer
+                self.win.shadow_agreements += client[1:] == (classes, more)
+
+    def score(self, labels: dict[str, list[str]]) -> None:
+        """Per version: labelled rows and rows answered right (rows left out of a summary are not compared)."""
+        for answers, shadow in ((self.client, False), (self.shadow, True)):
+            for request_id, (version, classes, _) in answers.items():
+                truth = labels.get(request_id)
+                if truth is None:
+                    continue
+                n = min(len(truth), len(classes))
+                right = sum(a == b for a, b in zip(classes[:n], truth[:n], strict=True))
+                vw = self.win.versions[version]
+                if shadow:
+                    vw.shadow_labelled, vw.shadow_correct = vw.shadow_labelled + n, vw.shadow_correct + right
+                else:
+                    vw.labelled, vw.correct = vw.labelled + n, vw.correct + right
+
+
+def read_labels(path: Path, since: float, wanted: set[str]) -> dict[str, list[str]]:
+    """Labels of the ``wanted`` request ids sent at or after ``since`` (a label follows its answer); the last one
+    sent wins. No file yet: no labels. Malformed lines are skipped."""
+    found: dict[str, list[str]] = {}
+    try:
+        fh = open(path, "rb")  # noqa: SIM115 (closed below)
+    except FileNotFoundError:
+        return found
+    with fh:
+        for line in _lines(fh, _bisect(fh, 0, os.fstat(fh.fileno()).st_size, since)):
+            rec = _parse(line)
+            if rec is None or str(rec.get("request_id")) not in wanted or not isinstance(rec.get("labels"), list):
+                continue
+            found[str(rec["request_id"])] = [str(x) for x in rec["labels"]]
+    return found
 
 
 def _parse(line: bytes) -> dict[str, Any] | None:

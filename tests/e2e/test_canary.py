@@ -1,7 +1,8 @@
 """The canary on the real stack: a good candidate is ramped in and promoted; injected errors and injected latency are
-each rolled back by the right check, a model wrong on a rare input segment by the pairwise replay check, and a
-label-flipped model is rejected offline; a release killed at its first step is repaired by
-reconcile; a missed webhook is picked up by reconcile; a manual rollback restores the previous champion.
+each rolled back by the right check, a model wrong on a rare input segment by the pairwise replay check (and, with
+the replay off, by the live accuracy of labels sent back), and a label-flipped model is rejected offline; a release
+killed at its first step is repaired by reconcile; a missed webhook is picked up by reconcile; a manual rollback
+restores the previous champion.
 
 Live traffic comes from deployments/traffic.py (unpinned, sticky users) through the router. The stack runs a short
 ramp (tests/conftest.py: 20/50/100 % every 3 s, 25 requests per version) with fault injection allowed: a version
@@ -24,10 +25,12 @@ import psutil
 import pytest
 from mlflow import MlflowClient
 
-from canaryflow.demo import Segment, live_rows, register_model, train_classifier, wait_for_release
+from canaryflow.demo import Segment, labelled_live_rows, live_rows, register_model, train_classifier, wait_for_release
 from canaryflow.orchestrator import PrefectLauncher
+from canaryflow.paths import StatePaths
 from canaryflow.reconcile import reconcile
 from canaryflow.services import Services
+from canaryflow.webhook import secret_file
 from deployments.traffic import LiveTraffic
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
@@ -176,6 +179,36 @@ def test_candidate_wrong_on_a_rare_segment_is_rolled_back_by_the_pairwise_check(
     assert all(tags[f"canaryflow.gate.{g}"].startswith("passed") for g in ("quality", "quality_cross", "load_test"))
     assert serving_state(svc) == (before, {"stable": before}, before)
     assert live.errors == [] and all(status == 200 for status, _ in live.counts), live.counts
+
+
+def test_candidate_less_accurate_on_labelled_answers_is_rolled_back_by_live_accuracy(stack, svc, champion) -> None:
+    """The same segment fault with the pairwise replay switched off for the model: errors, latency and prediction
+    drift see nothing, but the labels a client sends back for its answers (the bridge's feedback endpoint) show the
+    candidate less accurate than the champion on the same window."""
+    rows, labels, segment = labelled_live_rows(seed=0, extra=40)
+    before = svc.registry.alias_version(MODEL, "champion")
+    token = secret_file(StatePaths(stack.settings.state_dir).feedback_token)
+    svc.registry.set_model_tag(MODEL, "canaryflow.policy", json.dumps({"canary": {"replay": False}}))
+    try:
+        with LiveTraffic(stack.settings.router_url, MODEL, rows, rps=40, labels=labels,
+                         user_header=stack.settings.canary.user_header, feedback_url=stack.settings.url("bridge"),
+                         feedback_token=token) as live:
+            version = register(stack, seed=2, fault=segment)
+            outcome = wait_for_release(stack.settings.mlflow_uri, MODEL, version, 400)
+    finally:
+        svc.registry.client.delete_registered_model_tag(MODEL, "canaryflow.policy")
+    assert outcome.status == "rolled_back", outcome
+    assert "live_accuracy: live accuracy" in outcome.reason and "candidate less accurate" in outcome.reason, \
+        outcome.reason
+    assert "agreement" not in outcome.reason and "prediction_drift" not in outcome.reason, outcome.reason
+    assert serving_state(svc) == (before, {"stable": before}, before)
+    assert live.errors == [] and live.feedback_errors == [] and live.labelled > 100, (live.labelled,
+                                                                                       live.feedback_errors[:3])
+    run = svc.registry.get_version(MODEL, version).tags["canaryflow.release_run"]
+    client = MlflowClient(stack.settings.mlflow_uri)
+    accuracy = [m.value for m in client.get_metric_history(run, "canary.check.live_accuracy")]
+    champion_accuracy = [m.value for m in client.get_metric_history(run, "canary.champion.accuracy")]
+    assert accuracy and champion_accuracy and min(accuracy) < max(champion_accuracy), (accuracy, champion_accuracy)
 
 
 def _flow_run_process(run_id: str) -> psutil.Process | None:

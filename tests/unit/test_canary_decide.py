@@ -54,7 +54,7 @@ def mirrored(n: int, errors: int = 0, latency_ms: float = 5.0) -> VersionWindow:
                    shadow_latencies_ms=copy.latencies_ms)
 
 
-def window(cand: VersionWindow | None = None, champ: VersionWindow | None = None, **kw: int) -> Window:
+def window(cand: VersionWindow | None = None, champ: VersionWindow | None = None, **kw: object) -> Window:
     cand = cand or version("2", seed=1)
     champ = champ or version("1", n=800, seed=2)
     return Window(model="m", start=T0, end=T0 + 10, versions={"1": champ, "2": cand}, **kw)
@@ -93,6 +93,11 @@ def pairs(n: int = 300, flipped: float = 0.0, segment_share: float = 0.0, seed: 
         pb = [0.9, 0.1] if b == 0 else [0.1, 0.9]
         out.append(Pair(list(row), a, b, pa, pb))
     return PairSample(out, ["f0", "f1", "f2", "f3"])
+
+
+def labelled(name: str, n: int, right: int, seed: int = 1, requests: int = 200) -> VersionWindow:
+    """A version that answered ``n`` labelled rows, ``right`` of them correctly (feedback endpoint)."""
+    return replace(version(name, n=requests, seed=seed), labelled=n, correct=right)
 
 
 NOW = T0 + 20
@@ -188,6 +193,31 @@ CASES = [
          "too few requests to judge the bake", policy=BAKE),
     Case("bake: too little traffic at its end is no evidence against", baking(),
          Measurements(baked(version("2", n=5)), T0 + 61), Action.PROMOTE, 100, "without enough evidence", policy=BAKE),
+    Case("live accuracy: as accurate as the champion advances", status(0),
+         Measurements(window(labelled("2", 120, 114), labelled("1", 400, 380, seed=2, requests=800)), NOW),
+         Action.ADVANCE, 25, "advancing to 25%"),
+    Case("live accuracy: less accurate than the champion fails", status(1, failed_checks=1),
+         Measurements(window(labelled("2", 120, 90), labelled("1", 400, 380, seed=2, requests=800)), NOW),
+         Action.ROLLBACK, 0, "live accuracy 0.750 (90/120 labelled rows) vs champion 0.950", "live_accuracy"),
+    Case("live accuracy: a small drop on few labels is not evidence", status(1, failed_checks=1),
+         Measurements(window(labelled("2", 60, 55), labelled("1", 60, 58, seed=2, requests=800)), NOW),
+         Action.ADVANCE, 50, "advancing to 50%"),
+    Case("live accuracy: too few labels holds", status(0),
+         Measurements(window(labelled("2", 12, 3), labelled("1", 400, 380, seed=2, requests=800)), NOW), Action.HOLD, 5,
+         "labelled rows: candidate 12, champion 400, need 50 each"),
+    Case("live accuracy: required and no labels yet holds", status(0), Measurements(window(), NOW), Action.HOLD, 5,
+         "labelled rows: candidate 0", policy=POLICY.model_copy(update={"feedback": "required"})),
+    Case("live accuracy: off ignores labels", status(1, failed_checks=1),
+         Measurements(window(labelled("2", 120, 30), labelled("1", 400, 380, seed=2, requests=800)), NOW),
+         Action.ADVANCE, 50, "advancing to 50%", policy=POLICY.model_copy(update={"feedback": "off"})),
+    Case("live accuracy: unreadable labels hold, not a model failure", status(0),
+         Measurements(window(feedback_error="cannot read the labels x.jsonl: Permission denied"), NOW),
+         Action.HOLD, 5, "measurement error 1/3: live_accuracy: cannot read the labels"),
+    Case("shadow: the mirrored copies' labels judge the candidate", status(-1, phase=Phase.SHADOW, failed_checks=1),
+         Measurements(window(replace(mirrored(120), shadow_labelled=120, shadow_correct=80),
+                             labelled("1", 400, 380, seed=2, requests=800), shadow_pairs=120,
+                             shadow_agreements=119), NOW),
+         Action.ROLLBACK, 0, "live accuracy 0.667", "live_accuracy"),
     Case("shadow: too few mirrored requests holds", status(-1, phase=Phase.SHADOW),
          Measurements(window(mirrored(5), shadow_pairs=5, shadow_agreements=5), NOW), Action.HOLD, 0,
          "too few mirrored requests"),
