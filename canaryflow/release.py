@@ -11,7 +11,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from canaryflow.errors import GateFailed, PackagingError
+from canaryflow.errors import CanaryRolledBack, GateFailed, PackagingError
+from canaryflow.locks import StatusConflict
 from canaryflow.packaging import Bundle, example_rows, input_contract
 from canaryflow.policy import POLICY_TAG, apply_policy
 from canaryflow.predict import load_predictor
@@ -134,6 +135,32 @@ def promote(svc: Services, st: ReleaseState) -> str:
         svc.registry.set_alias(st.model, cfg.previous_alias, st.champion)
     svc.registry.set_alias(st.model, cfg.champion_alias, st.version)
     return f"serving as {cfg.champion_alias}" + (f", replacing v{st.champion}" if st.champion else "")
+
+
+@dataclass(frozen=True)
+class Ending:
+    """How a release run ended: the status to record, its reason, and whether this run still owns the version's
+    serving state (False: another run took the ramp over; this one must not touch the router, TorchServe or the
+    tags, or it would undo the other run's step)."""
+
+    status: str
+    reason: str
+    owns_state: bool = True
+
+
+UNFINISHED = Ending("failed", "release did not finish")
+
+
+def ending(exc: BaseException) -> Ending:
+    """Classify the exception a release run stopped with."""
+    if isinstance(exc, StatusConflict):
+        return Ending("superseded", f"another run owns the ramp now: {exc}", owns_state=False)
+    if isinstance(exc, CanaryRolledBack):
+        return Ending("rolled_back", str(exc))
+    if isinstance(exc, GateFailed):
+        # an inconclusive or unmeasurable gate judged nothing: "failed" (run it again), not "rejected"
+        return Ending("failed" if exc.outcome in ("inconclusive", "error") else "rejected", str(exc))
+    return Ending("failed", f"{type(exc).__name__}: {exc}")
 
 
 def stop(svc: Services, st: ReleaseState, reason: str) -> str:

@@ -15,10 +15,10 @@ import time
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-from canaryflow.errors import CanaryRolledBack, GateFailed
+from canaryflow.errors import CanaryRolledBack
 from canaryflow.ramp import Heartbeat
 from canaryflow.reconcile import downgrade_reason
-from canaryflow.release import ReleaseState, already_released
+from canaryflow.release import UNFINISHED, Ending, ReleaseState, already_released, ending
 from canaryflow.services import get_services
 from deployments.canary import Action, CanaryStatus, Phase
 from tasks import canary as c
@@ -41,7 +41,7 @@ def release(model_name: str, version: str, allow_older: bool = False) -> dict[st
         log.warning("v%s of %s not released: %s", st.version, st.model, older)
         t.finish(st, "skipped", older)
         return {"status": "skipped", "reason": older}
-    status, reason = "failed", "release did not finish"
+    end = UNFINISHED
     svc = get_services()
     beat = Heartbeat(svc, st.model, st.version, svc.settings.reconcile.heartbeat_s).start()  # reconcile's liveness
     try:
@@ -55,27 +55,24 @@ def release(model_name: str, version: str, allow_older: bool = False) -> dict[st
                 st.champion = resume.champion
         if st.champion and st.champion != st.version and (st.policy.canary.steps or st.policy.canary.shadow):
             ramp(st)
-        status, reason = "released", t.promote(st)
-    except CanaryRolledBack as exc:
-        status, reason = "rolled_back", str(exc)
-        raise
-    except GateFailed as exc:
-        # an inconclusive or unmeasurable gate judged nothing: "failed" (run it again), not "rejected"
-        status, reason = ("failed" if exc.outcome in ("inconclusive", "error") else "rejected"), str(exc)
-        raise
+        end = Ending("released", t.promote(st))
     except Exception as exc:
-        reason = f"{type(exc).__name__}: {exc}"
+        end = ending(exc)
         raise
     finally:
         beat.stop()
-        if status != "released":
-            log.error("release of %s v%s %s: %s", st.model, st.version, status, reason)
-            reason = t.stop(st, reason)
-        t.finish(st, status, reason)
-        release_summary(st, status, reason)
+        if not end.owns_state:  # a duplicate run lost the ramp to another: the winner records the outcome
+            log.warning("release of %s v%s stops without touching its state: %s", st.model, st.version, end.reason)
+        else:
+            reason = end.reason
+            if end.status != "released":
+                log.error("release of %s v%s %s: %s", st.model, st.version, end.status, reason)
+                reason = t.stop(st, reason)
+            t.finish(st, end.status, reason)
+            release_summary(st, end.status, reason)
     if st.champion and st.champion != st.version:
         log.info(c.retire(st.model, st.champion, st.policy.canary.retire_grace_s))
-    return {"status": status, "reason": reason}
+    return {"status": end.status, "reason": end.reason}
 
 
 def gates(st: ReleaseState) -> None:

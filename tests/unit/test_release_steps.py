@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from canaryflow import release
-from canaryflow.errors import GateFailed
+from canaryflow.errors import CanaryRolledBack, GateFailed
+from canaryflow.locks import StatusConflict
 from canaryflow.packaging import export_pytorch
 from canaryflow.paths import StatePaths
 from canaryflow.registry import REASON_TAG, STATUS_TAG, VersionInfo
@@ -151,3 +152,19 @@ def test_shape_gate_rejects_a_model_that_answers_one_row_per_batch(tmp_path: Pat
     assert err.value.gate == "shape"
     assert err.value.reason == "output shape [1, 2] for 4 input rows; expected 4 rows"
     assert not st.results[-1].passed
+
+
+@pytest.mark.parametrize("exc, status, owns", [
+    (StatusConflict("ramp status changed under this writer"), "superseded", False),
+    (CanaryRolledBack("prediction_drift 0.4 > 0.2"), "rolled_back", True),
+    (GateFailed("quality", "accuracy 0.5 < 0.9"), "rejected", True),
+    (GateFailed("load_test", "locust crashed", "error"), "failed", True),
+    (GateFailed("load_test", "both slow", "inconclusive"), "failed", True),
+    (RuntimeError("MLflow down"), "failed", True),
+])
+def test_a_run_that_lost_its_ramp_to_another_touches_nothing(exc: Exception, status: str, owns: bool) -> None:
+    """Only a run that still owns the version's state may stop it (unregister, reroute) and record an outcome: a
+    duplicate run whose status write lost the compare-and-set would otherwise undo the winner's step."""
+    end = release.ending(exc)
+    assert (end.status, end.owns_state) == (status, owns)
+    assert str(exc) in end.reason
