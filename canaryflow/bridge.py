@@ -124,7 +124,8 @@ def create_app(
     tolerance_s = settings.webhook.tolerance_s
     token = (feedback_token or secret_file(paths.feedback_token, settings.feedback.token)).encode()
     recorder = FeedbackRecorder(AnswerIndex(paths.router_access_log, settings.feedback.index_answers),
-                                paths.feedback_file, settings.feedback.max_items, clock)
+                                paths.feedback_file, settings.feedback.max_items, clock,
+                                settings.feedback.answer_wait_s)
     _ensure_delivery_log()
 
     async def health(request: Request) -> JSONResponse:

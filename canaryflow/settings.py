@@ -63,6 +63,8 @@ class FeedbackSettings(BaseModel):
     token: str | None = Field(None, description="bearer token; generated into the state dir when unset")
     max_items: int = Field(1000, ge=1, description="labels per request, at most")
     index_answers: int = Field(200_000, ge=1000, description="recent router answers a label can refer to")
+    answer_wait_s: float = Field(3.0, ge=0, le=30, description="a label for an answer not yet in the router's log "
+                                                              "waits this long for it before a 404")
 
 
 class ReleaseSettings(BaseModel):
@@ -166,8 +168,8 @@ class CanarySettings(BaseModel):
     max_mean_prob_delta: float = Field(0.2, ge=0, le=1, description="mean of max |p_candidate - p_champion|")
     # live accuracy from labels sent to the feedback endpoint (deployments/metrics.py joins them to the answers)
     feedback: str = Field("auto", pattern="^(auto|required|off)$",
-                          description="auto: judged once labels arrive for the window; required: inconclusive "
-                                      "without them; off: never")
+                          description="auto: judged once min_feedback_labels per version arrived in the window; "
+                                      "required: inconclusive (the step holds) until then; off: never")
     min_feedback_labels: int = Field(50, ge=1, description="labelled rows per version before accuracy is judged")
     max_accuracy_drop: float = Field(0.05, ge=0, le=1, description="candidate accuracy below champion's by more")
     accuracy_alpha: float = Field(0.05, gt=0, lt=1, description="Fisher's exact test: candidate less accurate")

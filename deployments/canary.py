@@ -233,7 +233,9 @@ def analyse(w: Window, s: CanaryStatus, p: CanarySettings) -> list[Check]:
     checks = [_errors(cand, p), _p95(cand, champ, p), _latency_u(cand, champ, p), _drift(cand, champ, p)]
     if s.shadow or w.shadow_pairs:
         checks.append(_shadow_agreement(w, p))
-    if p.feedback == "required" or (p.feedback == "auto" and (cand.labelled or champ.labelled or w.feedback_error)):
+    # auto: labels arrive late or never (a client's choice), so too few of them is no reason to hold the step
+    enough = min(cand.labelled, champ.labelled) >= p.min_feedback_labels
+    if p.feedback == "required" or (p.feedback == "auto" and (enough or w.feedback_error)):
         checks.append(_live_accuracy(cand, champ, w.feedback_error, p))
     return checks
 

@@ -148,13 +148,32 @@ class FeedbackRecorder:
     """Checks labels against the answer index and appends them to the model's labels file; thread-safe."""
 
     def __init__(self, index: AnswerIndex, labels_file: Callable[[str], Path], max_items: int = 1000,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, answer_wait_s: float = 3.0,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        """``answer_wait_s``: how long a label may wait for its answer to reach the access log (nginx writes it
+        within about two seconds, metrics.FLUSH_DELAY_S) before an unknown request id is a 404."""
         self.index, self.labels_file, self.max_items, self.clock = index, labels_file, max_items, clock
+        self.answer_wait_s, self.sleep = answer_wait_s, sleep
         self._lock = threading.Lock()
         self._recorded: dict[str, dict[str, tuple[str, ...]]] = {}  # model -> request id -> labels
 
+    def _await_answers(self, labels: list[Label]) -> None:
+        """Refresh the index until every labelled answer is in it or ``answer_wait_s`` passed (a client that labels
+        an answer the moment it gets it is ahead of the router's log buffer, not wrong)."""
+        waited = 0.0
+        while True:
+            with self._lock:
+                self.index.refresh()
+                missing = any(self.index.get(lab.request_id) is None for lab in labels)
+            if not missing or waited >= self.answer_wait_s:
+                return
+            step = min(0.2, self.answer_wait_s - waited)
+            self.sleep(step)
+            waited += step
+
     def record(self, model: str, body: object) -> dict[str, Any]:
         labels = parse(body, self.max_items)
+        self._await_answers(labels)
         with self._lock:
             self.index.refresh()
             recorded = self._known(model)

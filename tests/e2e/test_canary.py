@@ -183,12 +183,15 @@ def test_candidate_wrong_on_a_rare_segment_is_rolled_back_by_the_pairwise_check(
 
 def test_candidate_less_accurate_on_labelled_answers_is_rolled_back_by_live_accuracy(stack, svc, champion) -> None:
     """The same segment fault with the pairwise replay switched off for the model: errors, latency and prediction
-    drift see nothing, but the labels a client sends back for its answers (the bridge's feedback endpoint) show the
-    candidate less accurate than the champion on the same window."""
+    drift see nothing, but the labels a client sends back for its answers (the bridge's feedback endpoint, a few
+    seconds later, in batches) show the candidate less accurate than the champion on the same window."""
     rows, labels, segment = labelled_live_rows(seed=0, extra=40)
     before = svc.registry.alias_version(MODEL, "champion")
     token = secret_file(StatePaths(stack.settings.state_dir).feedback_token)
-    svc.registry.set_model_tag(MODEL, "canaryflow.policy", json.dumps({"canary": {"replay": False}}))
+    # labels come 3 s after their answers: "required" holds each step until enough arrived (auto would let the
+    # other checks advance first)
+    svc.registry.set_model_tag(MODEL, "canaryflow.policy", json.dumps({"canary": {"replay": False,
+                                                                                  "feedback": "required"}}))
     try:
         with LiveTraffic(stack.settings.router_url, MODEL, rows, rps=40, labels=labels,
                          user_header=stack.settings.canary.user_header, feedback_url=stack.settings.url("bridge"),

@@ -12,8 +12,8 @@ from starlette.testclient import TestClient
 
 from canaryflow.bridge import create_app
 from canaryflow.paths import StatePaths
-from canaryflow.settings import Settings
-from deployments.feedback import AnswerIndex, FeedbackError, parse
+from canaryflow.settings import FeedbackSettings, Settings
+from deployments.feedback import AnswerIndex, FeedbackError, FeedbackRecorder, parse
 from deployments.metrics import AccessLogMetrics
 from tests.unit.test_bridge_app import SECRET, FakeLauncher
 from tests.unit.test_metrics import T0, line, write
@@ -43,8 +43,9 @@ def paths(tmp_path: Path) -> StatePaths:
 
 @pytest.fixture
 def client(paths: StatePaths) -> TestClient:
-    return TestClient(create_app(Settings(state_dir=paths.root), launcher=FakeLauncher(), secret=SECRET,
-                                 feedback_token=TOKEN, clock=lambda: T0 + 10))
+    settings = Settings(state_dir=paths.root, feedback=FeedbackSettings(answer_wait_s=0))  # 404s at once
+    return TestClient(create_app(settings, launcher=FakeLauncher(), secret=SECRET, feedback_token=TOKEN,
+                                 clock=lambda: T0 + 10))
 
 
 def stored(paths: StatePaths, model: str = "iris") -> list[dict]:
@@ -156,3 +157,24 @@ def test_unreadable_labels_leave_the_rest_of_the_window(paths: StatePaths, monke
     monkeypatch.setattr("builtins.open", deny)
     win = AccessLogMetrics(paths.router_access_log, paths.feedback_file).window("iris", T0, T0 + 60)
     assert win.get("1").requests == 3 and "Permission denied" in win.feedback_error
+
+
+def test_a_label_sent_before_its_answer_reached_the_log_waits_for_it(paths: StatePaths) -> None:
+    """The router writes its log within about two seconds: a client labelling an answer at once is ahead of it,
+    not wrong. The recorder refreshes until the answer is there (here it lands during the second wait)."""
+    waits: list[float] = []
+
+    def sleep(s: float) -> None:
+        waits.append(s)
+        if len(waits) == 2:
+            with open(paths.router_access_log, "ab") as fh:
+                fh.write(line(T0 + 6, "2", prediction="1:0.800", request_id="late").encode())
+
+    recorder = FeedbackRecorder(AnswerIndex(paths.router_access_log), paths.feedback_file, clock=lambda: T0 + 10,
+                                answer_wait_s=3.0, sleep=sleep)
+    assert recorder.record("iris", {"request_id": "late", "label": 1})["recorded"] == 1
+    assert len(waits) == 2 and stored(paths)[0]["request_id"] == "late"
+    waits.clear()
+    with pytest.raises(FeedbackError) as err:  # never answered: a 404 once the wait is over, bounded
+        recorder.record("iris", {"request_id": "never", "label": 1})
+    assert err.value.status == 404 and sum(waits) == pytest.approx(3.0)
