@@ -178,6 +178,13 @@ def stop(svc: Services, st: ReleaseState, reason: str) -> str:
     return reason
 
 
+def report_files(measured: dict) -> list[Path]:
+    """The report files a gate wrote that exist: ``measured["files"]`` is a list of paths or a {kind: path} dict."""
+    files = measured.get("files") or []
+    paths = files.values() if isinstance(files, dict) else files
+    return [Path(f) for f in paths if isinstance(f, str) and Path(f).is_file()]
+
+
 def finish(svc: Services, st: ReleaseState, status: str, reason: str) -> None:
     """Write every gate result to the release run (metrics, thresholds, report files) and the version's tags.
 
@@ -194,7 +201,7 @@ def finish(svc: Services, st: ReleaseState, status: str, reason: str) -> None:
         svc.registry.log_to_run(
             st.run_id, metrics={f"gate.{r.gate}.passed": float(r.passed), **numbers},
             params={f"threshold.{r.gate}.{k}": v for k, v in r.thresholds.items()},
-            files=[Path(f) for f in r.measured.get("files", []) if Path(f).exists()],
+            files=report_files(r.measured),
             artifact_path=f"gates/{r.gate}")
     svc.registry.set_tags(st.model, st.version,
                           {f"canaryflow.gate.{r.gate}": f"{r.outcome.value}: {r.reason}"[:5000] for r in st.results})

@@ -168,3 +168,14 @@ def test_a_run_that_lost_its_ramp_to_another_touches_nothing(exc: Exception, sta
     end = release.ending(exc)
     assert (end.status, end.owns_state) == (status, owns)
     assert str(exc) in end.reason
+
+
+def test_every_gates_report_files_go_to_the_release_run(tmp_path: Path) -> None:
+    """A list of paths (drift, data, quality) or a {kind: path} dict (the load test's locust json/html/log): every
+    file that exists is uploaded, nothing else."""
+    html, log = tmp_path / "locust-report.html", tmp_path / "drift.json"
+    html.write_text("<html/>")
+    log.write_text("{}")
+    assert release.report_files({"files": {"json": str(tmp_path / "gone.json"), "html": str(html)}}) == [html]
+    assert release.report_files({"files": [str(log), str(tmp_path / "gone")]}) == [log]
+    assert release.report_files({"p95_ms": 3.0}) == [] and release.report_files({"files": {"n": 3}}) == []
