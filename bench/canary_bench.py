@@ -62,7 +62,7 @@ FLAGGER = {"interval_s": 60, "threshold": 5, "step_weight": 10}  # Flagger docs'
 
 
 CHECKS = ("errors", "p95", "latency_u", "prediction_drift", "shadow_agreement", "agreement", "segment_agreement",
-          "probability_delta")
+          "probability_delta", "live_accuracy")
 POLICIES = {"split": {}, "split-only": {"replay": False}, "shadow": {"shadow": True}}
 
 

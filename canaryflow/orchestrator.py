@@ -21,7 +21,7 @@ from canaryflow.errors import ConfigError, OrchestrationError
 _log = logging.getLogger(__name__)
 _PAGE = 200  # Prefect's default maximum for filter endpoints
 _RETRY_CODES = frozenset({408, 429, 502, 503})  # the codes Prefect's own client retries
-_MAX_BACKOFF_S = 2.0
+_MAX_BACKOFF_S = 4.0
 
 
 class PrefectAPIError(OrchestrationError):
@@ -52,7 +52,7 @@ class PrefectLauncher:
         deployment: str = "release/release",
         timeout_s: float = 10.0,
         headers: Mapping[str, str] | None = None,
-        retries: int = 4,
+        retries: int = 5,
     ) -> None:
         flow_name, sep, deployment_name = deployment.partition("/")
         if not (sep and flow_name and deployment_name) or "/" in deployment_name:
@@ -181,7 +181,9 @@ class PrefectLauncher:
 def _backoff(attempt: int, retry_after: str | None) -> float:
     if retry_after and retry_after.isdigit():
         return min(float(retry_after), _MAX_BACKOFF_S)
-    return min(0.1 * 2**attempt + random.uniform(0, 0.1), _MAX_BACKOFF_S)
+    # 0.25, 0.5, 1, 2, 4 s: about 8 s in all, what a busy SQLite behind Prefect needs (seen: a 503 burst after a
+    # server restart outlasted 1.5 s), still inside a webhook sender's timeout
+    return min(0.25 * 2**attempt + random.uniform(0, 0.1), _MAX_BACKOFF_S)
 
 
 def _matches(params: Mapping[str, Any], model_name: str | None, version: str | None) -> bool:

@@ -10,7 +10,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import httpx
 import psutil
 
 from canaryflow.demo import FINAL
@@ -122,12 +121,11 @@ def outage(stack: Any, program: str, until: Callable[[], Any], what: str, health
 
 
 def set_schedule_paused(svc: Services, flow: str, deployment: str, paused: bool) -> None:
-    """Pause or resume a Prefect deployment's schedule through the REST API."""
-    api = svc.settings.prefect_api_url.rstrip("/")
-    dep = httpx.get(f"{api}/deployments/name/{flow}/{deployment}", timeout=10)
-    dep.raise_for_status()
-    resp = httpx.patch(f"{api}/deployments/{dep.json()['id']}", json={"paused": paused}, timeout=10)
-    assert resp.status_code < 300, resp.text
+    """Pause or resume a Prefect deployment's schedule through the REST API (with the launcher's retries: Prefect
+    answers 503 while its SQLite is busy, e.g. just after a drill restarted it)."""
+    launcher = launcher_of(svc)
+    dep = launcher._request("GET", f"/deployments/name/{flow}/{deployment}").json()
+    launcher._request("PATCH", f"/deployments/{dep['id']}", {"paused": paused})
 
 
 def allowed_versions(svc: Services, model: str) -> set[str]:
