@@ -36,6 +36,7 @@ demo: setup
 
 # every test, the release drills (marker `drill`) included
 test: setup
+	$(BIN)/lint-imports
 	$(BIN)/pytest -q -ra --durations=25
 
 drills: setup
@@ -57,6 +58,7 @@ bench-canary: setup
 
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 clean:
 	-$(BIN)/canaryflow down 2>/dev/null

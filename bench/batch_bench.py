@@ -73,11 +73,11 @@ def train_and_release(work: Path, tracking_uri: str) -> dict[str, Any]:
     from mlflow import MlflowClient
     from mlflow.models import infer_signature
 
-    from canaryflow.datasets import frame, log_release_datasets
-    from canaryflow.optimization import optimize_pytorch, write_reports
-    from canaryflow.packaging import InputContract
-    from canaryflow.registry import MlflowRegistry
-    from canaryflow.settings import OptimizationSettings
+    from canaryflow.core.registry import MlflowRegistry
+    from canaryflow.core.settings import OptimizationSettings
+    from canaryflow.model.datasets import frame, log_release_datasets
+    from canaryflow.model.optimization import optimize_pytorch, write_reports
+    from canaryflow.model.packaging import InputContract
     from deployments.archive import build_mar
     from validation.data import build_suite, suite_to_json
 
@@ -137,11 +137,11 @@ def train_and_release(work: Path, tracking_uri: str) -> dict[str, Any]:
 
 # -- the two contenders, each in its own process -----------------------------------------------------------
 def run_canaryflow(data: Path, out: Path, state: Path, tracking_uri: str) -> dict[str, Any]:
-    from canaryflow.batch import ThreadExecutor, finish, plan_job, run_chunks
-    from canaryflow.batch_io import discover
-    from canaryflow.batch_model import fetch_model, resolve_version, scorer_for
-    from canaryflow.registry import MlflowRegistry
-    from canaryflow.settings import Settings
+    from canaryflow.batch.io import discover
+    from canaryflow.batch.model import fetch_model, resolve_version, scorer_for
+    from canaryflow.batch.run import ThreadExecutor, finish, plan_job, run_chunks
+    from canaryflow.core.registry import MlflowRegistry
+    from canaryflow.core.settings import Settings
 
     started = time.monotonic()
     settings = Settings(state_dir=state)

@@ -48,12 +48,12 @@ if str(PROJECT) not in sys.path:
     sys.path.insert(0, str(PROJECT))
 
 from bench.serving_bench import bench_settings, log  # noqa: E402
-from canaryflow.demo import Segment, register_model, train_classifier, wait_for_release  # noqa: E402
-from canaryflow.registry import MlflowRegistry  # noqa: E402
-from canaryflow.rollback import rollback  # noqa: E402
+from canaryflow.core.registry import MlflowRegistry  # noqa: E402
+from canaryflow.core.settings import CanarySettings  # noqa: E402
+from canaryflow.local.demo import Segment, register_model, train_classifier, wait_for_release  # noqa: E402
+from canaryflow.local.stack import LocalStack  # noqa: E402
+from canaryflow.release.rollback import rollback  # noqa: E402
 from canaryflow.services import Services  # noqa: E402
-from canaryflow.settings import CanarySettings  # noqa: E402
-from canaryflow.stack import LocalStack  # noqa: E402
 from deployments.traffic import LiveTraffic  # noqa: E402
 
 RESULTS = PROJECT / "bench" / "results"

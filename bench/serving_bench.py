@@ -37,10 +37,10 @@ PROJECT = Path(__file__).resolve().parent.parent
 if str(PROJECT) not in sys.path:  # run as a script: bench/ is not a package
     sys.path.insert(0, str(PROJECT))
 
-from canaryflow.datasets import frame, log_release_datasets  # noqa: E402
-from canaryflow.demo import register_model, wait_for_release  # noqa: E402
-from canaryflow.settings import Ports, Settings  # noqa: E402
-from canaryflow.stack import LocalStack  # noqa: E402
+from canaryflow.core.settings import Ports, Settings  # noqa: E402
+from canaryflow.local.demo import register_model, wait_for_release  # noqa: E402
+from canaryflow.local.stack import LocalStack  # noqa: E402
+from canaryflow.model.datasets import frame, log_release_datasets  # noqa: E402
 
 RESULTS = PROJECT / "bench" / "results"
 SERVER_CORE, CLIENT_CORE = 0, 1

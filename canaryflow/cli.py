@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from canaryflow.settings import get_settings, reset_settings
+from canaryflow.core.settings import get_settings, reset_settings
 
 app = typer.Typer(help="canaryflow: MLflow registry -> gates -> TorchServe, on a local stack.", no_args_is_help=True)
 console = Console()
@@ -21,7 +21,7 @@ StateDir = Annotated[Path | None, typer.Option("--state-dir", help="state direct
 def _stack(state_dir: Path | None):  # noqa: ANN202
     import os
 
-    from canaryflow.stack import LocalStack
+    from canaryflow.local.stack import LocalStack
 
     if state_dir is not None:
         os.environ["CANARYFLOW_STATE_DIR"] = str(state_dir)
@@ -81,7 +81,7 @@ def release(model: str, version: str,
                                                       "champion (a deliberate downgrade)")] = False,
             state_dir: StateDir = None) -> None:
     """Start the release deployment for a registered version (what the webhook does)."""
-    from canaryflow.orchestrator import PrefectLauncher
+    from canaryflow.intake.launcher import PrefectLauncher
 
     settings = _stack(state_dir).settings
     run_id = PrefectLauncher(settings.prefect_api_url, settings.prefect.release_deployment).start_release(
@@ -97,8 +97,8 @@ def rollback(model: str,
     """Serve the previous champion (or --to VERSION) again: traffic, TorchServe default and aliases. Safe twice."""
     import getpass
 
-    from canaryflow import rollback as rb
-    from canaryflow.errors import CanaryflowError
+    from canaryflow.core.errors import CanaryflowError
+    from canaryflow.release import rollback as rb
     from canaryflow.services import get_services
 
     if not reason.strip():
@@ -115,8 +115,8 @@ def rollback(model: str,
 @app.command()
 def reconcile(state_dir: StateDir = None) -> None:
     """One reconcile pass now (the `reconcile` deployment runs it every minute)."""
-    from canaryflow import reconcile as rc
-    from canaryflow.orchestrator import PrefectLauncher
+    from canaryflow.intake.launcher import PrefectLauncher
+    from canaryflow.release import reconcile as rc
     from canaryflow.services import get_services
 
     settings = _stack(state_dir).settings
@@ -142,9 +142,9 @@ def score(model: str, input: Annotated[str, typer.Argument(help="Parquet file or
     from rich.markdown import Markdown
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from canaryflow.batch import run_batch
-    from canaryflow.batch_report import markdown
-    from canaryflow.errors import CanaryflowError
+    from canaryflow.batch.report import markdown
+    from canaryflow.batch.run import run_batch
+    from canaryflow.core.errors import CanaryflowError
 
     if state_dir is not None:
         os.environ["CANARYFLOW_STATE_DIR"] = str(state_dir)
@@ -176,7 +176,7 @@ def demo(keep: Annotated[bool, typer.Option("--keep", help="leave the stack runn
     a bad v3 (wrong only on inputs its holdout barely has) rolled back by the pairwise replay check."""
     import os
 
-    from canaryflow import demo as d
+    from canaryflow.local import demo as d
 
     for key, value in d.DEMO_CANARY.items():
         os.environ.setdefault(key, value)
@@ -222,7 +222,7 @@ def demo(keep: Annotated[bool, typer.Option("--keep", help="leave the stack runn
             raise typer.Exit(1)
         console.print(f"live load: {stats.get('requests', 0)} requests, {stats.get('failures', 0)} failed, "
                       f"p95 {stats.get('p95_ms', 0)} ms")
-        from canaryflow.registry import MlflowRegistry
+        from canaryflow.core.registry import MlflowRegistry
 
         champion = MlflowRegistry(s.mlflow_uri).alias_version(d.DEMO_MODEL, s.release.champion_alias)
         answer, _, _ = d.predict(s, d.DEMO_MODEL, rows[:1])
@@ -241,7 +241,7 @@ def demo(keep: Annotated[bool, typer.Option("--keep", help="leave the stack runn
 
 def _demo_release(s, title: str, seed: int, fault=None,  # noqa: ANN001 - Settings, demo.Segment
                   expect: str = "released"):  # noqa: ANN202 - (version, rows, registered-at)
-    from canaryflow import demo as d
+    from canaryflow.local import demo as d
 
     console.rule(title)
     with console.status("training and registering"):

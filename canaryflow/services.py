@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
-from canaryflow.paths import StatePaths
-from canaryflow.registry import MlflowRegistry
-from canaryflow.settings import Settings, get_settings
+from canaryflow.core.paths import StatePaths
+from canaryflow.core.registry import MlflowRegistry
+from canaryflow.core.settings import Settings, get_settings
 from deployments import torchserve
 from deployments.router import NginxRouter
 

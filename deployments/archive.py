@@ -9,12 +9,26 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from canaryflow.errors import PackagingError
-from canaryflow.registry import sha256_of
-from deployments import handler as handler_module
+from canaryflow.core import serving_contract
+from canaryflow.core.errors import PackagingError
+from canaryflow.core.registry import sha256_of
+from canaryflow.core.serving_contract import META_FILE, ServingMeta
+from deployments import chaos_handler, handler, serving_request
 from deployments.torchserve import archive_name
 
-HANDLER_FILE = Path(handler_module.__file__)
+HANDLER_FILE = Path(handler.__file__)
+CHAOS_HANDLER_FILE = Path(chaos_handler.__file__)
+# The modules the handler imports, archived beside it (TorchServe puts the model directory on the worker's path).
+SERVING_FILES = (Path(serving_contract.__file__), Path(serving_request.__file__))
+
+
+def handler_files(extra_files: list[Path]) -> tuple[Path, list[Path]]:
+    """The .mar's handler and the serving modules to ship with it: the production handler, or, for a chaos build
+    (a serving meta with a ``chaos`` spec), the fault-injecting subclass with the production handler beside it."""
+    metas = [ServingMeta.load(p) for p in extra_files if p.name == META_FILE]
+    if any(meta.chaos for meta in metas):
+        return CHAOS_HANDLER_FILE, [*SERVING_FILES, HANDLER_FILE]
+    return HANDLER_FILE, list(SERVING_FILES)
 
 
 @dataclass(frozen=True)
@@ -37,10 +51,12 @@ def build_mar(model_file: Path, extra_files: list[Path], *, model: str, version:
     if target.exists():
         return Archive(target, sha256_of(target), target.stat().st_size)
     archiver = Path(sys.executable).parent / "torch-model-archiver"
+    handler_file, serving_files = handler_files(extra_files)
     with tempfile.TemporaryDirectory(dir=model_store, prefix=".archiving-") as tmp:
         cmd = [str(archiver if archiver.exists() else "torch-model-archiver"), "--model-name", model,
-               "--version", str(version), "--serialized-file", str(model_file), "--handler", str(HANDLER_FILE),
-               "--extra-files", ",".join(str(p) for p in extra_files), "--export-path", tmp, "--force"]
+               "--version", str(version), "--serialized-file", str(model_file), "--handler", str(handler_file),
+               "--extra-files", ",".join(str(p) for p in [*extra_files, *serving_files]),
+               "--export-path", tmp, "--force"]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
         built = Path(tmp) / f"{model}.mar"
         if done.returncode != 0 or not built.exists():

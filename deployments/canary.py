@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from canaryflow.settings import CanarySettings
+from canaryflow.core.settings import CanarySettings
 from deployments import pairwise
 from deployments.pairwise import PairSample
 from validation.results import Outcome

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from deployments.metrics import _line_ts, _parse, parse_prediction
+from canaryflow.core.serving_contract import parse_prediction
+from deployments.metrics import _line_ts, _parse
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=@-]{1,128}$")  # what the router keeps of a client's X-Request-ID
 _LABEL = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")  # classes as the handler prints them (the class index)

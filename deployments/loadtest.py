@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from canaryflow.settings import LoadTestSettings
+from canaryflow.core.settings import LoadTestSettings
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 JSON_STEM = "locust-stats"  # locust writes --json-file X to "X.json"

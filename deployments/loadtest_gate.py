@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from canaryflow.settings import LoadTestSettings
+from canaryflow.core.settings import LoadTestSettings
 from validation.results import GateResult, Outcome, judged
 
 if TYPE_CHECKING:

@@ -30,7 +30,8 @@ from typing import Any, BinaryIO, Protocol
 
 import numpy as np
 
-from canaryflow.errors import MetricsSourceError
+from canaryflow.core.errors import MetricsSourceError
+from canaryflow.core.serving_contract import parse_prediction
 
 FLUSH_DELAY_S = 2.0
 """How long ago a window should have ended for all its lines to be in the log (1 s flush, reload overlap)."""
@@ -128,26 +129,6 @@ class MetricsSource(Protocol):
     Raises MetricsSourceError when the source cannot be read: that is not a model failure."""
 
     def window(self, model: str, start: float, end: float) -> Window: ...
-
-
-def parse_prediction(summary: str) -> tuple[list[str], list[float], int] | None:
-    """``"0:0.973,2:0.511,+3"`` -> (classes, top scores, rows left out); None when empty or malformed."""
-    if not summary:
-        return None
-    classes, scores, more = [], [], 0
-    try:
-        for part in summary.split(","):
-            if part.startswith("+"):
-                more = int(part[1:])
-                continue
-            cls, _, score = part.partition(":")
-            if not cls:
-                return None
-            scores.append(float(score))
-            classes.append(cls)
-    except ValueError:
-        return None
-    return classes, scores, more
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 A split compares two versions on different requests, so a distribution check (PSI of classes) is blind to any
 fault that keeps the class balance, and to a fault confined to a few percent of traffic. Here every analysis
-gets pairs: recently served live rows replayed out of band to both versions (canaryflow/replay.py), answers
+gets pairs: recently served live rows replayed out of band to both versions (canaryflow/release/replay.py), answers
 compared as classes and as probabilities. Three checks, each with a statistical bound:
 
 - ``agreement``: the share of pairs answered with the same class; FAILED when the Wilson upper bound of the
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from canaryflow.settings import CanarySettings
+from canaryflow.core.settings import CanarySettings
 from validation.results import Outcome
 
 # Quantile edges of a feature's segments: tails of 2% and 10% are segments of their own.

@@ -35,9 +35,9 @@ from typing import Any, Protocol
 
 import jinja2
 
-from canaryflow.errors import ServingError
-from canaryflow.paths import StatePaths
-from canaryflow.settings import Settings
+from canaryflow.core.errors import ServingError
+from canaryflow.core.paths import StatePaths
+from canaryflow.core.settings import Settings
 
 Routes = dict[str, dict[str, Any]]
 """``{model: {"stable": version, "canary": version, "weight": percent, "shadow": bool}}`` (canary, weight and

@@ -7,11 +7,12 @@ import time
 import httpx
 import numpy as np
 
+from canaryflow.core.serving_contract import VERSION_HEADER
 from validation.results import GateResult, failed, passed
 
 
 def _post(client: httpx.Client, url: str, version: str, body: object) -> httpx.Response:
-    return client.post(url, json=body, headers={"X-Model-Version": str(version)})
+    return client.post(url, json=body, headers={VERSION_HEADER: str(version)})
 
 
 def smoke_test(router_url: str, model: str, version: str, rows: np.ndarray, warmup: int,

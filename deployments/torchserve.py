@@ -18,9 +18,10 @@ from urllib.parse import quote
 
 import httpx
 
-from canaryflow.errors import ServingError
-from canaryflow.paths import StatePaths
-from canaryflow.settings import Settings
+from canaryflow.core.errors import ServingError
+from canaryflow.core.paths import StatePaths
+from canaryflow.core.serving_contract import REPLAY_HEADER
+from canaryflow.core.settings import Settings
 
 
 class ServingBackend(Protocol):
@@ -172,7 +173,7 @@ class TorchServeClient:
         inference API, so the router's access log and the traffic sample see nothing. Returns the predictions."""
         path = f"/predictions/{quote(model, safe='')}/{quote(str(version), safe='')}"
         resp = self._call("inference", "POST", path, json={"inputs": rows}, timeout=30.0,
-                          headers={"X-Canaryflow-Replay": "1", "Content-Type": "application/json"})
+                          headers={REPLAY_HEADER: "1", "Content-Type": "application/json"})
         body = self._check(resp, f"replay {len(rows)} rows on {model} v{version}").json()
         return list(body["predictions"])
 

@@ -17,6 +17,8 @@ from types import TracebackType
 import httpx
 import numpy as np
 
+from canaryflow.core.serving_contract import VERSION_HEADER
+
 
 @dataclass(frozen=True)
 class Answer:
@@ -82,7 +84,7 @@ class LiveTraffic:
                 sent = time.monotonic()
                 try:
                     resp = client.post(self.url, json=body, headers={self.user_header: f"u{next(users)}"})
-                    key = (resp.status_code, resp.headers.get("X-Model-Version", ""))
+                    key = (resp.status_code, resp.headers.get(VERSION_HEADER, ""))
                 except httpx.HTTPError as exc:
                     key = (0, "")
                     with self._lock:

@@ -2,7 +2,7 @@
 
 Deployed twice (prefect.yaml): ``batch-inference/scheduled`` on a cron, ``batch-inference/manual`` on demand.
 Chunks fan out over a Prefect task runner: threads here, a Dask cluster when ``dask_address`` (or the setting
-``batch.dask_address``) names a scheduler. The work itself is in canaryflow/batch*.py; ``canaryflow score`` runs
+``batch.dask_address``) names a scheduler. The work itself is in canaryflow/batch/; ``canaryflow score`` runs
 the same functions without Prefect.
 """
 
@@ -13,9 +13,9 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from canaryflow.batch import previous_summary, run_chunks, run_lock
-from canaryflow.errors import BatchError
-from canaryflow.settings import get_settings
+from canaryflow.batch.run import previous_summary, run_chunks, run_lock
+from canaryflow.core.errors import BatchError
+from canaryflow.core.settings import get_settings
 from tasks import batch as t
 
 

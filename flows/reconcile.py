@@ -1,6 +1,6 @@
 """reconcile(): catch missed webhooks, finish or roll back half-way releases, repair the router.
 
-An interval deployment (prefect.yaml); safe to run by hand at any time. See canaryflow/reconcile.py.
+An interval deployment (prefect.yaml); safe to run by hand at any time. See canaryflow/release/reconcile.py.
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from canaryflow import reconcile as rc
-from canaryflow.orchestrator import PrefectLauncher
+from canaryflow.intake.launcher import PrefectLauncher
+from canaryflow.release import reconcile as rc
 from canaryflow.services import get_services
 
 

@@ -15,10 +15,10 @@ import time
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-from canaryflow.errors import CanaryRolledBack
-from canaryflow.ramp import Heartbeat
-from canaryflow.reconcile import downgrade_reason
-from canaryflow.release import UNFINISHED, Ending, ReleaseState, already_released, ending
+from canaryflow.core.errors import CanaryRolledBack
+from canaryflow.release.ramp import Heartbeat
+from canaryflow.release.reconcile import downgrade_reason
+from canaryflow.release.steps import UNFINISHED, Ending, ReleaseState, already_released, ending
 from canaryflow.services import get_services
 from deployments.canary import Action, CanaryStatus, Phase
 from tasks import canary as c

@@ -11,7 +11,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from canaryflow import rollback as rb
+from canaryflow.release import rollback as rb
 from canaryflow.services import get_services
 from tasks.report import artifact_key
 

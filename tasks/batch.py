@@ -1,4 +1,4 @@
-"""Prefect wrappers of batch inference (canaryflow/batch*.py): tasks, the task runner, the chunk executor, and
+"""Prefect wrappers of batch inference (canaryflow/batch/): tasks, the task runner, the chunk executor, and
 the run's artifacts (a progress bar while it runs, a markdown summary at the end)."""
 
 from __future__ import annotations
@@ -14,12 +14,13 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from canaryflow import batch, batch_report
-from canaryflow.batch_io import ChunkSpec
-from canaryflow.batch_manifest import PartRecord
-from canaryflow.batch_score import score_chunk as score_chunk_fn
-from canaryflow.errors import BatchError
-from canaryflow.settings import get_settings
+from canaryflow.batch import report as batch_report
+from canaryflow.batch import run as batch
+from canaryflow.batch.io import ChunkSpec
+from canaryflow.batch.manifest import PartRecord
+from canaryflow.batch.score import score_chunk as score_chunk_fn
+from canaryflow.core.errors import BatchError
+from canaryflow.core.settings import get_settings
 
 
 @task(name="prepare-batch", cache_policy=NO_CACHE)
@@ -52,7 +53,7 @@ def task_runner(dask_address: str | None, max_workers: int) -> TaskRunner:
 
 
 class PrefectChunkExecutor:
-    """:class:`canaryflow.batch.ChunkExecutor` on an entered Prefect task runner: each chunk is a task run."""
+    """:class:`canaryflow.batch.run.ChunkExecutor` on an entered Prefect task runner: each chunk is a task run."""
 
     def __init__(self, runner: TaskRunner) -> None:
         self.runner = runner

@@ -1,4 +1,4 @@
-"""Prefect task wrappers of the canary ramp in canaryflow.ramp (a few lines each)."""
+"""Prefect task wrappers of the canary ramp in canaryflow.release.ramp (a few lines each)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from prefect import task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from canaryflow import ramp
-from canaryflow.release import ReleaseState
+from canaryflow.release import ramp
+from canaryflow.release.steps import ReleaseState
 from canaryflow.services import get_services
 from deployments.canary import CanaryStatus, Decision
 from tasks.report import artifact_key

@@ -1,4 +1,4 @@
-"""Prefect task wrappers of the release gates in canaryflow.gates (a few lines each)."""
+"""Prefect task wrappers of the release gates in canaryflow.release.gates (a few lines each)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from canaryflow import gates
-from canaryflow.datasets import ReleaseData
-from canaryflow.packaging import Bundle
-from canaryflow.release import ReleaseState
+from canaryflow.model.datasets import ReleaseData
+from canaryflow.model.packaging import Bundle
+from canaryflow.release import gates
+from canaryflow.release.steps import ReleaseState
 from canaryflow.services import get_services
 from validation.results import GateResult
 

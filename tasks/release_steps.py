@@ -1,4 +1,4 @@
-"""Prefect task wrappers of the release steps in canaryflow.release (a few lines each)."""
+"""Prefect task wrappers of the release steps in canaryflow.release.steps (a few lines each)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from canaryflow import release as steps
-from canaryflow.packaging import Bundle
+from canaryflow.model.packaging import Bundle
+from canaryflow.release import steps
 from canaryflow.services import get_services
 from deployments.archive import Archive
 from validation.results import GateResult

@@ -6,7 +6,7 @@ import re
 
 from prefect.artifacts import create_markdown_artifact
 
-from canaryflow.release import ReleaseState
+from canaryflow.release.steps import ReleaseState
 from validation.results import markdown_table
 
 

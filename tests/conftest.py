@@ -56,7 +56,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture
 def default_settings(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Default settings, whatever the session's stack put in the environment (CANARYFLOW_* unset)."""
-    from canaryflow.settings import reset_settings
+    from canaryflow.core.settings import reset_settings
 
     for key in list(os.environ):
         if key.startswith("CANARYFLOW_"):
@@ -69,8 +69,8 @@ def default_settings(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """The real local stack (MLflow, Prefect server + worker, TorchServe, nginx, bridge) for this session."""
-    from canaryflow.settings import Settings, reset_settings
-    from canaryflow.stack import LocalStack
+    from canaryflow.core.settings import Settings, reset_settings
+    from canaryflow.local.stack import LocalStack
 
     env = stack_env(tmp_path_factory.mktemp("stack") / ".canaryflow")
     saved = {k: os.environ.get(k) for k in env}

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 from sklearn import metrics as skm
 
+from canaryflow.core.serving_contract import output_kind, to_probabilities
 from validation.results import GateResult, Outcome, judged
 
 GATE = "quality"
@@ -66,7 +67,8 @@ def check_quality(candidate_predict: Predict, champion_predict: Predict | None, 
 
 def all_metrics(y: np.ndarray, scores: np.ndarray) -> dict[str, float]:
     """accuracy, macro f1, log_loss and (binary only) roc_auc of class scores against integer labels."""
-    proba = _probabilities(scores)
+    proba = to_probabilities(scores, output_kind(scores))  # the rule the handler answers with
+    proba = proba / proba.sum(axis=1, keepdims=True)  # float32 rounding trips sklearn's sum check
     pred = proba.argmax(axis=1)
     classes = np.arange(proba.shape[1])
     out = {"accuracy": float(skm.accuracy_score(y, pred)),
@@ -150,14 +152,6 @@ def _scores(predict: Predict, x: np.ndarray) -> np.ndarray:
     if not np.isfinite(out).all():
         raise ValueError(f"{int((~np.isfinite(out)).sum())} non-finite scores")
     return out
-
-
-def _probabilities(scores: np.ndarray) -> np.ndarray:
-    # probabilities pass through; logits (negative, or rows not summing to 1) go through a softmax
-    if (scores >= 0).all() and np.allclose(scores.sum(axis=1), 1.0, atol=1e-4):
-        return scores / scores.sum(axis=1, keepdims=True)  # float32 rounding trips sklearn's sum check
-    z = np.exp(scores - scores.max(axis=1, keepdims=True))
-    return z / z.sum(axis=1, keepdims=True)
 
 
 CROSS_GATE = "quality_cross"

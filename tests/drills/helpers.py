@@ -12,11 +12,11 @@ from typing import Any
 
 import psutil
 
-from canaryflow.demo import FINAL
-from canaryflow.orchestrator import PrefectLauncher
-from canaryflow.ramp import CANARY_TAG, load_status
-from canaryflow.reconcile import ALIVE
-from canaryflow.registry import STATUS_TAG
+from canaryflow.core.registry import STATUS_TAG
+from canaryflow.intake.launcher import PrefectLauncher
+from canaryflow.local.demo import FINAL
+from canaryflow.release.ramp import CANARY_TAG, load_status
+from canaryflow.release.reconcile import ALIVE
 from canaryflow.services import Services
 from deployments.canary import CanaryStatus
 from deployments.torchserve import archive_name
@@ -92,7 +92,7 @@ def settle(svc: Services, model: str, version: str, timeout_s: float = 400,
            reconcile_with: Services | None = None) -> str:
     """Wait until the release of ``version`` ends; a ramp left non-terminal with no run alive is handed to
     reconcile (as the scheduled pass would). Returns the final canaryflow.status."""
-    from canaryflow.reconcile import reconcile
+    from canaryflow.release.reconcile import reconcile
 
     launcher = launcher_of(svc)
     deadline = time.monotonic() + timeout_s

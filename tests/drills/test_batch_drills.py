@@ -1,7 +1,7 @@
 """Fault drills of batch inference: a run killed with SIGKILL in the middle of a part write, a run stopped by a
 full disk, and parts listed in the manifest but damaged afterwards; each then re-run to exactly the input rows.
 
-Faults are deterministic: the real writer (canaryflow/batch_write.py) kills its own process or raises
+Faults are deterministic: the real writer (canaryflow/batch/write.py) kills its own process or raises
 ENOSPC at a named file and point when the test sets ``CANARYFLOW_TEST_FAULT`` (never set outside tests). The
 file drills run the real batch code on real Parquet files without servers (the model of
 tests/unit/test_batch_run.py); the stack drills run `canaryflow score` against a model released by the real
@@ -23,12 +23,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from canaryflow import batch
-from canaryflow.batch_io import FILE_BITS, filesystem
-from canaryflow.batch_manifest import MANIFEST, SUCCESS, Manifest
-from canaryflow.batch_model import BatchModel
-from canaryflow.batch_write import FAULT_ENV
-from canaryflow.errors import BatchWriteError
+from canaryflow.batch import run as batch
+from canaryflow.batch.io import FILE_BITS, filesystem
+from canaryflow.batch.manifest import MANIFEST, SUCCESS, Manifest
+from canaryflow.batch.model import BatchModel
+from canaryflow.batch.write import FAULT_ENV
+from canaryflow.core.errors import BatchWriteError
 from tests.integration.test_batch_inference import MODEL, _assert_exactly_once, _dataset, _run_dir, release_model
 from tests.unit.test_batch_run import _inputs, _job, _scores, _settings, make_model
 

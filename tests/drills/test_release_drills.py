@@ -25,13 +25,13 @@ import httpx
 import psutil
 import pytest
 
-from canaryflow.demo import train_classifier, wait_for_release
-from canaryflow.keywatch import read_result
-from canaryflow.ramp import analyse, load_status, start_or_resume
-from canaryflow.reconcile import reconcile
-from canaryflow.registry import STATUS_TAG
-from canaryflow.release import ReleaseState
-from canaryflow.rollback import abort_release, rollback
+from canaryflow.core.registry import STATUS_TAG
+from canaryflow.local.demo import train_classifier, wait_for_release
+from canaryflow.local.keywatch import read_result
+from canaryflow.release.ramp import analyse, load_status, start_or_resume
+from canaryflow.release.reconcile import reconcile
+from canaryflow.release.rollback import abort_release, rollback
+from canaryflow.release.steps import ReleaseState
 from canaryflow.services import Services
 from deployments.canary import Phase
 from deployments.torchserve import archive_name

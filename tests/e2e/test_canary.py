@@ -25,12 +25,19 @@ import psutil
 import pytest
 from mlflow import MlflowClient
 
-from canaryflow.demo import Segment, labelled_live_rows, live_rows, register_model, train_classifier, wait_for_release
-from canaryflow.orchestrator import PrefectLauncher
-from canaryflow.paths import StatePaths
-from canaryflow.reconcile import reconcile
+from canaryflow.core.paths import StatePaths
+from canaryflow.intake.launcher import PrefectLauncher
+from canaryflow.intake.webhook import secret_file
+from canaryflow.local.demo import (
+    Segment,
+    labelled_live_rows,
+    live_rows,
+    register_model,
+    train_classifier,
+    wait_for_release,
+)
+from canaryflow.release.reconcile import reconcile
 from canaryflow.services import Services
-from canaryflow.webhook import secret_file
 from deployments.traffic import LiveTraffic
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]

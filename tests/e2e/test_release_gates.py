@@ -13,8 +13,8 @@ import torch
 from mlflow import MlflowClient
 from mlflow.models import infer_signature
 
-from canaryflow.datasets import frame, log_release_datasets
-from canaryflow.demo import register_model, train_classifier, wait_for_release
+from canaryflow.local.demo import register_model, train_classifier, wait_for_release
+from canaryflow.model.datasets import frame, log_release_datasets
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
 MODEL = "gates-model"

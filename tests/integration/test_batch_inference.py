@@ -16,10 +16,10 @@ import pyarrow.dataset as ds
 import pytest
 from mlflow import MlflowClient
 
-from canaryflow.batch import run_batch
-from canaryflow.batch_manifest import MANIFEST, SUCCESS
-from canaryflow.demo import register_model, train_classifier, wait_for_release
-from canaryflow.errors import BatchError
+from canaryflow.batch.manifest import MANIFEST, SUCCESS
+from canaryflow.batch.run import run_batch
+from canaryflow.core.errors import BatchError
+from canaryflow.local.demo import register_model, train_classifier, wait_for_release
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 MODEL = "batch-it-model"

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from canaryflow.calibration import CALIBRATION_MODEL, ensure_calibration
-from canaryflow.demo import register_model, wait_for_release
+from canaryflow.core.settings import LoadTestSettings
+from canaryflow.local.demo import register_model, wait_for_release
+from canaryflow.release.calibration import CALIBRATION_MODEL, ensure_calibration
 from canaryflow.services import Services
-from canaryflow.settings import LoadTestSettings
 from deployments.loadtest import Peer, run_load_test
 from deployments.loadtest_gate import gate_load_test
 from validation.results import Outcome

@@ -18,8 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from canaryflow.errors import OrchestrationError
-from canaryflow.orchestrator import PrefectLauncher, release_run_name
+from canaryflow.core.errors import OrchestrationError
+from canaryflow.intake.launcher import PrefectLauncher, release_run_name
 
 pytestmark = pytest.mark.integration
 

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from canaryflow.paths import StatePaths
-from canaryflow.settings import Ports, Settings
+from canaryflow.core.paths import StatePaths
+from canaryflow.core.settings import Ports, Settings
 from deployments.router import NginxRouter
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"

@@ -15,9 +15,9 @@ import numpy as np
 import psutil
 import pytest
 
-from canaryflow.demo import register_model, wait_for_release
-from canaryflow.orchestrator import PrefectLauncher
-from canaryflow.webhook import load_or_create_secret, sign
+from canaryflow.intake.launcher import PrefectLauncher
+from canaryflow.intake.webhook import load_or_create_secret, sign
+from canaryflow.local.demo import register_model, wait_for_release
 
 pytestmark = pytest.mark.integration
 MODEL = "stack-it-model"

@@ -8,7 +8,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from canaryflow.batch_checks import RowChecks
+from canaryflow.batch.checks import RowChecks
 from validation.data import build_suite, suite_from_json, suite_to_json, validate_frame
 
 FEATURES = ["a", "b", "c"]

@@ -13,10 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from canaryflow import batch_write
-from canaryflow.batch_io import discover, filesystem, fingerprint, plan_chunks, stream_chunks
-from canaryflow.batch_write import FAULT_ENV, remove_temporaries, write_parquet_atomic, write_text_atomic
-from canaryflow.errors import BatchError, BatchWriteError
+from canaryflow.batch import write as batch_write
+from canaryflow.batch.io import discover, filesystem, fingerprint, plan_chunks, stream_chunks
+from canaryflow.batch.write import FAULT_ENV, remove_temporaries, write_parquet_atomic, write_text_atomic
+from canaryflow.core.errors import BatchError, BatchWriteError
 
 
 def _write(path: Path, n: int, row_group_size: int | None = None, start: int = 0) -> None:

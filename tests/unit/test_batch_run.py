@@ -16,15 +16,15 @@ import pytest
 import torch
 import yaml
 
-from canaryflow import batch
-from canaryflow.batch_io import FILE_BITS, discover, filesystem
-from canaryflow.batch_manifest import SUCCESS, Manifest, verify
-from canaryflow.batch_model import BatchModel
-from canaryflow.batch_report import drift_report, markdown
-from canaryflow.batch_score import score_chunk
-from canaryflow.errors import BatchError
-from canaryflow.packaging import InputContract, export_module
-from canaryflow.settings import Settings
+from canaryflow.batch import run as batch
+from canaryflow.batch.io import FILE_BITS, discover, filesystem
+from canaryflow.batch.manifest import SUCCESS, Manifest, verify
+from canaryflow.batch.model import BatchModel
+from canaryflow.batch.report import drift_report, markdown
+from canaryflow.batch.score import score_chunk
+from canaryflow.core.errors import BatchError
+from canaryflow.core.settings import Settings
+from canaryflow.model.packaging import InputContract, export_module
 from deployments.handler import CanaryflowHandler
 from validation.data import build_suite, suite_to_json
 

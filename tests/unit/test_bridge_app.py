@@ -9,10 +9,10 @@ import time
 import pytest
 from starlette.testclient import TestClient
 
-from canaryflow.bridge import create_app
-from canaryflow.errors import OrchestrationError
-from canaryflow.settings import Settings
-from canaryflow.webhook import DELIVERY_ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
+from canaryflow.core.errors import OrchestrationError
+from canaryflow.core.settings import Settings
+from canaryflow.intake.bridge import create_app
+from canaryflow.intake.webhook import DELIVERY_ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
 
 SECRET = "bridge-test-secret-DO-NOT-LOG"
 
@@ -163,6 +163,6 @@ def test_secret_and_signature_never_logged(tmp_path, caplog: pytest.LogCaptureFi
     assert "log-dlv" in caplog.text  # one line per delivery is there...
     assert SECRET not in text  # ...but neither the secret nor any signature
     assert not any(sig.partition(",")[2] in text for sig in signatures)
-    lines = [r.getMessage() for r in caplog.records if r.name == "canaryflow.bridge"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "canaryflow.intake.bridge"]
     assert len(lines) == 8
     assert any("outcome=started flow_run_id=run-123" in line for line in lines)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pytest
 
-from canaryflow.settings import CanarySettings
+from canaryflow.core.settings import CanarySettings
 from deployments.canary import Action, CanaryStatus, Measurements, Phase, decide, psi, start
 from deployments.metrics import VersionWindow, Window
 from deployments.pairwise import Pair, PairSample

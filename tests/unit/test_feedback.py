@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from starlette.testclient import TestClient
 
-from canaryflow.bridge import create_app
-from canaryflow.paths import StatePaths
-from canaryflow.settings import FeedbackSettings, Settings
+from canaryflow.core.paths import StatePaths
+from canaryflow.core.settings import FeedbackSettings, Settings
+from canaryflow.intake.bridge import create_app
 from deployments.feedback import AnswerIndex, FeedbackError, FeedbackRecorder, parse
 from deployments.metrics import AccessLogMetrics
 from tests.unit.test_bridge_app import SECRET, FakeLauncher

@@ -12,7 +12,7 @@ from great_expectations.core.expectation_suite import ExpectationSuite
 from sklearn.datasets import load_breast_cancer
 from sklearn.model_selection import train_test_split
 
-from canaryflow.settings import GateSettings
+from canaryflow.core.settings import GateSettings
 from validation.data import build_suite, check_data, suite_from_json, suite_to_json, validate_frame
 from validation.results import Outcome
 

@@ -17,7 +17,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from canaryflow.settings import GateSettings
+from canaryflow.core.settings import GateSettings
 from validation.quality import check_quality
 from validation.results import Outcome
 

@@ -19,16 +19,16 @@ from ts.model_loader import TsModelLoader
 from ts.protocol import otf_message_handler
 from ts.utils.util import PredictionException
 
-from deployments import handler as handler_module
-from deployments.handler import (
-    CHAOS_ERROR,
+from canaryflow.core.serving_contract import (
     META_FILE,
     PREDICTION_HEADER,
     VERSION_HEADER,
-    CanaryflowHandler,
     ServingMeta,
     prediction_summary,
 )
+from deployments import archive
+from deployments.chaos_handler import CHAOS_ERROR, ChaosHandler
+from deployments.handler import CanaryflowHandler
 
 FEATURES = ["a", "b", "c", "d"]
 ROWS = [[0.5, -1.0, 2.0, 0.0], [1.0, 1.0, 1.0, 1.0], [-3.0, 0.25, 0.0, 7.0]]
@@ -72,7 +72,9 @@ def make_context(model_dir: Path) -> Context:
 
 
 def load(model_dir: Path) -> tuple[CanaryflowHandler, Context]:
-    handler, context = CanaryflowHandler(), make_context(model_dir)
+    """The handler the archiver would ship for this bundle (the chaos subclass only for a chaos build)."""
+    chaos = ServingMeta.load(model_dir / META_FILE).chaos
+    handler, context = (ChaosHandler() if chaos else CanaryflowHandler()), make_context(model_dir)
     handler.initialize(context)
     return handler, context
 
@@ -420,15 +422,20 @@ def test_torchserve_loader_and_service_use_our_entry_point(bundle: Path, tmp_pat
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Load the way TorchServe 0.12 does (handler file in the model dir) and predict through its Service."""
     model_dir = Path(shutil.copytree(bundle, tmp_path / "mar"))
-    shutil.copy(handler_module.__file__, model_dir / "handler.py")
+    handler_file, serving_files = archive.handler_files([model_dir / META_FILE])
+    for path in [handler_file, *serving_files]:  # as torch-model-archiver lays them out in the model dir
+        shutil.copy(path, model_dir / path.name)
     monkeypatch.syspath_prepend(str(model_dir))
-    monkeypatch.delitem(sys.modules, "handler", raising=False)
+    for name in ("handler", "serving_contract", "serving_request"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
     metrics = MetricsCacheYamlImpl(config_file_path=str(Path(otf_message_handler.__file__).parents[1]
                                                          / "configs" / "metrics.yaml"))
     metrics.initialize_cache()
     try:
         service = TsModelLoader().load("iris", str(model_dir), "handler.py", None, 1, metrics_cache=metrics)
-        assert sys.modules["handler"]._handler.initialized  # the load call went through handle(None, ctx)
+        assert sys.modules["handler"].handle.handler.initialized  # the load call went through handle(None, ctx)
+        # the archived serving modules were imported from the model dir, not from the repository
+        assert Path(sys.modules["handler"].contract.__file__).parent == model_dir
         service.set_cl_socket(None)
 
         def request(body: bytes) -> dict[str, Any]:
@@ -441,7 +448,8 @@ def test_torchserve_loader_and_service_use_our_entry_point(bundle: Path, tmp_pat
         assert (code, status, headers[VERSION_HEADER]) == (200, 200, "7")
         assert len(json.loads(body)["predictions"]) == 3
     finally:
-        sys.modules.pop("handler", None)
+        for name in ("handler", "serving_contract", "serving_request"):
+            sys.modules.pop(name, None)
 
 
 def make_onnx_bundle(root: Path, model: torch.nn.Module, export_batch: int = 2, dynamic: bool = True,
@@ -541,9 +549,9 @@ PINNED = {"X-Canaryflow-Pinned": "1"}
 
 def test_no_chaos_costs_nothing(bundle: Path) -> None:
     handler, context = load(bundle)
-    assert handler.chaos is None
+    assert type(handler) is CanaryflowHandler and not hasattr(handler, "chaos")
     predict(handler, context, wire(rows_body(ROWS)))
-    assert not hasattr(handler, "_chaos_batch")
+    assert archive.handler_files([bundle / META_FILE])[0] == archive.HANDLER_FILE  # production builds
 
 
 def test_chaos_errors_answer_500_and_the_handler_lives_on(tmp_path: Path, model: TinyModel) -> None:
@@ -622,6 +630,6 @@ def test_chaos_permute_rolls_every_row(tmp_path: Path, model: TinyModel) -> None
 def test_chaos_is_off_for_parity_checks(tmp_path: Path, model: TinyModel) -> None:
     bundle = make_bundle(tmp_path, model, chaos={"permute": True, "error_ratio": 1.0})
     local = CanaryflowHandler.for_bundle(bundle)
-    assert local.chaos is None
+    assert archive.handler_files([bundle / META_FILE])[0] == archive.CHAOS_HANDLER_FILE  # only a chaos build
     torch.testing.assert_close(torch.from_numpy(local.probabilities(torch.tensor(ROWS).numpy())),
                                softmax(model, ROWS))

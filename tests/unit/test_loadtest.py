@@ -19,11 +19,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from canaryflow import calibration, gates
-from canaryflow.errors import GateFailed
-from canaryflow.registry import VersionInfo
-from canaryflow.release import ReleaseState
-from canaryflow.settings import LoadTestSettings, Settings
+from canaryflow.core.errors import GateFailed
+from canaryflow.core.registry import VersionInfo
+from canaryflow.core.settings import LoadTestSettings, Settings
+from canaryflow.release import calibration, gates
+from canaryflow.release.steps import ReleaseState
 from deployments import loadtest, loadtest_gate
 from deployments.loadtest import (
     LoadTestResult,

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from test_ramp_ops import Source, info, released, services, state
 
-from canaryflow import ramp, rollback
-from canaryflow.locks import FileLocks, LockTimeout, StatusConflict, lock_file_name
-from canaryflow.registry import STATUS_TAG
+from canaryflow.core.locks import FileLocks, LockTimeout, StatusConflict, lock_file_name
+from canaryflow.core.registry import STATUS_TAG
+from canaryflow.release import ramp, rollback
 from deployments.canary import Action, Phase
 from deployments.metrics import Window
 

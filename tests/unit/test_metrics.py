@@ -10,9 +10,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from canaryflow.errors import MetricsSourceError
+from canaryflow.core.errors import MetricsSourceError
+from canaryflow.core.serving_contract import parse_prediction
 from deployments import metrics as metrics_mod
-from deployments.metrics import AccessLogMetrics, MetricsSource, VersionWindow, Window, parse_prediction
+from deployments.metrics import AccessLogMetrics, MetricsSource, VersionWindow, Window
 
 T0 = 1_800_000_000.0
 

@@ -10,10 +10,11 @@ import pytest
 import torch
 from sklearn.datasets import load_breast_cancer
 
-from canaryflow.optimization import COLUMNS, _choose, optimize_pytorch, write_reports
-from canaryflow.packaging import InputContract
-from canaryflow.settings import OptimizationSettings
-from deployments.handler import CanaryflowHandler, ServingMeta
+from canaryflow.core.serving_contract import ServingMeta
+from canaryflow.core.settings import OptimizationSettings
+from canaryflow.model.optimization import COLUMNS, _choose, optimize_pytorch, write_reports
+from canaryflow.model.packaging import InputContract
+from deployments.handler import CanaryflowHandler
 
 SETTINGS = OptimizationSettings(bench_repeats=10)
 ALL = ["torch_fp32", "onnx_fp32", "onnx_int8", "torch_int8"]

@@ -1,5 +1,5 @@
-"""Pairwise canary analysis: the statistics (deployments/pairwise.py) and the replay's I/O (canaryflow/replay.py)
-with a fake serving backend on real files."""
+"""Pairwise canary analysis: the statistics (deployments/pairwise.py) and the replay's I/O
+(canaryflow/release/replay.py) with a fake serving backend on real files."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from canaryflow import replay
-from canaryflow.errors import ServingError
-from canaryflow.settings import CanarySettings, Settings
+from canaryflow.core.errors import ServingError
+from canaryflow.core.settings import CanarySettings, Settings
+from canaryflow.release import replay
 from deployments.canary import start
 from deployments.pairwise import Pair, PairSample, checks, segments, wilson
 from validation.results import Outcome

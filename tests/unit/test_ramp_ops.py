@@ -10,12 +10,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from canaryflow import ramp, reconcile, rollback
-from canaryflow.errors import RegistryError
-from canaryflow.paths import StatePaths
-from canaryflow.registry import STATUS_TAG, VersionInfo
-from canaryflow.release import ReleaseState
-from canaryflow.settings import CanarySettings, Settings
+from canaryflow.core.errors import RegistryError
+from canaryflow.core.paths import StatePaths
+from canaryflow.core.registry import STATUS_TAG, VersionInfo
+from canaryflow.core.settings import CanarySettings, Settings
+from canaryflow.release import ramp, reconcile, rollback
+from canaryflow.release.steps import ReleaseState
 from deployments.canary import Action, Decision, Phase, start
 from deployments.metrics import VersionWindow, Window
 
@@ -330,7 +330,7 @@ def test_reconcile_repairs_router_weights_that_disagree_with_the_record(tmp_path
 
 
 def test_a_release_stopped_mid_ramp_puts_all_traffic_back_before_unregistering(tmp_path: Path) -> None:
-    from canaryflow.release import stop
+    from canaryflow.release.steps import stop
 
     svc = services(tmp_path, {"1": released("1"), "2": info("2")}, route={"stable": "1", "canary": "2",
                                                                          "weight": 25.0}, champion="1")

@@ -10,10 +10,11 @@ from pathlib import Path
 
 from test_ramp_ops import NOW, FakeLauncher, info, released, services
 
-from canaryflow import keywatch, ramp, reconcile
-from canaryflow.paths import StatePaths
-from canaryflow.registry import REASON_TAG, STATUS_TAG
-from canaryflow.settings import CanarySettings, ReconcileSettings
+from canaryflow.core.paths import StatePaths
+from canaryflow.core.registry import REASON_TAG, STATUS_TAG
+from canaryflow.core.settings import CanarySettings, ReconcileSettings
+from canaryflow.local import keywatch
+from canaryflow.release import ramp, reconcile
 from deployments.canary import start
 
 

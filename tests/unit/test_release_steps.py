@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from canaryflow import release
-from canaryflow.errors import CanaryRolledBack, GateFailed
-from canaryflow.locks import StatusConflict
-from canaryflow.packaging import export_pytorch
-from canaryflow.paths import StatePaths
-from canaryflow.registry import REASON_TAG, STATUS_TAG, VersionInfo
-from canaryflow.settings import Settings
+from canaryflow.core.errors import CanaryRolledBack, GateFailed
+from canaryflow.core.locks import StatusConflict
+from canaryflow.core.paths import StatePaths
+from canaryflow.core.registry import REASON_TAG, STATUS_TAG, VersionInfo
+from canaryflow.core.settings import Settings
+from canaryflow.model.packaging import export_pytorch
+from canaryflow.release import steps as release
 
 
 @dataclass

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from canaryflow.errors import ServingError
-from canaryflow.paths import StatePaths
-from canaryflow.settings import Ports, Settings
+from canaryflow.core.errors import ServingError
+from canaryflow.core.paths import StatePaths
+from canaryflow.core.settings import Ports, Settings
 from deployments import router as router_mod
 from deployments.router import SHADOW_URI, NginxRouter, TrafficRouter, validate_routes
 

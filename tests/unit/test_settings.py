@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from canaryflow.settings import Settings, get_settings, reset_settings
+from canaryflow.core.settings import Settings, get_settings, reset_settings
 
 
 def test_defaults_match_the_documented_ports() -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import configparser
 from pathlib import Path
 
-from canaryflow.paths import StatePaths
-from canaryflow.supervisor import Program, render_config
+from canaryflow.core.paths import StatePaths
+from canaryflow.local.supervisor import Program, render_config
 
 
 def test_render_config_has_private_socket_and_group_stop(tmp_path: Path) -> None:

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from ts.context import Context, RequestProcessor
 
-from canaryflow.packaging import input_contract
-from canaryflow.settings import OptimizationSettings
-from canaryflow.tf_convert import keras_output_kind, load_tensorflow, optimize_tensorflow, tf_predict
+from canaryflow.core.settings import OptimizationSettings
+from canaryflow.model.packaging import input_contract
+from canaryflow.model.tf_convert import keras_output_kind, load_tensorflow, optimize_tensorflow, tf_predict
 from deployments.handler import CanaryflowHandler
 
 N_FEATURES = 5
@@ -93,7 +93,7 @@ def test_normalization_layer_constants_are_frozen_into_the_graph(tmp_path: Path)
     import onnxruntime as ort
     import tensorflow as tf
 
-    from canaryflow.tf_convert import to_onnx
+    from canaryflow.model.tf_convert import to_onnx
 
     x = np.random.default_rng(0).random((50, 30)).astype("float32")
     model = tf.keras.Sequential([tf.keras.Input(shape=(30,)),

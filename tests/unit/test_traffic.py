@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from canaryflow.datasets import load_traffic
+from canaryflow.model.datasets import load_traffic
 from deployments.handler import TrafficSample
 
 
@@ -40,11 +40,14 @@ def test_load_traffic_reads_newest_rows_and_skips_other_widths(tmp_path: Path) -
 def test_pinned_requests_are_not_sampled(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
-    from deployments.handler import CanaryflowHandler, _pinned
+    from canaryflow.core.serving_contract import PINNED_HEADER
+    from deployments.handler import CanaryflowHandler
+    from deployments.serving_request import marked
 
     headers = [{"X-Canaryflow-Pinned": "1"}, {"content-type": "application/json"}]
     ctx = SimpleNamespace(get_all_request_header=lambda idx: headers[idx])
-    assert _pinned(ctx, 0) and not _pinned(ctx, 1) and not _pinned(None, 0)
+    pinned = [marked(ctx, 0, PINNED_HEADER), marked(ctx, 1, PINNED_HEADER), marked(None, 0, PINNED_HEADER)]
+    assert pinned == [True, False, False]
     handler = CanaryflowHandler()
     handler.traffic = TrafficSample(str(tmp_path / "m.jsonl"))
     handler.context = ctx

@@ -8,9 +8,9 @@ import uuid
 
 import pytest
 
-from canaryflow.paths import StatePaths
-from canaryflow.settings import Settings
-from canaryflow.webhook import (
+from canaryflow.core.paths import StatePaths
+from canaryflow.core.settings import Settings
+from canaryflow.intake.webhook import (
     DELIVERY_ID_HEADER,
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,

@@ -1,0 +1,132 @@
+"""Per-model serialization of state changes: the ramp, a rollback, reconcile's repairs and a retirement of one
+model never interleave.
+
+Locally the lock is an ``fcntl.flock`` on ``<state>/locks/<slug>-<sha256>.lock`` (the model name is untrusted: it
+never becomes a path itself). On Kubernetes a Lease can implement the same :class:`ModelLocks` protocol. Waits are
+bounded: past ``timeout_s`` a :class:`LockTimeout` says who waited for what and for how long.
+
+The lock is re-entrant per thread (a rollback that aborts a ramp takes it twice); two threads, or two processes,
+holding the same model's lock exclude each other, because each acquisition opens its own file description.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import Any, Protocol
+
+from canaryflow.core.errors import CanaryflowError
+from canaryflow.core.paths import model_file_name
+
+DEFAULT_TIMEOUT_S = 180.0  # above TorchServe's 120 s registration timeout: a rollback may register a version
+_POLL_S = 0.05
+
+
+class LockTimeout(CanaryflowError):
+    """Another release step held the model's lock for longer than the wait allowed."""
+
+
+class StatusConflict(CanaryflowError):
+    """A ramp status write lost a compare-and-set: someone else wrote the status since the writer read it."""
+
+    def __init__(self, message: str, persisted: Any = None) -> None:
+        super().__init__(message)
+        self.persisted = persisted
+
+
+class ModelLocks(Protocol):
+    """A mutual-exclusion lock per registered model (a file lock locally, a Lease on Kubernetes)."""
+
+    def hold(self, model: str, why: str = "") -> AbstractContextManager[None]: ...
+
+
+def lock_file_name(model: str) -> str:
+    """A file name for ``model`` that cannot escape the lock directory or collide with another model's."""
+    return model_file_name(model, ".lock")
+
+
+class FileLocks:
+    """``fcntl.flock`` locks under one directory; re-entrant within a thread, exclusive across threads and
+    processes."""
+
+    def __init__(self, directory: Path, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        self.directory = directory
+        self.timeout_s = timeout_s
+        self._local = threading.local()
+
+    def path(self, model: str) -> Path:
+        return self.directory / lock_file_name(model)
+
+    def _held(self) -> dict[str, int]:
+        if not hasattr(self._local, "held"):
+            self._local.held = {}
+        return self._local.held
+
+    @contextmanager
+    def hold(self, model: str, why: str = "") -> Iterator[None]:
+        """Hold ``model``'s lock for the ``with`` block; raises :class:`LockTimeout` after ``timeout_s``."""
+        held = self._held()
+        if held.get(model):
+            held[model] += 1
+            try:
+                yield
+            finally:
+                held[model] -= 1
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.path(model)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            self._acquire(fd, model, why, path)
+            held[model] = 1
+            try:
+                yield
+            finally:
+                held.pop(model, None)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    def _acquire(self, fd: int, model: str, why: str, path: Path) -> None:
+        started = time.monotonic()
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                waited = time.monotonic() - started
+                if waited >= self.timeout_s:
+                    raise LockTimeout(
+                        f"waited {waited:.1f} s for the state lock of model {model!r} ({path}) to "
+                        f"{why or 'change its serving state'}; limit {self.timeout_s:g} s. Another release step "
+                        "(ramp analysis, rollback, reconcile, retire) holds it; retry when it is done") from None
+                time.sleep(_POLL_S)
+
+
+_shared: dict[tuple[Path, float], FileLocks] = {}
+_shared_guard = threading.Lock()
+
+
+def model_locks(svc: Any) -> ModelLocks:
+    """The lock provider of a set of services: ``svc.locks`` when it has one, else file locks under the state
+    dir (one instance per directory, so re-entrancy is seen across callers in the same process)."""
+    locks = getattr(svc, "locks", None)
+    if locks is not None:
+        return locks
+    settings = getattr(svc, "settings", None)
+    timeout = getattr(getattr(settings, "reconcile", None), "lock_timeout_s", DEFAULT_TIMEOUT_S)
+    key = (svc.paths.root / "locks", float(timeout))
+    with _shared_guard:
+        if key not in _shared:
+            _shared[key] = FileLocks(*key)
+        return _shared[key]
+
+
+def hold(svc: Any, model: str, why: str = "") -> AbstractContextManager[None]:
+    """Shorthand: hold ``model``'s state lock of ``svc``."""
+    return model_locks(svc).hold(model, why)

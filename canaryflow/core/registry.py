@@ -1,0 +1,208 @@
+"""The model registry (MLflow): versions, aliases, tags, and the release run of each version."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from canaryflow.core.errors import RegistryError
+
+STATUS_TAG = "canaryflow.status"
+REASON_TAG = "canaryflow.reason"
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """What the release needs to know about one registered version."""
+
+    name: str
+    version: str
+    source: str
+    run_id: str | None
+    tags: dict[str, str] = field(default_factory=dict)
+    aliases: list[str] = field(default_factory=list)
+    created_ms: int = 0  # registration time (epoch ms)
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+class Registry(Protocol):
+    """The registry operations a release uses (MLflow is the real one)."""
+
+    def get_version(self, name: str, version: str) -> VersionInfo: ...
+    def alias_version(self, name: str, alias: str) -> str | None: ...
+    def set_alias(self, name: str, alias: str, version: str) -> None: ...
+    def set_tags(self, name: str, version: str, tags: dict[str, str]) -> None: ...
+    def model_tags(self, name: str) -> dict[str, str]:
+        """Tags of the registered model (where a per-model policy lives)."""
+        return dict(self.client.get_registered_model(name).tags or {})
+
+    def model_meta(self, name: str, version: str, dst: Path) -> Any:
+        """The version's MLmodel (signature, flavors) without downloading the weights."""
+        import mlflow.artifacts
+        from mlflow.models import Model
+
+        dst.mkdir(parents=True, exist_ok=True)
+        path = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}/MLmodel",
+                                                   dst_path=str(dst), tracking_uri=self.tracking_uri)
+        return Model.load(path)
+
+    def download(self, name: str, version: str, dst: Path) -> Path: ...
+
+
+class MlflowRegistry:
+    """Registry on an MLflow tracking server."""
+
+    def __init__(self, tracking_uri: str) -> None:
+        from mlflow import MlflowClient  # heavy; imported when a registry is actually used
+
+        self.tracking_uri = tracking_uri
+        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+    def get_version(self, name: str, version: str) -> VersionInfo:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            mv = self.client.get_model_version(name, str(version))
+        except MlflowException as exc:
+            raise RegistryError(f"model {name!r} version {version} is not in the registry at "
+                                f"{self.tracking_uri}: {exc.message}") from exc
+        return _info(mv)
+
+    def alias_version(self, name: str, alias: str) -> str | None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return str(self.client.get_model_version_by_alias(name, alias).version)
+        except MlflowException:
+            return None
+
+    def set_alias(self, name: str, alias: str, version: str) -> None:
+        self.client.set_registered_model_alias(name, alias, str(version))
+
+    def delete_alias(self, name: str, alias: str) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.delete_registered_model_alias(name, alias)
+        except MlflowException:
+            pass  # not set: nothing to delete
+
+    def list_models(self) -> list[str]:
+        """Names of every registered model."""
+        names, token = [], None
+        while True:
+            page = self.client.search_registered_models(max_results=200, page_token=token)
+            names += [m.name for m in page]
+            token = page.token
+            if not token:
+                return names
+
+    def list_versions(self, name: str) -> list[VersionInfo]:
+        """Every version of a registered model, with tags and creation time."""
+        escaped = name.replace("'", "''")
+        return [_info(mv) for mv in self.client.search_model_versions(f"name = '{escaped}'", max_results=10000)]
+
+    def set_model_tag(self, name: str, key: str, value: str) -> None:
+        self.client.set_registered_model_tag(name, key, value[:5000])
+
+    def set_tags(self, name: str, version: str, tags: dict[str, str]) -> None:
+        # One call per tag: the status goes last, so whoever sees a final status also sees its reason.
+        for key, value in sorted(tags.items(), key=lambda kv: kv[0] == STATUS_TAG):
+            self.client.set_model_version_tag(name, str(version), key, str(value)[:5000])
+
+    def model_tags(self, name: str) -> dict[str, str]:
+        """Tags of the registered model (where a per-model policy lives)."""
+        return dict(self.client.get_registered_model(name).tags or {})
+
+    def model_meta(self, name: str, version: str, dst: Path) -> Any:
+        """The version's MLmodel (signature, flavors) without downloading the weights."""
+        import mlflow.artifacts
+        from mlflow.models import Model
+
+        dst.mkdir(parents=True, exist_ok=True)
+        path = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}/MLmodel",
+                                                   dst_path=str(dst), tracking_uri=self.tracking_uri)
+        return Model.load(path)
+
+    def download(self, name: str, version: str, dst: Path) -> Path:
+        import mlflow.artifacts
+
+        dst.mkdir(parents=True, exist_ok=True)
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}",
+                                                        dst_path=str(dst), tracking_uri=self.tracking_uri))
+
+    def release_run(self, experiment: str, name: str, version: str) -> str:
+        """The MLflow run that records this version's release; reused when the release is re-run."""
+        exp = self.client.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        query = f"tags.`canaryflow.model` = '{name}' and tags.`canaryflow.version` = '{version}'"
+        runs = self.client.search_runs([exp_id], filter_string=query, max_results=1)
+        if runs:
+            return runs[0].info.run_id
+        run = self.client.create_run(exp_id, run_name=f"release-{name}-v{version}",
+                                     tags={"canaryflow.model": name, "canaryflow.version": str(version)})
+        return run.info.run_id
+
+    def log_to_run(self, run_id: str, *, params: dict[str, Any] | None = None,
+                   metrics: dict[str, float] | None = None, files: list[Path] | None = None,
+                   artifact_path: str | None = None) -> None:
+        """Params, metrics and files on a run.
+
+        MLflow params are immutable, so on a re-run a param whose value changed is written as a tag instead.
+        """
+        existing = self.client.get_run(run_id).data.params
+        for key, value in (params or {}).items():
+            if key not in existing:
+                self.client.log_param(run_id, key, value)
+            elif existing[key] != str(value):
+                self.client.set_tag(run_id, f"rerun.{key}", str(value))
+        for key, value in (metrics or {}).items():
+            self.client.log_metric(run_id, key, float(value))
+        for path in files or []:
+            self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def log_step(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        """Metrics of one step of a series (the canary's analyses), in one call."""
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def record_run(self, experiment: str, run_name: str, tags: dict[str, str], params: dict[str, str]) -> str:
+        """A finished run that records an event (a rollback) next to the releases in the MLflow UI."""
+        exp = self.client.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        run_id = self.client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+        for key, value in params.items():
+            self.client.log_param(run_id, key, value)
+        self.client.set_terminated(run_id, "FINISHED")
+        return run_id
+
+    def run_url(self, run_id: str) -> str:
+        """The run's page in the MLflow UI."""
+        exp_id = self.client.get_run(run_id).info.experiment_id
+        return f"{self.tracking_uri}/#/experiments/{exp_id}/runs/{run_id}"
+
+    def finish_run(self, run_id: str, status: str) -> None:
+        self.client.set_terminated(run_id, status=status)
+
+
+def _info(mv: Any) -> VersionInfo:
+    return VersionInfo(mv.name, str(mv.version), mv.source, mv.run_id, dict(mv.tags or {}), list(mv.aliases or []),
+                       int(mv.creation_timestamp or 0))
+
+
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file, streamed."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,275 @@
+"""One settings tree for canaryflow (pydantic-settings, env prefix ``CANARYFLOW_``, nested with ``__``).
+
+Examples: ``CANARYFLOW_STATE_DIR=/tmp/cf``, ``CANARYFLOW_PORTS__ROUTER=18000``,
+``CANARYFLOW_SERVING__MAX_BATCH_ROWS=512``. Nothing is read until :func:`get_settings` is called.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Ports(BaseModel):
+    """Every TCP port the local stack binds, all on ``Settings.host``."""
+
+    router: int = 8000
+    mlflow: int = 5000
+    prefect: int = 4200
+    torchserve_inference: int = 8080
+    torchserve_management: int = 8081
+    torchserve_metrics: int = 8082
+    torchserve_grpc_inference: int = 7070
+    torchserve_grpc_management: int = 7071
+    torchserve_worker_base: int = 9000
+    bridge: int = 8090
+
+
+class ServingSettings(BaseModel):
+    """How models are served by TorchServe and the router."""
+
+    max_batch_rows: int = Field(1024, ge=1, description="rows per request; more is a 400")
+    workers_per_version: int = Field(1, ge=1)
+    response_timeout_s: int = Field(30, ge=1)
+    # TorchServe keys expire; the router holds the inference key, so it must outlive a working session.
+    token_expiration_min: int = Field(7 * 24 * 60, ge=1)
+    warmup_requests: int = Field(20, ge=0)
+    java_heap_mb: int = Field(512, ge=128)
+
+
+class PrefectSettings(BaseModel):
+    """Names of the Prefect objects canaryflow creates."""
+
+    work_pool: str = "canaryflow"
+    release_deployment: str = "release/release"
+    poll_frequency_s: int = Field(2, ge=1)
+
+
+class WebhookSettings(BaseModel):
+    """The MLflow -> Prefect bridge."""
+
+    name: str = "canaryflow-release"
+    tolerance_s: int = Field(300, ge=1, description="max clock skew of X-MLflow-Timestamp")
+    secret: str | None = Field(None, description="HMAC secret; generated into the state dir when unset")
+
+
+class FeedbackSettings(BaseModel):
+    """The bridge's feedback endpoint: labels for answers the router already gave (``POST /feedback/<model>``)."""
+
+    token: str | None = Field(None, description="bearer token; generated into the state dir when unset")
+    max_items: int = Field(1000, ge=1, description="labels per request, at most")
+    index_answers: int = Field(200_000, ge=1000, description="recent router answers a label can refer to")
+    answer_wait_s: float = Field(3.0, ge=0, le=30, description="a label for an answer not yet in the router's log "
+                                                              "waits this long for it before a 404")
+
+
+class ReleaseSettings(BaseModel):
+    """The release flow."""
+
+    experiment: str = "canaryflow-releases"
+    champion_alias: str = "champion"
+    previous_alias: str = "previous"
+    smoke_rows: int = Field(8, ge=1)
+
+
+class GateSettings(BaseModel):
+    """Thresholds of the release gates; per model they can be overridden by the registered model's tag
+    ``canaryflow.policy`` (a JSON object with the same keys), see :func:`canaryflow.policy.gate_policy`."""
+
+    allow_contract_change: bool = False
+    label_column: str = "label"
+    # data gate (Great Expectations): share of failed expectations allowed on the holdout
+    data_max_failed_ratio: float = Field(0.0, ge=0, le=1)
+    # drift gate (Evidently): share of drifted feature columns allowed, and the per-column test threshold
+    drift_max_share: float = Field(0.5, ge=0, le=1)
+    drift_stattest_threshold: float | None = None
+    # once this many served rows were sampled for the model, the reference is also compared with live traffic
+    drift_min_traffic_rows: int = Field(200, ge=1)
+    # quality gate: metric on the holdout; absolute floor, and allowed drop against the champion
+    quality_metric: str = "accuracy"
+    quality_min: float = Field(0.7, ge=0, le=1)
+    quality_max_abs_drop: float = Field(0.02, ge=0)
+    quality_max_rel_drop: float = Field(0.05, ge=0)
+    # the candidate's holdout is cross-checked against the champion's holdout (and an operator-owned evaluation
+    # set: a Parquet path with the feature and label columns); sets that disagree by more than this are refused
+    quality_max_contradiction: float = Field(0.2, ge=0)
+    evaluation_set: str | None = None
+
+
+class OptimizationSettings(BaseModel):
+    """Which serving variants to build and how closely they must agree with the fp32 reference."""
+
+    variants: list[str] = ["torch_fp32", "onnx_fp32", "onnx_int8", "torch_int8"]
+    min_argmax_agreement: float = Field(0.99, ge=0, le=1)
+    max_abs_diff: float = Field(0.05, ge=0, description="max |p_variant - p_fp32| over the holdout")
+    bench_repeats: int = Field(200, ge=10)
+    bench_budget_s: float = Field(3.0, gt=0, description="seconds of micro-benchmark per variant and batch size")
+    # a variant must beat the fp32 baseline by this factor to be preferred (noise guard)
+    min_speedup: float = Field(1.05, ge=1)
+
+
+class LoadTestSettings(BaseModel):
+    """The locust load test of a staged candidate, and its gates."""
+
+    users: int = Field(8, ge=1)
+    spawn_rate: float = Field(8, gt=0)
+    duration_s: int = Field(10, ge=2)
+    rows_per_request: int = Field(1, ge=1)
+    target_rps: float = Field(100.0, ge=0, description="offered load, spread over the users; 0 = closed loop")
+    max_p95_ms: float = Field(50.0, gt=0)
+    max_failure_ratio: float = Field(0.01, ge=0, le=1)
+    min_rps: float = Field(50.0, ge=0)
+    # A peer (the champion, or a stack-owned calibration model) is loaded in the same locust run: a busy machine
+    # slows both, a slow model only the candidate.
+    max_p95_ratio: float = Field(2.0, ge=1, description="candidate p95 over the champion's (+ p95_slack_ms)")
+    p95_slack_ms: float = Field(10.0, ge=0)
+    peer_busy_share: float = Field(0.5, gt=0, le=1, description="peer p95 above this share of max_p95_ms: "
+                                                                 "the machine is busy")
+    attempts: int = Field(3, ge=1, le=10, description="measurements while the outcome is inconclusive or error")
+    retry_pause_s: float = Field(5.0, ge=0, le=300)
+    busy_max_ratio: float = Field(3.0, ge=1, description="on a busy machine: candidate p95 within peer p95 x this "
+                                                          "+ p95_slack_ms (the machine stretches every answer)")
+    on_busy: Literal["relative", "fail"] = Field(
+        "relative", description="when every attempt found the machine busy: judge the candidate against the peer "
+                                "of the same window (relative), or end the release as failed (fail)")
+
+
+class CanarySettings(BaseModel):
+    """The canary ramp and its analysis (deployments/canary.py); per model overridable like the gates."""
+
+    steps: list[float] = Field([5, 25, 50, 100], description="candidate traffic share per step, percent")
+    shadow: bool = Field(False, description="mirror traffic to the candidate (champion answers) before step 1")
+    interval_s: float = Field(30.0, gt=0, description="seconds between analyses")
+    min_requests: int = Field(50, ge=1, description="per version and step, before a check means anything")
+    step_deadline_s: float = Field(600.0, gt=0, description="a step still inconclusive after this rolls back")
+    deadline_s: float = Field(3600.0, gt=0, description="the whole ramp; past it the candidate is rolled back")
+    max_error_ratio: float = Field(0.01, ge=0, le=1, description="5xx and timeouts over requests")
+    max_p95_ms: float = Field(50.0, gt=0)
+    max_p95_ratio: float = Field(1.5, ge=1, description="candidate p95 over champion p95 (+ p95_slack_ms)")
+    p95_slack_ms: float = Field(5.0, ge=0)
+    latency_alpha: float = Field(0.01, gt=0, lt=1, description="Mann-Whitney U: candidate slower at 1-alpha")
+    latency_min_shift_ms: float = Field(2.0, ge=0, description="median shift below this is not a failure")
+    drift_metric: str = Field("psi", pattern="^(psi|wasserstein)$")
+    max_prediction_drift: float = Field(0.2, ge=0, description="PSI of predicted classes (or Wasserstein of scores)")
+    min_shadow_agreement: float = Field(0.95, ge=0, le=1)
+    # pairwise replay (canaryflow/release/replay.py, deployments/pairwise.py): live rows answered by both versions
+    replay: bool = Field(True, description="replay recent live rows to champion and candidate at each analysis")
+    replay_rows: int = Field(1000, ge=1, description="new live rows replayed per analysis, at most")
+    replay_batch_rows: int = Field(100, ge=1, description="rows per replay request")
+    min_pairs: int = Field(100, ge=1, description="distinct replayed rows before agreement is judged")
+    min_pair_agreement: float = Field(0.95, ge=0, le=1, description="same class on the same row")
+    min_segment_pairs: int = Field(20, ge=1, description="pairs in a segment before it is judged")
+    min_segment_agreement: float = Field(0.8, ge=0, le=1, description="agreement in every segment")
+    pair_alpha: float = Field(0.05, gt=0, lt=1, description="confidence 1-alpha of the agreement bounds")
+    max_mean_prob_delta: float = Field(0.2, ge=0, le=1, description="mean of max |p_candidate - p_champion|")
+    # live accuracy from labels sent to the feedback endpoint (deployments/metrics.py joins them to the answers)
+    feedback: str = Field("auto", pattern="^(auto|required|off)$",
+                          description="auto: judged once min_feedback_labels per version arrived in the window; "
+                                      "required: inconclusive (the step holds) until then; off: never")
+    min_feedback_labels: int = Field(50, ge=1, description="labelled rows per version before accuracy is judged")
+    max_accuracy_drop: float = Field(0.05, ge=0, le=1, description="candidate accuracy below champion's by more")
+    accuracy_alpha: float = Field(0.05, gt=0, lt=1, description="Fisher's exact test: candidate less accurate")
+    max_failed_checks: int = Field(2, ge=1, description="failed analyses (not source errors) before rollback")
+    max_source_errors: int = Field(5, ge=1, description="metrics source failures in a row before rollback")
+    user_header: str = Field("X-User-Id", pattern=r"^[A-Za-z0-9-]{1,64}$", description="sticky assignment key")
+    bake_s: float = Field(120.0, ge=0, description="after 100%: the new champion is still analysed this long, the "
+                                                  "previous one kept registered; a failure rolls back (0: no watch)")
+    retire_grace_s: float = Field(30.0, ge=0, description="old champion stays registered this long after promotion")
+    allow_chaos: bool = Field(False, description="honour a version's canaryflow.chaos tag (fault injection)")
+
+
+class ReconcileSettings(BaseModel):
+    """The reconcile flow (canaryflow/release/reconcile.py), run on an interval by its Prefect deployment."""
+
+    missed_after_s: float = Field(60.0, ge=0, description="a version this old with no status missed its webhook")
+    max_attempts: int = Field(3, ge=1, description="release runs of one version before reconcile gives up on it")
+    # A release flow writes a heartbeat every heartbeat_s (and at each canary analysis); a RUNNING/PENDING run
+    # silent for longer than stale_after_s is taken as dead. Keep it above 5 x canary.interval_s.
+    stale_after_s: float = Field(300.0, gt=0, description="a run whose heartbeat is older than this has crashed")
+    heartbeat_s: float = Field(30.0, gt=0, description="how often a release flow writes its heartbeat")
+    lock_timeout_s: float = Field(180.0, gt=0, description="max wait for a model's state lock (canaryflow.locks)")
+
+
+class BatchSettings(BaseModel):
+    """Batch inference (canaryflow/batch/run.py, flows/batch_inference.py)."""
+
+    chunk_rows: int = Field(65536, ge=1)
+    on_bad_rows: str = Field("reject", pattern="^(reject|fail)$")
+    output_dir: Path = Field(Path("batch-output"), description="relative paths are under the state dir")
+    # the cron of the scheduled deployment in prefect.yaml (kept equal by a unit test; edit both)
+    schedule_cron: str = "0 2 * * *"
+    # what the scheduled deployment scores when its parameters do not say (unset: the run is skipped, not failed)
+    model: str | None = Field(None, description="registered model name")
+    input: str | None = Field(None, description="Parquet file or directory: local path or fsspec URI")
+    alias: str = "champion"
+    allow_unreleased: bool = Field(False, description="score a never-released version (exported, unoptimized)")
+    max_parallel: int = Field(2, ge=1, description="chunks scored at once; one more is read ahead")
+    score_rows: int = Field(8192, ge=1, description="rows per model call (torch.export: at most its max batch)")
+    row_expectations: bool = Field(True, description="reject rows outside the release's expectation ranges")
+    drift_sample_rows: int = Field(10000, ge=100, description="scored rows sampled for the drift report")
+    experiment: str = "canaryflow-batch"
+    dask_address: str | None = Field(None, description="Dask scheduler (needs the [dask] extra); unset: threads")
+
+
+class Settings(BaseSettings):
+    """Root of the settings tree."""
+
+    model_config = SettingsConfigDict(env_prefix="CANARYFLOW_", env_nested_delimiter="__", extra="ignore")
+
+    host: str = "127.0.0.1"
+    state_dir: Path = Path(".canaryflow")
+    ports: Ports = Ports()
+    serving: ServingSettings = ServingSettings()
+    prefect: PrefectSettings = PrefectSettings()
+    webhook: WebhookSettings = WebhookSettings()
+    feedback: FeedbackSettings = FeedbackSettings()
+    release: ReleaseSettings = ReleaseSettings()
+    gates: GateSettings = GateSettings()
+    optimization: OptimizationSettings = OptimizationSettings()
+    loadtest: LoadTestSettings = LoadTestSettings()
+    canary: CanarySettings = CanarySettings()
+    reconcile: ReconcileSettings = ReconcileSettings()
+    batch: BatchSettings = BatchSettings()
+
+    @field_validator("host")
+    @classmethod
+    def _loopback_only(cls, value: str) -> str:
+        if not (value.startswith("127.") or value in {"localhost", "::1"}):
+            raise ValueError(f"host {value!r} is not a loopback address; the local stack binds loopback only")
+        return value
+
+    @field_validator("state_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    def url(self, port_name: str, path: str = "") -> str:
+        """``http://host:port`` of one of :class:`Ports` plus an optional path."""
+        return f"http://{self.host}:{getattr(self.ports, port_name)}{path}"
+
+    @property
+    def mlflow_uri(self) -> str:
+        return self.url("mlflow")
+
+    @property
+    def prefect_api_url(self) -> str:
+        return self.url("prefect", "/api")
+
+    @property
+    def router_url(self) -> str:
+        return self.url("router")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment on first use."""
+    return Settings()
+
+
+def reset_settings() -> None:
+    """Forget the cached settings (tests, and the CLI after it changes the environment)."""
+    get_settings.cache_clear()

@@ -1,0 +1,1 @@
+"""The embedded local stack: supervisord, the key watch, the demo."""

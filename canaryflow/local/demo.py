@@ -1,0 +1,247 @@
+"""`canaryflow demo`: train a small real classifier, register it, and watch the webhook release it."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import numpy as np
+
+from canaryflow.core.errors import StackError
+from canaryflow.core.registry import REASON_TAG, STATUS_TAG
+from canaryflow.core.settings import Settings
+
+DEMO_MODEL = "breast-cancer-classifier"
+FINAL = ("released", "rejected", "rolled_back", "failed")
+# The demo's ramp: shorter than the defaults (5/25/50/100 %, 30 s, 50 requests) so it ends in a few minutes.
+DEMO_CANARY = {"CANARYFLOW_CANARY__STEPS": "[10, 25, 50, 100]", "CANARYFLOW_CANARY__INTERVAL_S": "5",
+               "CANARYFLOW_CANARY__MIN_REQUESTS": "30", "CANARYFLOW_CANARY__RETIRE_GRACE_S": "5",
+               "CANARYFLOW_CANARY__BAKE_S": "10"}
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Rows whose feature ``column`` is above ``above``: rare in the holdout, common in the demo's live traffic."""
+
+    column: int
+    above: float
+    name: str
+
+    def describe(self) -> str:
+        return f"{self.name} (f{self.column}) > {self.above:g}"
+
+
+def rare_segment(x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, names: list[str],
+                 min_train_rows: int = 5) -> Segment:
+    """The feature region the holdout barely has (above its second-largest value) with the most mixed labels in
+    training: a feature that does not decide the class alone, so a fault there keeps the class balance."""
+    best: tuple[float, Segment] | None = None
+    for j in range(x_tr.shape[1]):
+        above = float(np.sort(x_te[:, j])[-2])
+        hit = x_tr[:, j] > above
+        if hit.sum() < min_train_rows:
+            continue
+        mixed = 1.0 - abs(float(y_tr[hit].mean()) - 0.5) * 2  # 1.0 = half and half
+        if best is None or mixed > best[0]:
+            best = (mixed, Segment(j, above, str(names[j])))
+    assert best is not None, "no feature has a rare region with training rows"
+    return best[1]
+
+
+def segment_rows(x_te: np.ndarray, y_te: np.ndarray, segment: Segment, n: int, seed: int = 0) -> np.ndarray:
+    """``n`` distinct rows in the segment: holdout rows whose one feature reads 1-15 % above the holdout's range
+    (a new source of live traffic, e.g. a scanner that reports that feature higher; the others keep their
+    distribution, so the drift gate sees one drifted column, not a new population). Half of each class, so a
+    fault that inverts the answers there keeps the class balance."""
+    rng = np.random.default_rng(seed)
+    picks = [rng.choice(np.flatnonzero(y_te == c), k, replace=False) for c, k in ((0, n // 2), (1, n - n // 2))]
+    rows = x_te[np.concatenate(picks)].copy()
+    rows[:, segment.column] = segment.above * rng.uniform(1.01, 1.15, n)
+    return rows.astype(np.float32)
+
+
+def live_rows(seed: int = 0, extra: int = 40) -> tuple[np.ndarray, Segment]:
+    """The demo's live traffic: the holdout rows plus ``extra`` rows from the rare segment (about a fifth)."""
+    rows, _, segment = labelled_live_rows(seed, extra)
+    return rows, segment
+
+
+def labelled_live_rows(seed: int = 0, extra: int = 40) -> tuple[np.ndarray, np.ndarray, Segment]:
+    """:func:`live_rows` with their true labels (a segment row keeps the class of the holdout row it came from:
+    only the reading of one feature moved)."""
+    from sklearn.datasets import load_breast_cancer
+
+    _, (x_tr, y_tr), (x_te, y_te), _ = train_classifier(seed, epochs=0)
+    segment = rare_segment(x_tr, y_tr, x_te, list(load_breast_cancer().feature_names))
+    labels = np.concatenate([y_te, np.repeat([0, 1], [extra // 2, extra - extra // 2])])
+    return np.concatenate([x_te, segment_rows(x_te, y_te, segment, extra, seed)]), labels, segment
+
+
+def train_classifier(seed: int = 0, epochs: int = 300,  # noqa: ANN201 - (module, train, holdout, accuracy)
+                     flip_labels: bool = False, fault: Segment | None = None):
+    """An MLP on scikit-learn's bundled breast-cancer data (no download); standardisation is in the model.
+
+    ``fault``: the trained model inverts its answers for rows in that segment (a bug in its own forward, e.g. a
+    feature pipeline that mis-scales values past the range it was tested on)."""
+    import torch
+    from sklearn.datasets import load_breast_cancer
+    from sklearn.model_selection import train_test_split
+
+    X, y = load_breast_cancer(return_X_y=True)
+    X = X.astype(np.float32)
+    if flip_labels:
+        y = 1 - y
+    # one fixed evaluation split (as a team would keep): versions differ by initialisation, not by holdout
+    X_tr, X_te, y_tr, y_te = train_test_split(X, y, test_size=0.25, random_state=0, stratify=y)
+    torch.manual_seed(seed)
+
+    class Classifier(torch.nn.Module):
+        def __init__(self, mean: np.ndarray, std: np.ndarray) -> None:
+            super().__init__()
+            self.register_buffer("mean", torch.from_numpy(mean))
+            self.register_buffer("std", torch.from_numpy(std))
+            self.net = torch.nn.Sequential(torch.nn.Linear(X.shape[1], 64), torch.nn.ReLU(),
+                                           torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 2))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net((x - self.mean) / self.std)
+
+    model = Classifier(X_tr.mean(axis=0), X_tr.std(axis=0) + 1e-6)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    xt, yt = torch.from_numpy(X_tr), torch.from_numpy(y_tr).long()
+    for _ in range(epochs):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(xt), yt).backward()
+        opt.step()
+    if fault is not None:
+        model = SegmentFault(model, fault.column, fault.above)
+    model.eval()
+    with torch.no_grad():
+        acc = float((model(torch.from_numpy(X_te)).argmax(1).numpy() == y_te).mean())
+    return model, (X_tr, y_tr), (X_te, y_te), acc
+
+
+def _segment_fault_class():  # noqa: ANN202 - torch is imported lazily (nothing at import time)
+    import torch
+
+    class _SegmentFault(torch.nn.Module):
+        """A model whose scores are reversed for rows with feature ``column`` > ``above``."""
+
+        def __init__(self, inner: torch.nn.Module, column: int, above: float) -> None:
+            super().__init__()
+            self.inner, self.column, self.above = inner, column, above
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.inner(x)
+            hit = (x[:, self.column] > self.above).unsqueeze(1)
+            return torch.where(hit, out.flip(1), out)
+
+    return _SegmentFault
+
+
+def SegmentFault(inner, column: int, above: float):  # noqa: ANN001, ANN201, N802 - a class built lazily
+    return _segment_fault_class()(inner, column, above)
+
+
+def register_model(tracking_uri: str, name: str = DEMO_MODEL, seed: int = 0, flip_labels: bool = False,
+                   tags: dict[str, Any] | None = None,
+                   fault: Segment | None = None) -> tuple[str, np.ndarray, float]:
+    """Train, log and register one version; returns (version, holdout rows, holdout accuracy).
+
+    ``tags`` are set on the version at its creation (values JSON-encoded unless strings), so the release the
+    webhook starts already sees them (e.g. ``canaryflow.chaos``).
+
+    ``flip_labels`` simulates a data bug upstream of training: the labels are inverted in the training AND the
+    holdout data: the quality gate's own-holdout comparison looks fine, and its cross-check on the champion's
+    holdout (gate ``quality_cross``) refuses it. ``fault``: see :func:`train_classifier`; every offline gate
+    passes (the holdout barely has the segment) and only the canary's pairwise replay sees it.
+    """
+    import mlflow
+    import torch
+    from mlflow.models import infer_signature
+
+    from canaryflow.model.datasets import frame, log_release_datasets
+
+    model, (X_tr, y_tr), (X_te, y_te), acc = train_classifier(seed, flip_labels=flip_labels, fault=fault)
+
+    with torch.no_grad():
+        logits = model(torch.from_numpy(X_te[:5])).numpy()
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment("canaryflow-demo")
+    with mlflow.start_run(run_name=f"train-{name}"):
+        mlflow.log_metric("holdout_accuracy", acc)
+        log_release_datasets(frame(X_tr, y_tr), frame(X_te, y_te))
+        info = mlflow.pytorch.log_model(model, name="model", signature=infer_signature(X_te[:5], logits),
+                                        input_example=X_te[:5])
+    encoded = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (tags or {}).items()}
+    mv = mlflow.register_model(info.model_uri, name, tags=encoded)
+    return str(mv.version), X_te, acc
+
+
+@dataclass
+class ReleaseOutcome:
+    status: str
+    reason: str
+    seconds: float
+
+
+def wait_for_release(tracking_uri: str, name: str, version: str, timeout_s: float = 600.0) -> ReleaseOutcome:
+    """Poll the version's canaryflow.status tag until the release ends."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        tags = client.get_model_version(name, version).tags
+        if tags.get(STATUS_TAG) in FINAL:
+            return ReleaseOutcome(tags[STATUS_TAG], tags.get(REASON_TAG, ""), time.monotonic() - started)
+        time.sleep(1)
+    raise StackError(f"no release of {name} v{version} finished within {timeout_s:.0f} s; "
+                     "check the Prefect UI and the worker log")
+
+
+def watch_release(tracking_uri: str, name: str, version: str, on_decision: Callable[[str], None],
+                  timeout_s: float = 900.0) -> ReleaseOutcome:
+    """Like :func:`wait_for_release`, calling ``on_decision`` with each canary analysis as it is persisted."""
+    from mlflow import MlflowClient
+
+    from deployments.canary import CanaryStatus
+
+    client = MlflowClient(tracking_uri)
+    started, seen = time.monotonic(), -1
+    while time.monotonic() - started < timeout_s:
+        tags = client.get_model_version(name, version).tags
+        raw = tags.get("canaryflow.canary")
+        if raw:
+            st = CanaryStatus.from_json(raw)
+            if st.iterations > seen:
+                seen = st.iterations
+                what = "start" if st.iterations == 0 else f"analysis {st.iterations}"
+                on_decision(f"{what}: {st.phase.value} at {st.weight:g}% - " + "; ".join(st.reasons or ["ramping"]))
+        if tags.get(STATUS_TAG) in FINAL:
+            return ReleaseOutcome(tags[STATUS_TAG], tags.get(REASON_TAG, ""), time.monotonic() - started)
+        time.sleep(1)
+    raise StackError(f"no release of {name} v{version} finished within {timeout_s:.0f} s; "
+                     "check the Prefect UI and the worker log")
+
+
+def find_flow_run(settings: Settings, name: str, version: str) -> dict | None:
+    """The release flow run Prefect holds for this version (by its run name)."""
+    body = {"flow_runs": {"name": {"any_": [f"release-{name}-v{version}"]}}, "limit": 1}
+    resp = httpx.post(f"{settings.prefect_api_url}/flow_runs/filter", json=body, timeout=10)
+    runs = resp.json() if resp.status_code == 200 else []
+    return runs[0] if runs else None
+
+
+def predict(settings: Settings, name: str, rows: np.ndarray) -> tuple[dict, str, str]:
+    """A real prediction through the router, its request id, and the curl command that repeats it."""
+    body = json.dumps({"inputs": np.round(rows.astype(np.float64), 4).tolist()})
+    url = f"{settings.router_url}/predictions/{name}"
+    resp = httpx.post(url, content=body, headers={"Content-Type": "application/json"}, timeout=30)
+    resp.raise_for_status()
+    curl = f"curl -s -X POST {url} -H 'Content-Type: application/json' -d '{body}'"
+    return resp.json(), resp.headers.get("X-Request-ID", ""), curl

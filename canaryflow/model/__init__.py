@@ -1,0 +1,1 @@
+"""What a model becomes: serving bundles, optimized variants, TensorFlow conversion, local prediction."""

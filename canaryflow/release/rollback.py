@@ -1,0 +1,120 @@
+"""Manual rollback, and aborting a ramp: traffic, TorchServe default and aliases back to a released version.
+
+``rollback(model, to=None)`` restores the ``previous`` alias (or the named version, which must have been released),
+records who and why (version tags, a registered-model tag with the last rollback, an MLflow run) and is safe to
+run twice: when the target already serves alone, it changes nothing. A ramp in progress is aborted first: its
+persisted status becomes ``rolled_back``, which the release flow reads at its next analysis and stops.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+
+from canaryflow.core import locks
+from canaryflow.core.errors import RegistryError, ServingError
+from canaryflow.core.registry import REASON_TAG, STATUS_TAG
+from canaryflow.release.ramp import CANARY_TAG, load_status, save_status
+from canaryflow.services import Services
+from deployments.canary import CanaryStatus, Phase
+from deployments.torchserve import archive_name
+
+LAST_ROLLBACK_TAG = "canaryflow.last_rollback"
+
+
+def abort_release(svc: Services, model: str, version: str, reason: str, status: str = "rolled_back") -> str:
+    """Take a candidate off the router and TorchServe, end its ramp, tag it; the champion keeps serving.
+
+    Under the model's state lock: a ramp analysis cannot re-apply its split in between."""
+    with locks.hold(svc, model, f"abort the release of v{version}"):
+        return _abort(svc, model, version, reason, status)
+
+
+def _abort(svc: Services, model: str, version: str, reason: str, status: str) -> str:
+    canary = load_status(svc, model, version)
+    route = svc.router.routes().get(model, {})
+    champion = svc.registry.alias_version(model, svc.settings.release.champion_alias)
+    if route.get("canary") == version or (route and route.get("stable") == version and champion != version):
+        if champion:
+            svc.router.set_route(model, champion)
+        else:
+            svc.router.remove_route(model)
+    if canary is not None and not canary.done:
+        save_status(svc, model, replace(canary, phase=Phase.ROLLED_BACK, weight=0.0, reasons=[reason]))
+    if version != champion:
+        svc.backend.unregister(model, version)
+    svc.registry.set_tags(model, version, {STATUS_TAG: status, REASON_TAG: reason})
+    return f"{model} v{version} {status}: {reason}"
+
+
+def rollback(svc: Services, model: str, to: str | None, reason: str, actor: str) -> dict[str, str]:
+    """Serve ``to`` (default: the ``previous`` alias) as champion again; returns what was done.
+
+    Under the model's state lock, so a ramp in progress sees ROLLED_BACK at its next analysis and stops."""
+    with locks.hold(svc, model, "roll back"):
+        return _rollback(svc, model, to, reason, actor)
+
+
+def _rollback(svc: Services, model: str, to: str | None, reason: str, actor: str) -> dict[str, str]:
+    cfg = svc.settings.release
+    champion = svc.registry.alias_version(model, cfg.champion_alias)
+    last = json.loads(svc.registry.model_tags(model).get(LAST_ROLLBACK_TAG) or "{}")
+    target = to or svc.registry.alias_version(model, cfg.previous_alias)
+    if target is None:
+        if last.get("to") == champion and champion is not None:
+            return _same(champion, f"already rolled back to v{champion} by {last.get('by')}")
+        raise RegistryError(f"{model} has no {cfg.previous_alias!r} alias to roll back to; name a version with --to")
+    info = svc.registry.get_version(model, target)
+    if info.tags.get(STATUS_TAG) != "released":
+        raise RegistryError(f"v{target} of {model} was never released (status {info.tags.get(STATUS_TAG)!r}); "
+                            "roll back only to a version that passed its release")
+    route = svc.router.routes().get(model, {})
+    for version in _ramping(svc, model):
+        abort_release(svc, model, version, f"ramp aborted by a manual rollback ({actor}: {reason})")
+    if champion == target and route.get("stable") == target:
+        return _same(target, f"v{target} is already the champion and serves alone")
+    archive = svc.paths.model_store / archive_name(model, target)
+    if target not in svc.backend.versions(model):
+        if not archive.exists():
+            raise ServingError(f"cannot serve v{target} again: {archive} is gone from the model store")
+        svc.backend.register(model, target, archive)
+    svc.router.set_route(model, target)
+    svc.backend.set_default(model, target)
+    svc.registry.set_alias(model, cfg.champion_alias, target)
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    note = f"manual rollback to v{target} by {actor} at {when}: {reason}"
+    if champion and champion != target:
+        svc.registry.delete_alias(model, cfg.previous_alias)
+        svc.registry.set_tags(model, champion, {STATUS_TAG: "rolled_back", REASON_TAG: note,
+                                                "canaryflow.rollback_by": actor})
+        try:
+            svc.backend.unregister(model, champion)
+        except ServingError:
+            pass  # it no longer gets traffic; a leftover registration is harmless
+    svc.registry.set_tags(model, target, {"canaryflow.restored": note})
+    record = {"from": champion, "to": target, "by": actor, "reason": reason, "at": when}
+    svc.registry.set_model_tag(model, LAST_ROLLBACK_TAG, json.dumps(record))
+    _log_run(svc, model, record)
+    return {"changed": "true", "champion": target, "from": champion or "", "reason": note}
+
+
+def _same(version: str, why: str) -> dict[str, str]:
+    return {"changed": "false", "champion": version, "from": version, "reason": why}
+
+
+def _ramping(svc: Services, model: str) -> list[str]:
+    """Versions with a ramp in progress (persisted status not finished)."""
+    out = []
+    for v in svc.registry.list_versions(model):
+        raw = v.tags.get(CANARY_TAG)
+        if raw and v.tags.get(STATUS_TAG) == "canary" and not CanaryStatus.from_json(raw).done:
+            out.append(v.version)
+    return out
+
+
+def _log_run(svc: Services, model: str, record: dict[str, str | None]) -> None:
+    """An MLflow run in the release experiment, so rollbacks show next to releases in the UI."""
+    svc.registry.record_run(svc.settings.release.experiment, f"rollback-{model}-v{record['from']}-to-v{record['to']}",
+                            {"canaryflow.model": model, "canaryflow.kind": "rollback"},
+                            {k: v or "none" for k, v in record.items()})

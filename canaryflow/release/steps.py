@@ -1,0 +1,209 @@
+"""The steps of a release as plain functions; flows/release.py strings them together as Prefect tasks.
+
+Each step takes the :class:`Services` and the :class:`ReleaseState` so it can be unit-tested with fakes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from canaryflow.core.errors import CanaryRolledBack, GateFailed, PackagingError
+from canaryflow.core.locks import StatusConflict
+from canaryflow.core.policy import POLICY_TAG, apply_policy
+from canaryflow.core.registry import REASON_TAG, STATUS_TAG, VersionInfo
+from canaryflow.core.settings import Settings
+from canaryflow.model.packaging import Bundle, example_rows, input_contract
+from canaryflow.model.predict import load_predictor
+from canaryflow.services import Services
+from deployments.archive import Archive, build_mar
+from deployments.smoke import smoke_test
+from validation.results import GateResult
+from validation.shape import check_shape
+
+CHAOS_TAG = "canaryflow.chaos"
+
+
+@dataclass
+class ReleaseState:
+    """What one release knows so far; passed from task to task."""
+
+    model: str
+    version: str
+    run_id: str
+    workdir: Path
+    champion: str | None
+    info: VersionInfo
+    run_url: str = ""
+    policy: Settings = field(default_factory=Settings)
+    results: list[GateResult] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # extra markdown sections for the release summary
+
+    def record(self, result: GateResult) -> GateResult:
+        """Keep the result; raise GateFailed when it did not pass."""
+        self.results.append(result)
+        if not result.passed:
+            raise GateFailed(result.gate, result.reason, result.outcome.value)
+        return result
+
+
+def begin(svc: Services, model: str, version: str) -> ReleaseState:
+    """Look the version up, open (or reopen) its release run and mark it as being released."""
+    info = svc.registry.get_version(model, version)
+    cfg = svc.settings.release
+    run_id = svc.registry.release_run(cfg.experiment, model, str(version))
+    champion = svc.registry.alias_version(model, cfg.champion_alias)
+    policy = apply_policy(svc.settings, svc.registry.model_tags(model).get(POLICY_TAG))
+    st = ReleaseState(model, str(version), run_id, svc.paths.work_dir / f"{model}-v{version}", champion, info,
+                      svc.registry.run_url(run_id), policy)
+    if not already_released(st):
+        svc.registry.set_tags(model, version, {STATUS_TAG: "releasing", REASON_TAG: "release started",
+                                               "canaryflow.release_run": run_id})
+    return st
+
+
+def already_released(st: ReleaseState) -> bool:
+    """A re-run of a finished release has nothing to do."""
+    return st.info.tags.get(STATUS_TAG) == "released" and st.champion == st.version
+
+
+def fetch(svc: Services, st: ReleaseState) -> Path:
+    """Download the version's MLflow model into the release's work dir (fresh each time)."""
+    target = st.workdir / "mlflow-model"
+    if target.exists():
+        shutil.rmtree(target)
+    return svc.registry.download(st.model, st.version, target)
+
+
+def shape(st: ReleaseState, model_dir: Path) -> GateResult:
+    """The shape gate: a batch shaped by the signature gives one finite row of scores per input row."""
+    rows = example_rows(model_dir, input_contract(model_dir), min_rows=3)
+    return st.record(check_shape(load_predictor(model_dir), rows.shape[1], rows))
+
+
+def archive(svc: Services, st: ReleaseState, bundle: Bundle) -> Archive:
+    """Build the .mar and record it (file and sha256) on the release run."""
+    bundle = with_chaos(svc, st, bundle)
+    mar = build_mar(bundle.model_file, [bundle.meta_file], model=st.model, version=st.version,
+                    model_store=svc.paths.model_store)
+    svc.registry.log_to_run(st.run_id, params={"mar_sha256": mar.sha256, "mar_file": mar.path.name,
+                                               "serving_format": bundle.meta.format},
+                            metrics={"mar_size_bytes": mar.size_bytes}, files=[mar.path, bundle.meta_file],
+                            artifact_path="torchserve")
+    svc.registry.set_tags(st.model, st.version, {"canaryflow.mar_sha256": mar.sha256})
+    return mar
+
+
+def with_chaos(svc: Services, st: ReleaseState, bundle: Bundle) -> Bundle:
+    """The version's ``canaryflow.chaos`` tag (fault injection on live traffic) into the serving meta, when the
+    stack allows it (``CANARYFLOW_CANARY__ALLOW_CHAOS``, off by default; never per-model policy)."""
+    raw = st.info.tags.get(CHAOS_TAG)
+    if not raw:
+        return bundle
+    if not svc.settings.canary.allow_chaos:
+        st.notes.append(f"tag {CHAOS_TAG} ignored: fault injection is off (CANARYFLOW_CANARY__ALLOW_CHAOS)")
+        return bundle
+    try:
+        meta = dataclasses.replace(bundle.meta, chaos=json.loads(raw))
+    except (ValueError, TypeError) as exc:
+        raise PackagingError(f"tag {CHAOS_TAG} is not a valid chaos spec: {exc}") from exc
+    meta.save(bundle.meta_file)
+    st.notes.append(f"fault injection on live traffic: {raw}")
+    return Bundle(bundle.directory, meta)
+
+
+def stage(svc: Services, st: ReleaseState, mar: Archive, model_dir: Path) -> GateResult:
+    """Register the version on TorchServe, warm it up and smoke-test it through the router (pinned)."""
+    svc.backend.register(st.model, st.version, mar.path)
+    rows = example_rows(model_dir, input_contract(model_dir), min_rows=svc.settings.release.smoke_rows)
+    return st.record(smoke_test(svc.settings.router_url, st.model, st.version, rows,
+                                warmup=svc.settings.serving.warmup_requests))
+
+
+def promote(svc: Services, st: ReleaseState) -> str:
+    """Route the model to the candidate, make it TorchServe's default, and move the aliases; returns the reason.
+
+    Until the canary ramp exists this is a direct cut-over once the candidate passed every gate.
+    """
+    cfg = svc.settings.release
+    svc.router.set_route(st.model, st.version)
+    svc.backend.set_default(st.model, st.version)
+    if st.champion and st.champion != st.version:
+        svc.registry.set_alias(st.model, cfg.previous_alias, st.champion)
+    svc.registry.set_alias(st.model, cfg.champion_alias, st.version)
+    return f"serving as {cfg.champion_alias}" + (f", replacing v{st.champion}" if st.champion else "")
+
+
+@dataclass(frozen=True)
+class Ending:
+    """How a release run ended: the status to record, its reason, and whether this run still owns the version's
+    serving state (False: another run took the ramp over; this one must not touch the router, TorchServe or the
+    tags, or it would undo the other run's step)."""
+
+    status: str
+    reason: str
+    owns_state: bool = True
+
+
+UNFINISHED = Ending("failed", "release did not finish")
+
+
+def ending(exc: BaseException) -> Ending:
+    """Classify the exception a release run stopped with."""
+    if isinstance(exc, StatusConflict):
+        return Ending("superseded", f"another run owns the ramp now: {exc}", owns_state=False)
+    if isinstance(exc, CanaryRolledBack):
+        return Ending("rolled_back", str(exc))
+    if isinstance(exc, GateFailed):
+        # an inconclusive or unmeasurable gate judged nothing: "failed" (run it again), not "rejected"
+        return Ending("failed" if exc.outcome in ("inconclusive", "error") else "rejected", str(exc))
+    return Ending("failed", f"{type(exc).__name__}: {exc}")
+
+
+def stop(svc: Services, st: ReleaseState, reason: str) -> str:
+    """Take a release that did not promote off TorchServe (production untouched); returns the reason to record."""
+    route = svc.router.routes().get(st.model, {})
+    if route.get("canary") == st.version and st.champion:
+        svc.router.set_route(st.model, st.champion)  # a ramp cut short by an error: all traffic back first
+        route = {"stable": st.champion}
+    routed = route.get("stable")
+    if st.version not in (st.champion, routed):
+        try:
+            svc.backend.unregister(st.model, st.version)
+        except Exception as exc:  # cleanup must not hide the reason the release stopped
+            reason = f"{reason} (and unregistering failed: {exc})"
+    return reason
+
+
+def report_files(measured: dict) -> list[Path]:
+    """The report files a gate wrote that exist: ``measured["files"]`` is a list of paths or a {kind: path} dict."""
+    files = measured.get("files") or []
+    paths = files.values() if isinstance(files, dict) else files
+    return [Path(f) for f in paths if isinstance(f, str) and Path(f).is_file()]
+
+
+def finish(svc: Services, st: ReleaseState, status: str, reason: str) -> None:
+    """Write every gate result to the release run (metrics, thresholds, report files) and the version's tags.
+
+    The status tag is written last, so whoever sees a final status also sees every gate and the reason.
+    """
+    path = st.workdir / "gates.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps([r.to_dict() for r in st.results], indent=2, default=str))
+    svc.registry.log_to_run(st.run_id, files=[path], params={"model": st.model, "version": st.version,
+                                                             "champion_before": st.champion or "none"})
+    for r in st.results:
+        numbers = {f"{r.gate}.{k}": float(v) for k, v in r.measured.items()
+                   if isinstance(v, int | float) and not isinstance(v, bool)}
+        svc.registry.log_to_run(
+            st.run_id, metrics={f"gate.{r.gate}.passed": float(r.passed), **numbers},
+            params={f"threshold.{r.gate}.{k}": v for k, v in r.thresholds.items()},
+            files=report_files(r.measured),
+            artifact_path=f"gates/{r.gate}")
+    svc.registry.set_tags(st.model, st.version,
+                          {f"canaryflow.gate.{r.gate}": f"{r.outcome.value}: {r.reason}"[:5000] for r in st.results})
+    svc.registry.finish_run(st.run_id, "FINISHED" if status == "released" else "FAILED")
+    svc.registry.set_tags(st.model, st.version, {STATUS_TAG: status, REASON_TAG: reason[:4000]})
