@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from canaryflow.core.settings import get_settings, reset_settings
+from canaryflow.core.state import ReleaseStatus
 
 app = typer.Typer(help="canaryflow: MLflow registry -> gates -> TorchServe, on a local stack.", no_args_is_help=True)
 console = Console()
@@ -212,9 +213,9 @@ def demo(keep: Annotated[bool, typer.Option("--keep", help="leave the stack runn
         console.print(f"live load started: locust, {live.users} users, {live.target_rps:g} req/s, sticky on "
                       f"{s.canary.user_header}; {share:.0%} of its rows have {segment.describe()}, which the "
                       "holdout barely has")
-        _demo_release(s, "v2: retrain (new seed); the canary ramps it in", seed=4, expect="released")
+        _demo_release(s, "v2: retrain (new seed); the canary ramps it in", seed=4, expect=ReleaseStatus.RELEASED)
         _demo_release(s, f"v3: a feature-pipeline bug inverts its answers for {segment.describe()}: every offline "
-                      "gate passes, live traffic exposes it", seed=2, fault=segment, expect="rolled_back")
+                      "gate passes, live traffic exposes it", seed=2, fault=segment, expect=ReleaseStatus.ROLLED_BACK)
         stats = stop_live_load(load, load_dir)
         load = None
         if not stats.get("requests"):
@@ -240,7 +241,7 @@ def demo(keep: Annotated[bool, typer.Option("--keep", help="leave the stack runn
 
 
 def _demo_release(s, title: str, seed: int, fault=None,  # noqa: ANN001 - Settings, demo.Segment
-                  expect: str = "released"):  # noqa: ANN202 - (version, rows, registered-at)
+                  expect: str = ReleaseStatus.RELEASED):  # noqa: ANN202 - (version, rows, registered-at)
     from canaryflow.local import demo as d
 
     console.rule(title)

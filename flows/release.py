@@ -16,6 +16,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from canaryflow.core.errors import CanaryRolledBack
+from canaryflow.core.state import ReleaseStatus
 from canaryflow.release.ramp import Heartbeat
 from canaryflow.release.reconcile import downgrade_reason
 from canaryflow.release.steps import UNFINISHED, Ending, ReleaseState, already_released, ending
@@ -35,12 +36,12 @@ def release(model_name: str, version: str, allow_older: bool = False) -> dict[st
     st = t.begin(model_name, str(version))
     if already_released(st):
         log.info("v%s of %s is already the released champion; nothing to do", st.version, st.model)
-        return {"status": "released", "reason": "already released"}
+        return {"status": ReleaseStatus.RELEASED, "reason": "already released"}
     older = None if allow_older else downgrade_reason(st.model, st.version, st.champion)
     if older:
         log.warning("v%s of %s not released: %s", st.version, st.model, older)
         t.finish(st, "skipped", older)
-        return {"status": "skipped", "reason": older}
+        return {"status": ReleaseStatus.SKIPPED, "reason": older}
     end = UNFINISHED
     svc = get_services()
     beat = Heartbeat(svc, st.model, st.version, svc.settings.reconcile.heartbeat_s).start()  # reconcile's liveness
@@ -55,7 +56,7 @@ def release(model_name: str, version: str, allow_older: bool = False) -> dict[st
                 st.champion = resume.champion
         if st.champion and st.champion != st.version and (st.policy.canary.steps or st.policy.canary.shadow):
             ramp(st)
-        end = Ending("released", t.promote(st))
+        end = Ending(ReleaseStatus.RELEASED, t.promote(st))
     except Exception as exc:
         end = ending(exc)
         raise
@@ -65,7 +66,7 @@ def release(model_name: str, version: str, allow_older: bool = False) -> dict[st
             log.warning("release of %s v%s stops without touching its state: %s", st.model, st.version, end.reason)
         else:
             reason = end.reason
-            if end.status != "released":
+            if end.status != ReleaseStatus.RELEASED:
                 log.error("release of %s v%s %s: %s", st.model, st.version, end.status, reason)
                 reason = t.stop(st, reason)
             t.finish(st, end.status, reason)

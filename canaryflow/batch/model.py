@@ -25,11 +25,11 @@ from typing import Any
 import numpy as np
 
 from canaryflow.core.errors import BatchError, RegistryError
-from canaryflow.core.registry import STATUS_TAG, MlflowRegistry
+from canaryflow.core.registry import MlflowRegistry
 from canaryflow.core.serving_contract import META_FILE
+from canaryflow.core.state import ReleaseStatus, Tag
 from canaryflow.model.datasets import REFERENCE
 
-RELEASE_RUN_TAG = "canaryflow.release_run"
 SUITE_ARTIFACT = "gates/data/expectation_suite.json"
 OPTIMIZATION_ARTIFACT = "optimization/optimization.json"
 
@@ -72,11 +72,11 @@ def fetch_model(registry: MlflowRegistry, name: str, version: str, alias: str | 
                 allow_unreleased: bool = False, max_batch_rows: int = 8192) -> BatchModel:
     """Download (once per version: cached under ``work_dir``) the serving bundle, the suite and the reference."""
     info = registry.get_version(name, version)
-    release_run = info.tags.get(RELEASE_RUN_TAG)
-    status = info.tags.get(STATUS_TAG)
+    release_run = info.tags.get(Tag.RELEASE_RUN)
+    status = info.tags.get(Tag.STATUS)
     work_dir.mkdir(parents=True, exist_ok=True)
     reference = _download(registry, info.run_id, REFERENCE, work_dir / "reference") if info.run_id else None
-    if release_run and status == "released":
+    if release_run and status == ReleaseStatus.RELEASED:
         bundle = _cached(work_dir / "bundle", lambda d: _extract_mar(registry, release_run, d))
         suite_file = _download(registry, release_run, SUITE_ARTIFACT, work_dir / "suite")
         suite = json.loads(Path(suite_file).read_text()) if suite_file else _derive_suite(reference, bundle)

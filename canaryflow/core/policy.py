@@ -11,8 +11,8 @@ from typing import Any
 
 from canaryflow.core.errors import ConfigError
 from canaryflow.core.settings import Settings
+from canaryflow.core.state import Tag
 
-POLICY_TAG = "canaryflow.policy"
 SECTIONS = ("gates", "optimization", "loadtest", "canary")
 
 
@@ -23,15 +23,15 @@ def apply_policy(settings: Settings, raw: str | None) -> Settings:
     try:
         policy: dict[str, Any] = json.loads(raw)
     except ValueError as exc:
-        raise ConfigError(f"tag {POLICY_TAG} is not JSON: {exc}") from exc
+        raise ConfigError(f"tag {Tag.POLICY} is not JSON: {exc}") from exc
     unknown = set(policy) - set(SECTIONS)
     if not isinstance(policy, dict) or unknown:
-        raise ConfigError(f"tag {POLICY_TAG} may only hold the sections {list(SECTIONS)}; got {sorted(unknown)}")
+        raise ConfigError(f"tag {Tag.POLICY} may only hold the sections {list(SECTIONS)}; got {sorted(unknown)}")
     update = {}
     for section, values in policy.items():
         current = getattr(settings, section)
         try:
             update[section] = current.model_validate({**current.model_dump(), **values})
         except Exception as exc:
-            raise ConfigError(f"tag {POLICY_TAG}, section {section!r}: {exc}") from exc
+            raise ConfigError(f"tag {Tag.POLICY}, section {section!r}: {exc}") from exc
     return settings.model_copy(update=update)

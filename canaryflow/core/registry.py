@@ -8,9 +8,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from canaryflow.core.errors import RegistryError
-
-STATUS_TAG = "canaryflow.status"
-REASON_TAG = "canaryflow.reason"
+from canaryflow.core.state import Tag
 
 
 @dataclass(frozen=True)
@@ -112,7 +110,7 @@ class MlflowRegistry:
 
     def set_tags(self, name: str, version: str, tags: dict[str, str]) -> None:
         # One call per tag: the status goes last, so whoever sees a final status also sees its reason.
-        for key, value in sorted(tags.items(), key=lambda kv: kv[0] == STATUS_TAG):
+        for key, value in sorted(tags.items(), key=lambda kv: kv[0] == Tag.STATUS):
             self.client.set_model_version_tag(name, str(version), key, str(value)[:5000])
 
     def model_tags(self, name: str) -> dict[str, str]:
@@ -145,7 +143,7 @@ class MlflowRegistry:
         if runs:
             return runs[0].info.run_id
         run = self.client.create_run(exp_id, run_name=f"release-{name}-v{version}",
-                                     tags={"canaryflow.model": name, "canaryflow.version": str(version)})
+                                     tags={Tag.MODEL: name, Tag.VERSION: str(version)})
         return run.info.run_id
 
     def log_to_run(self, run_id: str, *, params: dict[str, Any] | None = None,

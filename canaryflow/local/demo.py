@@ -12,11 +12,10 @@ import httpx
 import numpy as np
 
 from canaryflow.core.errors import StackError
-from canaryflow.core.registry import REASON_TAG, STATUS_TAG
 from canaryflow.core.settings import Settings
+from canaryflow.core.state import FINAL, Tag
 
 DEMO_MODEL = "breast-cancer-classifier"
-FINAL = ("released", "rejected", "rolled_back", "failed")
 # The demo's ramp: shorter than the defaults (5/25/50/100 %, 30 s, 50 requests) so it ends in a few minutes.
 DEMO_CANARY = {"CANARYFLOW_CANARY__STEPS": "[10, 25, 50, 100]", "CANARYFLOW_CANARY__INTERVAL_S": "5",
                "CANARYFLOW_CANARY__MIN_REQUESTS": "30", "CANARYFLOW_CANARY__RETIRE_GRACE_S": "5",
@@ -197,8 +196,8 @@ def wait_for_release(tracking_uri: str, name: str, version: str, timeout_s: floa
     started = time.monotonic()
     while time.monotonic() - started < timeout_s:
         tags = client.get_model_version(name, version).tags
-        if tags.get(STATUS_TAG) in FINAL:
-            return ReleaseOutcome(tags[STATUS_TAG], tags.get(REASON_TAG, ""), time.monotonic() - started)
+        if tags.get(Tag.STATUS) in FINAL:
+            return ReleaseOutcome(tags[Tag.STATUS], tags.get(Tag.REASON, ""), time.monotonic() - started)
         time.sleep(1)
     raise StackError(f"no release of {name} v{version} finished within {timeout_s:.0f} s; "
                      "check the Prefect UI and the worker log")
@@ -215,15 +214,15 @@ def watch_release(tracking_uri: str, name: str, version: str, on_decision: Calla
     started, seen = time.monotonic(), -1
     while time.monotonic() - started < timeout_s:
         tags = client.get_model_version(name, version).tags
-        raw = tags.get("canaryflow.canary")
+        raw = tags.get(Tag.CANARY)
         if raw:
             st = CanaryStatus.from_json(raw)
             if st.iterations > seen:
                 seen = st.iterations
                 what = "start" if st.iterations == 0 else f"analysis {st.iterations}"
                 on_decision(f"{what}: {st.phase.value} at {st.weight:g}% - " + "; ".join(st.reasons or ["ramping"]))
-        if tags.get(STATUS_TAG) in FINAL:
-            return ReleaseOutcome(tags[STATUS_TAG], tags.get(REASON_TAG, ""), time.monotonic() - started)
+        if tags.get(Tag.STATUS) in FINAL:
+            return ReleaseOutcome(tags[Tag.STATUS], tags.get(Tag.REASON, ""), time.monotonic() - started)
         time.sleep(1)
     raise StackError(f"no release of {name} v{version} finished within {timeout_s:.0f} s; "
                      "check the Prefect UI and the worker log")

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from canaryflow.core.errors import RegistryError
+from canaryflow.core.state import Tag
 from canaryflow.model.datasets import ReleaseData, load_release_data, load_traffic
 from canaryflow.model.optimization import markdown, optimize_pytorch, write_reports
 from canaryflow.model.packaging import Bundle, input_contract, labels_from_tag, load_pytorch
@@ -127,8 +128,8 @@ def optimize(svc: Services, st: ReleaseState, model_dir: Path, release_data: Rel
 
     flavors = Model.load(str(model_dir)).flavors
     kwargs = {"name": st.model, "version": st.version, "settings": st.policy.optimization,
-              "max_batch_rows": svc.settings.serving.max_batch_rows, "output": st.info.tags.get("canaryflow.output"),
-              "class_labels": labels_from_tag(st.info.tags.get("canaryflow.class_labels"))}
+              "max_batch_rows": svc.settings.serving.max_batch_rows, "output": st.info.tags.get(Tag.OUTPUT),
+              "class_labels": labels_from_tag(st.info.tags.get(Tag.CLASS_LABELS))}
     args = (input_contract(model_dir), release_data.features(release_data.holdout), st.workdir / "variants")
     if "pytorch" in flavors:
         result = optimize_pytorch(load_pytorch(model_dir), *args, **kwargs)

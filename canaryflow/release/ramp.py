@@ -19,7 +19,7 @@ from typing import Any
 from canaryflow.core import locks
 from canaryflow.core.errors import MetricsSourceError
 from canaryflow.core.locks import StatusConflict
-from canaryflow.core.registry import REASON_TAG, STATUS_TAG
+from canaryflow.core.state import ReleaseStatus, Tag
 from canaryflow.release import replay
 from canaryflow.release.steps import ReleaseState
 from canaryflow.services import Services
@@ -27,13 +27,10 @@ from deployments import canary as ctl
 from deployments.metrics import FLUSH_DELAY_S, AccessLogMetrics, MetricsSource, Window
 from validation.results import judged
 
-CANARY_TAG = "canaryflow.canary"
-HEARTBEAT_TAG = "canaryflow.heartbeat"
-
 
 def load_status(svc: Services, model: str, version: str) -> ctl.CanaryStatus | None:
     """The persisted ramp status of a version, or None when it never started a ramp."""
-    raw = svc.registry.get_version(model, version).tags.get(CANARY_TAG)
+    raw = svc.registry.get_version(model, version).tags.get(Tag.CANARY)
     return ctl.CanaryStatus.from_json(raw) if raw else None
 
 
@@ -50,9 +47,9 @@ def save_status(svc: Services, model: str, status: ctl.CanaryStatus) -> ctl.Cana
                 f"{current} ({persisted.phase.value if persisted else 'none'}), written from generation "
                 f"{status.generation}; re-read it before acting", persisted)
         saved = replace(status, generation=current + 1)
-        tags = {CANARY_TAG: saved.to_json()}
+        tags = {Tag.CANARY: saved.to_json()}
         if saved.heartbeat_at:
-            tags[HEARTBEAT_TAG] = f"{saved.heartbeat_at:.3f}"
+            tags[Tag.HEARTBEAT] = f"{saved.heartbeat_at:.3f}"
         svc.registry.set_tags(model, saved.candidate, tags)
         return saved
 
@@ -60,7 +57,7 @@ def save_status(svc: Services, model: str, status: ctl.CanaryStatus) -> ctl.Cana
 def heartbeat(svc: Services, model: str, version: str, now: float | None = None) -> float:
     """The release flow is alive: write ``canaryflow.heartbeat`` (epoch s) on the version being released."""
     now = time.time() if now is None else now
-    svc.registry.set_tags(model, version, {HEARTBEAT_TAG: f"{now:.3f}"})
+    svc.registry.set_tags(model, version, {Tag.HEARTBEAT: f"{now:.3f}"})
     return now
 
 
@@ -68,10 +65,10 @@ def last_heartbeat(tags: dict[str, str]) -> float:
     """The latest sign of life a release flow left on a version's tags (0.0: none)."""
     beats = [0.0]
     try:
-        beats.append(float(tags.get(HEARTBEAT_TAG) or 0.0))
+        beats.append(float(tags.get(Tag.HEARTBEAT) or 0.0))
     except ValueError:
         pass  # a user-writable tag: garbage means no signal
-    raw = tags.get(CANARY_TAG)
+    raw = tags.get(Tag.CANARY)
     if raw:
         try:
             beats.append(float(ctl.CanaryStatus.from_json(raw).heartbeat_at))
@@ -176,8 +173,8 @@ def _start_or_resume(svc: Services, st: ReleaseState) -> ctl.CanaryStatus:
         st.notes.append(f"canary resumed at {status.weight:g}% after {status.iterations} analyses")
     apply_route(svc, st.model, status)
     status = save_status(svc, st.model, replace(status, heartbeat_at=time.time()))
-    svc.registry.set_tags(st.model, st.version, {STATUS_TAG: "canary",
-                                                 REASON_TAG: f"canary at {status.weight:g}%"})
+    svc.registry.set_tags(st.model, st.version, {Tag.STATUS: ReleaseStatus.CANARY,
+                                                 Tag.REASON: f"canary at {status.weight:g}%"})
     return status
 
 

@@ -29,7 +29,8 @@ from typing import Any, Protocol
 from canaryflow.core import locks
 from canaryflow.core.errors import CanaryflowError, ServingError
 from canaryflow.core.locks import LockTimeout
-from canaryflow.core.registry import REASON_TAG, STATUS_TAG, VersionInfo
+from canaryflow.core.registry import VersionInfo
+from canaryflow.core.state import UNFINISHED, ReleaseStatus, Tag
 from canaryflow.intake.launcher import release_run_name
 from canaryflow.release.ramp import last_heartbeat, load_status
 from canaryflow.release.rollback import abort_release
@@ -39,7 +40,6 @@ from deployments.torchserve import archive_name
 
 ALIVE = frozenset({"SCHEDULED", "PENDING", "RUNNING", "PAUSED", "CANCELLING"})
 EXECUTING = frozenset({"PENDING", "RUNNING"})  # states in which a release flow process should be beating
-UNFINISHED = ("releasing", "canary")
 _CLOCK_SKEW_S = 60.0
 
 
@@ -138,7 +138,7 @@ def _epoch(value: Any) -> float:
 
 def _version(svc: Services, launcher: Launcher, v: VersionInfo, runs: list[dict[str, Any]], now: float,
              champion: str | None) -> str:
-    status = v.tags.get(STATUS_TAG)
+    status = v.tags.get(Tag.STATUS)
     cfg = svc.settings.reconcile
     name = f"{v.name} v{v.version}"
     if status is None:
@@ -148,7 +148,7 @@ def _version(svc: Services, launcher: Launcher, v: VersionInfo, runs: list[dict[
             return ""  # runs exist but never tagged it: their failures are in Prefect, do not loop
         older = downgrade_reason(v.name, v.version, champion)
         if older:
-            svc.registry.set_tags(v.name, v.version, {STATUS_TAG: "skipped", REASON_TAG: older})
+            svc.registry.set_tags(v.name, v.version, {Tag.STATUS: ReleaseStatus.SKIPPED, Tag.REASON: older})
             return f"{name}: no release status, not released: {older}"
         launcher.start_release(v.name, v.version, f"reconcile-{v.name}-v{v.version}-{len(runs)}")
         run = release_run_name(v.name, v.version)
@@ -160,7 +160,7 @@ def _version(svc: Services, launcher: Launcher, v: VersionInfo, runs: list[dict[
     if len(runs) >= cfg.max_attempts or too_old:
         why = "ramp deadline passed" if too_old else f"{len(runs)} release runs did not finish it"
         return abort_release(svc, v.name, v.version, f"release interrupted ({why}); rolled back by reconcile",
-                             status="failed")
+                             status=ReleaseStatus.FAILED)
     launcher.start_release(v.name, v.version, f"reconcile-{v.name}-v{v.version}-{len(runs)}")
     where = f"canary at {canary.weight:g}%" if canary and not canary.done else status
     return f"{name}: release left half-way ({where}) with no run alive; started a run to resume it"
@@ -173,7 +173,7 @@ def desired_route(svc: Services, model: str, versions: list[VersionInfo]) -> dic
         return None
     route: dict[str, Any] = {"stable": champion}
     for v in versions:
-        if v.tags.get(STATUS_TAG) != "canary":
+        if v.tags.get(Tag.STATUS) != ReleaseStatus.CANARY:
             continue
         canary = load_status(svc, model, v.version)
         if canary is not None and not canary.done and canary.champion == champion:

@@ -14,16 +14,15 @@ from dataclasses import replace
 
 from canaryflow.core import locks
 from canaryflow.core.errors import RegistryError, ServingError
-from canaryflow.core.registry import REASON_TAG, STATUS_TAG
-from canaryflow.release.ramp import CANARY_TAG, load_status, save_status
+from canaryflow.core.state import ReleaseStatus, Tag
+from canaryflow.release.ramp import load_status, save_status
 from canaryflow.services import Services
 from deployments.canary import CanaryStatus, Phase
 from deployments.torchserve import archive_name
 
-LAST_ROLLBACK_TAG = "canaryflow.last_rollback"
 
-
-def abort_release(svc: Services, model: str, version: str, reason: str, status: str = "rolled_back") -> str:
+def abort_release(svc: Services, model: str, version: str, reason: str,
+                  status: ReleaseStatus = ReleaseStatus.ROLLED_BACK) -> str:
     """Take a candidate off the router and TorchServe, end its ramp, tag it; the champion keeps serving.
 
     Under the model's state lock: a ramp analysis cannot re-apply its split in between."""
@@ -44,7 +43,7 @@ def _abort(svc: Services, model: str, version: str, reason: str, status: str) ->
         save_status(svc, model, replace(canary, phase=Phase.ROLLED_BACK, weight=0.0, reasons=[reason]))
     if version != champion:
         svc.backend.unregister(model, version)
-    svc.registry.set_tags(model, version, {STATUS_TAG: status, REASON_TAG: reason})
+    svc.registry.set_tags(model, version, {Tag.STATUS: status, Tag.REASON: reason})
     return f"{model} v{version} {status}: {reason}"
 
 
@@ -59,15 +58,15 @@ def rollback(svc: Services, model: str, to: str | None, reason: str, actor: str)
 def _rollback(svc: Services, model: str, to: str | None, reason: str, actor: str) -> dict[str, str]:
     cfg = svc.settings.release
     champion = svc.registry.alias_version(model, cfg.champion_alias)
-    last = json.loads(svc.registry.model_tags(model).get(LAST_ROLLBACK_TAG) or "{}")
+    last = json.loads(svc.registry.model_tags(model).get(Tag.LAST_ROLLBACK) or "{}")
     target = to or svc.registry.alias_version(model, cfg.previous_alias)
     if target is None:
         if last.get("to") == champion and champion is not None:
             return _same(champion, f"already rolled back to v{champion} by {last.get('by')}")
         raise RegistryError(f"{model} has no {cfg.previous_alias!r} alias to roll back to; name a version with --to")
     info = svc.registry.get_version(model, target)
-    if info.tags.get(STATUS_TAG) != "released":
-        raise RegistryError(f"v{target} of {model} was never released (status {info.tags.get(STATUS_TAG)!r}); "
+    if info.tags.get(Tag.STATUS) != ReleaseStatus.RELEASED:
+        raise RegistryError(f"v{target} of {model} was never released (status {info.tags.get(Tag.STATUS)!r}); "
                             "roll back only to a version that passed its release")
     route = svc.router.routes().get(model, {})
     for version in _ramping(svc, model):
@@ -86,15 +85,15 @@ def _rollback(svc: Services, model: str, to: str | None, reason: str, actor: str
     note = f"manual rollback to v{target} by {actor} at {when}: {reason}"
     if champion and champion != target:
         svc.registry.delete_alias(model, cfg.previous_alias)
-        svc.registry.set_tags(model, champion, {STATUS_TAG: "rolled_back", REASON_TAG: note,
-                                                "canaryflow.rollback_by": actor})
+        svc.registry.set_tags(model, champion, {Tag.STATUS: ReleaseStatus.ROLLED_BACK, Tag.REASON: note,
+                                                Tag.ROLLBACK_BY: actor})
         try:
             svc.backend.unregister(model, champion)
         except ServingError:
             pass  # it no longer gets traffic; a leftover registration is harmless
-    svc.registry.set_tags(model, target, {"canaryflow.restored": note})
+    svc.registry.set_tags(model, target, {Tag.RESTORED: note})
     record = {"from": champion, "to": target, "by": actor, "reason": reason, "at": when}
-    svc.registry.set_model_tag(model, LAST_ROLLBACK_TAG, json.dumps(record))
+    svc.registry.set_model_tag(model, Tag.LAST_ROLLBACK, json.dumps(record))
     _log_run(svc, model, record)
     return {"changed": "true", "champion": target, "from": champion or "", "reason": note}
 
@@ -107,8 +106,8 @@ def _ramping(svc: Services, model: str) -> list[str]:
     """Versions with a ramp in progress (persisted status not finished)."""
     out = []
     for v in svc.registry.list_versions(model):
-        raw = v.tags.get(CANARY_TAG)
-        if raw and v.tags.get(STATUS_TAG) == "canary" and not CanaryStatus.from_json(raw).done:
+        raw = v.tags.get(Tag.CANARY)
+        if raw and v.tags.get(Tag.STATUS) == ReleaseStatus.CANARY and not CanaryStatus.from_json(raw).done:
             out.append(v.version)
     return out
 
@@ -116,5 +115,5 @@ def _ramping(svc: Services, model: str) -> list[str]:
 def _log_run(svc: Services, model: str, record: dict[str, str | None]) -> None:
     """An MLflow run in the release experiment, so rollbacks show next to releases in the UI."""
     svc.registry.record_run(svc.settings.release.experiment, f"rollback-{model}-v{record['from']}-to-v{record['to']}",
-                            {"canaryflow.model": model, "canaryflow.kind": "rollback"},
+                            {Tag.MODEL: model, Tag.KIND: "rollback"},
                             {k: v or "none" for k, v in record.items()})

@@ -13,9 +13,10 @@ from pathlib import Path
 
 from canaryflow.core.errors import CanaryRolledBack, GateFailed, PackagingError
 from canaryflow.core.locks import StatusConflict
-from canaryflow.core.policy import POLICY_TAG, apply_policy
-from canaryflow.core.registry import REASON_TAG, STATUS_TAG, VersionInfo
+from canaryflow.core.policy import apply_policy
+from canaryflow.core.registry import VersionInfo
 from canaryflow.core.settings import Settings
+from canaryflow.core.state import ReleaseStatus, Tag
 from canaryflow.model.packaging import Bundle, example_rows, input_contract
 from canaryflow.model.predict import load_predictor
 from canaryflow.services import Services
@@ -23,8 +24,6 @@ from deployments.archive import Archive, build_mar
 from deployments.smoke import smoke_test
 from validation.results import GateResult
 from validation.shape import check_shape
-
-CHAOS_TAG = "canaryflow.chaos"
 
 
 @dataclass
@@ -56,18 +55,18 @@ def begin(svc: Services, model: str, version: str) -> ReleaseState:
     cfg = svc.settings.release
     run_id = svc.registry.release_run(cfg.experiment, model, str(version))
     champion = svc.registry.alias_version(model, cfg.champion_alias)
-    policy = apply_policy(svc.settings, svc.registry.model_tags(model).get(POLICY_TAG))
+    policy = apply_policy(svc.settings, svc.registry.model_tags(model).get(Tag.POLICY))
     st = ReleaseState(model, str(version), run_id, svc.paths.work_dir / f"{model}-v{version}", champion, info,
                       svc.registry.run_url(run_id), policy)
     if not already_released(st):
-        svc.registry.set_tags(model, version, {STATUS_TAG: "releasing", REASON_TAG: "release started",
-                                               "canaryflow.release_run": run_id})
+        svc.registry.set_tags(model, version, {Tag.STATUS: ReleaseStatus.RELEASING, Tag.REASON: "release started",
+                                               Tag.RELEASE_RUN: run_id})
     return st
 
 
 def already_released(st: ReleaseState) -> bool:
     """A re-run of a finished release has nothing to do."""
-    return st.info.tags.get(STATUS_TAG) == "released" and st.champion == st.version
+    return st.info.tags.get(Tag.STATUS) == ReleaseStatus.RELEASED and st.champion == st.version
 
 
 def fetch(svc: Services, st: ReleaseState) -> Path:
@@ -100,16 +99,16 @@ def archive(svc: Services, st: ReleaseState, bundle: Bundle) -> Archive:
 def with_chaos(svc: Services, st: ReleaseState, bundle: Bundle) -> Bundle:
     """The version's ``canaryflow.chaos`` tag (fault injection on live traffic) into the serving meta, when the
     stack allows it (``CANARYFLOW_CANARY__ALLOW_CHAOS``, off by default; never per-model policy)."""
-    raw = st.info.tags.get(CHAOS_TAG)
+    raw = st.info.tags.get(Tag.CHAOS)
     if not raw:
         return bundle
     if not svc.settings.canary.allow_chaos:
-        st.notes.append(f"tag {CHAOS_TAG} ignored: fault injection is off (CANARYFLOW_CANARY__ALLOW_CHAOS)")
+        st.notes.append(f"tag {Tag.CHAOS} ignored: fault injection is off (CANARYFLOW_CANARY__ALLOW_CHAOS)")
         return bundle
     try:
         meta = dataclasses.replace(bundle.meta, chaos=json.loads(raw))
     except (ValueError, TypeError) as exc:
-        raise PackagingError(f"tag {CHAOS_TAG} is not a valid chaos spec: {exc}") from exc
+        raise PackagingError(f"tag {Tag.CHAOS} is not a valid chaos spec: {exc}") from exc
     meta.save(bundle.meta_file)
     st.notes.append(f"fault injection on live traffic: {raw}")
     return Bundle(bundle.directory, meta)
@@ -148,19 +147,20 @@ class Ending:
     owns_state: bool = True
 
 
-UNFINISHED = Ending("failed", "release did not finish")
+UNFINISHED = Ending(ReleaseStatus.FAILED, "release did not finish")
 
 
 def ending(exc: BaseException) -> Ending:
     """Classify the exception a release run stopped with."""
     if isinstance(exc, StatusConflict):
-        return Ending("superseded", f"another run owns the ramp now: {exc}", owns_state=False)
+        return Ending(ReleaseStatus.SUPERSEDED, f"another run owns the ramp now: {exc}", owns_state=False)
     if isinstance(exc, CanaryRolledBack):
-        return Ending("rolled_back", str(exc))
+        return Ending(ReleaseStatus.ROLLED_BACK, str(exc))
     if isinstance(exc, GateFailed):
         # an inconclusive or unmeasurable gate judged nothing: "failed" (run it again), not "rejected"
-        return Ending("failed" if exc.outcome in ("inconclusive", "error") else "rejected", str(exc))
-    return Ending("failed", f"{type(exc).__name__}: {exc}")
+        judged = exc.outcome not in ("inconclusive", "error")
+        return Ending(ReleaseStatus.REJECTED if judged else ReleaseStatus.FAILED, str(exc))
+    return Ending(ReleaseStatus.FAILED, f"{type(exc).__name__}: {exc}")
 
 
 def stop(svc: Services, st: ReleaseState, reason: str) -> str:
@@ -204,6 +204,6 @@ def finish(svc: Services, st: ReleaseState, status: str, reason: str) -> None:
             files=report_files(r.measured),
             artifact_path=f"gates/{r.gate}")
     svc.registry.set_tags(st.model, st.version,
-                          {f"canaryflow.gate.{r.gate}": f"{r.outcome.value}: {r.reason}"[:5000] for r in st.results})
-    svc.registry.finish_run(st.run_id, "FINISHED" if status == "released" else "FAILED")
-    svc.registry.set_tags(st.model, st.version, {STATUS_TAG: status, REASON_TAG: reason[:4000]})
+                          {Tag.gate(r.gate): f"{r.outcome.value}: {r.reason}"[:5000] for r in st.results})
+    svc.registry.finish_run(st.run_id, "FINISHED" if status == ReleaseStatus.RELEASED else "FAILED")
+    svc.registry.set_tags(st.model, st.version, {Tag.STATUS: status, Tag.REASON: reason[:4000]})

@@ -12,10 +12,9 @@ from typing import Any
 
 import psutil
 
-from canaryflow.core.registry import STATUS_TAG
+from canaryflow.core.state import FINAL, Tag
 from canaryflow.intake.launcher import PrefectLauncher
-from canaryflow.local.demo import FINAL
-from canaryflow.release.ramp import CANARY_TAG, load_status
+from canaryflow.release.ramp import load_status
 from canaryflow.release.reconcile import ALIVE
 from canaryflow.services import Services
 from deployments.canary import CanaryStatus
@@ -42,12 +41,12 @@ def poll(what: str, check: Callable[[], Any], timeout_s: float, every_s: float =
 
 
 def ramp_status(svc: Services, model: str, version: str) -> dict[str, Any] | None:
-    raw = svc.registry.get_version(model, version).tags.get(CANARY_TAG)
+    raw = svc.registry.get_version(model, version).tags.get(Tag.CANARY)
     return json.loads(raw) if raw else None
 
 
 def status_tag(svc: Services, model: str, version: str) -> str | None:
-    return svc.registry.get_version(model, version).tags.get(STATUS_TAG)
+    return svc.registry.get_version(model, version).tags.get(Tag.STATUS)
 
 
 def alive_runs(launcher: PrefectLauncher, model: str, version: str) -> list[dict[str, Any]]:
@@ -132,7 +131,7 @@ def allowed_versions(svc: Services, model: str) -> set[str]:
     """Versions a live answer may come from: released ones (now or before a rollback) and ramp candidates."""
     out = set()
     for v in svc.registry.list_versions(model):
-        if v.tags.get(STATUS_TAG) == "released" or v.tags.get(CANARY_TAG) or "canaryflow.restored" in v.tags:
+        if v.tags.get(Tag.STATUS) == "released" or v.tags.get(Tag.CANARY) or "canaryflow.restored" in v.tags:
             out.add(v.version)
     for alias in ("champion", "previous"):
         version = svc.registry.alias_version(model, alias)
@@ -163,7 +162,7 @@ def assert_consistent(svc: Services, model: str, live: LiveTraffic | None, all_o
             assert not bad, f"{len(bad)} of {len(answers)} live requests failed: {bad[:5]}; {live.errors[:3]}"
     launcher = launcher_of(svc)
     for v in svc.registry.list_versions(model):
-        raw = v.tags.get(CANARY_TAG)
+        raw = v.tags.get(Tag.CANARY)
         if raw and not CanaryStatus.from_json(raw).done:
             assert alive_runs(launcher, model, v.version), \
                 f"{model} v{v.version}: ramp left {CanaryStatus.from_json(raw).phase.value} with no run alive"

@@ -25,7 +25,7 @@ import httpx
 import psutil
 import pytest
 
-from canaryflow.core.registry import STATUS_TAG
+from canaryflow.core.state import Tag
 from canaryflow.local.demo import train_classifier, wait_for_release
 from canaryflow.local.keywatch import read_result
 from canaryflow.release.ramp import analyse, load_status, start_or_resume
@@ -53,11 +53,10 @@ from tests.e2e.test_canary import register
 
 pytestmark = [pytest.mark.drill, pytest.mark.e2e, pytest.mark.timeout(900)]
 MODEL, OTHER = "drill-model", "drill-other"
-POLICY_TAG = "canaryflow.policy"
 
 
 def _policy(svc: Services, interval_s: float) -> None:
-    svc.registry.set_model_tag(MODEL, POLICY_TAG, json.dumps({"canary": {"interval_s": interval_s}}))
+    svc.registry.set_model_tag(MODEL, Tag.POLICY, json.dumps({"canary": {"interval_s": interval_s}}))
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +99,7 @@ def test_drill2_worker_killed_mid_ramp_is_resumed_or_rolled_back(stack, svc, row
         first = _at_first_step(svc, version)
         kill_running_release(launcher, MODEL, version)
         assert status_tag(svc, MODEL, version) == "canary" and svc.router.routes()[MODEL]["canary"] == version
-        svc.registry.client.delete_registered_model_tag(MODEL, POLICY_TAG)
+        svc.registry.client.delete_registered_model_tag(MODEL, Tag.POLICY)
         actions = reconcile(svc, launcher)
         assert any(f"v{version}: release left half-way" in a for a in actions), actions
         outcome = settle(svc, MODEL, version)
@@ -121,7 +120,7 @@ def staged(stack, svc, rows, champions) -> tuple[str, str]:
             _at_first_step(svc, version)
             kill_running_release(launcher_of(svc), MODEL, version)
     finally:
-        svc.registry.client.delete_registered_model_tag(MODEL, POLICY_TAG)
+        svc.registry.client.delete_registered_model_tag(MODEL, Tag.POLICY)
     abort_release(svc, MODEL, version, "drill setup: staged candidate parked")
     return version, svc.registry.alias_version(MODEL, "champion")
 
@@ -208,7 +207,7 @@ def test_drill3_mlflow_stopped_mid_ramp(stack, svc, rows, staged, tmp_path) -> N
         outage(stack, "mlflow", lambda: len(traffic.answers) >= served + 300,
                "300 live answers served while MLflow is down", ["mlflow"])
         outcome = settle(svc, MODEL, candidate)
-    svc.registry.client.delete_registered_model_tag(MODEL, POLICY_TAG)
+    svc.registry.client.delete_registered_model_tag(MODEL, Tag.POLICY)
     assert outcome in ("released", "rolled_back", "failed"), outcome
     assert ramp_status(svc, MODEL, candidate)["phase"] in ("promoted", "rolled_back")
     assert_consistent(svc, MODEL, traffic)
@@ -233,7 +232,7 @@ def test_drill6_prefect_stopped_mid_ramp(stack, svc, rows, staged, tmp_path) -> 
                    (ramp_status(svc, MODEL, candidate) or {}).get("heartbeat_at") or 0) > 30,
                "the release's heartbeat older than reconcile's 30 s limit", ["prefect-server", "prefect-worker"])
         outcome = settle(svc, MODEL, candidate, reconcile_with=stale)
-    svc.registry.client.delete_registered_model_tag(MODEL, POLICY_TAG)
+    svc.registry.client.delete_registered_model_tag(MODEL, Tag.POLICY)
     assert outcome in ("released", "rolled_back", "failed"), outcome
     assert ramp_status(svc, MODEL, candidate)["phase"] in ("promoted", "rolled_back")  # never half-way
     assert not alive_runs(launcher, MODEL, candidate)
@@ -281,7 +280,7 @@ def test_drill5_older_version_without_status_is_skipped(stack, svc, champions) -
     old = champions[MODEL]
     assert int(old) < int(champion)
     route = svc.router.routes()[MODEL]
-    svc.registry.client.delete_model_version_tag(MODEL, old, STATUS_TAG)  # lost (or never written)
+    svc.registry.client.delete_model_version_tag(MODEL, old, Tag.STATUS)  # lost (or never written)
     runs = len(launcher.list_flow_runs(MODEL, old))
     actions = reconcile(svc, launcher)
     assert any(f"{MODEL} v{old}: no release status, not released: older than champion v{champion}" in a

@@ -16,7 +16,7 @@ import pytest
 from test_ramp_ops import Source, info, released, services, state
 
 from canaryflow.core.locks import FileLocks, LockTimeout, StatusConflict, lock_file_name
-from canaryflow.core.registry import STATUS_TAG
+from canaryflow.core.state import Tag
 from canaryflow.release import ramp, rollback
 from deployments.canary import Action, Phase
 from deployments.metrics import Window
@@ -194,7 +194,7 @@ def test_an_analysis_landing_during_a_rollback_stops_without_applying(tmp_path: 
     decision = analysis.finish()
     assert decision.action is Action.ROLLBACK and "freeze" in decision.reasons[0]
     assert svc.router.changes == changes and svc.router.table["m"] == {"stable": "1"}
-    assert svc.registry.versions["2"].tags[STATUS_TAG] == "rolled_back" and "2" not in svc.backend.registered
+    assert svc.registry.versions["2"].tags[Tag.STATUS] == "rolled_back" and "2" not in svc.backend.registered
     assert ramp.load_status(svc, "m", "2").phase is Phase.ROLLED_BACK
 
 

@@ -12,8 +12,9 @@ import pytest
 
 from canaryflow.core.errors import RegistryError
 from canaryflow.core.paths import StatePaths
-from canaryflow.core.registry import STATUS_TAG, VersionInfo
+from canaryflow.core.registry import VersionInfo
 from canaryflow.core.settings import CanarySettings, Settings
+from canaryflow.core.state import Tag
 from canaryflow.release import ramp, reconcile, rollback
 from canaryflow.release.steps import ReleaseState
 from deployments.canary import Action, Decision, Phase, start
@@ -143,11 +144,11 @@ class Source:
 
 
 def test_ramp_starts_advances_and_records(tmp_path: Path) -> None:
-    svc = services(tmp_path, {"1": info("1", **{STATUS_TAG: "released"}), "2": info("2")}, champion="1")
+    svc = services(tmp_path, {"1": info("1", **{Tag.STATUS: "released"}), "2": info("2")}, champion="1")
     st = state(svc, tmp_path)
     status = ramp.start_or_resume(svc, st)
     assert svc.router.table["m"] == {"stable": "1", "canary": "2", "weight": 10.0, "shadow": False}
-    assert svc.registry.versions["2"].tags[STATUS_TAG] == "canary"
+    assert svc.registry.versions["2"].tags[Tag.STATUS] == "canary"
     assert ramp.load_status(svc, "m", "2") == status
     d = ramp.analyse(svc, st, status, source=Source(), now=status.started_at + 30)
     assert d.action is Action.ADVANCE and svc.router.table["m"]["weight"] == 50.0
@@ -163,7 +164,7 @@ def test_ramp_starts_advances_and_records(tmp_path: Path) -> None:
 
 def ramp_to_bake(tmp_path: Path) -> tuple[SimpleNamespace, ReleaseState, float, Decision]:
     """v2 ramped 10 -> 50 -> 100 % against v1 with a 60 s bake: the last decision starts the bake."""
-    svc = services(tmp_path, {"1": info("1", **{STATUS_TAG: "released"}), "2": info("2")}, champion="1")
+    svc = services(tmp_path, {"1": info("1", **{Tag.STATUS: "released"}), "2": info("2")}, champion="1")
     st = state(svc, tmp_path, bake_s=60)
     status = ramp.start_or_resume(svc, st)
     d = ramp.analyse(svc, st, status, source=Source(), now=status.started_at + 30)
@@ -226,7 +227,7 @@ def test_a_ramp_ended_elsewhere_is_respected(tmp_path: Path) -> None:
 
 
 def released(version: str) -> VersionInfo:
-    return info(version, **{STATUS_TAG: "released"})
+    return info(version, **{Tag.STATUS: "released"})
 
 
 def test_manual_rollback_restores_previous_and_is_safe_twice(tmp_path: Path) -> None:
@@ -238,8 +239,8 @@ def test_manual_rollback_restores_previous_and_is_safe_twice(tmp_path: Path) -> 
     assert svc.registry.aliases == {"champion": "1"}
     assert svc.backend.registered == {"1"}  # re-registered from the model store, the bad one retired
     tags = svc.registry.versions["2"].tags
-    assert tags[STATUS_TAG] == "rolled_back" and "alice" in tags["canaryflow.reason"]
-    assert json.loads(svc.registry.model_tag[rollback.LAST_ROLLBACK_TAG])["by"] == "alice"
+    assert tags[Tag.STATUS] == "rolled_back" and "alice" in tags["canaryflow.reason"]
+    assert json.loads(svc.registry.model_tag[Tag.LAST_ROLLBACK])["by"] == "alice"
     assert svc.registry.runs[0]["reason"] == "p99 regression seen by on-call"
     changes = svc.router.changes
     again = rollback.rollback(svc, "m", None, "clicked twice", "alice")
@@ -247,7 +248,7 @@ def test_manual_rollback_restores_previous_and_is_safe_twice(tmp_path: Path) -> 
 
 
 def test_rollback_refuses_a_version_that_was_never_released(tmp_path: Path) -> None:
-    svc = services(tmp_path, {"1": info("1", **{STATUS_TAG: "rejected"}), "2": released("2")}, champion="2")
+    svc = services(tmp_path, {"1": info("1", **{Tag.STATUS: "rejected"}), "2": released("2")}, champion="2")
     with pytest.raises(RegistryError, match="never released"):
         rollback.rollback(svc, "m", "1", "why not", "bob")
     with pytest.raises(RegistryError, match="no 'previous' alias"):
@@ -258,11 +259,11 @@ def test_rollback_aborts_a_ramp_in_progress(tmp_path: Path) -> None:
     svc = services(tmp_path, {"1": released("1"), "2": released("2"), "3": info("3")},
                    route={"stable": "2", "canary": "3", "weight": 25.0}, champion="2", previous="1")
     ramp.save_status(svc, "m", replace(start("2", "3", CanarySettings(), NOW), weight=25.0))
-    svc.registry.set_tags("m", "3", {STATUS_TAG: "canary"})
+    svc.registry.set_tags("m", "3", {Tag.STATUS: "canary"})
     rollback.rollback(svc, "m", "2", "freeze", "carol")
     assert svc.router.table["m"] == {"stable": "2"}
     assert ramp.load_status(svc, "m", "3").phase is Phase.ROLLED_BACK
-    assert svc.registry.versions["3"].tags[STATUS_TAG] == "rolled_back" and "3" not in svc.backend.registered
+    assert svc.registry.versions["3"].tags[Tag.STATUS] == "rolled_back" and "3" not in svc.backend.registered
 
 
 @dataclass
@@ -300,7 +301,7 @@ def test_reconcile_starts_a_release_for_a_missed_webhook_once(tmp_path: Path) ->
 
 
 def test_reconcile_resumes_or_rolls_back_a_half_way_release(tmp_path: Path) -> None:
-    svc = services(tmp_path, {"1": released("1"), "2": info("2", **{STATUS_TAG: "canary"})},
+    svc = services(tmp_path, {"1": released("1"), "2": info("2", **{Tag.STATUS: "canary"})},
                    route={"stable": "1", "canary": "2", "weight": 25.0}, champion="1")
     ramp.save_status(svc, "m", replace(start("1", "2", CanarySettings(), NOW - 60), weight=25.0))
     launcher = FakeLauncher(runs=[run("1", "COMPLETED"), run("2", "CRASHED")])
@@ -309,12 +310,12 @@ def test_reconcile_resumes_or_rolls_back_a_half_way_release(tmp_path: Path) -> N
     assert svc.router.table["m"]["weight"] == 25.0  # the recorded split stays for the resumed run
     launcher.runs = [run("2", "CRASHED")] * 3  # three runs could not finish it: give up, roll back
     actions = reconcile.reconcile(svc, launcher, now=NOW)
-    assert svc.router.table["m"] == {"stable": "1"} and svc.registry.versions["2"].tags[STATUS_TAG] == "failed"
+    assert svc.router.table["m"] == {"stable": "1"} and svc.registry.versions["2"].tags[Tag.STATUS] == "failed"
     assert "rolled back by reconcile" in actions[-1]
 
 
 def test_reconcile_repairs_router_weights_that_disagree_with_the_record(tmp_path: Path) -> None:
-    svc = services(tmp_path, {"1": released("1"), "2": info("2", **{STATUS_TAG: "canary"})},
+    svc = services(tmp_path, {"1": released("1"), "2": info("2", **{Tag.STATUS: "canary"})},
                    route={"stable": "1", "canary": "2", "weight": 90.0}, registered={"1"}, champion="1")
     ramp.save_status(svc, "m", replace(start("1", "2", CanarySettings(), NOW - 60), weight=25.0))
     launcher = FakeLauncher(runs=[run("2", "RUNNING")])
@@ -324,7 +325,7 @@ def test_reconcile_repairs_router_weights_that_disagree_with_the_record(tmp_path
     assert svc.router.table["m"] == {"stable": "1", "canary": "2", "weight": 25.0, "shadow": False}
     assert "2" in svc.backend.registered and any("repaired" in a for a in actions)
     svc.router.table["m"] = {"stable": "7"}  # a champion route that lies
-    svc.registry.set_tags("m", "2", {STATUS_TAG: "released"})
+    svc.registry.set_tags("m", "2", {Tag.STATUS: "released"})
     actions = reconcile.reconcile(svc, FakeLauncher(runs=[run("2", "COMPLETED")]), now=NOW)
     assert svc.router.table["m"] == {"stable": "1"} and "v7 alone" in actions[0]
 

@@ -11,8 +11,8 @@ from pathlib import Path
 from test_ramp_ops import NOW, FakeLauncher, info, released, services
 
 from canaryflow.core.paths import StatePaths
-from canaryflow.core.registry import REASON_TAG, STATUS_TAG
 from canaryflow.core.settings import CanarySettings, ReconcileSettings
+from canaryflow.core.state import Tag
 from canaryflow.local import keywatch
 from canaryflow.release import ramp, reconcile
 from deployments.canary import start
@@ -28,7 +28,7 @@ def running(version: str, started: float, run_id: str = "run-a") -> dict:
 
 
 def half_way(tmp_path: Path, beat: float):  # noqa: ANN201 - svc with v2 at 25 % whose flow last beat at ``beat``
-    svc = services(tmp_path, {"1": released("1"), "2": info("2", **{STATUS_TAG: "canary"})},
+    svc = services(tmp_path, {"1": released("1"), "2": info("2", **{Tag.STATUS: "canary"})},
                    route={"stable": "1", "canary": "2", "weight": 25.0}, champion="1")
     svc.settings = svc.settings.model_copy(update={"reconcile": ReconcileSettings(stale_after_s=60)})
     ramp.save_status(svc, "m", replace(start("1", "2", CanarySettings(), NOW - 600), weight=25.0, heartbeat_at=beat))
@@ -54,14 +54,14 @@ def test_a_silent_running_run_is_marked_crashed_and_resumed(tmp_path: Path) -> N
 
 def test_a_silent_run_past_its_attempts_is_rolled_back(tmp_path: Path) -> None:
     svc = half_way(tmp_path, beat=0.0)
-    svc.registry.set_tags("m", "2", {ramp.HEARTBEAT_TAG: f"{NOW - 90:.3f}"})  # the tag beats too: latest wins
+    svc.registry.set_tags("m", "2", {Tag.HEARTBEAT: f"{NOW - 90:.3f}"})  # the tag beats too: latest wins
     runs = [running("2", NOW - 900, "run-a")] + [dict(running("2", NOW - 900, f"run-{i}"), state_type="CRASHED")
                                                  for i in range(2)]
     launcher = FakeLauncher(runs=runs)
     actions = reconcile.reconcile(svc, launcher, now=NOW)
     assert [c[0] for c in launcher.crashed] == ["run-a"] and "for 90 s" in launcher.crashed[0][1]
     assert launcher.started == [] and "rolled back by reconcile" in actions[-1]
-    assert svc.router.table["m"] == {"stable": "1"} and svc.registry.versions["2"].tags[STATUS_TAG] == "failed"
+    assert svc.router.table["m"] == {"stable": "1"} and svc.registry.versions["2"].tags[Tag.STATUS] == "failed"
 
 
 def test_a_heartbeat_from_the_future_proves_nothing(tmp_path: Path) -> None:
@@ -79,8 +79,8 @@ def test_versions_are_released_newest_first_and_never_below_the_champion(tmp_pat
     assert [s[1] for s in launcher.started] == ["10", "4"]  # by number, not as text
     for v in ("2", "1"):
         tags = svc.registry.versions[v].tags
-        assert tags[STATUS_TAG] == "skipped"
-        assert tags[REASON_TAG] == f"older than champion v3; release it with canaryflow release m {v} --allow-older"
+        assert tags[Tag.STATUS] == "skipped"
+        assert tags[Tag.REASON] == f"older than champion v3; release it with canaryflow release m {v} --allow-older"
     assert [a.split(":")[0] for a in actions] == ["m v10", "m v4", "m v2", "m v1"]
     assert reconcile.reconcile(svc, launcher, now=NOW) == []
     assert reconcile.downgrade_reason("m", "3", "3") is None and reconcile.downgrade_reason("m", "2", None) is None

@@ -14,8 +14,9 @@ import torch
 from canaryflow.core.errors import CanaryRolledBack, GateFailed
 from canaryflow.core.locks import StatusConflict
 from canaryflow.core.paths import StatePaths
-from canaryflow.core.registry import REASON_TAG, STATUS_TAG, VersionInfo
+from canaryflow.core.registry import VersionInfo
 from canaryflow.core.settings import Settings
+from canaryflow.core.state import Tag
 from canaryflow.model.packaging import export_pytorch
 from canaryflow.release import steps as release
 
@@ -81,13 +82,13 @@ def info(version: str, **tags: str) -> VersionInfo:
 
 
 def test_begin_marks_release_but_not_an_already_released_champion(tmp_path: Path) -> None:
-    reg = FakeRegistry({"1": info("1", **{STATUS_TAG: "released"}), "2": info("2")}, {"champion": "1"})
+    reg = FakeRegistry({"1": info("1", **{Tag.STATUS: "released"}), "2": info("2")}, {"champion": "1"})
     svc = services(tmp_path, reg)
     st1 = release.begin(svc, "m", "1")
     assert release.already_released(st1) and reg.tag_log == []
     st2 = release.begin(svc, "m", "2")
     assert not release.already_released(st2) and st2.champion == "1"
-    assert reg.tag_log == [("2", {STATUS_TAG: "releasing", REASON_TAG: "release started",
+    assert reg.tag_log == [("2", {Tag.STATUS: "releasing", Tag.REASON: "release started",
                                   "canaryflow.release_run": "run-2"})]
 
 
