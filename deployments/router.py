@@ -38,6 +38,7 @@ import jinja2
 from canaryflow.core.errors import ServingError
 from canaryflow.core.paths import StatePaths
 from canaryflow.core.settings import Settings
+from canaryflow.core.state import Route
 
 Routes = dict[str, dict[str, Any]]
 """``{model: {"stable": version, "canary": version, "weight": percent, "shadow": bool}}`` (canary, weight and
@@ -82,6 +83,14 @@ class TrafficRouter(Protocol):
 
     def routes(self) -> Routes:
         """What the router currently serves."""
+        ...
+
+    def route(self, model: str) -> Route | None:
+        """What the router currently serves for ``model`` (None: it is not routed)."""
+        ...
+
+    def refresh(self) -> None:
+        """Apply the current routes again with the serving backend's current credentials (after a restart)."""
         ...
 
 
@@ -184,6 +193,10 @@ class NginxRouter:
         except (OSError, ValueError) as exc:
             raise ServingError(f"cannot read {self.paths.router_state}: {exc}; fix or delete it") from exc
         return validate_routes(data.get("routes", {}))
+
+    def route(self, model: str) -> Route | None:
+        """What the router serves for ``model`` (None: not routed)."""
+        return Route.of(self.routes().get(model))
 
     def set_route(self, model: str, version: str) -> None:
         """Route all of ``model``'s traffic to ``version``: its canary (and split, shadow) is cleared, other keys

@@ -222,6 +222,8 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     state_dir: Path = Path(".canaryflow")
+    # which implementations serve the release's interfaces (canaryflow/services.py); only "local" exists yet
+    platform: Literal["local"] = "local"
     ports: Ports = Ports()
     serving: ServingSettings = ServingSettings()
     prefect: PrefectSettings = PrefectSettings()

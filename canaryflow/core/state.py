@@ -7,7 +7,10 @@ Statuses are a :class:`~enum.StrEnum`: a member equals, formats and serializes a
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 
 class ReleaseStatus(StrEnum):
@@ -61,3 +64,33 @@ class Tag:
     @staticmethod
     def gate(name: str) -> str:
         return Tag.GATE_PREFIX + name
+
+
+@dataclass(frozen=True)
+class Route:
+    """What the router serves for one model: ``stable`` alone, or with a ``canary`` on ``weight`` percent of the
+    unpinned traffic (``shadow``: stable answers everything and the canary gets copies)."""
+
+    stable: str
+    canary: str | None = None
+    weight: float = 0.0
+    shadow: bool = False
+
+    @classmethod
+    def of(cls, data: Mapping[str, Any] | None) -> Route | None:
+        """From the router's stored form (``{"stable": .., "canary": .., "weight": .., "shadow": ..}``)."""
+        if not data or data.get("stable") is None:
+            return None
+        canary = data.get("canary")
+        return cls(str(data["stable"]), str(canary) if canary else None,
+                   float(data.get("weight") or 0.0) if canary else 0.0, bool(data.get("shadow")) if canary else False)
+
+    @property
+    def versions(self) -> tuple[str, ...]:
+        """The versions this route sends traffic (or shadow copies) to, stable first."""
+        return (self.stable, self.canary) if self.canary else (self.stable,)
+
+    def describe(self) -> str:
+        if self.canary:
+            return f"v{self.stable} + v{self.canary} at {'shadow' if self.shadow else f'{self.weight:g}%'}"
+        return f"v{self.stable} alone"

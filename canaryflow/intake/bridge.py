@@ -42,7 +42,7 @@ from starlette.routing import Route
 from canaryflow.core.errors import ConfigError, OrchestrationError
 from canaryflow.core.paths import StatePaths
 from canaryflow.core.settings import Settings, get_settings
-from canaryflow.intake.launcher import PrefectLauncher, ReleaseLauncher
+from canaryflow.intake.launcher import Launcher, PrefectLauncher
 from canaryflow.intake.webhook import (
     DELIVERY_ID_HEADER,
     MODEL_VERSION_CREATED,
@@ -104,7 +104,7 @@ async def _read_body(request: Request) -> bytes:
 
 def create_app(
     settings: Settings | None = None,
-    launcher: ReleaseLauncher | None = None,
+    launcher: Launcher | None = None,
     secret: str | None = None,
     *,
     clock: Callable[[], float] = time.time,

@@ -32,10 +32,24 @@ class PrefectAPIError(OrchestrationError):
         self.status_code = status_code
 
 
-class ReleaseLauncher(Protocol):
-    """What the webhook bridge needs from an orchestrator."""
+class Launcher(Protocol):
+    """The orchestrator, as the webhook bridge and reconcile use it (:class:`PrefectLauncher` is the real one)."""
 
-    def start_release(self, model_name: str, version: str, idempotency_key: str) -> str: ...
+    def start_release(self, model_name: str, version: str, idempotency_key: str, allow_older: bool = False) -> str:
+        """Start (or find, by idempotency key) the release flow run of a version; returns its id."""
+        ...
+
+    def list_flow_runs(self, model_name: str | None = None, version: str | None = None) -> list[dict[str, Any]]:
+        """Release flow runs, optionally of one model (and version)."""
+        ...
+
+    def mark_crashed(self, run_id: str, message: str) -> None:
+        """Record a run that died without reporting as crashed."""
+        ...
+
+    def healthy(self) -> bool:
+        """Whether the orchestrator's API answers."""
+        ...
 
 
 def release_run_name(model_name: str, version: str) -> str:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from canaryflow.core.paths import StatePaths
+from canaryflow.release.converge import ArchiveMissing, register_from_store
 from deployments import torchserve
 
 WATCHED = "torchserve"
@@ -30,6 +31,7 @@ RESULT_FILE = "keywatch.json"
 
 class Backend(Protocol):
     def healthy(self) -> bool: ...
+    def versions(self, model: str) -> list[str]: ...
     def register(self, model: str, version: str, archive: Path) -> bool: ...
     def set_default(self, model: str, version: str) -> None: ...
 
@@ -103,16 +105,13 @@ def recover(backend: Backend, router: Router, model_store: Path, timeout_s: floa
         stable = str(route["stable"])
         # the champion, and a candidate under a ramp (its release flow would otherwise see only errors)
         for version in filter(None, (stable, route.get("canary"))):
-            archive = model_store / torchserve.archive_name(model, str(version))
             name = f"{model} v{version}"
-            if not archive.exists():
-                result.missing_archives.append(name)
-                result.problems.append(f"{name}: {archive.name} is missing from the model store; it cannot be "
-                                       "served until it is released again")
-                continue
             try:
-                if backend.register(model, str(version), archive):
+                if register_from_store(backend, model_store, model, str(version)):
                     result.restored.append(name)
+            except ArchiveMissing as exc:
+                result.missing_archives.append(name)
+                result.problems.append(str(exc))
             except Exception as exc:  # noqa: BLE001 - one version must not keep the others down
                 result.problems.append(f"{name}: re-registering failed: {exc}")
         try:

@@ -19,12 +19,13 @@ from typing import Any
 from canaryflow.core import locks
 from canaryflow.core.errors import MetricsSourceError
 from canaryflow.core.locks import StatusConflict
-from canaryflow.core.state import ReleaseStatus, Tag
+from canaryflow.core.state import ReleaseStatus, Route, Tag
 from canaryflow.release import replay
+from canaryflow.release.converge import DELETE, converge
 from canaryflow.release.steps import ReleaseState
 from canaryflow.services import Services
 from deployments import canary as ctl
-from deployments.metrics import FLUSH_DELAY_S, AccessLogMetrics, MetricsSource, Window
+from deployments.metrics import FLUSH_DELAY_S, MetricsSource, Window
 from validation.results import judged
 
 
@@ -102,16 +103,20 @@ class Heartbeat:
         self._stop.set()
 
 
-def apply_route(svc: Services, model: str, status: ctl.CanaryStatus) -> None:
-    """Make the router serve what ``status`` says."""
+def desired_route(status: ctl.CanaryStatus) -> Route:
+    """What the router serves in a ramp's state."""
     if status.phase in (ctl.Phase.PROMOTED, ctl.Phase.BAKING):
-        svc.router.set_route(model, status.candidate)
-    elif status.phase is ctl.Phase.ROLLED_BACK:
-        svc.router.set_route(model, status.champion)
-    elif status.shadow:
-        svc.router.set_split(model, status.champion, status.candidate, 100.0, shadow=True)
-    else:
-        svc.router.set_split(model, status.champion, status.candidate, status.weight)
+        return Route(status.candidate)
+    if status.phase is ctl.Phase.ROLLED_BACK:
+        return Route(status.champion)
+    if status.shadow:
+        return Route(status.champion, status.candidate, 100.0, shadow=True)
+    return Route(status.champion, status.candidate, status.weight)
+
+
+def apply_route(svc: Services, model: str, status: ctl.CanaryStatus) -> None:
+    """Make serving match what ``status`` says."""
+    converge(svc, model, desired_route(status))
 
 
 def pending(svc: Services, st: ReleaseState) -> ctl.CanaryStatus | None:
@@ -135,25 +140,14 @@ def promote_for_bake(svc: Services, model: str, status: ctl.CanaryStatus) -> ctl
     """At 100%: the candidate becomes the champion (route, TorchServe default, aliases) while the bake watches it;
     the previous champion stays registered, and is the ``previous`` alias. Returns the status with the alias it
     replaced, so an undo restores it."""
-    cfg = svc.settings.release
-    status = replace(status, previous=svc.registry.alias_version(model, cfg.previous_alias))
-    svc.router.set_route(model, status.candidate)
-    svc.backend.set_default(model, status.candidate)
-    svc.registry.set_alias(model, cfg.previous_alias, status.champion)
-    svc.registry.set_alias(model, cfg.champion_alias, status.candidate)
+    status = replace(status, previous=svc.registry.alias_version(model, svc.settings.release.previous_alias))
+    converge(svc, model, Route(status.candidate), champion=status.candidate, previous=status.champion)
     return status
 
 
 def undo_bake(svc: Services, model: str, status: ctl.CanaryStatus) -> None:
     """A bake that failed: the previous champion serves again, as champion, before anything else happens."""
-    cfg = svc.settings.release
-    svc.router.set_route(model, status.champion)
-    svc.backend.set_default(model, status.champion)
-    svc.registry.set_alias(model, cfg.champion_alias, status.champion)
-    if status.previous:
-        svc.registry.set_alias(model, cfg.previous_alias, status.previous)
-    else:
-        svc.registry.delete_alias(model, cfg.previous_alias)
+    converge(svc, model, Route(status.champion), champion=status.champion, previous=status.previous or DELETE)
 
 
 def start_or_resume(svc: Services, st: ReleaseState) -> ctl.CanaryStatus:
@@ -198,7 +192,7 @@ def _analyse(svc: Services, st: ReleaseState, status: ctl.CanaryStatus,
                              f"{persisted.generation if persisted else 'none'}, this run holds {status.generation}: "
                              "another writer owns the ramp; this run stops without touching the router", persisted)
     now = time.time() if now is None else now
-    source = source or AccessLogMetrics(svc.paths.router_access_log, svc.paths.feedback_file)
+    source = source or svc.metrics
     # the same live rows answered by both versions (off band): what a split alone cannot compare
     pairs = replay.collect(svc, st, status, now) if st.policy.canary.replay else None
     try:

@@ -24,29 +24,23 @@ from __future__ import annotations
 import re
 import time
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any
 
 from canaryflow.core import locks
 from canaryflow.core.errors import CanaryflowError, ServingError
 from canaryflow.core.locks import LockTimeout
 from canaryflow.core.registry import VersionInfo
-from canaryflow.core.state import UNFINISHED, ReleaseStatus, Tag
-from canaryflow.intake.launcher import release_run_name
+from canaryflow.core.state import UNFINISHED, ReleaseStatus, Route, Tag
+from canaryflow.intake.launcher import Launcher, release_run_name
+from canaryflow.release.converge import converge
 from canaryflow.release.ramp import last_heartbeat, load_status
 from canaryflow.release.rollback import abort_release
 from canaryflow.services import Services
 from deployments import torchserve
-from deployments.torchserve import archive_name
 
 ALIVE = frozenset({"SCHEDULED", "PENDING", "RUNNING", "PAUSED", "CANCELLING"})
 EXECUTING = frozenset({"PENDING", "RUNNING"})  # states in which a release flow process should be beating
 _CLOCK_SKEW_S = 60.0
-
-
-class Launcher(Protocol):
-    def start_release(self, model_name: str, version: str, idempotency_key: str) -> str: ...
-    def list_flow_runs(self, model_name: str | None = None, version: str | None = None) -> list[dict[str, Any]]: ...
-    def mark_crashed(self, run_id: str, message: str) -> None: ...
 
 
 def reconcile(svc: Services, launcher: Launcher, now: float | None = None) -> list[str]:
@@ -166,18 +160,18 @@ def _version(svc: Services, launcher: Launcher, v: VersionInfo, runs: list[dict[
     return f"{name}: release left half-way ({where}) with no run alive; started a run to resume it"
 
 
-def desired_route(svc: Services, model: str, versions: list[VersionInfo]) -> dict[str, Any] | None:
+def desired_route(svc: Services, model: str, versions: list[VersionInfo]) -> Route | None:
     """What the router should serve for ``model`` according to the registry, or None for nothing known."""
     champion = svc.registry.alias_version(model, svc.settings.release.champion_alias)
     if champion is None:
         return None
-    route: dict[str, Any] = {"stable": champion}
+    route = Route(champion)
     for v in versions:
         if v.tags.get(Tag.STATUS) != ReleaseStatus.CANARY:
             continue
         canary = load_status(svc, model, v.version)
         if canary is not None and not canary.done and canary.champion == champion:
-            route.update(canary=v.version, weight=100.0 if canary.shadow else canary.weight, shadow=canary.shadow)
+            route = Route(champion, v.version, 100.0 if canary.shadow else canary.weight, canary.shadow)
     return route
 
 
@@ -194,32 +188,10 @@ def _repair(svc: Services, model: str, versions: list[VersionInfo]) -> list[str]
     want = desired_route(svc, model, versions)
     if want is None:
         return []
-    have = svc.router.routes().get(model, {})
-    actions = []
-    registered = set(svc.backend.versions(model))
-    for version in filter(None, (want["stable"], want.get("canary"))):
-        if version not in registered:
-            archive = svc.paths.model_store / archive_name(model, version)
-            if archive.exists():
-                svc.backend.register(model, version, archive)
-                actions.append(f"{model} v{version}: re-registered on TorchServe from {archive.name}")
-    if _route_key(have) != _route_key(want):
-        if want.get("canary"):
-            svc.router.set_split(model, want["stable"], want["canary"], want["weight"], shadow=want["shadow"])
-        else:
-            svc.router.set_route(model, want["stable"])
-        svc.backend.set_default(model, want["stable"])
-        actions.append(f"{model}: router had {_route_key(have)}, recorded state is {_route_key(want)}; repaired")
-    return actions
-
-
-def _route_key(route: dict[str, Any]) -> str:
-    if not route:
-        return "no route"
-    if route.get("canary"):
-        mode = "shadow" if route.get("shadow") else f"{float(route.get('weight', 0)):g}%"
-        return f"v{route['stable']} + v{route['canary']} at {mode}"
-    return f"v{route.get('stable')} alone"
+    try:
+        return [f"{change} (recorded state; repaired)" for change in converge(svc, model, want)]
+    except ServingError as exc:  # nothing moved: the router keeps serving what it served
+        return [f"{model}: cannot serve the recorded state ({want.describe()}): {exc}"]
 
 
 _BEARER = re.compile(r'Authorization\s+"Bearer ([^"]*)"')

@@ -14,11 +14,11 @@ from dataclasses import replace
 
 from canaryflow.core import locks
 from canaryflow.core.errors import RegistryError, ServingError
-from canaryflow.core.state import ReleaseStatus, Tag
+from canaryflow.core.state import ReleaseStatus, Route, Tag
+from canaryflow.release.converge import DELETE, KEEP, converge
 from canaryflow.release.ramp import load_status, save_status
 from canaryflow.services import Services
 from deployments.canary import CanaryStatus, Phase
-from deployments.torchserve import archive_name
 
 
 def abort_release(svc: Services, model: str, version: str, reason: str,
@@ -32,13 +32,10 @@ def abort_release(svc: Services, model: str, version: str, reason: str,
 
 def _abort(svc: Services, model: str, version: str, reason: str, status: str) -> str:
     canary = load_status(svc, model, version)
-    route = svc.router.routes().get(model, {})
+    route = svc.router.route(model)
     champion = svc.registry.alias_version(model, svc.settings.release.champion_alias)
-    if route.get("canary") == version or (route and route.get("stable") == version and champion != version):
-        if champion:
-            svc.router.set_route(model, champion)
-        else:
-            svc.router.remove_route(model)
+    if route is not None and (route.canary == version or (route.stable == version and champion != version)):
+        converge(svc, model, Route(champion) if champion else None)
     if canary is not None and not canary.done:
         save_status(svc, model, replace(canary, phase=Phase.ROLLED_BACK, weight=0.0, reasons=[reason]))
     if version != champion:
@@ -68,23 +65,16 @@ def _rollback(svc: Services, model: str, to: str | None, reason: str, actor: str
     if info.tags.get(Tag.STATUS) != ReleaseStatus.RELEASED:
         raise RegistryError(f"v{target} of {model} was never released (status {info.tags.get(Tag.STATUS)!r}); "
                             "roll back only to a version that passed its release")
-    route = svc.router.routes().get(model, {})
+    route = svc.router.route(model)
     for version in _ramping(svc, model):
         abort_release(svc, model, version, f"ramp aborted by a manual rollback ({actor}: {reason})")
-    if champion == target and route.get("stable") == target:
+    if champion == target and route == Route(target):
         return _same(target, f"v{target} is already the champion and serves alone")
-    archive = svc.paths.model_store / archive_name(model, target)
-    if target not in svc.backend.versions(model):
-        if not archive.exists():
-            raise ServingError(f"cannot serve v{target} again: {archive} is gone from the model store")
-        svc.backend.register(model, target, archive)
-    svc.router.set_route(model, target)
-    svc.backend.set_default(model, target)
-    svc.registry.set_alias(model, cfg.champion_alias, target)
+    replaced = champion is not None and champion != target
+    converge(svc, model, Route(target), champion=target, previous=DELETE if replaced else KEEP)
     when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     note = f"manual rollback to v{target} by {actor} at {when}: {reason}"
-    if champion and champion != target:
-        svc.registry.delete_alias(model, cfg.previous_alias)
+    if replaced:
         svc.registry.set_tags(model, champion, {Tag.STATUS: ReleaseStatus.ROLLED_BACK, Tag.REASON: note,
                                                 Tag.ROLLBACK_BY: actor})
         try:

@@ -16,9 +16,10 @@ from canaryflow.core.locks import StatusConflict
 from canaryflow.core.policy import apply_policy
 from canaryflow.core.registry import VersionInfo
 from canaryflow.core.settings import Settings
-from canaryflow.core.state import ReleaseStatus, Tag
+from canaryflow.core.state import ReleaseStatus, Route, Tag
 from canaryflow.model.packaging import Bundle, example_rows, input_contract
 from canaryflow.model.predict import load_predictor
+from canaryflow.release.converge import KEEP, converge
 from canaryflow.services import Services
 from deployments.archive import Archive, build_mar
 from deployments.smoke import smoke_test
@@ -128,11 +129,8 @@ def promote(svc: Services, st: ReleaseState) -> str:
     Until the canary ramp exists this is a direct cut-over once the candidate passed every gate.
     """
     cfg = svc.settings.release
-    svc.router.set_route(st.model, st.version)
-    svc.backend.set_default(st.model, st.version)
-    if st.champion and st.champion != st.version:
-        svc.registry.set_alias(st.model, cfg.previous_alias, st.champion)
-    svc.registry.set_alias(st.model, cfg.champion_alias, st.version)
+    previous = st.champion if st.champion and st.champion != st.version else KEEP
+    converge(svc, st.model, Route(st.version), champion=st.version, previous=previous)
     return f"serving as {cfg.champion_alias}" + (f", replacing v{st.champion}" if st.champion else "")
 
 
@@ -165,11 +163,11 @@ def ending(exc: BaseException) -> Ending:
 
 def stop(svc: Services, st: ReleaseState, reason: str) -> str:
     """Take a release that did not promote off TorchServe (production untouched); returns the reason to record."""
-    route = svc.router.routes().get(st.model, {})
-    if route.get("canary") == st.version and st.champion:
-        svc.router.set_route(st.model, st.champion)  # a ramp cut short by an error: all traffic back first
-        route = {"stable": st.champion}
-    routed = route.get("stable")
+    route = svc.router.route(st.model)
+    if route is not None and route.canary == st.version and st.champion:
+        route = Route(st.champion)  # a ramp cut short by an error: all traffic back first
+        converge(svc, st.model, route)
+    routed = route.stable if route else None
     if st.version not in (st.champion, routed):
         try:
             svc.backend.unregister(st.model, st.version)

@@ -7,29 +7,14 @@ import logging
 import time
 
 import pytest
+from fakes import FakeLauncher
 from starlette.testclient import TestClient
 
-from canaryflow.core.errors import OrchestrationError
 from canaryflow.core.settings import Settings
 from canaryflow.intake.bridge import create_app
 from canaryflow.intake.webhook import DELIVERY_ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
 
 SECRET = "bridge-test-secret-DO-NOT-LOG"
-
-
-class FakeLauncher:
-    def __init__(self, fail: bool = False) -> None:
-        self.calls: list[tuple[str, str, str]] = []
-        self.fail = fail
-
-    def start_release(self, model_name: str, version: str, idempotency_key: str) -> str:
-        self.calls.append((model_name, version, idempotency_key))
-        if self.fail:
-            raise OrchestrationError("cannot reach the Prefect API: connection refused")
-        return "run-123"
-
-    def healthy(self) -> bool:
-        return not self.fail
 
 
 def payload(entity: str = "model_version", action: str = "created", **data: object) -> bytes:

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+from fakes import FakeLauncher
 from starlette.testclient import TestClient
 
 from canaryflow.core.paths import StatePaths
@@ -15,7 +16,7 @@ from canaryflow.core.settings import FeedbackSettings, Settings
 from canaryflow.intake.bridge import create_app
 from deployments.feedback import AnswerIndex, FeedbackError, FeedbackRecorder, parse
 from deployments.metrics import AccessLogMetrics
-from tests.unit.test_bridge_app import SECRET, FakeLauncher
+from tests.unit.test_bridge_app import SECRET
 from tests.unit.test_metrics import T0, line, write
 
 TOKEN = "feedback-token-for-tests"

@@ -4,106 +4,24 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from fakes import FakeBackend, FakeLauncher, FakeRegistry, FakeRouter, fake_services
 
 from canaryflow.core.errors import RegistryError
-from canaryflow.core.paths import StatePaths
 from canaryflow.core.registry import VersionInfo
-from canaryflow.core.settings import CanarySettings, Settings
+from canaryflow.core.settings import CanarySettings
 from canaryflow.core.state import Tag
 from canaryflow.release import ramp, reconcile, rollback
 from canaryflow.release.steps import ReleaseState
+from canaryflow.services import Services
 from deployments.canary import Action, Decision, Phase, start
 from deployments.metrics import VersionWindow, Window
 
 NOW = time.time()
-
-
-@dataclass
-class FakeRegistry:
-    versions: dict[str, VersionInfo]
-    aliases: dict[str, str] = field(default_factory=dict)
-    model_tag: dict[str, str] = field(default_factory=dict)
-    steps: list[tuple[int, dict]] = field(default_factory=list)
-    runs: list[dict] = field(default_factory=list)
-
-    def get_version(self, name: str, version: str) -> VersionInfo:
-        return self.versions[version]
-
-    def list_models(self) -> list[str]:
-        return ["m"]
-
-    def list_versions(self, name: str) -> list[VersionInfo]:
-        return list(self.versions.values())
-
-    def alias_version(self, name: str, alias: str) -> str | None:
-        return self.aliases.get(alias)
-
-    def set_alias(self, name: str, alias: str, version: str) -> None:
-        self.aliases[alias] = version
-
-    def delete_alias(self, name: str, alias: str) -> None:
-        self.aliases.pop(alias, None)
-
-    def set_tags(self, name: str, version: str, tags: dict[str, str]) -> None:
-        v = self.versions[version]
-        self.versions[version] = replace(v, tags={**v.tags, **tags})
-
-    def model_tags(self, name: str) -> dict[str, str]:
-        return self.model_tag
-
-    def set_model_tag(self, name: str, key: str, value: str) -> None:
-        self.model_tag[key] = value
-
-    def log_step(self, run_id: str, metrics: dict, step: int) -> None:
-        self.steps.append((step, metrics))
-
-    def record_run(self, experiment: str, run_name: str, tags: dict, params: dict) -> str:
-        self.runs.append({"name": run_name, **params})
-        return "run"
-
-
-@dataclass
-class FakeBackend:
-    registered: set[str]
-    default: str | None = None
-
-    def versions(self, model: str) -> list[str]:
-        return sorted(self.registered)
-
-    def register(self, model: str, version: str, archive: Path) -> bool:
-        self.registered.add(version)
-        return True
-
-    def unregister(self, model: str, version: str) -> None:
-        self.registered.discard(version)
-
-    def set_default(self, model: str, version: str) -> None:
-        self.default = version
-
-
-@dataclass
-class FakeRouter:
-    table: dict[str, dict]
-    changes: int = 0
-
-    def routes(self) -> dict[str, dict]:
-        return {k: dict(v) for k, v in self.table.items()}
-
-    def set_route(self, model: str, version: str) -> None:
-        self.table[model] = {"stable": version}
-        self.changes += 1
-
-    def set_split(self, model: str, stable: str, canary: str, weight: float, shadow: bool = False) -> None:
-        self.table[model] = {"stable": stable, "canary": canary, "weight": weight, "shadow": shadow}
-        self.changes += 1
-
-    def remove_route(self, model: str) -> None:
-        self.table.pop(model, None)
 
 
 def info(version: str, created_s: float = NOW - 3600, **tags: str) -> VersionInfo:
@@ -111,17 +29,16 @@ def info(version: str, created_s: float = NOW - 3600, **tags: str) -> VersionInf
 
 
 def services(tmp_path: Path, versions: dict[str, VersionInfo], route: dict | None = None,
-             registered: set[str] | None = None, **aliases: str) -> SimpleNamespace:
-    paths = StatePaths(tmp_path)
-    paths.model_store.mkdir(parents=True, exist_ok=True)
+             registered: set[str] | None = None, **aliases: str) -> Services:
+    svc = fake_services(tmp_path, FakeRegistry(versions, dict(aliases)),
+                        FakeBackend(set(registered if registered is not None else versions)),
+                        FakeRouter({"m": route or {"stable": "1"}}))
     for v in versions:
-        (paths.model_store / f"m_v{v}.mar").write_bytes(b"mar")
-    return SimpleNamespace(settings=Settings(), paths=paths, registry=FakeRegistry(versions, dict(aliases)),
-                           backend=FakeBackend(registered if registered is not None else set(versions)),
-                           router=FakeRouter({"m": route or {"stable": "1"}}))
+        (svc.paths.model_store / f"m_v{v}.mar").write_bytes(b"mar")
+    return svc
 
 
-def state(svc: SimpleNamespace, tmp_path: Path, version: str = "2", champion: str = "1",
+def state(svc: Services, tmp_path: Path, version: str = "2", champion: str = "1",
           bake_s: float = 0) -> ReleaseState:
     # replay off: these fakes have no inference API (the pairwise replay has its own tests)
     policy = svc.settings.model_copy(update={"canary": CanarySettings(steps=[10, 50, 100], min_requests=20,
@@ -264,27 +181,6 @@ def test_rollback_aborts_a_ramp_in_progress(tmp_path: Path) -> None:
     assert svc.router.table["m"] == {"stable": "2"}
     assert ramp.load_status(svc, "m", "3").phase is Phase.ROLLED_BACK
     assert svc.registry.versions["3"].tags[Tag.STATUS] == "rolled_back" and "3" not in svc.backend.registered
-
-
-@dataclass
-class FakeLauncher:
-    runs: list[dict] = field(default_factory=list)
-    started: list[tuple[str, str, str]] = field(default_factory=list)
-    crashed: list[tuple[str, str]] = field(default_factory=list)
-
-    def list_flow_runs(self, model_name: str | None = None, version: str | None = None) -> list[dict]:
-        return [dict(r) for r in self.runs if model_name in (None, r["parameters"]["model_name"])]
-
-    def mark_crashed(self, run_id: str, message: str) -> None:
-        self.crashed.append((run_id, message))
-        for r in self.runs:
-            if r.get("id") == run_id:
-                r["state_type"] = "CRASHED"
-
-    def start_release(self, model_name: str, version: str, idempotency_key: str) -> str:
-        self.started.append((model_name, version, idempotency_key))
-        self.runs.append({"parameters": {"model_name": model_name, "version": version}, "state_type": "SCHEDULED"})
-        return "run"
 
 
 def run(version: str, state: str) -> dict:

@@ -116,6 +116,9 @@ class TorchServe:
         self.pings += 1
         return self.pings > self.slow
 
+    def versions(self, model: str) -> list[str]:
+        return []  # just restarted: nothing registered
+
     def register(self, model: str, version: str, archive: Path) -> bool:
         if f"{model} v{version}" in self.broken:
             raise RuntimeError("HTTP 500 worker died")

@@ -2,79 +2,25 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 import mlflow.pytorch
 import numpy as np
 import pytest
 import torch
+from fakes import FakeBackend, FakeRegistry, FakeRouter, fake_services
 
 from canaryflow.core.errors import CanaryRolledBack, GateFailed
 from canaryflow.core.locks import StatusConflict
-from canaryflow.core.paths import StatePaths
 from canaryflow.core.registry import VersionInfo
-from canaryflow.core.settings import Settings
 from canaryflow.core.state import Tag
 from canaryflow.model.packaging import export_pytorch
 from canaryflow.release import steps as release
+from canaryflow.services import Services
 
 
-@dataclass
-class FakeRegistry:
-    versions: dict[str, VersionInfo]
-    aliases: dict[str, str] = field(default_factory=dict)
-    tag_log: list[tuple[str, dict]] = field(default_factory=list)
-
-    def get_version(self, name: str, version: str) -> VersionInfo:
-        return self.versions[version]
-
-    def alias_version(self, name: str, alias: str) -> str | None:
-        return self.aliases.get(alias)
-
-    def set_alias(self, name: str, alias: str, version: str) -> None:
-        self.aliases[alias] = version
-
-    def set_tags(self, name: str, version: str, tags: dict[str, str]) -> None:
-        self.tag_log.append((version, tags))
-
-    def release_run(self, experiment: str, name: str, version: str) -> str:
-        return f"run-{version}"
-
-    def model_tags(self, name: str) -> dict[str, str]:
-        return {}
-
-    def run_url(self, run_id: str) -> str:
-        return f"http://mlflow/#/runs/{run_id}"
-
-
-@dataclass
-class FakeBackend:
-    registered: set[str] = field(default_factory=set)
-    default: str | None = None
-
-    def unregister(self, model: str, version: str) -> None:
-        self.registered.discard(version)
-
-    def set_default(self, model: str, version: str) -> None:
-        self.default = version
-
-
-@dataclass
-class FakeRouter:
-    table: dict[str, dict] = field(default_factory=dict)
-
-    def routes(self) -> dict[str, dict]:
-        return self.table
-
-    def set_route(self, model: str, version: str) -> None:
-        self.table[model] = {"stable": version}
-
-
-def services(tmp_path: Path, registry: FakeRegistry) -> SimpleNamespace:
-    return SimpleNamespace(settings=Settings(), paths=StatePaths(tmp_path), registry=registry,
-                           backend=FakeBackend({"1", "2"}), router=FakeRouter({"m": {"stable": "1"}}))
+def services(tmp_path: Path, registry: FakeRegistry) -> Services:
+    return fake_services(tmp_path, registry, FakeBackend({"1", "2"}), FakeRouter({"m": {"stable": "1"}}))
 
 
 def info(version: str, **tags: str) -> VersionInfo:
