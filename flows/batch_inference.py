@@ -13,8 +13,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from canaryflow.batch.run import previous_summary, run_chunks, run_lock
-from canaryflow.core.errors import BatchError
+from canaryflow.batch.run import UNCONFIGURED, batch_target, previous_summary, run_chunks, run_lock
 from canaryflow.core.settings import get_settings
 from tasks import batch as t
 
@@ -31,16 +30,13 @@ def batch_inference(model_name: str | None = None, input: str | None = None, out
     ``stop_after_parts`` stops the run on purpose after that many parts (tests of resumption)."""
     log = get_run_logger()
     cfg = get_settings().batch
-    model_name, input = model_name or cfg.model, input or cfg.input
-    if not model_name and not input:
-        summary = {"status": "skipped", "reason": "no model and no input: pass model_name and input, or set "
-                                                  "CANARYFLOW_BATCH__MODEL and CANARYFLOW_BATCH__INPUT"}
+    target = batch_target(cfg, model_name, input)
+    if target is None:
+        summary = {"status": "skipped", "reason": UNCONFIGURED}
         log.warning(summary["reason"])
         t.summary_artifact("unconfigured", summary)
         return summary
-    if not (model_name and input):
-        raise BatchError(f"batch inference needs both a model and an input (got model={model_name!r}, "
-                         f"input={input!r})")
+    model_name, input = target
     started = time.monotonic()
     job = t.prepare(model_name, input, alias, version, output_dir, chunk_rows, keep_columns, allow_unreleased)
     if job.complete:

@@ -5,20 +5,10 @@ An interval deployment (prefect.yaml); safe to run by hand at any time. See cana
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
 
-from canaryflow.intake.launcher import PrefectLauncher
-from canaryflow.release import reconcile as rc
-from canaryflow.services import get_services
-
-
-@task(name="reconcile", cache_policy=NO_CACHE)
-def reconcile_pass() -> list[str]:
-    svc = get_services()
-    launcher = PrefectLauncher(svc.settings.prefect_api_url, svc.settings.prefect.release_deployment)
-    return rc.reconcile(svc, launcher)
+from tasks.operations import reconcile_pass
 
 
 @flow(name="reconcile", log_prints=True)

@@ -18,8 +18,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from canaryflow.core.errors import CanaryRolledBack
 from canaryflow.core.state import ReleaseStatus
 from canaryflow.release.ramp import Heartbeat
-from canaryflow.release.reconcile import downgrade_reason
-from canaryflow.release.steps import UNFINISHED, Ending, ReleaseState, already_released, ending
+from canaryflow.release.steps import UNFINISHED, Ending, ReleaseState, ending, needs_canary, skip
 from canaryflow.services import get_services
 from deployments.canary import Action, CanaryStatus, Phase
 from tasks import canary as c
@@ -34,14 +33,12 @@ def release(model_name: str, version: str, allow_older: bool = False) -> dict[st
     (tagged ``skipped``) unless ``allow_older`` (a person asked for it)."""
     log = get_run_logger()
     st = t.begin(model_name, str(version))
-    if already_released(st):
-        log.info("v%s of %s is already the released champion; nothing to do", st.version, st.model)
-        return {"status": ReleaseStatus.RELEASED, "reason": "already released"}
-    older = None if allow_older else downgrade_reason(st.model, st.version, st.champion)
-    if older:
-        log.warning("v%s of %s not released: %s", st.version, st.model, older)
-        t.finish(st, "skipped", older)
-        return {"status": ReleaseStatus.SKIPPED, "reason": older}
+    skipped = skip(st, allow_older)
+    if skipped is not None:
+        log.warning("v%s of %s: nothing to release: %s", st.version, st.model, skipped.reason)
+        if skipped.status is ReleaseStatus.SKIPPED:
+            t.finish(st, skipped.status, skipped.reason)
+        return {"status": skipped.status, "reason": skipped.reason}
     end = UNFINISHED
     svc = get_services()
     beat = Heartbeat(svc, st.model, st.version, svc.settings.reconcile.heartbeat_s).start()  # reconcile's liveness
@@ -54,7 +51,7 @@ def release(model_name: str, version: str, allow_older: bool = False) -> dict[st
                      resume.weight)
             if resume.phase is Phase.BAKING:  # promoted already: the champion alias names the candidate
                 st.champion = resume.champion
-        if st.champion and st.champion != st.version and (st.policy.canary.steps or st.policy.canary.shadow):
+        if needs_canary(st):
             ramp(st)
         end = Ending(ReleaseStatus.RELEASED, t.promote(st))
     except Exception as exc:

@@ -7,18 +7,11 @@ versions, on the registered model and in an MLflow run. Safe to run twice.
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
 
-from canaryflow.release import rollback as rb
-from canaryflow.services import get_services
+from tasks import operations
 from tasks.report import artifact_key
-
-
-@task(name="rollback", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=3)
-def do_rollback(model_name: str, to_version: str | None, reason: str, requested_by: str) -> dict[str, str]:
-    return rb.rollback(get_services(), model_name, to_version, reason, requested_by)
 
 
 @flow(name="rollback", log_prints=True)
@@ -27,7 +20,7 @@ def rollback(model_name: str, reason: str, to_version: str | None = None,
     """Serve `to_version` (default: the `previous` alias) as champion again; returns what was done."""
     if not reason.strip():
         raise ValueError("a rollback needs a reason")
-    result = do_rollback(model_name, to_version, reason, requested_by)
+    result = operations.rollback(model_name, to_version, reason, requested_by)
     get_run_logger().info("rollback of %s: %s", model_name, result["reason"])
     create_markdown_artifact(
         key=artifact_key(model_name, "rollback").replace("release-", "rollback-"),

@@ -6,7 +6,7 @@ from prefect import task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from canaryflow.release import ramp
+from canaryflow.release import ramp, ramp_report
 from canaryflow.release.steps import ReleaseState
 from canaryflow.services import get_services
 from deployments.canary import CanaryStatus, Decision
@@ -37,10 +37,10 @@ def retire(model: str, version: str, grace_s: float) -> str:
 def report(st: ReleaseState) -> None:
     """Timeline PNG into the release run, every check as a Prefect table."""
     svc = get_services()
-    png = ramp.write_timeline_png(st, st.workdir / "canary_timeline.png")
-    files = [p for p in (png, ramp.timeline_file(st)) if p is not None and p.exists()]
+    png = ramp_report.write_timeline_png(st, st.workdir / "canary_timeline.png")
+    files = [p for p in (png, ramp_report.timeline_file(st)) if p is not None and p.exists()]
     svc.registry.log_to_run(st.run_id, files=files, artifact_path="canary")
-    rows = ramp.checks_table(st)
+    rows = ramp_report.checks_table(st)
     if rows:
         create_table_artifact(table=rows, key=f"{artifact_key(st.model, st.version)}-canary",
                               description=f"canary analyses of {st.model} v{st.version}")

@@ -30,7 +30,7 @@ from canaryflow.batch.model import fetch_model, resolve_version
 from canaryflow.batch.score import SAMPLES, score_chunk
 from canaryflow.batch.write import remove_temporaries, write_error, write_text_atomic
 from canaryflow.core.errors import BatchError, BatchWriteError
-from canaryflow.core.settings import Settings
+from canaryflow.core.settings import BatchSettings, Settings
 
 __all__ = ["BatchInterrupted", "BatchJob", "Progress", "finish", "plan_job", "prepare", "run_batch", "run_chunks",
            "run_job"]
@@ -65,6 +65,23 @@ def prepare(settings: Settings, model_name: str, input_uri: str, *, alias: str |
                         max_batch_rows=cfg.score_rows)
     return plan_job(settings, model, input_uri, files, output_dir=output_dir, chunk_rows=chunk_rows,
                     keep_columns=keep_columns)
+
+
+UNCONFIGURED = ("no model and no input: pass model_name and input, or set CANARYFLOW_BATCH__MODEL and "
+                "CANARYFLOW_BATCH__INPUT")
+
+
+def batch_target(cfg: BatchSettings, model_name: str | None, input_uri: str | None) -> tuple[str, str] | None:
+    """The model and input a batch run scores: the ones given, else the settings' ``batch.model`` /
+    ``batch.input``; None when neither is anywhere (a scheduled run with nothing configured is skipped, not
+    failed). Raises BatchError when only one of them is known."""
+    model_name, input_uri = model_name or cfg.model, input_uri or cfg.input
+    if not model_name and not input_uri:
+        return None
+    if not (model_name and input_uri):
+        raise BatchError(f"batch inference needs both a model and an input (got model={model_name!r}, "
+                         f"input={input_uri!r})")
+    return model_name, input_uri
 
 
 class ChunkExecutor(Protocol):

@@ -9,23 +9,20 @@ work dir (for the table artifact and the PNG timeline).
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from dataclasses import replace
-from pathlib import Path
-from typing import Any
 
 from canaryflow.core import locks
 from canaryflow.core.errors import MetricsSourceError
 from canaryflow.core.locks import StatusConflict
 from canaryflow.core.state import ReleaseStatus, Route, Tag
-from canaryflow.release import replay
+from canaryflow.release import ramp_report, replay
 from canaryflow.release.converge import DELETE, converge
 from canaryflow.release.steps import ReleaseState
 from canaryflow.services import Services
 from deployments import canary as ctl
-from deployments.metrics import FLUSH_DELAY_S, MetricsSource, Window
+from deployments.metrics import FLUSH_DELAY_S, MetricsSource
 from validation.results import judged
 
 
@@ -192,80 +189,15 @@ def _analyse(svc: Services, st: ReleaseState, status: ctl.CanaryStatus,
                              f"{persisted.generation if persisted else 'none'}, this run holds {status.generation}: "
                              "another writer owns the ramp; this run stops without touching the router", persisted)
     now = time.time() if now is None else now
-    source = source or svc.metrics
-    # the same live rows answered by both versions (off band): what a split alone cannot compare
-    pairs = replay.collect(svc, st, status, now) if st.policy.canary.replay else None
-    try:
-        window = source.window(st.model, status.step_started_at, now - FLUSH_DELAY_S)
-        m = ctl.Measurements(window, now, pairs=pairs)
-    except MetricsSourceError as exc:
-        window, m = None, ctl.Measurements(None, now, str(exc), pairs=pairs)
-    decision = ctl.decide(status, m, st.policy.canary)
-    if decision.action is ctl.Action.BAKE:
-        decision = replace(decision, status=promote_for_bake(svc, st.model, decision.status))
-    elif decision.action is ctl.Action.ROLLBACK and status.phase is ctl.Phase.BAKING:
-        undo_bake(svc, st.model, decision.status)
-    elif decision.action is not ctl.Action.HOLD:
-        apply_route(svc, st.model, decision.status)
-    decision = replace(decision, status=save_status(svc, st.model, replace(decision.status, heartbeat_at=now)))
-    record(svc, st, decision, window, now)
+    m = measure(svc, st, status, source or svc.metrics, now)
+    decision = apply(svc, st, status, ctl.decide(status, m, st.policy.canary), now)
+    ramp_report.record(svc, st, decision, m.window, now)
     if decision.status.done:
         st.results.append(judged("canary", decision.action is ctl.Action.PROMOTE, "; ".join(decision.reasons),
                                  {"analyses": decision.status.iterations, "weight": decision.status.weight,
                                   "failed_analyses": decision.status.failed_checks},
                                  {"steps": st.policy.canary.steps}))
     return decision
-
-
-def record(svc: Services, st: ReleaseState, d: ctl.Decision, window: Window | None, now: float) -> None:
-    """One analysis -> MLflow metrics (step = analysis number) and a line of ``canary.jsonl``."""
-    s = d.status
-    line: dict[str, Any] = {"t": now, "iteration": s.iterations, "action": d.action.value, "weight": s.weight,
-                            "phase": s.phase.value, "reasons": d.reasons, "checks": [c.to_dict() for c in d.checks]}
-    metrics = {"canary.weight": s.weight, "canary.failed_checks": s.failed_checks}
-    if window is not None:
-        for role, version in (("candidate", s.candidate), ("champion", s.champion)):
-            v = window.get(version)
-            stats = {"requests": v.requests, "error_ratio": v.error_ratio, "p50_ms": v.p50_ms, "p95_ms": v.p95_ms,
-                     "p99_ms": v.p99_ms, "labelled": v.labelled, "accuracy": v.accuracy}
-            line[role] = stats
-            metrics.update({f"canary.{role}.{k}": x for k, x in stats.items() if x is not None})
-    for c in d.checks:
-        if c.measured is not None:
-            metrics[f"canary.check.{c.name}"] = c.measured
-    svc.registry.log_step(st.run_id, metrics, step=s.iterations)
-    path = timeline_file(st)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as fh:
-        fh.write(json.dumps(line, default=str) + "\n")
-
-
-def timeline_file(st: ReleaseState) -> Path:
-    return st.workdir / "canary.jsonl"
-
-
-def read_timeline(st: ReleaseState) -> list[dict[str, Any]]:
-    path = timeline_file(st)
-    if not path.exists():
-        return []
-    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
-
-
-def checks_table(st: ReleaseState) -> list[dict[str, Any]]:
-    """Every check of every analysis, one row each: for the Prefect table artifact."""
-    rows = []
-    for line in read_timeline(st):
-        for c in line["checks"]:
-            rows.append({"analysis": line["iteration"], "weight": line["weight"], "check": c["name"],
-                         "outcome": c["outcome"], "measured": _fmt(c["measured"]), "threshold": _fmt(c["threshold"]),
-                         "reason": c["reason"]})
-        rows.append({"analysis": line["iteration"], "weight": line["weight"], "check": "decision",
-                     "outcome": line["action"], "measured": "", "threshold": "", "reason": "; ".join(line["reasons"])})
-    return rows
-
-
-def _fmt(x: float | None) -> str:
-    return "" if x is None else f"{x:.4g}"
 
 
 def retire(svc: Services, model: str, version: str, grace_s: float) -> str:
@@ -283,32 +215,27 @@ def retire(svc: Services, model: str, version: str, grace_s: float) -> str:
     return f"v{version} retired from TorchServe after {grace_s:g} s (its .mar stays in the model store)"
 
 
-def write_timeline_png(st: ReleaseState, path: Path) -> Path | None:
-    """Weight, p95 and error ratio per version over the ramp; None when no analysis ran."""
-    lines = read_timeline(st)
-    if not lines:
-        return None
-    import matplotlib
+def measure(svc: Services, st: ReleaseState, status: ctl.CanaryStatus, source: MetricsSource,
+            now: float) -> ctl.Measurements:
+    """The step's window from the metrics source (an unreadable source is measured as such, not as a model
+    failure) and, with the replay on, the same live rows answered by both versions out of band: what a split
+    alone cannot compare."""
+    pairs = replay.collect(svc, st, status, now) if st.policy.canary.replay else None
+    try:
+        return ctl.Measurements(source.window(st.model, status.step_started_at, now - FLUSH_DELAY_S), now,
+                                pairs=pairs)
+    except MetricsSourceError as exc:
+        return ctl.Measurements(None, now, str(exc), pairs=pairs)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    t0 = lines[0]["t"]
-    ts = [x["t"] - t0 for x in lines]
-    fig, axes = plt.subplots(3, 1, figsize=(8, 7), sharex=True)
-    axes[0].step(ts, [x["weight"] for x in lines], where="post", color="tab:purple")
-    axes[0].set_ylabel("candidate traffic %")
-    for role, color in (("champion", "tab:blue"), ("candidate", "tab:orange")):
-        axes[1].plot(ts, [(x.get(role) or {}).get("p95_ms") for x in lines], "o-", color=color, label=role)
-        axes[2].plot(ts, [(x.get(role) or {}).get("error_ratio") for x in lines], "o-", color=color, label=role)
-    axes[1].set_ylabel("p95 ms")
-    axes[2].set_ylabel("error ratio")
-    axes[2].set_xlabel("seconds since first analysis")
-    axes[1].legend()
-    last = lines[-1]
-    fig.suptitle(f"canary of {st.model} v{st.version}: {last['action']} at {last['weight']:g}%")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+def apply(svc: Services, st: ReleaseState, before: ctl.CanaryStatus, decision: ctl.Decision,
+          now: float) -> ctl.Decision:
+    """Make serving match the decision (a bake promotes, a failed bake is undone, a step moves the split; a hold
+    changes nothing) and persist the new status; returns the decision with the status as saved."""
+    if decision.action is ctl.Action.BAKE:
+        decision = replace(decision, status=promote_for_bake(svc, st.model, decision.status))
+    elif decision.action is ctl.Action.ROLLBACK and before.phase is ctl.Phase.BAKING:
+        undo_bake(svc, st.model, decision.status)
+    elif decision.action is not ctl.Action.HOLD:
+        apply_route(svc, st.model, decision.status)
+    return replace(decision, status=save_status(svc, st.model, replace(decision.status, heartbeat_at=now)))

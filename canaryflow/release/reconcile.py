@@ -35,6 +35,7 @@ from canaryflow.intake.launcher import Launcher, release_run_name
 from canaryflow.release.converge import converge
 from canaryflow.release.ramp import last_heartbeat, load_status
 from canaryflow.release.rollback import abort_release
+from canaryflow.release.steps import downgrade_reason, version_number
 from canaryflow.services import Services
 from deployments import torchserve
 
@@ -77,19 +78,6 @@ def reconcile_model(svc: Services, launcher: Launcher, model: str, now: float) -
 
 def newest_first(versions: list[VersionInfo]) -> list[VersionInfo]:
     return sorted(versions, key=lambda v: version_number(v.version), reverse=True)
-
-
-def version_number(version: str | None) -> int:
-    """MLflow numbers versions 1, 2, ...; anything else sorts first (oldest)."""
-    return int(version) if version and version.isdigit() else -1
-
-
-def downgrade_reason(model: str, version: str, champion: str | None) -> str | None:
-    """Why releasing ``version`` would be a downgrade (older than the champion), or None when it is not."""
-    if champion is None or version_number(version) >= version_number(champion) or version == champion:
-        return None
-    return (f"older than champion v{champion}; release it with "
-            f"canaryflow release {model} {version} --allow-older")
 
 
 def _alive(runs: list[dict[str, Any]]) -> bool:

@@ -70,6 +70,34 @@ def already_released(st: ReleaseState) -> bool:
     return st.info.tags.get(Tag.STATUS) == ReleaseStatus.RELEASED and st.champion == st.version
 
 
+def version_number(version: str | None) -> int:
+    """MLflow numbers versions 1, 2, ...; anything else sorts first (oldest)."""
+    return int(version) if version and version.isdigit() else -1
+
+
+def downgrade_reason(model: str, version: str, champion: str | None) -> str | None:
+    """Why releasing ``version`` would be a downgrade (older than the champion), or None when it is not."""
+    if champion is None or version_number(version) >= version_number(champion) or version == champion:
+        return None
+    return (f"older than champion v{champion}; release it with "
+            f"canaryflow release {model} {version} --allow-older")
+
+
+def skip(st: ReleaseState, allow_older: bool = False) -> Ending | None:
+    """Why this run has nothing to release (its status and reason), or None: a re-run of a finished release, or a
+    version older than the champion that no person asked for."""
+    if already_released(st):
+        return Ending(ReleaseStatus.RELEASED, "already released")
+    older = None if allow_older else downgrade_reason(st.model, st.version, st.champion)
+    return Ending(ReleaseStatus.SKIPPED, older) if older else None
+
+
+def needs_canary(st: ReleaseState) -> bool:
+    """A champion to compare with, and a policy with steps or a shadow phase."""
+    policy = st.policy.canary
+    return bool(st.champion and st.champion != st.version and (policy.steps or policy.shadow))
+
+
 def fetch(svc: Services, st: ReleaseState) -> Path:
     """Download the version's MLflow model into the release's work dir (fresh each time)."""
     target = st.workdir / "mlflow-model"

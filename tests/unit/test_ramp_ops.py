@@ -15,7 +15,7 @@ from canaryflow.core.errors import RegistryError
 from canaryflow.core.registry import VersionInfo
 from canaryflow.core.settings import CanarySettings
 from canaryflow.core.state import Tag
-from canaryflow.release import ramp, reconcile, rollback
+from canaryflow.release import ramp, ramp_report, reconcile, rollback
 from canaryflow.release.steps import ReleaseState
 from canaryflow.services import Services
 from deployments.canary import Action, Decision, Phase, start
@@ -72,11 +72,11 @@ def test_ramp_starts_advances_and_records(tmp_path: Path) -> None:
     assert ramp.load_status(svc, "m", "2").weight == 50.0
     step, metrics = svc.registry.steps[-1]
     assert step == 1 and metrics["canary.weight"] == 50.0 and metrics["canary.candidate.requests"] == 60
-    table = ramp.checks_table(st)
+    table = ramp_report.checks_table(st)
     assert {r["check"] for r in table} >= {"errors", "p95", "latency_u", "prediction_drift", "decision"}
     d = ramp.analyse(svc, st, d.status, source=Source(), now=status.started_at + 60)
     assert d.action is Action.PROMOTE and svc.router.table["m"] == {"stable": "2"}
-    assert ramp.write_timeline_png(st, tmp_path / "t.png").stat().st_size > 1000
+    assert ramp_report.write_timeline_png(st, tmp_path / "t.png").stat().st_size > 1000
 
 
 def ramp_to_bake(tmp_path: Path) -> tuple[SimpleNamespace, ReleaseState, float, Decision]:

@@ -14,7 +14,7 @@ from canaryflow.core.paths import StatePaths
 from canaryflow.core.settings import CanarySettings, ReconcileSettings
 from canaryflow.core.state import Tag
 from canaryflow.local import keywatch
-from canaryflow.release import ramp, reconcile
+from canaryflow.release import ramp, reconcile, steps
 from deployments.canary import start
 
 
@@ -83,7 +83,7 @@ def test_versions_are_released_newest_first_and_never_below_the_champion(tmp_pat
         assert tags[Tag.REASON] == f"older than champion v3; release it with canaryflow release m {v} --allow-older"
     assert [a.split(":")[0] for a in actions] == ["m v10", "m v4", "m v2", "m v1"]
     assert reconcile.reconcile(svc, launcher, now=NOW) == []
-    assert reconcile.downgrade_reason("m", "3", "3") is None and reconcile.downgrade_reason("m", "2", None) is None
+    assert steps.downgrade_reason("m", "3", "3") is None and steps.downgrade_reason("m", "2", None) is None
 
 
 def test_a_router_holding_a_stale_key_is_re_rendered(tmp_path: Path) -> None:
