@@ -18,7 +18,8 @@ from canaryflow.core.settings import Settings, get_settings
 from canaryflow.intake.launcher import Launcher, PrefectLauncher
 from deployments import torchserve
 from deployments.metrics import AccessLogMetrics, MetricsSource
-from deployments.router import NginxRouter, TrafficRouter
+from deployments.router import NginxRouter
+from deployments.routes import TrafficRouter
 from deployments.torchserve import ServingBackend
 
 Factory = Callable[[Settings, StatePaths], Any]

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from canaryflow.core.serving_contract import parse_prediction
-from deployments.metrics import _line_ts, _parse
+from deployments.access_log import line_ts, parse_line
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=@-]{1,128}$")  # what the router keeps of a client's X-Request-ID
 _LABEL = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")  # classes as the handler prints them (the class index)
@@ -126,9 +126,9 @@ class AnswerIndex:
                 self._add(line)
 
     def _add(self, line: bytes) -> None:
-        if _line_ts(line) is None:
+        if line_ts(line) is None:
             return
-        rec = _parse(line)
+        rec = parse_line(line)
         if rec is None or rec.get("shadow") in (1, "1", True) or not isinstance(rec.get("status"), int):
             return
         parsed = parse_prediction(str(rec.get("prediction") or "")) if rec["status"] < 400 else None
@@ -211,7 +211,7 @@ class FeedbackRecorder:
             path = self.labels_file(model)
             if path.exists():
                 for line in path.read_bytes().splitlines():
-                    rec = _parse(line)
+                    rec = parse_line(line)
                     if rec is not None and isinstance(rec.get("labels"), list):
                         known[str(rec.get("request_id"))] = tuple(str(x) for x in rec["labels"])
             self._recorded[model] = known

@@ -20,10 +20,9 @@ count, as are lines without a version (404 ModelNotRouted and the like).
 
 from __future__ import annotations
 
-import json
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
@@ -32,13 +31,12 @@ import numpy as np
 
 from canaryflow.core.errors import MetricsSourceError
 from canaryflow.core.serving_contract import parse_prediction
+from deployments import access_log
 
 FLUSH_DELAY_S = 2.0
 """How long ago a window should have ended for all its lines to be in the log (1 s flush, reload overlap)."""
 REORDER_S = 5.0
 """Lines may be out of ``ts`` order by this much (workers of a reload flush their own buffers)."""
-_SEARCH_BLOCK = 64 << 10  # below this many bytes, scan instead of bisecting
-_TS_PREFIX = b'{"ts":'
 _HEAD_BYTES = 64
 
 
@@ -177,7 +175,7 @@ class AccessLogMetrics:
         if self.feedback is not None and (agg.client or agg.shadow):
             path = self.feedback(model)
             try:
-                agg.score(read_labels(path, start - REORDER_S, set(agg.client) | set(agg.shadow)))
+                agg.score(access_log.read_labels(path, start - REORDER_S, set(agg.client) | set(agg.shadow)))
             except OSError as exc:
                 win.feedback_error = f"cannot read the labels {path}: {exc}"
         return win
@@ -193,49 +191,10 @@ class AccessLogMetrics:
         if (cursor is not None and (cursor.inode, cursor.head) == (st.st_ino, head) and cursor.offset <= st.st_size
                 and since >= cursor.start):
             low = cursor.offset
-        offset = _bisect(fh, low, st.st_size, since)
+        offset = access_log.bisect(fh, low, st.st_size, since)
         with self._lock:
             self._cursors[key] = _Cursor(st.st_ino, head, since, offset)
         return offset
-
-
-def _line_ts(line: bytes) -> float | None:
-    """The ``ts`` of a log line, without parsing all of it; None when the line is not one of ours."""
-    if line.startswith(_TS_PREFIX):
-        comma = line.find(b",", len(_TS_PREFIX))
-        try:
-            return float(line[len(_TS_PREFIX) : comma])
-        except ValueError:
-            return None
-    return None
-
-
-def _bisect(fh: BinaryIO, low: int, high: int, since: float) -> int:
-    """A line-start offset in [low, high] at or before the first line with ``ts >= since``."""
-    while high - low > _SEARCH_BLOCK:
-        mid = (low + high) // 2
-        fh.seek(mid)
-        fh.readline()  # the rest of the line mid fell into
-        line_start = fh.tell()
-        ts = None
-        while ts is None and fh.tell() < high:
-            line = fh.readline()
-            if not line.endswith(b"\n"):
-                break
-            ts = _line_ts(line)
-        if ts is None or ts >= since:
-            high = mid
-        else:
-            low = line_start
-    return low
-
-
-def _lines(fh: BinaryIO, offset: int) -> Iterator[bytes]:
-    fh.seek(offset)
-    for line in fh:
-        if not line.endswith(b"\n"):
-            return  # being written: the next window gets it whole
-        yield line
 
 
 class _Aggregator:
@@ -248,11 +207,11 @@ class _Aggregator:
 
     def read(self, fh: BinaryIO, offset: int, start: float, end: float) -> None:
         win, inside, stop_after = self.win, False, end + REORDER_S
-        for line in _lines(fh, offset):
-            ts = _line_ts(line)
+        for line in access_log.lines(fh, offset):
+            ts = access_log.line_ts(line)
             record = None
             if ts is None:  # not our fast format: parse it all before calling it bad
-                record = _parse(line)
+                record = access_log.parse_line(line)
                 ts = record.get("ts") if record is not None else None
                 if not isinstance(ts, int | float) or isinstance(ts, bool):
                     win.bad_lines += inside
@@ -262,7 +221,7 @@ class _Aggregator:
             inside = inside or ts >= start
             if not (start <= ts < end) or self.model_tag not in line:
                 continue
-            record = record or _parse(line)
+            record = record or access_log.parse_line(line)
             if record is None or record.get("model") != win.model:
                 win.bad_lines += record is None
                 continue
@@ -280,7 +239,7 @@ class _Aggregator:
             return False
         # The upstream's time where there is one: a request with a shadow copy is finalized (and its
         # request_time stopped) only when the copy is done, though its answer left long before.
-        seconds = _upstream_seconds(rec.get("upstream_time")) or seconds
+        seconds = access_log.upstream_seconds(rec.get("upstream_time")) or seconds
         if rec.get("pinned") in (1, "1", True):
             return True
         version = str(rec.get("version") or rec.get("upstream_version") or rec.get("cf_version") or "")
@@ -330,40 +289,3 @@ class _Aggregator:
                     vw.shadow_labelled, vw.shadow_correct = vw.shadow_labelled + n, vw.shadow_correct + right
                 else:
                     vw.labelled, vw.correct = vw.labelled + n, vw.correct + right
-
-
-def read_labels(path: Path, since: float, wanted: set[str]) -> dict[str, list[str]]:
-    """Labels of the ``wanted`` request ids sent at or after ``since`` (a label follows its answer); the last one
-    sent wins. No file yet: no labels. Malformed lines are skipped."""
-    found: dict[str, list[str]] = {}
-    try:
-        fh = open(path, "rb")  # noqa: SIM115 (closed below)
-    except FileNotFoundError:
-        return found
-    with fh:
-        for line in _lines(fh, _bisect(fh, 0, os.fstat(fh.fileno()).st_size, since)):
-            rec = _parse(line)
-            if rec is None or str(rec.get("request_id")) not in wanted or not isinstance(rec.get("labels"), list):
-                continue
-            found[str(rec["request_id"])] = [str(x) for x in rec["labels"]]
-    return found
-
-
-def _parse(line: bytes) -> dict[str, Any] | None:
-    try:
-        record = json.loads(line)
-    except ValueError:
-        return None
-    return record if isinstance(record, dict) else None
-
-
-def _upstream_seconds(value: Any) -> float | None:
-    """``$upstream_response_time``: "0.004", "0.002, 0.004" after a retry (summed), "-" or "" when none."""
-    total, seen = 0.0, False
-    for part in str(value or "").replace(":", ",").split(","):
-        try:
-            total += float(part)
-            seen = True
-        except ValueError:
-            continue
-    return total if seen else None

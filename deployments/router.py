@@ -19,7 +19,6 @@ import fcntl
 import hashlib
 import http.client
 import json
-import math
 import os
 import re
 import shutil
@@ -31,7 +30,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import jinja2
 
@@ -39,15 +38,9 @@ from canaryflow.core.errors import ServingError
 from canaryflow.core.paths import StatePaths
 from canaryflow.core.settings import Settings
 from canaryflow.core.state import Route
+from deployments.routes import CANARY_KEYS as _CANARY_KEYS
+from deployments.routes import MODEL_PATTERN, VERSION_PATTERN, Routes, validate_routes
 
-Routes = dict[str, dict[str, Any]]
-"""``{model: {"stable": version, "canary": version, "weight": percent, "shadow": bool}}`` (canary, weight and
-shadow optional): the ``routes`` member of routes.json."""
-
-MODEL_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
-VERSION_PATTERN = r"[0-9A-Za-z._-]{1,32}"
-MODEL_RE = re.compile(rf"^{MODEL_PATTERN}$")
-VERSION_RE = re.compile(rf"^{VERSION_PATTERN}$")
 # The token is written into a double-quoted nginx string: allow only characters that cannot break out of it.
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9._~+/=-]*$")
 _GENERATION_MARK = "@@CANARYFLOW_GENERATION@@"
@@ -55,100 +48,9 @@ _GENERATION_MARK = "@@CANARYFLOW_GENERATION@@"
 # importlib.resources, which fails on the editable install's multiplexed package path.
 _TEMPLATE = Path(__file__).with_name("templates") / "nginx.conf.j2"
 _TEMP_DIRS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-_CANARY_KEYS = ("canary", "weight", "shadow")
 SHADOW_URI = "/_canaryflow/shadow"
 """The internal location of shadow copies: their access-log lines carry this ``uri`` and ``"shadow": 1``."""
 _apply_lock = threading.Lock()
-
-
-class TrafficRouter(Protocol):
-    """Sends each model's inference traffic to the version(s) it is told to."""
-
-    def set_route(self, model: str, version: str) -> None:
-        """Route all of ``model``'s traffic to ``version``."""
-        ...
-
-    def remove_route(self, model: str) -> None:
-        """Stop routing ``model``; its requests get 404 ModelNotRouted."""
-        ...
-
-    def set_split(self, model: str, stable: str, canary: str, weight: float, shadow: bool = False) -> None:
-        """Send ``weight`` percent of ``model``'s unpinned traffic to ``canary``, the rest to ``stable``; with
-        ``shadow``, stable answers everything and each request is copied to ``canary`` (weight ignored)."""
-        ...
-
-    def clear_canary(self, model: str) -> None:
-        """All of ``model``'s traffic back to its stable version; no canary, no shadow copies."""
-        ...
-
-    def routes(self) -> Routes:
-        """What the router currently serves."""
-        ...
-
-    def route(self, model: str) -> Route | None:
-        """What the router currently serves for ``model`` (None: it is not routed)."""
-        ...
-
-    def refresh(self) -> None:
-        """Apply the current routes again with the serving backend's current credentials (after a restart)."""
-        ...
-
-
-def _check_version(model: str, role: str, value: Any) -> str:
-    version = str(value if value is not None else "")
-    if not VERSION_RE.match(version):
-        raise ServingError(f"route {model!r}: {role} version {version!r} does not match {VERSION_RE.pattern}")
-    return version
-
-
-def _check_weight(model: str, value: Any, shadow: bool) -> float:
-    """A canary share in percent; nginx's split_clients resolves 0.01 %."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ServingError(f"route {model!r}: weight {value!r} is not a number of percent")
-    weight = float(value)
-    low_ok = weight >= 0 if shadow else weight > 0
-    if not (low_ok and weight <= 100):
-        bound = "0 <= weight <= 100 in shadow mode" if shadow else "0 < weight <= 100"
-        raise ServingError(f"route {model!r}: weight {weight:g} % is out of range; expected {bound}")
-    if abs(weight * 100 - round(weight * 100)) > 1e-6:
-        raise ServingError(f"route {model!r}: weight {weight!r} % has more than 2 decimals; nginx splits in 0.01 % "
-                           "steps, round it")
-    return round(weight, 2)
-
-
-def validate_routes(routes: Mapping[str, Mapping[str, Any]]) -> Routes:
-    """A checked, normalized copy of ``routes``; raises ServingError naming the bad model, version or weight.
-
-    A canary needs a weight unless it is a shadow; ``weight`` and ``shadow: true`` need a canary.
-    """
-    checked: Routes = {}
-    for model, route in routes.items():
-        if not MODEL_RE.match(model):
-            raise ServingError(f"model name {model!r} does not match {MODEL_RE.pattern}; rename the model")
-        out = {**route, "stable": _check_version(model, "stable", route.get("stable"))}
-        shadow = route.get("shadow", False)
-        if not isinstance(shadow, bool):
-            raise ServingError(f"route {model!r}: shadow must be true or false, got {shadow!r}")
-        if route.get("canary") is None:
-            if route.get("weight") is not None or shadow:
-                raise ServingError(f"route {model!r}: weight or shadow without a canary version; set a canary "
-                                   "or clear them")
-            for key in _CANARY_KEYS:
-                out.pop(key, None)
-        else:
-            out["canary"] = _check_version(model, "canary", route["canary"])
-            if out["canary"] == out["stable"]:
-                raise ServingError(f"route {model!r}: canary and stable are both version {out['stable']!r}; "
-                                   "use set_route for a single version")
-            out["shadow"] = shadow
-            if route.get("weight") is not None:
-                out["weight"] = _check_weight(model, route["weight"], shadow)
-            elif not shadow:
-                raise ServingError(f"route {model!r}: canary {out['canary']!r} needs a weight (percent of traffic)")
-            else:
-                out.pop("weight", None)
-        checked[model] = out
-    return checked
 
 
 def _percent(weight: float) -> str:
@@ -156,7 +58,7 @@ def _percent(weight: float) -> str:
 
 
 class NginxRouter:
-    """The local :class:`TrafficRouter`: nginx configured from ``paths.router_state``."""
+    """The local :class:`~deployments.routes.TrafficRouter`: nginx configured from ``paths.router_state``."""
 
     def __init__(self, settings: Settings, paths: StatePaths, token_provider: Callable[[], str],
                  nginx_bin: str | None = None, reload_timeout_s: float = 10.0) -> None:

@@ -26,6 +26,7 @@ from canaryflow.core.serving_contract import META_FILE, ServingMeta, output_kind
 from canaryflow.core.settings import OptimizationSettings
 from canaryflow.model.packaging import MIN_EXAMPLE_ROWS, Bundle, InputContract, export_module
 from deployments.handler import CanaryflowHandler
+from validation.parity import parity
 from validation.results import GateResult, judged
 
 TORCH_VARIANTS = ("torch_fp32", "onnx_fp32", "onnx_int8", "torch_int8")
@@ -155,7 +156,7 @@ def select_variant(builders: dict[str, Builder], reference: Callable[[np.ndarray
             with _single_thread():
                 handler = CanaryflowHandler.for_bundle(bundle.directory)
                 got = np.concatenate([handler.probabilities(c) for c in _chunks(holdout, bundle.meta)])
-                row |= _parity(got, expected, settings)
+                row |= parity(got, expected, settings)
                 row |= bench(handler, holdout, settings.bench_repeats, settings.bench_budget_s)
             bundles[variant] = bundle
         except Exception as exc:  # one broken variant must not fail the release
@@ -193,18 +194,6 @@ def _choose(rows: list[dict[str, Any]], baseline: str, min_speedup: float) -> tu
         return baseline, (f"chose {baseline}: {fastest['variant']} only {speedup:.2f}x faster at batch 1 "
                           f"(< {min_speedup:.2f}x)")
     return fastest["variant"], f"chose {fastest['variant']}: {speedup:.1f}x faster than {baseline} at batch 1"
-
-
-def _parity(got: np.ndarray, expected: np.ndarray, s: OptimizationSettings) -> dict[str, Any]:
-    agreement = float((got.argmax(axis=1) == expected.argmax(axis=1)).mean())
-    diff = float(np.abs(got - expected).max())
-    problems = ([f"agreement {agreement:.3f} < {s.min_argmax_agreement:.3f}"]
-                if agreement < s.min_argmax_agreement else [])
-    problems += [f"max |diff| {diff:.4f} > {s.max_abs_diff:.4f}"] if diff > s.max_abs_diff else []
-    reason = ", ".join(problems) or (f"agreement {agreement:.3f} >= {s.min_argmax_agreement:.3f}, "
-                                     f"max |diff| {diff:.2e} <= {s.max_abs_diff:.4f}")
-    return {"status": "failed" if problems else "passed", "agreement": round(agreement, 6),
-            "max_abs_diff": diff, "reason": reason}
 
 
 def bench(handler: CanaryflowHandler, holdout: np.ndarray, repeats: int, budget_s: float = 3.0) -> dict[str, float]:

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from canaryflow.core.settings import CanarySettings
-from deployments.canary import Action, CanaryStatus, Measurements, Phase, decide, psi, start
+from deployments.canary import Action, CanaryStatus, Measurements, Phase, decide, start
+from deployments.canary_checks import psi
 from deployments.metrics import VersionWindow, Window
 from deployments.pairwise import Pair, PairSample
 from validation.results import Outcome

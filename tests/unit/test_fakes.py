@@ -9,7 +9,8 @@ from fakes import FakeBackend, FakeLauncher, FakeRegistry, FakeRouter
 
 from canaryflow.core.registry import MlflowRegistry, Registry
 from canaryflow.intake.launcher import Launcher, PrefectLauncher
-from deployments.router import NginxRouter, TrafficRouter
+from deployments.router import NginxRouter
+from deployments.routes import TrafficRouter
 from deployments.torchserve import ServingBackend, TorchServeClient
 
 

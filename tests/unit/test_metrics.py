@@ -12,6 +12,7 @@ import pytest
 
 from canaryflow.core.errors import MetricsSourceError
 from canaryflow.core.serving_contract import parse_prediction
+from deployments import access_log
 from deployments import metrics as metrics_mod
 from deployments.metrics import AccessLogMetrics, MetricsSource, VersionWindow, Window
 
@@ -70,7 +71,7 @@ def test_read_error_is_a_source_error(log: Path, monkeypatch: pytest.MonkeyPatch
     def broken(*args: Any, **kwargs: Any) -> int:
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(metrics_mod, "_bisect", broken)
+    monkeypatch.setattr(access_log, "bisect", broken)
     with pytest.raises(MetricsSourceError, match="Input/output error"):
         AccessLogMetrics(log).window("iris", T0, T0 + 60)
 
@@ -203,12 +204,12 @@ def test_windows_seek_instead_of_reading_the_whole_log(log: Path, monkeypatch: p
     stamps = big_log(log, 2000)  # 100k lines, ~30 MB
     size = log.stat().st_size
     lows: list[int] = []
-    real_bisect = metrics_mod._bisect
-    monkeypatch.setattr(metrics_mod, "_bisect", lambda fh, low, high, since: lows.append(low) or real_bisect(
+    real_bisect = access_log.bisect
+    monkeypatch.setattr(access_log, "bisect", lambda fh, low, high, since: lows.append(low) or real_bisect(
         fh, low, high, since))
     read: list[int] = []
-    real_lines = metrics_mod._lines
-    monkeypatch.setattr(metrics_mod, "_lines", lambda fh, offset: read.append(offset) or real_lines(fh, offset))
+    real_lines = access_log.lines
+    monkeypatch.setattr(access_log, "lines", lambda fh, offset: read.append(offset) or real_lines(fh, offset))
     source = AccessLogMetrics(log)
     for start in (T0 + 1500, T0 + 1600, T0 + 1990):
         win = source.window("iris", start, start + 5)
@@ -220,7 +221,7 @@ def test_windows_seek_instead_of_reading_the_whole_log(log: Path, monkeypatch: p
     # Each window starts reading at most REORDER_S + one search block before its start.
     for offset, start in zip(read, (T0 + 1500, T0 + 1600, T0 + 1990), strict=True):
         first = stamps.index(next(ts for ts in stamps if ts >= start))
-        assert first * per_line - offset <= (metrics_mod.REORDER_S * 50 + 1) * per_line + metrics_mod._SEARCH_BLOCK
+        assert first * per_line - offset <= (metrics_mod.REORDER_S * 50 + 1) * per_line + access_log.SEARCH_BLOCK
 
 
 def test_an_earlier_start_reads_from_the_beginning_again(log: Path) -> None:

@@ -12,7 +12,8 @@ from canaryflow.core.errors import ServingError
 from canaryflow.core.paths import StatePaths
 from canaryflow.core.settings import Ports, Settings
 from deployments import router as router_mod
-from deployments.router import SHADOW_URI, NginxRouter, TrafficRouter, validate_routes
+from deployments.router import SHADOW_URI, NginxRouter
+from deployments.routes import TrafficRouter, validate_routes
 
 TOKEN = "tok-A1b2.C3_d4"
 ROUTER_PORT, INFERENCE_PORT, MANAGEMENT_PORT, METRICS_PORT = 18777, 18778, 18779, 18780
