@@ -24,10 +24,10 @@ from canaryflow.release.calibration import choose_peer
 from canaryflow.release.steps import ReleaseState
 from canaryflow.services import Services
 from deployments.loadtest import run_load_test
-from deployments.loadtest_gate import gate_load_test, retry_gate, settle_busy
 from validation.contract import check_contract
 from validation.data import build_suite, check_data
 from validation.drift import check_drift
+from validation.loadtest import gate_load_test, retry_gate, settle_busy
 from validation.quality import check_cross_holdouts, check_quality
 from validation.results import GateResult, Outcome
 

@@ -15,7 +15,7 @@ from canaryflow.local.demo import register_model, wait_for_release
 from canaryflow.release.calibration import CALIBRATION_MODEL, ensure_calibration
 from canaryflow.services import Services
 from deployments.loadtest import Peer, run_load_test
-from deployments.loadtest_gate import gate_load_test
+from validation.loadtest import gate_load_test
 from validation.results import Outcome
 
 pytestmark = pytest.mark.integration

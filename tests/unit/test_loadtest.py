@@ -24,7 +24,7 @@ from canaryflow.core.registry import VersionInfo
 from canaryflow.core.settings import LoadTestSettings, Settings
 from canaryflow.release import calibration, gates
 from canaryflow.release.steps import ReleaseState
-from deployments import loadtest, loadtest_gate
+from deployments import loadtest
 from deployments.loadtest import (
     LoadTestResult,
     Peer,
@@ -33,8 +33,9 @@ from deployments.loadtest import (
     run_load_test,
     split_locust_stats,
 )
-from deployments.loadtest_gate import gate_load_test, retry_gate, settle_busy
 from tests.conftest import free_ports
+from validation import loadtest as loadtest_gate
+from validation.loadtest import gate_load_test, retry_gate, settle_busy
 from validation.results import GateResult, Outcome
 
 ROWS = np.arange(12, dtype=np.float64).reshape(4, 3)

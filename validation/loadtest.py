@@ -1,4 +1,4 @@
-"""The load-test gate's verdict on one locust run (deployments/loadtest.py measures), and its retry.
+"""The load-test gate's judgement of one locust run (deployments/loadtest.py measures), and its retry.
 
 Pure: numbers in, :class:`GateResult` out. The peer loaded in the same window is what separates a slow model
 (only the candidate slow) from a busy machine (both slow: INCONCLUSIVE, measured again).
