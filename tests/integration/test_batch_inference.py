@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pandas as pd
 import pyarrow.dataset as ds
@@ -19,6 +19,7 @@ from mlflow import MlflowClient
 from canaryflow.batch.manifest import MANIFEST, SUCCESS
 from canaryflow.batch.run import run_batch
 from canaryflow.core.errors import BatchError
+from canaryflow.intake.launcher import PrefectLauncher
 from canaryflow.local.demo import register_model, train_classifier, wait_for_release
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
@@ -75,14 +76,17 @@ def _assert_exactly_once(run_dir: Path, rows: int) -> ds.Dataset:
 
 
 def _api(stack, method: str, path: str, body: dict | None = None) -> dict | list:
-    resp = httpx.request(method, stack.settings.prefect_api_url + path, json=body, timeout=30)
-    resp.raise_for_status()
-    return resp.json()
+    """A Prefect API call that rides out a busy server (503 while SQLite is locked), as the pipeline's own calls
+    do: through the launcher's retrying request."""
+    launcher = PrefectLauncher(stack.settings.prefect_api_url, timeout_s=30)
+    return launcher._request(method, path, json=body).json()
 
 
 def _deployment_run(stack, parameters: dict, timeout_s: float = 400, deployment: str = "manual") -> dict:
     dep = _api(stack, "GET", f"/deployments/name/batch-inference/{deployment}")
-    run = _api(stack, "POST", f"/deployments/{dep['id']}/create_flow_run", {"parameters": parameters})
+    # an idempotency key: a create retried after a 503 that did commit returns the same run, not a second one
+    run = _api(stack, "POST", f"/deployments/{dep['id']}/create_flow_run",
+               {"parameters": parameters, "idempotency_key": f"test-{uuid.uuid4().hex}"})
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         run = _api(stack, "GET", f"/flow_runs/{run['id']}")
