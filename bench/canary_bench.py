@@ -151,7 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = bench_settings(work / ".canaryflow")
     canary = CanarySettings(allow_chaos=True, retire_grace_s=5,
                             **({"interval_s": 10, "min_requests": 30} if args.quick else {}))
-    settings = settings.model_copy(update={"canary": canary})
+    # split-only turns the replay off per model: a loosening the bench's operator allows
+    release = settings.release.model_copy(update={"allow_policy_loosening": True})
+    settings = settings.model_copy(update={"canary": canary, "release": release})
     stack = LocalStack(settings)
     ok = False
     try:

@@ -76,6 +76,15 @@ def _print_status(data: dict) -> None:
             console.print(f"  - {line}", highlight=False, markup=False)
 
 
+def _check_name(model: str, version: str | None = None) -> None:
+    """The name rule (canaryflow/core/names.py) before anything is asked of the stack."""
+    from canaryflow.core.names import name_problem
+
+    problem = name_problem(model, version)
+    if problem:
+        raise typer.BadParameter(problem, param_hint="MODEL")
+
+
 @app.command()
 def release(model: str, version: str,
             allow_older: Annotated[bool, typer.Option("--allow-older", help="release a version older than the "
@@ -84,6 +93,7 @@ def release(model: str, version: str,
     """Start the release deployment for a registered version (what the webhook does)."""
     from canaryflow.intake.launcher import PrefectLauncher
 
+    _check_name(model, version)
     settings = _stack(state_dir).settings
     run_id = PrefectLauncher(settings.prefect_api_url, settings.prefect.release_deployment).start_release(
         model, version, idempotency_key=f"cli:{model}:{version}:{time.time_ns()}", allow_older=allow_older)
@@ -104,6 +114,7 @@ def rollback(model: str,
 
     if not reason.strip():
         raise typer.BadParameter("a rollback needs a reason", param_hint="--reason")
+    _check_name(model, to)
     _stack(state_dir)
     try:
         result = rb.rollback(get_services(), model, to, reason, f"{getpass.getuser()} (cli)")
@@ -139,6 +150,8 @@ def score(model: str, input: Annotated[str, typer.Argument(help="Parquet file or
           state_dir: StateDir = None) -> None:
     """Score a Parquet dataset with the champion (or --version) in-process, resumable (the batch flow's code)."""
     import os
+
+    _check_name(model, version)
 
     from rich.markdown import Markdown
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn

@@ -5,21 +5,17 @@ changes anything."""
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 from typing import Any, Protocol
 
 from canaryflow.core.errors import ServingError
+from canaryflow.core.names import MODEL_PATTERN, MODEL_RE, VERSION_PATTERN, VERSION_RE  # noqa: F401 (re-exported)
 from canaryflow.core.state import Route
 
 Routes = dict[str, dict[str, Any]]
 """``{model: {"stable": version, "canary": version, "weight": percent, "shadow": bool}}`` (canary, weight and
 shadow optional): the ``routes`` member of routes.json."""
 
-MODEL_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
-VERSION_PATTERN = r"[0-9A-Za-z._-]{1,32}"
-MODEL_RE = re.compile(rf"^{MODEL_PATTERN}$")
-VERSION_RE = re.compile(rf"^{VERSION_PATTERN}$")
 CANARY_KEYS = ("canary", "weight", "shadow")
 
 

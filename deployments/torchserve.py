@@ -132,19 +132,20 @@ class TorchServeClient:
 
     def versions(self, model: str) -> list[str]:
         """Registered versions of a model ([] when the model is unknown)."""
-        resp = self._call("management", "GET", f"/models/{model}/all")
+        resp = self._call("management", "GET", f"/models/{_seg(model)}/all")
         if resp.status_code == 404:
             return []
         return [str(d["modelVersion"]) for d in self._check(resp, f"list {model}").json()]
 
     def describe(self, model: str, version: str) -> dict[str, Any]:
         """TorchServe's description of one version (workers, default flag, ...)."""
-        resp = self._check(self._call("management", "GET", f"/models/{model}/{version}"), f"describe {model}")
+        resp = self._check(self._call("management", "GET", f"/models/{_seg(model)}/{_seg(version)}"),
+                           f"describe {model}")
         return resp.json()[0]
 
     def default_version(self, model: str) -> str | None:
         """The version TorchServe serves for ``/predictions/<model>`` without a version (None: model unknown)."""
-        resp = self._call("management", "GET", f"/models/{model}")
+        resp = self._call("management", "GET", f"/models/{_seg(model)}")
         if resp.status_code == 404:
             return None
         return str(self._check(resp, f"describe {model}").json()[0]["modelVersion"])
@@ -165,14 +166,14 @@ class TorchServeClient:
 
     def unregister(self, model: str, version: str) -> None:
         """Unregister a version; a version that is not there is fine (idempotent)."""
-        resp = self._call("management", "DELETE", f"/models/{model}/{version}", timeout=60.0)
+        resp = self._call("management", "DELETE", f"/models/{_seg(model)}/{_seg(version)}", timeout=60.0)
         if resp.status_code != 404:
             self._check(resp, f"unregister {model} v{version}")
 
     def replay(self, model: str, version: str, rows: list[list[float]]) -> list[dict[str, Any]]:
         """Answer live rows again with one version, out of band (the canary's pairwise replay): straight to the
         inference API, so the router's access log and the traffic sample see nothing. Returns the predictions."""
-        path = f"/predictions/{quote(model, safe='')}/{quote(str(version), safe='')}"
+        path = f"/predictions/{_seg(model)}/{_seg(version)}"
         resp = self._call("inference", "POST", path, json={"inputs": rows}, timeout=30.0,
                           headers={REPLAY_HEADER: "1", "Content-Type": "application/json"})
         body = self._check(resp, f"replay {len(rows)} rows on {model} v{version}").json()
@@ -180,7 +181,7 @@ class TorchServeClient:
 
     def set_default(self, model: str, version: str) -> None:
         """Make a version TorchServe's default for /predictions/<model>."""
-        self._check(self._call("management", "PUT", f"/models/{model}/{version}/set-default"),
+        self._check(self._call("management", "PUT", f"/models/{_seg(model)}/{_seg(version)}/set-default"),
                     f"set {model} v{version} as default")
 
 
@@ -188,3 +189,9 @@ def key_file_mode_private(paths: StatePaths) -> None:
     """TorchServe writes its keys world-readable; keep them to the owner."""
     if paths.torchserve_keys.exists():
         os.chmod(paths.torchserve_keys, 0o600)
+
+
+def _seg(value: object) -> str:
+    """One URL path segment: every character that is not unreserved is percent-encoded (``iris?`` stays one
+    model's name, never a query string; ``a/b`` never two segments)."""
+    return quote(str(value), safe="")

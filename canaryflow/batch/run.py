@@ -30,6 +30,7 @@ from canaryflow.batch.model import fetch_model, resolve_version
 from canaryflow.batch.score import SAMPLES, score_chunk
 from canaryflow.batch.write import remove_temporaries, write_error, write_text_atomic
 from canaryflow.core.errors import BatchError, BatchWriteError
+from canaryflow.core.names import name_problem
 from canaryflow.core.settings import BatchSettings, Settings
 
 __all__ = ["BatchInterrupted", "BatchJob", "Progress", "finish", "plan_job", "prepare", "run_batch", "run_chunks",
@@ -54,6 +55,9 @@ def prepare(settings: Settings, model_name: str, input_uri: str, *, alias: str |
     """
     from canaryflow.core.registry import MlflowRegistry
 
+    problem = name_problem(model_name, version)
+    if problem:
+        raise BatchError(problem)
     cfg = settings.batch
     files = discover(input_uri)
     registry = MlflowRegistry(settings.mlflow_uri)

@@ -67,3 +67,8 @@ class CanaryRolledBack(GateFailed):
 
     def __init__(self, reason: str) -> None:
         super().__init__("canary", reason)
+
+
+class Refused(CanaryflowError):
+    """Something a registry user wrote (a model name, a version, a per-model policy) is not allowed; the version is
+    tagged ``rejected`` with this reason and nothing else is touched."""

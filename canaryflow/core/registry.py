@@ -103,8 +103,8 @@ class MlflowRegistry:
 
     def list_versions(self, name: str) -> list[VersionInfo]:
         """Every version of a registered model, with tags and creation time."""
-        escaped = name.replace("'", "''")
-        return [_info(mv) for mv in self.client.search_model_versions(f"name = '{escaped}'", max_results=10000)]
+        query = f"name = {_literal(name)}"
+        return [_info(mv) for mv in self.client.search_model_versions(query, max_results=10000)]
 
     def set_model_tag(self, name: str, key: str, value: str) -> None:
         self.client.set_registered_model_tag(name, key, value[:5000])
@@ -139,7 +139,7 @@ class MlflowRegistry:
         """The MLflow run that records this version's release; reused when the release is re-run."""
         exp = self.client.get_experiment_by_name(experiment)
         exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
-        query = f"tags.`canaryflow.model` = '{name}' and tags.`canaryflow.version` = '{version}'"
+        query = f"tags.`canaryflow.model` = {_literal(name)} and tags.`canaryflow.version` = {_literal(version)}"
         runs = self.client.search_runs([exp_id], filter_string=query, max_results=1)
         if runs:
             return runs[0].info.run_id
@@ -205,3 +205,13 @@ def sha256_of(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _literal(value: object) -> str:
+    """A value for an MLflow search filter, quoted. MLflow's filter grammar has no escape that it undoes, so a
+    value with a quote or a backslash (a name outside the name rule) is refused rather than pasted in."""
+    text = str(value)
+    if any(c in text for c in "'\"\\\n\r"):
+        raise RegistryError(f"{text[:80]!r} cannot go into an MLflow search filter (quotes, backslashes and line "
+                            "breaks are refused)")
+    return f"'{text}'"

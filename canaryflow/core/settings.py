@@ -74,6 +74,8 @@ class ReleaseSettings(BaseModel):
     champion_alias: str = "champion"
     previous_alias: str = "previous"
     smoke_rows: int = Field(8, ge=1)
+    allow_policy_loosening: bool = Field(False, description="let a registered model's canaryflow.policy tag loosen "
+                                                            "the thresholds, not only tighten them")
 
 
 class GateSettings(BaseModel):
@@ -106,8 +108,8 @@ class OptimizationSettings(BaseModel):
     variants: list[str] = ["torch_fp32", "onnx_fp32", "onnx_int8", "torch_int8"]
     min_argmax_agreement: float = Field(0.99, ge=0, le=1)
     max_abs_diff: float = Field(0.05, ge=0, description="max |p_variant - p_fp32| over the holdout")
-    bench_repeats: int = Field(200, ge=10)
-    bench_budget_s: float = Field(3.0, gt=0, description="seconds of micro-benchmark per variant and batch size")
+    bench_repeats: int = Field(200, ge=10, le=5000)
+    bench_budget_s: float = Field(3.0, gt=0, le=30, description="seconds of micro-benchmark per variant and batch size")
     # a variant must beat the fp32 baseline by this factor to be preferred (noise guard)
     min_speedup: float = Field(1.05, ge=1)
 
@@ -115,9 +117,9 @@ class OptimizationSettings(BaseModel):
 class LoadTestSettings(BaseModel):
     """The locust load test of a staged candidate, and its gates."""
 
-    users: int = Field(8, ge=1)
+    users: int = Field(8, ge=1, le=64)
     spawn_rate: float = Field(8, gt=0)
-    duration_s: int = Field(10, ge=2)
+    duration_s: int = Field(10, ge=2, le=300)
     rows_per_request: int = Field(1, ge=1)
     target_rps: float = Field(100.0, ge=0, description="offered load, spread over the users; 0 = closed loop")
     max_p95_ms: float = Field(50.0, gt=0)
@@ -143,10 +145,11 @@ class CanarySettings(BaseModel):
 
     steps: list[float] = Field([5, 25, 50, 100], description="candidate traffic share per step, percent")
     shadow: bool = Field(False, description="mirror traffic to the candidate (champion answers) before step 1")
-    interval_s: float = Field(30.0, gt=0, description="seconds between analyses")
+    interval_s: float = Field(30.0, gt=0, le=600, description="seconds between analyses")
     min_requests: int = Field(50, ge=1, description="per version and step, before a check means anything")
-    step_deadline_s: float = Field(600.0, gt=0, description="a step still inconclusive after this rolls back")
-    deadline_s: float = Field(3600.0, gt=0, description="the whole ramp; past it the candidate is rolled back")
+    step_deadline_s: float = Field(600.0, gt=0, le=7200, description="a step still inconclusive after this rolls back")
+    deadline_s: float = Field(3600.0, gt=0, le=6 * 3600,
+                              description="the whole ramp; past it the candidate is rolled back")
     max_error_ratio: float = Field(0.01, ge=0, le=1, description="5xx and timeouts over requests")
     max_p95_ms: float = Field(50.0, gt=0)
     max_p95_ratio: float = Field(1.5, ge=1, description="candidate p95 over champion p95 (+ p95_slack_ms)")
@@ -176,8 +179,9 @@ class CanarySettings(BaseModel):
     max_failed_checks: int = Field(2, ge=1, description="failed analyses (not source errors) before rollback")
     max_source_errors: int = Field(5, ge=1, description="metrics source failures in a row before rollback")
     user_header: str = Field("X-User-Id", pattern=r"^[A-Za-z0-9-]{1,64}$", description="sticky assignment key")
-    bake_s: float = Field(120.0, ge=0, description="after 100%: the new champion is still analysed this long, the "
-                                                  "previous one kept registered; a failure rolls back (0: no watch)")
+    bake_s: float = Field(120.0, ge=0, le=3600,
+                          description="after 100%: the new champion is still analysed this long, the previous one "
+                                      "kept registered; a failure rolls back (0: no watch)")
     retire_grace_s: float = Field(30.0, ge=0, description="old champion stays registered this long after promotion")
     allow_chaos: bool = Field(False, description="honour a version's canaryflow.chaos tag (fault injection)")
 

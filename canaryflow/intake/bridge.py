@@ -40,6 +40,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from canaryflow.core.errors import ConfigError, OrchestrationError
+from canaryflow.core.names import name_problem
 from canaryflow.core.paths import StatePaths
 from canaryflow.core.settings import Settings, get_settings
 from canaryflow.intake.launcher import Launcher, PrefectLauncher
@@ -158,6 +159,10 @@ def create_app(
         if event.event != MODEL_VERSION_CREATED:
             _log_delivery(*who, "ignored")
             return JSONResponse({"status": "ignored", "event": event.event})
+        problem = name_problem(event.model_name, event.version)
+        if problem:  # never reaches Prefect, a URL or a file name; reconcile tags the version rejected
+            _log_delivery(*who, f"refused: {problem}")
+            return JSONResponse({"status": "refused", "reason": problem}, status_code=422)
         key = f"mlflow-webhook:{delivery.delivery_id}"
         try:
             run_id = await run_in_threadpool(launcher.start_release, event.model_name, event.version, key)

@@ -29,6 +29,7 @@ from typing import Any
 from canaryflow.core import locks
 from canaryflow.core.errors import CanaryflowError, ServingError
 from canaryflow.core.locks import LockTimeout
+from canaryflow.core.names import name_problem
 from canaryflow.core.registry import VersionInfo
 from canaryflow.core.state import UNFINISHED, ReleaseStatus, Route, Tag
 from canaryflow.intake.launcher import Launcher, release_run_name
@@ -50,11 +51,28 @@ def reconcile(svc: Services, launcher: Launcher, now: float | None = None) -> li
     actions: list[str] = []
     for model in svc.registry.list_models():
         try:
+            problem = name_problem(model)
+            if problem:
+                actions += refuse_versions(svc, model, problem)
+                continue
             with locks.hold(svc, model, "reconcile"):
                 actions += reconcile_model(svc, launcher, model, now)
         except LockTimeout as exc:
             actions.append(f"{model}: skipped this pass: {exc}")
+        except Exception as exc:  # noqa: BLE001 - one model's trouble must not stop the others
+            actions.append(f"{model[:80]!r}: reconcile failed this pass: {type(exc).__name__}: {exc}")
     return actions + refresh_stale_key(svc)
+
+
+def refuse_versions(svc: Services, model: str, problem: str) -> list[str]:
+    """A model whose name breaks the name rule is never served: its versions without a status are tagged
+    ``rejected`` with the reason (once), and nothing else is touched."""
+    actions = []
+    for v in svc.registry.list_versions(model):
+        if v.tags.get(Tag.STATUS) is None:
+            svc.registry.set_tags(model, v.version, {Tag.STATUS: ReleaseStatus.REJECTED, Tag.REASON: problem})
+            actions.append(f"{model[:80]!r} v{v.version}: rejected: {problem}")
+    return actions
 
 
 def reconcile_model(svc: Services, launcher: Launcher, model: str, now: float) -> list[str]:

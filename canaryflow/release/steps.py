@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
-from canaryflow.core.errors import CanaryRolledBack, GateFailed, PackagingError
+from canaryflow.core.errors import CanaryRolledBack, ConfigError, GateFailed, PackagingError, Refused
 from canaryflow.core.locks import StatusConflict
+from canaryflow.core.names import name_problem
 from canaryflow.core.policy import apply_policy
 from canaryflow.core.registry import VersionInfo
 from canaryflow.core.settings import Settings
@@ -25,6 +28,8 @@ from deployments.archive import Archive, build_mar
 from deployments.smoke import smoke_test
 from validation.results import GateResult
 from validation.shape import check_shape
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -51,18 +56,37 @@ class ReleaseState:
 
 
 def begin(svc: Services, model: str, version: str) -> ReleaseState:
-    """Look the version up, open (or reopen) its release run and mark it as being released."""
+    """Look the version up, open (or reopen) its release run and mark it as being released. A name outside the
+    name rule or a per-model policy that is not allowed is refused: tagged ``rejected`` with the reason, nothing
+    else touched."""
+    problem = name_problem(model, version)
+    if problem:
+        refuse(svc, model, version, problem)
     info = svc.registry.get_version(model, version)
+    try:
+        policy = apply_policy(svc.settings, svc.registry.model_tags(model).get(Tag.POLICY))
+    except ConfigError as exc:
+        refuse(svc, model, version, str(exc))
     cfg = svc.settings.release
     run_id = svc.registry.release_run(cfg.experiment, model, str(version))
     champion = svc.registry.alias_version(model, cfg.champion_alias)
-    policy = apply_policy(svc.settings, svc.registry.model_tags(model).get(Tag.POLICY))
     st = ReleaseState(model, str(version), run_id, svc.paths.work_dir / f"{model}-v{version}", champion, info,
                       svc.registry.run_url(run_id), policy)
     if not already_released(st):
         svc.registry.set_tags(model, version, {Tag.STATUS: ReleaseStatus.RELEASING, Tag.REASON: "release started",
                                                Tag.RELEASE_RUN: run_id})
     return st
+
+
+def refuse(svc: Services, model: str, version: str, reason: str) -> NoReturn:
+    """Tag the version ``rejected`` with ``reason`` (what a registry user wrote is not allowed) and raise
+    :class:`Refused`; nothing is served, staged or routed."""
+    _log.warning("release of %r v%r refused: %s", model[:80], str(version)[:40], reason)
+    try:
+        svc.registry.set_tags(model, str(version), {Tag.STATUS: ReleaseStatus.REJECTED, Tag.REASON: reason[:4000]})
+    except Exception as exc:  # noqa: BLE001 - the refusal stands even if the tag cannot be written
+        _log.warning("could not tag %r v%r rejected: %s", model[:80], str(version)[:40], exc)
+    raise Refused(reason)
 
 
 def already_released(st: ReleaseState) -> bool:
