@@ -63,7 +63,8 @@ def test_render_routes_each_model_to_its_stable_version(router: NginxRouter) -> 
 def test_render_with_no_routes_is_complete(router: NginxRouter) -> None:
     conf = router.render({})
     assert 'default "";' in _map_block(conf, "cf_stable")
-    assert "routed models: []" in conf
+    assert "routed models" not in conf  # a 404 never lists what else is served
+    assert "client_header_timeout 5s;" in conf and "limit_conn cf_per_client 512;" in conf
 
 
 def test_render_injects_the_token_and_replaces_the_clients(router: NginxRouter) -> None:
