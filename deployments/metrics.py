@@ -43,12 +43,15 @@ _HEAD_BYTES = 64
 @dataclass
 class VersionWindow:
     """What one version answered in a window. ``requests``, ``errors`` and ``latencies_ms`` are client answers
-    (non-shadow lines); shadow copies are counted in ``shadow_*``. ``classes`` and ``scores`` come from the
-    prediction summaries of both (a version is either split or shadowed at a time)."""
+    (non-shadow lines) that are evidence about the model: answered predictions and server errors. A client's
+    own mistake (4xx) says nothing about the version and is only counted in ``client_errors``; a 2xx without a
+    prediction (``describe``) is not counted at all. Shadow copies are counted in ``shadow_*``. ``classes`` and
+    ``scores`` come from the prediction summaries of both (a version is either split or shadowed at a time)."""
 
     version: str
     requests: int = 0
     errors: int = 0
+    client_errors: int = 0
     latencies_ms: list[float] = field(default_factory=list)
     classes: dict[str, int] = field(default_factory=dict)
     scores: list[float] = field(default_factory=list)
@@ -249,6 +252,12 @@ class _Aggregator:
         if vw is None:
             vw = self.win.versions[version] = VersionWindow(version)
         shadow = rec.get("shadow") in (1, "1", True)
+        parsed = parse_prediction(str(rec.get("prediction") or "")) if status < 400 else None
+        if 400 <= status < 500:
+            vw.client_errors += 1  # fast 400s must not make a version look fast, nor dilute its error ratio
+            return True
+        if status < 400 and parsed is None:
+            return True  # not a prediction (describe): no evidence about the model
         if shadow:
             vw.shadow_requests += 1
             vw.shadow_errors += status >= 500
@@ -257,7 +266,6 @@ class _Aggregator:
             vw.requests += 1
             vw.errors += status >= 500
             vw.latencies_ms.append(seconds * 1000)
-        parsed = parse_prediction(str(rec.get("prediction") or "")) if status < 400 else None
         if parsed is not None:
             classes, scores, more = parsed
             for cls in classes:

@@ -238,6 +238,13 @@ def test_everything_else_is_404(router: NginxRouter, seen: list[dict], method: s
     assert seen == []
 
 
+def test_describe_and_explain_headers_never_reach_torchserve(router: NginxRouter, seen: list[dict]) -> None:
+    """TorchServe would answer them with the model's description or an explanation, not a prediction."""
+    status, _, _ = request(router, "POST", "/predictions/iris", {"describe": "True", "Explain": "True"})
+    assert status == 200 and len(seen) == 1
+    assert not {k.lower() for k in seen[0]["headers"]} & {"describe", "explain"}
+
+
 def test_router_replaces_the_authorization_header(router: NginxRouter, seen: list[dict]) -> None:
     request(router, "POST", "/predictions/iris", {"Authorization": "Bearer client-held-key"})
     request(router, "POST", "/predictions/iris")

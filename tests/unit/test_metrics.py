@@ -84,11 +84,13 @@ def test_requests_errors_and_latency_percentiles(log: Path) -> None:
     write(log, *(line(T0 + 20 + i, "2", 200, 50.0) for i in range(5)))
     win = AccessLogMetrics(log).window("iris", T0, T0 + 60)
     v1, v2 = win.get("1"), win.get("2")
-    assert (v1.requests, v1.errors, v1.error_ratio) == (100, 4, 0.04)
-    assert v1.latencies_ms == pytest.approx(latencies)
-    assert v1.p50_ms == pytest.approx(np.percentile(latencies, 50))
-    assert v1.p95_ms == pytest.approx(np.percentile(latencies, 95))
-    assert v1.p99_ms == pytest.approx(np.percentile(latencies, 99))
+    # the 4xx (the clients' own mistakes) are counted apart: neither requests, errors nor latency
+    assert (v1.requests, v1.errors, v1.client_errors, v1.error_ratio) == (98, 4, 2, 4 / 98)
+    judged = latencies[:98]
+    assert v1.latencies_ms == pytest.approx(judged)
+    assert v1.p50_ms == pytest.approx(np.percentile(judged, 50))
+    assert v1.p95_ms == pytest.approx(np.percentile(judged, 95))
+    assert v1.p99_ms == pytest.approx(np.percentile(judged, 99))
     assert (v2.requests, v2.errors, v2.p95_ms) == (5, 0, pytest.approx(50.0))
     assert win.lines == 105 and win.bad_lines == 0
     assert set(win.versions) == {"1", "2"}
@@ -100,7 +102,17 @@ def test_classes_and_scores_from_the_prediction_summary(log: Path) -> None:
     v1 = AccessLogMetrics(log).window("iris", T0, T0 + 60).get("1")
     assert v1.classes == {"0": 1, "1": 2}
     assert v1.scores == pytest.approx([0.9, 0.8, 0.51])
-    assert (v1.requests, v1.errors) == (4, 1)
+    assert (v1.requests, v1.errors, v1.client_errors) == (3, 1, 1)
+
+
+def test_answers_without_a_prediction_and_fast_400s_are_no_evidence(log: Path) -> None:
+    """A client cannot make a version look fast or healthy: describe answers (2xx, no prediction) and its own
+    malformed requests (4xx, answered in a millisecond) leave the version's requests and latency alone."""
+    write(log, *(line(T0 + i * 0.01, status=200, ms=1.0, prediction="") for i in range(50)),
+          *(line(T0 + 1 + i * 0.01, status=400, ms=0.5) for i in range(50)),
+          *(line(T0 + 2 + i * 0.01, ms=40.0) for i in range(10)))
+    v1 = AccessLogMetrics(log).window("iris", T0, T0 + 60).get("1")
+    assert (v1.requests, v1.client_errors, v1.p50_ms) == (10, 50, pytest.approx(40.0))
 
 
 @pytest.mark.parametrize(("summary", "parsed"), [
