@@ -51,7 +51,6 @@ class VersionWindow:
     version: str
     requests: int = 0
     errors: int = 0
-    client_errors: int = 0
     latencies_ms: list[float] = field(default_factory=list)
     classes: dict[str, int] = field(default_factory=dict)
     scores: list[float] = field(default_factory=list)
@@ -64,6 +63,8 @@ class VersionWindow:
     """Of those, rows whose predicted class is the label."""
     shadow_labelled: int = 0
     shadow_correct: int = 0
+    client_errors: int = 0
+    """4xx answers: the clients' own mistakes, no evidence about the version."""
 
     @property
     def accuracy(self) -> float | None:

@@ -202,7 +202,9 @@ class NginxRouter:
 
     def _check(self, conf: Path) -> None:
         """``nginx -t`` on ``conf``; ServingError with nginx's own message when it fails."""
-        proc = subprocess.run(self._nginx(conf, "-t", "-q"), capture_output=True, text=True, timeout=30)
+        # nginx -t opens the log files: under umask 077 they are created owner-only, as under supervisord
+        proc = subprocess.run(self._nginx(conf, "-t", "-q"), capture_output=True, text=True, timeout=30,
+                              preexec_fn=lambda: os.umask(0o077))
         if proc.returncode != 0:
             msg = (proc.stderr or proc.stdout).strip()
             raise ServingError(f"nginx rejected the new router config, the old one stays live: {msg}")

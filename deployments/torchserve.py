@@ -56,6 +56,9 @@ def render_config(settings: Settings, paths: StatePaths) -> str:
         "default_workers_per_model": s.workers_per_version,
         "default_response_timeout": s.response_timeout_s,
         "install_py_dep_per_model": "false",
+        # Only archives already in the model store can be registered: a stolen management key cannot make
+        # TorchServe fetch (and run) a remote .mar.
+        "allowed_urls": f"file://{paths.model_store}/.*",
         "vmargs": f"-Xmx{s.java_heap_mb}m -XX:+UseG1GC -Dlog4j.configurationFile=file://{paths.torchserve_log4j}",
     }
     return "".join(f"{k}={v}\n" for k, v in lines.items())

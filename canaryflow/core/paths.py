@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,9 +137,12 @@ class StatePaths:
         return self.root / "logs"
 
     def ensure(self) -> StatePaths:
-        """Create the directories (secrets 0700)."""
+        """Create the directories; the state root is the owner's only (0700): it holds the registry database,
+        the keys and secrets, the models, the access log and batch outputs."""
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.root, 0o700)
         for d in (self.mlflow_artifacts, self.prefect_home, self.model_store, self.torchserve_tmp,
                   self.router_dir, self.work_dir, self.traffic_dir, self.supervisor_dir, self.logs):
-            d.mkdir(parents=True, exist_ok=True)
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.fernet_key.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         return self

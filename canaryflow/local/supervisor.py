@@ -44,7 +44,10 @@ def render_config(paths: StatePaths, programs: list[Program]) -> str:
     out = [
         "[unix_http_server]", f"file={paths.supervisor_sock}", "chmod=0700", "",
         "[supervisord]", f"logfile={sup / 'supervisord.log'}", f"pidfile={paths.supervisor_pid}",
-        f"childlogdir={paths.logs}", "loglevel=info", "minfds=4096", "",
+        f"childlogdir={paths.logs}", "loglevel=info", "minfds=4096",
+        # Every file the stack writes (registry db, TorchServe's key file from its first byte, logs, models,
+        # batch outputs) is the owner's only.
+        "umask=077", "",
         "[rpcinterface:supervisor]",
         "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface", "",
         "[supervisorctl]", f"serverurl=unix://{paths.supervisor_sock}", "",
@@ -119,7 +122,11 @@ class Supervisor:
 
     def start(self, config: str, env: dict[str, str], timeout_s: float = 30.0) -> None:
         """Write the config and start supervisord, or make a running one re-read it."""
-        self.paths.supervisor_conf.write_text(config)
+        # The config holds the programs' environment (the MLflow webhook secrets' Fernet key): owner only.
+        fd = os.open(self.paths.supervisor_conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(config)
         if self.running():
             added, changed, removed = self._rpc().reloadConfig()[0]
             for name in removed + changed:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import stat
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ import pytest
 from canaryflow.intake.launcher import PrefectLauncher
 from canaryflow.intake.webhook import load_or_create_secret, sign
 from canaryflow.local.demo import register_model, wait_for_release
+from canaryflow.services import Services
 
 pytestmark = pytest.mark.integration
 MODEL = "stack-it-model"
@@ -138,6 +140,26 @@ def test_bad_request_is_400_and_next_good_request_succeeds(stack) -> None:
 def test_router_does_not_expose_the_management_api(stack) -> None:
     for path in ("/models", f"/models/{MODEL}", "/api-description", "/metrics"):
         assert httpx.get(stack.settings.router_url + path, timeout=10).status_code == 404
+
+
+def test_state_files_are_the_owners_only(stack) -> None:
+    """The state root is 0700 and what the stack writes is 0600 from the start (supervisord's umask 077): the
+    registry database (it holds the webhook secret, encrypted), the config with its Fernet key, TorchServe's
+    keys, the models, the access log."""
+    p = stack.paths
+    assert stat.S_IMODE(p.root.stat().st_mode) == 0o700
+    files = [p.supervisor_conf, p.mlflow_db, p.torchserve_keys, p.router_access_log, *p.model_store.glob("*.mar")]
+    modes = {str(f.relative_to(p.root)): oct(stat.S_IMODE(f.stat().st_mode)) for f in files if f.exists()}
+    assert {p.supervisor_conf, p.mlflow_db, p.torchserve_keys} <= {f for f in files if f.exists()}
+    assert all(m == "0o600" for m in modes.values()), modes
+
+
+def test_torchserve_refuses_to_fetch_a_remote_archive(stack) -> None:
+    """allowed_urls admits the model store only: even with the management key, no remote .mar is fetched."""
+    backend = Services(stack.settings).backend
+    resp = backend._call("management", "POST", "/models", params={"url": "http://127.0.0.1:9/evil.mar"})
+    assert resp.status_code in (400, 403, 404), resp.text
+    assert "evil" not in " ".join(m for m in backend.versions("evil"))
 
 
 @pytest.mark.stops_stack
