@@ -59,7 +59,7 @@ def converge(svc: Services, model: str, want: Route | None, *, champion: str | N
     else:
         for version in want.versions:
             if register_from_store(svc.backend, svc.paths.model_store, model, version):
-                changes.append(f"{model} v{version}: registered on TorchServe from the model store")
+                changes.append(f"{model} v{version}: re-registered on TorchServe from {archive_name(model, version)}")
         have = svc.router.route(model)
         if have != want:
             if want.canary:

@@ -74,7 +74,7 @@ def test_a_run_killed_during_a_part_write_resumes_to_exactly_the_input_rows(tmp_
     settings = _settings(tmp_path, max_parallel=2)
     job = _job(settings, model, data)
     (tmp_path / "job.pickle").write_bytes(pickle.dumps((job, settings)))
-    driver = ("import pickle, sys; from canaryflow import batch; "
+    driver = ("import pickle, sys; from canaryflow.batch import run as batch; "
               "job, settings = pickle.loads(open(sys.argv[1], 'rb').read()); "
               "batch.run_job(job, settings, report=False)")
     killed = subprocess.run([sys.executable, "-c", driver, str(tmp_path / "job.pickle")], cwd=PROJECT,
