@@ -39,7 +39,7 @@ def stack_env(state_dir: Path) -> dict[str, str]:
            "CANARYFLOW_CANARY__ALLOW_CHAOS": "true",
            "CANARYFLOW_RECONCILE__MISSED_AFTER_S": "15", "CANARYFLOW_LOADTEST__RETRY_PAUSE_S": "1",
            # the suite's own models loosen bars on purpose (a busy machine's load test, replay off, no canary);
-           # tests/unit/test_registry_input.py proves the default refuses that
+           # tests/unit/test_registry_input_unit.py proves the default refuses that
            "CANARYFLOW_RELEASE__ALLOW_POLICY_LOOSENING": "true"}
     for name, port in zip(PORT_NAMES, free_ports(len(PORT_NAMES)), strict=True):
         env[f"CANARYFLOW_PORTS__{name.upper()}"] = str(port)

@@ -2,7 +2,7 @@
 refused at the bridge and tagged rejected by reconcile while the served model keeps answering; a per-model
 policy with a misspelled or operator-only key is refused at the release's first step with the key named.
 
-(The suite's stack lets policies loosen, as its own test models need; tests/unit/test_registry_input.py proves a
+(The suite's stack lets policies loosen, as its own test models need; tests/unit/test_registry_input_unit.py proves a
 loosening policy is refused with the default setting.)"""
 
 from __future__ import annotations
