@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     work = Path(tempfile.mkdtemp(prefix="canaryflow-canary-bench-"))
     settings = bench_settings(work / ".canaryflow")
-    canary = CanarySettings(allow_chaos=True, retire_grace_s=5,
+    # the faults are chaos builds; what the bench measures is whether the analysis would have promoted them
+    canary = CanarySettings(allow_chaos=True, chaos_may_promote=True, retire_grace_s=5,
                             **({"interval_s": 10, "min_requests": 30} if args.quick else {}))
     # split-only turns the replay off per model: a loosening the bench's operator allows
     release = settings.release.model_copy(update={"allow_policy_loosening": True})

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,17 @@ def handler_files(extra_files: list[Path]) -> tuple[Path, list[Path]]:
     if any(meta.chaos for meta in metas):
         return CHAOS_HANDLER_FILE, [*SERVING_FILES, HANDLER_FILE]
     return HANDLER_FILE, list(SERVING_FILES)
+
+
+def is_chaos_build(mar: Path) -> bool:
+    """Whether the archive ships the fault-injecting handler (read from the .mar itself, not from any tag a
+    registry user can edit). A file that is not a readable archive is not a chaos build: TorchServe cannot load it
+    either."""
+    try:
+        with zipfile.ZipFile(mar) as z:
+            return any(Path(name).name == CHAOS_HANDLER_FILE.name for name in z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 @dataclass(frozen=True)

@@ -193,6 +193,12 @@ def _next_step(s: CanaryStatus, checks: list[Check], policy: CanarySettings, now
     return Decision(Action.ADVANCE, s, checks, reasons)
 
 
+def veto(decision: Decision, reason: str) -> Decision:
+    """A promotion (or the bake that starts one) that must not happen, whatever the checks said: the ramp ends
+    rolled back with ``reason`` after the checks' own."""
+    return _rollback(decision.status, decision.checks, [*decision.reasons, reason])
+
+
 def _rollback(s: CanaryStatus, checks: list[Check], reasons: list[str]) -> Decision:
     return Decision(Action.ROLLBACK, replace(s, phase=Phase.ROLLED_BACK, weight=0.0, reasons=reasons), checks,
                     reasons)

@@ -44,6 +44,7 @@ from deployments.routes import MODEL_PATTERN, VERSION_PATTERN, Routes, validate_
 # The token is written into a double-quoted nginx string: allow only characters that cannot break out of it.
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9._~+/=-]*$")
 _GENERATION_MARK = "@@CANARYFLOW_GENERATION@@"
+_BEARER = re.compile(r'Authorization\s+"Bearer ([^"]*)"')
 # Package data (pyproject: deployments/templates/*). Found next to this module rather than through
 # importlib.resources, which fails on the editable install's multiplexed package path.
 _TEMPLATE = Path(__file__).with_name("templates") / "nginx.conf.j2"
@@ -174,6 +175,18 @@ class NginxRouter:
     def refresh(self) -> None:
         """Re-render with the current routes, e.g. after TorchServe restarted with a new key."""
         self.apply(self.routes())
+
+    def credentials_stale(self) -> bool:
+        """Whether the live nginx.conf carries another inference key than TorchServe's current one (TorchServe
+        restarted and the router was not re-rendered: every request would answer 401). False with no config yet."""
+        try:
+            found = _BEARER.search(self.paths.router_conf.read_text())
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise ServingError(f"cannot read {self.paths.router_conf}: {exc}") from exc
+        current = self.token_provider()
+        return found is not None and bool(current) and found.group(1) != current
 
     def apply(self, routes: Mapping[str, Mapping[str, Any]]) -> None:
         """Make ``routes`` live: write routes.json and a checked nginx.conf, then reload nginx if running.

@@ -51,6 +51,11 @@ class TrafficRouter(Protocol):
         """Apply the current routes again with the serving backend's current credentials (after a restart)."""
         ...
 
+    def credentials_stale(self) -> bool:
+        """Whether what is live carries other credentials than the serving backend's current ones (it restarted
+        and :meth:`refresh` did not run); raises ServingError when the current ones cannot be read."""
+        ...
+
 
 def _check_version(model: str, role: str, value: Any) -> str:
     version = str(value if value is not None else "")

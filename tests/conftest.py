@@ -37,6 +37,9 @@ def stack_env(state_dir: Path) -> dict[str, str]:
            "CANARYFLOW_CANARY__MIN_REQUESTS": "25", "CANARYFLOW_CANARY__STEP_DEADLINE_S": "90",
            "CANARYFLOW_CANARY__RETIRE_GRACE_S": "2", "CANARYFLOW_CANARY__BAKE_S": "4",
            "CANARYFLOW_CANARY__ALLOW_CHAOS": "true",
+           # the bake-watch test promotes a chaos build armed after promotion; tests/unit/test_ramp_ops.py proves
+           # that by default a chaos build is rolled back where it would be promoted
+           "CANARYFLOW_CANARY__CHAOS_MAY_PROMOTE": "true",
            "CANARYFLOW_RECONCILE__MISSED_AFTER_S": "15", "CANARYFLOW_LOADTEST__RETRY_PAUSE_S": "1",
            # the suite's own models loosen bars on purpose (a busy machine's load test, replay off, no canary);
            # tests/unit/test_registry_input_unit.py proves the default refuses that

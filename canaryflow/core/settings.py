@@ -184,6 +184,9 @@ class CanarySettings(BaseModel):
                                       "kept registered; a failure rolls back (0: no watch)")
     retire_grace_s: float = Field(30.0, ge=0, description="old champion stays registered this long after promotion")
     allow_chaos: bool = Field(False, description="honour a version's canaryflow.chaos tag (fault injection)")
+    chaos_may_promote: bool = Field(False, description="drills only: a chaos build may be promoted (off: its ramp "
+                                                       "ends rolled back where it would promote, and nothing makes "
+                                                       "it stable or champion)")
 
 
 class ReconcileSettings(BaseModel):

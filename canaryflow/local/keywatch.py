@@ -19,26 +19,16 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from canaryflow.core.paths import StatePaths
 from canaryflow.release.converge import ArchiveMissing, register_from_store
 from deployments import torchserve
+from deployments.routes import TrafficRouter
+from deployments.torchserve import ServingBackend
 
 WATCHED = "torchserve"
 RESULT_FILE = "keywatch.json"
-
-
-class Backend(Protocol):
-    def healthy(self) -> bool: ...
-    def versions(self, model: str) -> list[str]: ...
-    def register(self, model: str, version: str, archive: Path) -> bool: ...
-    def set_default(self, model: str, version: str) -> None: ...
-
-
-class Router(Protocol):
-    def routes(self) -> dict[str, dict[str, Any]]: ...
-    def refresh(self) -> None: ...
 
 
 @dataclass
@@ -82,7 +72,7 @@ def wait_healthy(healthy: Callable[[], bool], timeout_s: float, sleep: Callable[
         delay = min(delay * 2, max_s)
 
 
-def recover(backend: Backend, router: Router, model_store: Path, timeout_s: float = 600.0,
+def recover(backend: ServingBackend, router: TrafficRouter, model_store: Path, timeout_s: float = 600.0,
             sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic) -> Recovery:
     """Wait until TorchServe answers (its key file is then current), re-render the router with the new key,
     re-register each routed version (errors skipped and reported), set the defaults."""

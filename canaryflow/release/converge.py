@@ -16,11 +16,25 @@ from typing import Final
 from canaryflow.core.errors import ServingError
 from canaryflow.core.state import Route
 from canaryflow.services import Services
+from deployments.archive import is_chaos_build
 from deployments.torchserve import ServingBackend, archive_name
 
 
 class ArchiveMissing(ServingError):
     """A version's .mar is gone from the model store: it cannot be served until it is released again."""
+
+
+class ChaosBuild(ServingError):
+    """A chaos build (fault injection in its handler) would become stable or champion: never, unless the operator
+    runs a drill that allows it (``canary.chaos_may_promote``)."""
+
+
+def refuses_promotion(svc: Services, model: str, version: str) -> bool:
+    """Whether ``version`` must never serve as stable or champion: its archive in the model store is a chaos build
+    and the operator has not allowed chaos builds to be promoted."""
+    if svc.settings.canary.chaos_may_promote:
+        return False
+    return is_chaos_build(svc.paths.model_store / archive_name(model, version))
 
 
 class _Keep:
@@ -50,7 +64,12 @@ def converge(svc: Services, model: str, want: Route | None, *, champion: str | N
     ``previous`` aliases (a version, :data:`DELETE` or :data:`KEEP`); returns a line per change made.
 
     Idempotent: what already matches is not touched, so callers need not check first. Raises ServingError before
-    moving any traffic when a version of ``want`` cannot be registered."""
+    moving any traffic when a version of ``want`` cannot be registered, and :class:`ChaosBuild` when a chaos build
+    would become stable or champion."""
+    for version in {want.stable if want else None, champion if isinstance(champion, str) else None} - {None}:
+        if refuses_promotion(svc, model, version):
+            raise ChaosBuild(f"{model} v{version} is a chaos build (fault injection): it is never made stable or "
+                             "champion (canary.chaos_may_promote is off)")
     changes = []
     if want is None:
         if svc.router.route(model) is not None:

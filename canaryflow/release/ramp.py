@@ -18,7 +18,7 @@ from canaryflow.core.errors import MetricsSourceError
 from canaryflow.core.locks import StatusConflict
 from canaryflow.core.state import ReleaseStatus, Route, Tag
 from canaryflow.release import ramp_report, replay
-from canaryflow.release.converge import DELETE, converge
+from canaryflow.release.converge import DELETE, converge, refuses_promotion
 from canaryflow.release.steps import ReleaseState
 from canaryflow.services import Services
 from deployments import canary as ctl
@@ -231,7 +231,11 @@ def measure(svc: Services, st: ReleaseState, status: ctl.CanaryStatus, source: M
 def apply(svc: Services, st: ReleaseState, before: ctl.CanaryStatus, decision: ctl.Decision,
           now: float) -> ctl.Decision:
     """Make serving match the decision (a bake promotes, a failed bake is undone, a step moves the split; a hold
-    changes nothing) and persist the new status; returns the decision with the status as saved."""
+    changes nothing) and persist the new status; returns the decision with the status as saved. A chaos build that
+    reaches promotion is rolled back instead: fault injection never serves as champion."""
+    if decision.action in (ctl.Action.BAKE, ctl.Action.PROMOTE) and refuses_promotion(svc, st.model, st.version):
+        decision = ctl.veto(decision, f"v{st.version} is a chaos build (fault injection): never promoted "
+                                      "(canary.chaos_may_promote is off); rolled back")
     if decision.action is ctl.Action.BAKE:
         decision = replace(decision, status=promote_for_bake(svc, st.model, decision.status))
     elif decision.action is ctl.Action.ROLLBACK and before.phase is ctl.Phase.BAKING:

@@ -21,7 +21,6 @@ as the webhook bridge, keyed so two concurrent passes start one run.
 
 from __future__ import annotations
 
-import re
 import time
 from datetime import datetime
 from typing import Any
@@ -38,7 +37,6 @@ from canaryflow.release.ramp import last_heartbeat, load_status
 from canaryflow.release.rollback import abort_release
 from canaryflow.release.steps import downgrade_reason, version_number
 from canaryflow.services import Services
-from deployments import torchserve
 
 ALIVE = frozenset({"SCHEDULED", "PENDING", "RUNNING", "PAUSED", "CANCELLING"})
 EXECUTING = frozenset({"PENDING", "RUNNING"})  # states in which a release flow process should be beating
@@ -200,27 +198,18 @@ def _repair(svc: Services, model: str, versions: list[VersionInfo]) -> list[str]
         return [f"{model}: cannot serve the recorded state ({want.describe()}): {exc}"]
 
 
-_BEARER = re.compile(r'Authorization\s+"Bearer ([^"]*)"')
-
-
 def refresh_stale_key(svc: Services) -> list[str]:
     """Re-render a router whose TorchServe key is not TorchServe's current inference key (a TorchServe restart
     the key watch could not finish: every model would answer 401 while the routes look right)."""
-    conf = svc.paths.router_conf
-    refresh = getattr(svc.router, "refresh", None)
-    if refresh is None or not conf.exists():
-        return []
     try:
-        found = _BEARER.search(conf.read_text())
-        current = torchserve.read_keys(svc.paths).get("inference")
-    except (OSError, ServingError):
-        return []
-    if found is None or not current or found.group(1) == current:
-        return []
+        if not svc.router.credentials_stale():
+            return []
+    except ServingError:
+        return []  # no key file to compare with: TorchServe is down, and the key watch is on it
     if not svc.backend.healthy():
         return []  # the key file of a TorchServe that is not answering proves nothing; the key watch is on it
     try:
-        refresh()
+        svc.router.refresh()
     except CanaryflowError as exc:
         return [f"router: holds a stale TorchServe inference key; re-rendering failed: {exc}"]
     return ["router: held a stale TorchServe inference key (TorchServe restarted); re-rendered with the current one"]

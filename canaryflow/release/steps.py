@@ -22,7 +22,7 @@ from canaryflow.core.settings import Settings
 from canaryflow.core.state import ReleaseStatus, Route, Tag
 from canaryflow.model.packaging import Bundle, example_rows, input_contract
 from canaryflow.model.predict import load_predictor
-from canaryflow.release.converge import KEEP, converge
+from canaryflow.release.converge import KEEP, ChaosBuild, converge
 from canaryflow.services import Services
 from deployments.archive import Archive, build_mar
 from deployments.smoke import smoke_test
@@ -206,6 +206,8 @@ def ending(exc: BaseException) -> Ending:
         return Ending(ReleaseStatus.SUPERSEDED, f"another run owns the ramp now: {exc}", owns_state=False)
     if isinstance(exc, CanaryRolledBack):
         return Ending(ReleaseStatus.ROLLED_BACK, str(exc))
+    if isinstance(exc, ChaosBuild):  # judged: fault injection is never promoted, however well it did
+        return Ending(ReleaseStatus.REJECTED, str(exc))
     if isinstance(exc, GateFailed):
         # an inconclusive or unmeasurable gate judged nothing: "failed" (run it again), not "rejected"
         judged = exc.outcome not in ("inconclusive", "error")

@@ -4,6 +4,7 @@ orchestrator), checked against the Protocols they stand in for by tests/unit/tes
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,8 @@ from canaryflow.core.registry import VersionInfo
 from canaryflow.core.settings import Settings
 from canaryflow.core.state import Route
 from canaryflow.services import Services
+
+MODEL = "m"  # the model most unit tests release
 
 
 @dataclass
@@ -91,37 +94,65 @@ class FakeRegistry:
 
 @dataclass
 class FakeBackend:
-    """A model server for one model: the registered versions and the default one."""
+    """A model server. ``registered`` and ``default`` are those of model ``m`` (most tests serve one model);
+    other models' versions and defaults live in ``others`` and ``defaults``. Faults: ``up`` False, the first
+    ``slow_pings`` pings unanswered (a server still starting), ``broken`` versions (``"model vX"``, or ``"*"`` for
+    all) refused at registration. ``log`` lists every registration as (model, version, archive name); ``answer``
+    (version, row) -> {"class_index", "probabilities"} gives it an inference API, ``replay_fail`` a version whose
+    inference fails."""
 
     registered: set[str] = field(default_factory=set)
     default: str | None = None
     up: bool = True
+    others: dict[str, set[str]] = field(default_factory=dict)
+    defaults: dict[str, str] = field(default_factory=dict)
+    slow_pings: int = 0
+    pings: int = 0
+    broken: set[str] = field(default_factory=set)
+    log: list[tuple[str, str, str]] = field(default_factory=list)
+    answer: Callable[[str, list[float]], dict[str, Any]] | None = None
+    replay_fail: str | None = None
+    replays: list[tuple[str, int]] = field(default_factory=list)
+
+    def _of(self, model: str) -> set[str]:
+        return self.registered if model == MODEL else self.others.setdefault(model, set())
 
     def healthy(self) -> bool:
-        return self.up
+        self.pings += 1
+        return self.up and self.pings > self.slow_pings
 
     def versions(self, model: str) -> list[str]:
-        return sorted(self.registered)
+        return sorted(self._of(model))
 
     def register(self, model: str, version: str, archive: Path) -> bool:
-        if version in self.registered:
+        if version in self._of(model):
             return False
-        self.registered.add(version)
+        self.log.append((model, version, archive.name))
+        if "*" in self.broken or f"{model} v{version}" in self.broken:
+            raise ServingError(f"registering {model} v{version} failed: HTTP 507 worker died")
+        self._of(model).add(version)
         return True
 
     def unregister(self, model: str, version: str) -> None:
-        self.registered.discard(version)
+        self._of(model).discard(version)
 
     def set_default(self, model: str, version: str) -> None:
-        if version not in self.registered:
+        if version not in self._of(model):
             raise ServingError(f"{model} v{version} is not registered")
-        self.default = version
+        self.defaults[model] = version
+        if model == MODEL:
+            self.default = version
 
     def default_version(self, model: str) -> str | None:
-        return self.default
+        return self.default if model == MODEL else self.defaults.get(model)
 
     def replay(self, model: str, version: str, rows: list[list[float]]) -> list[dict[str, Any]]:
-        raise ServingError("the fake backend has no inference API")
+        self.replays.append((version, len(rows)))
+        if self.answer is None:
+            raise ServingError("the fake backend has no inference API")
+        if version == self.replay_fail:
+            raise ServingError(f"v{version} answered 503")
+        return [self.answer(version, row) for row in rows]
 
 
 @dataclass
@@ -131,6 +162,7 @@ class FakeRouter:
     table: dict[str, dict] = field(default_factory=dict)
     changes: int = 0
     refreshed: int = 0
+    stale: bool = False  # the live config holds an old backend key (a backend restart nobody followed up)
 
     def routes(self) -> dict[str, dict]:
         return {k: dict(v) for k, v in self.table.items()}
@@ -157,6 +189,10 @@ class FakeRouter:
 
     def refresh(self) -> None:
         self.refreshed += 1
+        self.stale = False
+
+    def credentials_stale(self) -> bool:
+        return self.stale
 
 
 @dataclass

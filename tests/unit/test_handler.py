@@ -633,3 +633,18 @@ def test_chaos_is_off_for_parity_checks(tmp_path: Path, model: TinyModel) -> Non
     assert archive.handler_files([bundle / META_FILE])[0] == archive.CHAOS_HANDLER_FILE  # only a chaos build
     torch.testing.assert_close(torch.from_numpy(local.probabilities(torch.tensor(ROWS).numpy())),
                                softmax(model, ROWS))
+
+
+def test_a_chaos_build_is_known_by_its_archive_not_by_a_tag(tmp_path: Path, model: TinyModel) -> None:
+    """torch-model-archiver for real: only the chaos build's .mar ships chaos_handler.py, and that is what the
+    promotion guard reads (a registry user can edit the tag, not the archive)."""
+    store = tmp_path / "store"
+    store.mkdir()
+    built = {}
+    for version, chaos in (("1", None), ("2", {"error_ratio": 0.5})):
+        bundle = make_bundle(tmp_path / f"b{version}", model, chaos=chaos)
+        built[version] = archive.build_mar(bundle / "model.pt2", [bundle / META_FILE], model="iris",
+                                           version=version, model_store=store)
+    assert not archive.is_chaos_build(built["1"].path) and archive.is_chaos_build(built["2"].path)
+    (store / "junk.mar").write_bytes(b"not a zip")
+    assert not archive.is_chaos_build(store / "junk.mar") and not archive.is_chaos_build(store / "missing.mar")

@@ -18,12 +18,14 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from fakes import FakeBackend, fake_services
 
 from canaryflow.core.errors import GateFailed
 from canaryflow.core.registry import VersionInfo
 from canaryflow.core.settings import LoadTestSettings, Settings
 from canaryflow.release import calibration, gates
 from canaryflow.release.steps import ReleaseState
+from canaryflow.services import Services
 from deployments import loadtest
 from deployments.loadtest import (
     LoadTestResult,
@@ -366,32 +368,15 @@ def test_load_test_step_retries_a_busy_machine_and_records_only_the_last(tmp_pat
 # --- choosing the peer --------------------------------------------------------------------------------------
 
 
-class _Backend:
-    def __init__(self, registered: dict[str, list[str]], fail: bool = False) -> None:
-        self.registered, self.fail, self.calls = registered, fail, []
-
-    def versions(self, model: str) -> list[str]:
-        return list(self.registered.get(model, []))
-
-    def register(self, model: str, version: str, archive: Path) -> bool:
-        self.calls.append((model, version, archive.name))
-        if self.fail:
-            raise RuntimeError("TorchServe refused to register: HTTP 507")
-        self.registered.setdefault(model, []).append(version)
-        return True
-
-
-def _svc(tmp_path: Path, backend: _Backend) -> SimpleNamespace:
-    (tmp_path / "store").mkdir(exist_ok=True)
-    return SimpleNamespace(backend=backend, settings=Settings(),
-                           paths=SimpleNamespace(work_dir=tmp_path / "work", model_store=tmp_path / "store"))
+def _svc(tmp_path: Path, backend: FakeBackend) -> Services:
+    return fake_services(tmp_path, backend=backend)
 
 
 def test_the_serving_champion_is_the_peer(tmp_path: Path) -> None:
-    backend = _Backend({"m": ["1", "2"]})
+    backend = FakeBackend({"1", "2"})
     peer = calibration.choose_peer(_svc(tmp_path, backend), "m", "1", "2", ROWS)
     assert (peer.role, peer.model, peer.version, peer.error) == ("champion", "m", "1", None)
-    assert peer.rows.shape == ROWS.shape and backend.calls == []
+    assert peer.rows.shape == ROWS.shape and backend.log == []
 
 
 def test_first_release_builds_the_calibration_model_once_and_reuses_it(tmp_path: Path,
@@ -399,27 +384,28 @@ def test_first_release_builds_the_calibration_model_once_and_reuses_it(tmp_path:
     warmed: list[tuple] = []
     monkeypatch.setattr(calibration, "smoke_test", lambda url, model, version, rows, warmup: warmed.append(
         (model, version, rows.shape)) or loadtest_gate.GateResult("smoke", Outcome.PASSED, "ok"))
-    backend = _Backend({"m": ["2"]})
+    backend = FakeBackend({"2"})
     svc = _svc(tmp_path, backend)
     peer = calibration.choose_peer(svc, "m", None, "2", ROWS)
     assert (peer.role, peer.model, peer.version, peer.error) == ("calibration", "canaryflow-calibration", "n3", None)
-    assert backend.calls == [("canaryflow-calibration", "n3", "canaryflow-calibration_vn3.mar")]
+    assert backend.log == [("canaryflow-calibration", "n3", "canaryflow-calibration_vn3.mar")]
     assert warmed == [("canaryflow-calibration", "n3", (4, 3))]  # warmed up through the router once registered
-    assert (tmp_path / "store" / "canaryflow-calibration_vn3.mar").stat().st_size > 0
+    assert (svc.paths.model_store / "canaryflow-calibration_vn3.mar").stat().st_size > 0
     # a champion that is not on TorchServe any more: the calibration model, already there, is reused
     again = calibration.choose_peer(svc, "m", "1", "2", ROWS)
-    assert (again.role, again.version) == ("calibration", "n3") and len(backend.calls) == 1 and len(warmed) == 1
-    assert list((tmp_path / "work").iterdir()) == []  # the export's scratch directory is gone
+    assert (again.role, again.version) == ("calibration", "n3") and len(backend.log) == 1 and len(warmed) == 1
+    assert list(svc.paths.work_dir.iterdir()) == []  # the export's scratch directory is gone
 
 
 def test_calibration_that_cannot_be_served_leaves_a_peer_with_the_reason(tmp_path: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    peer = calibration.choose_peer(_svc(tmp_path, _Backend({}, fail=True)), "m", None, "1", ROWS)
+    peer = calibration.choose_peer(_svc(tmp_path, FakeBackend(broken={"*"})), "m", None, "1", ROWS)
     assert peer.role == "calibration" and peer.error is not None
-    assert peer.error.startswith("the calibration model could not be served: RuntimeError: TorchServe refused")
+    assert peer.error.startswith("the calibration model could not be served: ServingError: registering "
+                                 "canaryflow-calibration vn3 failed: HTTP 507")
     monkeypatch.setattr(calibration, "smoke_test", lambda *a, **k: loadtest_gate.GateResult(
         "smoke", Outcome.FAILED, "4-row request answered HTTP 503: worker died"))
-    silent = calibration.choose_peer(_svc(tmp_path, _Backend({})), "m", None, "1", ROWS)
+    silent = calibration.choose_peer(_svc(tmp_path, FakeBackend()), "m", None, "1", ROWS)
     assert silent.error == ("the calibration model could not be served: ServingError: calibration model vn3 "
                             "registered but not answering: 4-row request answered HTTP 503: worker died")
 

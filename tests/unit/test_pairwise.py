@@ -9,10 +9,11 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from fakes import FakeBackend, fake_services
 
-from canaryflow.core.errors import ServingError
 from canaryflow.core.settings import CanarySettings, Settings
 from canaryflow.release import replay
+from canaryflow.services import Services
 from deployments.canary import start
 from deployments.pairwise import Pair, PairSample, checks, segments, wilson
 from validation.results import Outcome
@@ -66,32 +67,19 @@ def test_a_replay_error_without_pairs_is_an_error_not_a_failure() -> None:
 
 
 # -- the replay, on files ------------------------------------------------------------------------------------------
-class FakeBackend:
-    """Answers class 1 when the first feature is > 0; the candidate inverts rows listed in ``wrong``."""
-
-    def __init__(self, fail: str | None = None) -> None:
-        self.calls: list[tuple[str, int]] = []
-        self.fail = fail
-
-    def replay(self, model: str, version: str, rows: list[list[float]]) -> list[dict]:
-        self.calls.append((version, len(rows)))
-        if version == self.fail:
-            raise ServingError(f"v{version} answered 503")
-        out = []
-        for row in rows:
-            c = int(row[0] > 0)
-            if version == "2" and row[1] > 100:  # the candidate's bug: a rare segment
-                c = 1 - c
-            out.append({"class_index": c, "probabilities": [1.0 - c, float(c)]})
-        return out
+def answer(version: str, row: list[float]) -> dict:
+    """Class 1 when the first feature is > 0; the candidate (v2) inverts the rare segment ``row[1] > 100``."""
+    c = int(row[0] > 0)
+    if version == "2" and row[1] > 100:  # the candidate's bug: a rare segment
+        c = 1 - c
+    return {"class_index": c, "probabilities": [1.0 - c, float(c)]}
 
 
 @pytest.fixture
-def st_svc(tmp_path: Path) -> tuple[SimpleNamespace, SimpleNamespace]:
-    traffic = tmp_path / "traffic"
-    traffic.mkdir()
+def st_svc(tmp_path: Path) -> tuple[SimpleNamespace, Services]:
     policy = Settings().model_copy(update={"canary": CanarySettings(replay_rows=50, replay_batch_rows=20)})
-    svc = SimpleNamespace(paths=SimpleNamespace(traffic_dir=traffic), backend=FakeBackend())
+    svc = fake_services(tmp_path, backend=FakeBackend(answer=answer))
+    svc.paths.traffic_dir.mkdir(parents=True)
     st = SimpleNamespace(model="m", workdir=tmp_path / "work", policy=policy)
     return st, svc
 
@@ -108,7 +96,7 @@ def test_collect_replays_new_distinct_rows_to_both_versions_and_keeps_them(st_sv
     write_rows(log, [[float(i % 30 - 15), 0.0] for i in range(90)])  # 30 distinct rows, each three times
     first = replay.collect(svc, st, status, 1001.0)
     assert len(first.pairs) == 30 and all(p.agrees for p in first.pairs)
-    assert {v for v, _ in svc.backend.calls} == {"1", "2"} and max(n for _, n in svc.backend.calls) <= 20
+    assert {v for v, _ in svc.backend.replays} == {"1", "2"} and max(n for _, n in svc.backend.replays) <= 20
     write_rows(log, [[1.0, 200.0 + i] for i in range(10)] + [[-3.0, 0.0]])  # 10 new rows in the segment
     second = replay.collect(svc, st, status, 1002.0)
     assert len(second.pairs) == 40  # the repeated row was compared already
@@ -152,11 +140,11 @@ def test_rotation_starts_over_in_the_new_file(st_svc) -> None:
 def test_champion_or_candidate_errors_are_reported_not_judged(st_svc) -> None:
     st, svc = st_svc
     write_rows(svc.paths.traffic_dir / "m.jsonl", [[1.0, 0.0], [2.0, 0.0]])
-    svc.backend = FakeBackend(fail="1")
+    svc.backend = FakeBackend(answer=answer, replay_fail="1")
     sample = replay.collect(svc, st, start("1", "2", st.policy.canary, 0.0), 1.0)
     assert sample.pairs == [] and "champion v1" in (sample.error or "")
     write_rows(svc.paths.traffic_dir / "m.jsonl", [[3.0, 0.0]])
-    svc.backend = FakeBackend(fail="2")
+    svc.backend = FakeBackend(answer=answer, replay_fail="2")
     sample = replay.collect(svc, st, start("1", "2", st.policy.canary, 0.0), 2.0)
     assert sample.pairs == [] and sample.candidate_errors == 1 and "candidate v2" in (sample.error or "")
 
@@ -164,4 +152,4 @@ def test_champion_or_candidate_errors_are_reported_not_judged(st_svc) -> None:
 def test_no_traffic_file_yet_gives_no_pairs_and_no_error(st_svc) -> None:
     st, svc = st_svc
     sample = replay.collect(svc, st, start("1", "2", st.policy.canary, 0.0), 1.0)
-    assert sample.pairs == [] and sample.error is None and svc.backend.calls == []
+    assert sample.pairs == [] and sample.error is None and svc.backend.replays == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import zipfile
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,8 +15,9 @@ from fakes import FakeBackend, FakeLauncher, FakeRegistry, FakeRouter, fake_serv
 from canaryflow.core.errors import RegistryError
 from canaryflow.core.registry import VersionInfo
 from canaryflow.core.settings import CanarySettings
-from canaryflow.core.state import Tag
+from canaryflow.core.state import Route, Tag
 from canaryflow.release import ramp, ramp_report, reconcile, rollback
+from canaryflow.release.converge import KEEP, ChaosBuild, converge
 from canaryflow.release.steps import ReleaseState
 from canaryflow.services import Services
 from deployments.canary import Action, Decision, Phase, start
@@ -100,6 +102,42 @@ def test_bake_promotes_at_100_then_a_failure_restores_the_previous_champion(tmp_
     assert d.action is Action.ROLLBACK and d.status.phase is Phase.ROLLED_BACK
     assert svc.router.table["m"] == {"stable": "1"} and svc.backend.default == "1"
     assert svc.registry.aliases == {"champion": "1"}
+
+
+def as_chaos_build(svc: Services, version: str) -> None:
+    """Make the version's archive in the model store ship the fault-injecting handler, as the archiver would."""
+    with zipfile.ZipFile(svc.paths.model_store / f"m_v{version}.mar", "w") as z:
+        z.writestr("chaos_handler.py", "# fault injection")
+        z.writestr("handler.py", "# production")
+
+
+@pytest.mark.parametrize("bake_s", [0, 60], ids=["promote", "bake"])
+def test_a_chaos_build_that_passes_its_ramp_is_rolled_back_not_promoted(tmp_path: Path, bake_s: float) -> None:
+    svc = services(tmp_path, {"1": info("1", **{Tag.STATUS: "released"}), "2": info("2")}, champion="1")
+    as_chaos_build(svc, "2")
+    st = state(svc, tmp_path, bake_s=bake_s)
+    status = ramp.start_or_resume(svc, st)  # a chaos build may take a share of live traffic: that is its purpose
+    d = ramp.analyse(svc, st, status, source=Source(), now=status.started_at + 30)
+    assert d.action is Action.ADVANCE and svc.router.table["m"]["canary"] == "2"
+    d = ramp.analyse(svc, st, d.status, source=Source(), now=status.started_at + 60)
+    assert d.action is Action.ROLLBACK and d.status.phase is Phase.ROLLED_BACK
+    assert "chaos build" in d.reasons[-1] and "every check passed" in d.reasons[0]
+    assert svc.router.table["m"] == {"stable": "1"} and svc.registry.aliases == {"champion": "1"}
+    assert ramp.load_status(svc, "m", "2").phase is Phase.ROLLED_BACK
+
+
+def test_nothing_makes_a_chaos_build_stable_or_champion_unless_the_operator_allows_it(tmp_path: Path) -> None:
+    svc = services(tmp_path, {"1": released("1"), "2": released("2")}, champion="1")
+    as_chaos_build(svc, "2")
+    for want, champion in ((Route("2"), KEEP), (Route("1"), "2"), (Route("2", "1", 10.0), KEEP)):
+        with pytest.raises(ChaosBuild, match="v2 is a chaos build"):
+            converge(svc, "m", want, champion=champion)
+    assert svc.router.table["m"] == {"stable": "1"} and svc.registry.aliases == {"champion": "1"}
+    converge(svc, "m", Route("1", "2", 25.0))  # a share of traffic as a canary is what a chaos build is for
+    assert svc.router.table["m"]["canary"] == "2"
+    svc.settings = svc.settings.model_copy(update={"canary": CanarySettings(chaos_may_promote=True)})  # a drill
+    converge(svc, "m", Route("2"), champion="2")
+    assert svc.router.table["m"] == {"stable": "2"} and svc.registry.aliases == {"champion": "2"}
 
 
 def test_a_crashed_bake_resumes_as_the_same_ramp(tmp_path: Path) -> None:

@@ -1,14 +1,14 @@
 """Reconcile's liveness (stale heartbeats), newest-first without downgrades, the stale router key; the key watch's
-recovery after a TorchServe restart. Fakes from test_ramp_ops; no servers, no sleeps."""
+recovery after a TorchServe restart. The shared fakes (tests/unit/fakes.py); no servers, no sleeps."""
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from test_ramp_ops import NOW, FakeLauncher, info, released, services
+from fakes import FakeBackend, FakeLauncher, FakeRouter
+from test_ramp_ops import NOW, info, released, services
 
 from canaryflow.core.paths import StatePaths
 from canaryflow.core.settings import CanarySettings, ReconcileSettings
@@ -88,57 +88,13 @@ def test_versions_are_released_newest_first_and_never_below_the_champion(tmp_pat
 
 def test_a_router_holding_a_stale_key_is_re_rendered(tmp_path: Path) -> None:
     svc = services(tmp_path, {"1": released("1")}, champion="1")
+    svc.backend.healthy = lambda: False
+    svc.router.stale = True
+    assert reconcile.reconcile(svc, FakeLauncher(), now=NOW) == [] and svc.router.refreshed == 0  # down: wait
     svc.backend.healthy = lambda: True
-    refreshed = []
-    svc.router.refresh = lambda: refreshed.append(1)
-    svc.paths.router_dir.mkdir(parents=True, exist_ok=True)
-    svc.paths.torchserve_dir.mkdir(parents=True, exist_ok=True)
-    svc.paths.router_conf.write_text('proxy_set_header Authorization "Bearer OLDKEY";\n')
-    svc.paths.torchserve_keys.write_text(json.dumps({"inference": {"key": "NEWKEY"}, "management": {"key": "x"}}))
     actions = reconcile.reconcile(svc, FakeLauncher(), now=NOW)
-    assert refreshed == [1] and any("stale TorchServe inference key" in a for a in actions)
-    assert "OLDKEY" not in " ".join(actions) and "NEWKEY" not in " ".join(actions)  # keys never in the log
-    svc.paths.router_conf.write_text('proxy_set_header Authorization "Bearer NEWKEY";\n')
-    assert reconcile.reconcile(svc, FakeLauncher(), now=NOW) == [] and refreshed == [1]
-
-
-@dataclass
-class TorchServe:
-    """A TorchServe that answers /ping only after ``slow`` failed pings; ``broken`` versions fail to register."""
-
-    slow: int = 0
-    broken: set[str] = field(default_factory=set)
-    pings: int = 0
-    registered: list[str] = field(default_factory=list)
-    defaults: dict[str, str] = field(default_factory=dict)
-
-    def healthy(self) -> bool:
-        self.pings += 1
-        return self.pings > self.slow
-
-    def versions(self, model: str) -> list[str]:
-        return []  # just restarted: nothing registered
-
-    def register(self, model: str, version: str, archive: Path) -> bool:
-        if f"{model} v{version}" in self.broken:
-            raise RuntimeError("HTTP 500 worker died")
-        self.registered.append(f"{model} v{version}")
-        return True
-
-    def set_default(self, model: str, version: str) -> None:
-        self.defaults[model] = version
-
-
-@dataclass
-class Router:
-    table: dict[str, dict]
-    refreshed: int = 0
-
-    def routes(self) -> dict[str, dict]:
-        return self.table
-
-    def refresh(self) -> None:
-        self.refreshed += 1
+    assert svc.router.refreshed == 1 and any("stale TorchServe inference key" in a for a in actions)
+    assert reconcile.reconcile(svc, FakeLauncher(), now=NOW) == [] and svc.router.refreshed == 1
 
 
 class Clock:
@@ -166,14 +122,16 @@ def store(tmp_path: Path, *names: str) -> Path:
 
 
 def test_keywatch_with_a_missing_mar_still_re_renders_the_router_and_reports_it(tmp_path: Path) -> None:
-    ts, router, clock = TorchServe(broken={"c v5"}), Router(dict(ROUTES)), Clock()
+    ts, router, clock = FakeBackend(broken={"c v5"}), FakeRouter(dict(ROUTES)), Clock()  # just restarted: empty
     model_store = store(tmp_path / "store", "a_v1.mar", "b_v2.mar", "c_v5.mar")  # b_v3.mar is gone
     result = keywatch.recover(ts, router, model_store, sleep=clock.sleep, clock=clock.now)
     assert router.refreshed == 1 and result.router_rendered and result.healthy
-    assert ts.registered == ["a v1", "b v2"] == result.restored and ts.defaults == {"a": "1", "b": "2", "c": "5"}
+    assert result.restored == ["a v1", "b v2"] and ts.defaults == {"a": "1", "b": "2"}
+    assert [(m, v) for m, v, _ in ts.log] == [("a", "1"), ("b", "2"), ("c", "5")]  # c v5 tried, refused
     assert result.missing_archives == ["b v3"] and not result.ok
     assert any("b_v3.mar is missing" in p for p in result.problems)
-    assert any("c v5: re-registering failed: HTTP 500" in p for p in result.problems)
+    assert any("c v5: re-registering failed: " in p and "HTTP 507" in p for p in result.problems)
+    assert any("c: making v5 the default failed" in p for p in result.problems)
     paths = StatePaths(tmp_path / "state")
     paths.root.mkdir()
     assert keywatch.read_result(paths) is None
@@ -183,17 +141,17 @@ def test_keywatch_with_a_missing_mar_still_re_renders_the_router_and_reports_it(
 
 
 def test_keywatch_waits_for_a_slow_torchserve_with_bounded_backoff(tmp_path: Path) -> None:
-    ts, router, clock = TorchServe(slow=6), Router({"a": {"stable": "1"}}), Clock()
+    ts, router, clock = FakeBackend(slow_pings=6), FakeRouter({"a": {"stable": "1"}}), Clock()
     result = keywatch.recover(ts, router, store(tmp_path, "a_v1.mar"), timeout_s=600, sleep=clock.sleep,
                               clock=clock.now)
     assert clock.sleeps == [0.5, 1, 2, 4, 8, 8] and result.waited_s == 23.5
-    assert result.ok and router.refreshed == 1 and ts.registered == ["a v1"]
+    assert result.ok and router.refreshed == 1 and ts.versions("a") == ["1"]
 
 
 def test_keywatch_gives_up_after_its_bound_and_says_so(tmp_path: Path) -> None:
-    ts, router, clock = TorchServe(slow=10**6), Router({"a": {"stable": "1"}}), Clock()
+    ts, router, clock = FakeBackend(slow_pings=10**6), FakeRouter({"a": {"stable": "1"}}), Clock()
     result = keywatch.recover(ts, router, store(tmp_path, "a_v1.mar"), timeout_s=60, sleep=clock.sleep,
                               clock=clock.now)
     assert sum(clock.sleeps) == 60 and max(clock.sleeps) == 8
-    assert not result.healthy and router.refreshed == 0 and ts.registered == []
+    assert not result.healthy and router.refreshed == 0 and ts.log == []
     assert "did not answer /ping within 60 s" in result.summary()

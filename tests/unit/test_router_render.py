@@ -107,6 +107,16 @@ def test_no_location_reaches_the_management_api(router: NginxRouter) -> None:
     assert "/models" not in conf and "/api" not in conf
 
 
+def test_credentials_are_stale_when_the_live_config_holds_another_key(router: NginxRouter) -> None:
+    assert not router.credentials_stale()  # no config yet
+    router.write_initial_config()
+    assert not router.credentials_stale()
+    router.token_provider = lambda: "tok-after-restart"
+    assert router.credentials_stale()
+    router.refresh()
+    assert not router.credentials_stale() and "tok-after-restart" in router.paths.router_conf.read_text()
+
+
 def test_render_validates_the_version_pin(router: NginxRouter) -> None:
     conf = router.render({"iris": {"stable": "1"}})
     assert '"~^[0-9A-Za-z._-]{1,32}$" 0;' in _map_block(conf, "cf_pin_invalid")
