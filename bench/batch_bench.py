@@ -73,6 +73,8 @@ def train_and_release(work: Path, tracking_uri: str) -> dict[str, Any]:
     from mlflow import MlflowClient
     from mlflow.models import infer_signature
 
+    from canaryflow.core import seal
+    from canaryflow.core.paths import StatePaths
     from canaryflow.core.registry import MlflowRegistry
     from canaryflow.core.settings import OptimizationSettings
     from canaryflow.model.datasets import frame, log_release_datasets
@@ -130,6 +132,8 @@ def train_and_release(work: Path, tracking_uri: str) -> dict[str, Any]:
     suite_file.write_text(json.dumps(suite_to_json(build_suite(reference, [f"f{i}" for i in range(N_FEATURES)]))))
     registry.log_to_run(run_id, files=[suite_file], artifact_path="gates/data")
     registry.set_tags(MODEL, version, {"canaryflow.release_run": run_id, "canaryflow.status": "released"})
+    # what the release pipeline leaves for the champion: the seal that batch scoring checks the archive against
+    seal.seal_champion(registry, StatePaths(work / "state"), MODEL, version, mar.path)
     registry.set_alias(MODEL, "champion", version)
     return {"version": version, "variant": result.variant, "holdout_accuracy": round(acc, 4),
             "optimization": [{k: r.get(k) for k in ("variant", "status", "p50_b64_ms")} for r in result.table]}
@@ -140,6 +144,7 @@ def run_canaryflow(data: Path, out: Path, state: Path, tracking_uri: str) -> dic
     from canaryflow.batch.io import discover
     from canaryflow.batch.model import fetch_model, resolve_version, scorer_for
     from canaryflow.batch.run import ThreadExecutor, finish, plan_job, run_chunks
+    from canaryflow.core.paths import StatePaths
     from canaryflow.core.registry import MlflowRegistry
     from canaryflow.core.settings import Settings
 
@@ -147,7 +152,7 @@ def run_canaryflow(data: Path, out: Path, state: Path, tracking_uri: str) -> dic
     settings = Settings(state_dir=state)
     registry = MlflowRegistry(tracking_uri)
     version = resolve_version(registry, MODEL, "champion", None)
-    model = fetch_model(registry, MODEL, version, "champion", state / "work")
+    model = fetch_model(registry, MODEL, version, "champion", state / "work", paths=StatePaths(state))
     job = plan_job(settings, model, str(data), discover(str(data)), output_dir=str(out), chunk_rows=CHUNK_ROWS)
     scorer_for(model, job.score_rows, job.max_parallel)  # load the model before the clock, as the pyfunc side does
     setup_rss = _rss_mb()

@@ -16,10 +16,12 @@ keep-alive off (the template) a reload loses no request.
 from __future__ import annotations
 
 import fcntl
+import grp
 import hashlib
 import http.client
 import json
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -150,7 +152,7 @@ class NginxRouter:
         live = {m: r for m, r in canaries.items() if not r["shadow"]}
         user_header = s.canary.user_header
         text = template.render(
-            routes=checked, token=token, run_as_root=os.geteuid() == 0,
+            routes=checked, token=token, worker_user=_worker_user(),
             splits=[{"model": m, "stable": r["stable"], "canary": r["canary"], "percent": _percent(r["weight"])}
                     for m, r in live.items() if r["weight"] < 100],
             full_canary=[m for m, r in live.items() if r["weight"] >= 100],
@@ -267,6 +269,18 @@ class NginxRouter:
         with _apply_lock, open(self.paths.router_dir / ".apply.lock", "w") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
             yield
+
+
+def _worker_user() -> str | None:
+    """``user`` of nginx's workers when the router starts as root: nobody and its group (None: not root, the
+    workers keep the invoking user)."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        gid = pwd.getpwnam("nobody").pw_gid
+        return f"nobody {grp.getgrgid(gid).gr_name}"
+    except KeyError as exc:
+        raise ServingError("the router starts as root but this system has no user 'nobody' for its workers") from exc
 
 
 def _hostport(host: str, port: int) -> str:

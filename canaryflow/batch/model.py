@@ -24,8 +24,10 @@ from typing import Any
 
 import numpy as np
 
+from canaryflow.core import seal
 from canaryflow.core.errors import BatchError, RegistryError
-from canaryflow.core.registry import MlflowRegistry
+from canaryflow.core.paths import StatePaths
+from canaryflow.core.registry import MlflowRegistry, sha256_of
 from canaryflow.core.serving_contract import META_FILE
 from canaryflow.core.state import ReleaseStatus, Tag
 from canaryflow.model.datasets import REFERENCE
@@ -51,6 +53,7 @@ class BatchModel:
     input_dtype: str
     suite: dict[str, Any] | None
     reference_path: str | None
+    archive_sha256: str | None = None  # of the release's .mar, checked against the pipeline's seal when fetched
 
 
 def resolve_version(registry: MlflowRegistry, name: str, alias: str | None, version: str | None) -> str:
@@ -69,8 +72,15 @@ def resolve_version(registry: MlflowRegistry, name: str, alias: str | None, vers
 
 
 def fetch_model(registry: MlflowRegistry, name: str, version: str, alias: str | None, work_dir: Path, *,
-                allow_unreleased: bool = False, max_batch_rows: int = 8192) -> BatchModel:
-    """Download (once per version: cached under ``work_dir``) the serving bundle, the suite and the reference."""
+                allow_unreleased: bool = False, max_batch_rows: int = 8192, paths: StatePaths | None = None,
+                expect_sha256: str | None = None) -> BatchModel:
+    """Download (once per version: cached under ``work_dir``) the serving bundle, the suite and the reference.
+
+    A released version's archive is the one its release run holds, and it must be the archive the pipeline
+    sealed for that version (``paths``: the stack's, whose key checks the seal) or have ``expect_sha256`` (a
+    worker fetching what the driver checked): the ``release_run`` and status tags are editable by any registry
+    user, the seal is not."""
+    sha = None
     info = registry.get_version(name, version)
     release_run = info.tags.get(Tag.RELEASE_RUN)
     status = info.tags.get(Tag.STATUS)
@@ -78,6 +88,7 @@ def fetch_model(registry: MlflowRegistry, name: str, version: str, alias: str | 
     reference = _download(registry, info.run_id, REFERENCE, work_dir / "reference") if info.run_id else None
     if release_run and status == ReleaseStatus.RELEASED:
         bundle = _cached(work_dir / "bundle", lambda d: _extract_mar(registry, release_run, d))
+        sha = _check_archive(registry, name, version, bundle, paths, expect_sha256)
         suite_file = _download(registry, release_run, SUITE_ARTIFACT, work_dir / "suite")
         suite = json.loads(Path(suite_file).read_text()) if suite_file else _derive_suite(reference, bundle)
         opt = _download(registry, release_run, OPTIMIZATION_ARTIFACT, work_dir / "optimization")
@@ -94,7 +105,24 @@ def fetch_model(registry: MlflowRegistry, name: str, version: str, alias: str | 
     features = meta.get("feature_names") or _suite_columns(suite) or [f"f{i}" for i in range(meta["n_features"])]
     return BatchModel(name, str(version), alias, registry.tracking_uri, release_run, info.run_id, str(bundle),
                       meta["format"], variant, tuple(features), meta.get("input_dtype", "float32"), suite,
-                      reference)
+                      reference, sha)
+
+
+def _check_archive(registry: MlflowRegistry, name: str, version: str, bundle: Path, paths: StatePaths | None,
+                   expect_sha256: str | None) -> str:
+    """The sha256 of the release's .mar in ``bundle``; BatchError unless it is the sealed (or expected) one."""
+    archives = sorted((bundle / "download").rglob("*.mar"))
+    if not archives:
+        raise BatchError(f"{name!r} v{version}: the release's archive is missing from {bundle}")
+    sha = sha256_of(archives[0])
+    why = None
+    if paths is not None:
+        why = seal.released_archive(registry, paths, name, version, archives[0])
+    elif expect_sha256 is None or sha != expect_sha256:
+        why = f"{name!r} v{version}: archive sha256 {sha[:12]} is not the checked {str(expect_sha256)[:12]}"
+    if why:
+        raise BatchError(f"cannot score with {name!r} v{version}: {why}")
+    return sha
 
 
 def _cached(target: Path, build: Any) -> Path:
@@ -212,7 +240,7 @@ def scorer_for(model: BatchModel, score_rows: int, parallel: int = 1) -> Scorer:
             if not (Path(model.bundle_dir) / META_FILE).exists():
                 registry = MlflowRegistry(model.tracking_uri)
                 fetch_model(registry, model.name, model.version, model.alias, Path(model.bundle_dir).parent,
-                            allow_unreleased=model.variant == "export")
+                            allow_unreleased=model.variant == "export", expect_sha256=model.archive_sha256)
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
             _scorers[key] = Scorer(model.bundle_dir, score_rows, threads=max(1, cores // max(parallel, 1)))
         return _scorers[key]

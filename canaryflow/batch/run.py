@@ -29,8 +29,10 @@ from canaryflow.batch.manifest import SUCCESS, Manifest, PartRecord, repair, ver
 from canaryflow.batch.model import fetch_model, resolve_version
 from canaryflow.batch.score import SAMPLES, score_chunk
 from canaryflow.batch.write import remove_temporaries, write_error, write_text_atomic
+from canaryflow.core import seal
 from canaryflow.core.errors import BatchError, BatchWriteError
 from canaryflow.core.names import name_problem
+from canaryflow.core.paths import StatePaths
 from canaryflow.core.settings import BatchSettings, Settings
 
 __all__ = ["BatchInterrupted", "BatchJob", "Progress", "finish", "plan_job", "prepare", "run_batch", "run_chunks",
@@ -62,11 +64,19 @@ def prepare(settings: Settings, model_name: str, input_uri: str, *, alias: str |
     files = discover(input_uri)
     registry = MlflowRegistry(settings.mlflow_uri)
     alias = None if version is not None else (alias or cfg.alias)
-    number = resolve_version(registry, model_name, alias, version)
+    paths = StatePaths(settings.state_dir)
+    if alias == settings.release.champion_alias:  # the champion the pipeline set, not whatever the alias says
+        number = seal.trusted_champion(registry, paths, model_name)
+        if number is None:
+            raise BatchError(f"model {model_name!r} has no version with alias {alias!r} set by the release pipeline "
+                             f"in the registry at {settings.mlflow_uri}: release a version first, or pass an "
+                             "explicit version")
+    else:
+        number = resolve_version(registry, model_name, alias, version)
     work = settings.state_dir / "work" / "batch" / f"{safe_name(model_name)}-v{number}"
     model = fetch_model(registry, model_name, number, alias, work,
                         allow_unreleased=cfg.allow_unreleased if allow_unreleased is None else allow_unreleased,
-                        max_batch_rows=cfg.score_rows)
+                        max_batch_rows=cfg.score_rows, paths=paths)
     return plan_job(settings, model, input_uri, files, output_dir=output_dir, chunk_rows=chunk_rows,
                     keep_columns=keep_columns)
 

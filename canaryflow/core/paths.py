@@ -44,6 +44,11 @@ class StatePaths:
         return self.root / "secrets" / "webhook_secret"
 
     @property
+    def seal_key(self) -> Path:
+        """HMAC key of the serving state only the pipeline writes (canaryflow.core.seal)."""
+        return self.root / "secrets" / "state_seal_key"
+
+    @property
     def feedback_token(self) -> Path:
         """Bearer token of the bridge's feedback endpoint (labels change canary verdicts: not for everyone)."""
         return self.root / "secrets" / "feedback_token"

@@ -47,6 +47,7 @@ class Tag:
     GATE_PREFIX = "canaryflow.gate."  # + gate name: "<outcome>: <reason>"
     ROLLBACK_BY = "canaryflow.rollback_by"
     RESTORED = "canaryflow.restored"
+    SEAL = "canaryflow.seal"  # HMAC: the pipeline made this version champion with this .mar (canaryflow.core.seal)
     # model version: written by the data scientist
     CHAOS = "canaryflow.chaos"  # fault injection (honoured only where canary.allow_chaos is on)
     OUTPUT = "canaryflow.output"  # "logits" or "probabilities", when detection should not guess
@@ -54,6 +55,7 @@ class Tag:
     # registered model
     POLICY = "canaryflow.policy"  # per-model release policy (JSON)
     LAST_ROLLBACK = "canaryflow.last_rollback"
+    CHAMPION_SEAL = "canaryflow.champion_seal"  # the champion the pipeline set, sealed (JSON; "" once removed)
     # runs
     MODEL = "canaryflow.model"
     VERSION = "canaryflow.version"

@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Final
 
+from canaryflow.core import seal
 from canaryflow.core.errors import ServingError
 from canaryflow.core.state import Route
 from canaryflow.services import Services
@@ -70,6 +71,9 @@ def converge(svc: Services, model: str, want: Route | None, *, champion: str | N
         if refuses_promotion(svc, model, version):
             raise ChaosBuild(f"{model} v{version} is a chaos build (fault injection): it is never made stable or "
                              "champion (canary.chaos_may_promote is off)")
+    if isinstance(champion, str) and not (svc.paths.model_store / archive_name(model, champion)).is_file():
+        raise ArchiveMissing(f"{model} v{champion}: {archive_name(model, champion)} is missing from the model "
+                             "store; it cannot be made champion (its seal records that archive's sha256)")
     changes = []
     if want is None:
         if svc.router.route(model) is not None:
@@ -91,6 +95,9 @@ def converge(svc: Services, model: str, want: Route | None, *, champion: str | N
     for alias, value in ((cfg.previous_alias, previous), (cfg.champion_alias, champion)):
         if isinstance(value, _Keep):
             continue
+        if alias == cfg.champion_alias:  # the sealed record first: the alias is only a view of it
+            archive = svc.paths.model_store / archive_name(model, value) if value else None
+            seal.seal_champion(svc.registry, svc.paths, model, value, archive)
         if value is None:
             svc.registry.delete_alias(model, alias)
         else:

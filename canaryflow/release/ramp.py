@@ -13,7 +13,7 @@ import threading
 import time
 from dataclasses import replace
 
-from canaryflow.core import locks
+from canaryflow.core import locks, seal
 from canaryflow.core.errors import MetricsSourceError
 from canaryflow.core.locks import StatusConflict
 from canaryflow.core.state import ReleaseStatus, Route, Tag
@@ -27,9 +27,18 @@ from validation.results import judged
 
 
 def load_status(svc: Services, model: str, version: str) -> ctl.CanaryStatus | None:
-    """The persisted ramp status of a version, or None when it never started a ramp."""
+    """The persisted ramp status of a version, or None when it never started a ramp or its tag does not carry
+    the pipeline's seal (forged or edited by a registry user: logged, never acted on)."""
+    return _read(svc, model, version)[0]
+
+
+def _read(svc: Services, model: str, version: str) -> tuple[ctl.CanaryStatus | None, bool]:
+    """(the verified status or None, whether a tag was there that did not verify)."""
     raw = svc.registry.get_version(model, version).tags.get(Tag.CANARY)
-    return ctl.CanaryStatus.from_json(raw) if raw else None
+    if not raw:
+        return None, False
+    body = seal.open_json(svc.paths, model, version, raw)
+    return (ctl.CanaryStatus.from_json(body), False) if body is not None else (None, True)
 
 
 def save_status(svc: Services, model: str, status: ctl.CanaryStatus) -> ctl.CanaryStatus:
@@ -37,15 +46,16 @@ def save_status(svc: Services, model: str, status: ctl.CanaryStatus) -> ctl.Cana
     from; returns what was written (generation + 1). Raises :class:`StatusConflict` (with the persisted status)
     when someone else wrote in between."""
     with locks.hold(svc, model, f"save the ramp status of v{status.candidate}"):
-        persisted = load_status(svc, model, status.candidate)
-        current = persisted.generation if persisted is not None else 0
+        persisted, forged = _read(svc, model, status.candidate)
+        # a forged tag says nothing about who owns the ramp: the writer holding the real status overwrites it
+        current = persisted.generation if persisted is not None else status.generation if forged else 0
         if current != status.generation:
             raise StatusConflict(
                 f"ramp status of {model} v{status.candidate} changed under this writer: persisted generation "
                 f"{current} ({persisted.phase.value if persisted else 'none'}), written from generation "
                 f"{status.generation}; re-read it before acting", persisted)
         saved = replace(status, generation=current + 1)
-        tags = {Tag.CANARY: saved.to_json()}
+        tags = {Tag.CANARY: seal.seal_json(svc.paths, model, saved.candidate, saved.to_json())}
         if saved.heartbeat_at:
             tags[Tag.HEARTBEAT] = f"{saved.heartbeat_at:.3f}"
         svc.registry.set_tags(model, saved.candidate, tags)
@@ -179,7 +189,9 @@ def analyse(svc: Services, st: ReleaseState, status: ctl.CanaryStatus,
 
 def _analyse(svc: Services, st: ReleaseState, status: ctl.CanaryStatus,
              source: MetricsSource | None, now: float | None) -> ctl.Decision:
-    persisted = load_status(svc, st.model, st.version)
+    persisted, forged = _read(svc, st.model, st.version)
+    if forged:  # a registry user wrote the tag: carry on from this run's own status, which the save restores
+        persisted = status
     if persisted is not None and persisted.done and not status.done:
         # someone else ended the ramp (a manual rollback): respect it
         return ctl.Decision(ctl.Action.ROLLBACK if persisted.phase is ctl.Phase.ROLLED_BACK else ctl.Action.PROMOTE,

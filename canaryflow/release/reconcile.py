@@ -25,7 +25,7 @@ import time
 from datetime import datetime
 from typing import Any
 
-from canaryflow.core import locks
+from canaryflow.core import locks, seal
 from canaryflow.core.errors import CanaryflowError, ServingError
 from canaryflow.core.locks import LockTimeout
 from canaryflow.core.names import name_problem
@@ -82,7 +82,7 @@ def reconcile_model(svc: Services, launcher: Launcher, model: str, now: float) -
     actions = [line for v in versions for line in _crashed(svc, launcher, v, runs.get(v.version, []), now)]
     if not any(_alive(runs.get(v.version, [])) for v in versions):
         actions += repair_routes(svc, model, versions)
-    champion = svc.registry.alias_version(model, svc.settings.release.champion_alias)
+    champion = seal.trusted_champion(svc.registry, svc.paths, model)
     for v in versions:
         if _alive(runs.get(v.version, [])):
             continue
@@ -154,6 +154,8 @@ def _version(svc: Services, launcher: Launcher, v: VersionInfo, runs: list[dict[
     if status not in UNFINISHED:
         return ""
     canary = load_status(svc, v.name, v.version)
+    if canary is None and v.tags.get(Tag.CANARY):
+        return f"{name}: its ramp status does not carry the pipeline's seal (forged or edited): not acted on"
     too_old = canary is not None and now - canary.started_at > svc.settings.canary.deadline_s
     if len(runs) >= cfg.max_attempts or too_old:
         why = "ramp deadline passed" if too_old else f"{len(runs)} release runs did not finish it"
@@ -165,8 +167,9 @@ def _version(svc: Services, launcher: Launcher, v: VersionInfo, runs: list[dict[
 
 
 def desired_route(svc: Services, model: str, versions: list[VersionInfo]) -> Route | None:
-    """What the router should serve for ``model`` according to the registry, or None for nothing known."""
-    champion = svc.registry.alias_version(model, svc.settings.release.champion_alias)
+    """What the router should serve for ``model`` according to the pipeline's sealed state (the champion it set,
+    the ramp it persisted), or None for nothing known."""
+    champion = seal.trusted_champion(svc.registry, svc.paths, model)
     if champion is None:
         return None
     route = Route(champion)
@@ -189,13 +192,15 @@ def repair_routes(svc: Services, model: str, versions: list[VersionInfo] | None 
 
 
 def _repair(svc: Services, model: str, versions: list[VersionInfo]) -> list[str]:
+    forged = seal.alias_forged(svc.registry, svc.paths, model, svc.settings.release.champion_alias)
+    noted = [forged] if forged else []  # a forged alias is reported, and serving follows the sealed state
     want = desired_route(svc, model, versions)
     if want is None:
-        return []
+        return noted
     try:
-        return [f"{change} (recorded state; repaired)" for change in converge(svc, model, want)]
+        return noted + [f"{change} (recorded state; repaired)" for change in converge(svc, model, want)]
     except ServingError as exc:  # nothing moved: the router keeps serving what it served
-        return [f"{model}: cannot serve the recorded state ({want.describe()}): {exc}"]
+        return [*noted, f"{model}: cannot serve the recorded state ({want.describe()}): {exc}"]
 
 
 def refresh_stale_key(svc: Services) -> list[str]:

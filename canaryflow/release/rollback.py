@@ -12,13 +12,14 @@ import json
 import time
 from dataclasses import replace
 
-from canaryflow.core import locks
+from canaryflow.core import locks, seal
 from canaryflow.core.errors import RegistryError, ServingError
 from canaryflow.core.state import ReleaseStatus, Route, Tag
 from canaryflow.release.converge import DELETE, KEEP, converge
 from canaryflow.release.ramp import load_status, save_status
 from canaryflow.services import Services
-from deployments.canary import CanaryStatus, Phase
+from deployments.canary import Phase
+from deployments.torchserve import archive_name
 
 
 def abort_release(svc: Services, model: str, version: str, reason: str,
@@ -33,7 +34,7 @@ def abort_release(svc: Services, model: str, version: str, reason: str,
 def _abort(svc: Services, model: str, version: str, reason: str, status: str) -> str:
     canary = load_status(svc, model, version)
     route = svc.router.route(model)
-    champion = svc.registry.alias_version(model, svc.settings.release.champion_alias)
+    champion = seal.trusted_champion(svc.registry, svc.paths, model)
     if route is not None and (route.canary == version or (route.stable == version and champion != version)):
         converge(svc, model, Route(champion) if champion else None)
     if canary is not None and not canary.done:
@@ -54,7 +55,7 @@ def rollback(svc: Services, model: str, to: str | None, reason: str, actor: str)
 
 def _rollback(svc: Services, model: str, to: str | None, reason: str, actor: str) -> dict[str, str]:
     cfg = svc.settings.release
-    champion = svc.registry.alias_version(model, cfg.champion_alias)
+    champion = seal.trusted_champion(svc.registry, svc.paths, model)
     last = json.loads(svc.registry.model_tags(model).get(Tag.LAST_ROLLBACK) or "{}")
     target = to or svc.registry.alias_version(model, cfg.previous_alias)
     if target is None:
@@ -65,6 +66,10 @@ def _rollback(svc: Services, model: str, to: str | None, reason: str, actor: str
     if info.tags.get(Tag.STATUS) != ReleaseStatus.RELEASED:
         raise RegistryError(f"v{target} of {model} was never released (status {info.tags.get(Tag.STATUS)!r}); "
                             "roll back only to a version that passed its release")
+    unsealed = seal.released_archive(svc.registry, svc.paths, model, target,
+                                     svc.paths.model_store / archive_name(model, target))
+    if unsealed:  # the status tag and the previous alias are editable by any registry user; the seal is not
+        raise RegistryError(unsealed)
     route = svc.router.route(model)
     for version in _ramping(svc, model):
         abort_release(svc, model, version, f"ramp aborted by a manual rollback ({actor}: {reason})")
@@ -96,9 +101,10 @@ def _ramping(svc: Services, model: str) -> list[str]:
     """Versions with a ramp in progress (persisted status not finished)."""
     out = []
     for v in svc.registry.list_versions(model):
-        raw = v.tags.get(Tag.CANARY)
-        if raw and v.tags.get(Tag.STATUS) == ReleaseStatus.CANARY and not CanaryStatus.from_json(raw).done:
-            out.append(v.version)
+        if v.tags.get(Tag.STATUS) == ReleaseStatus.CANARY and v.tags.get(Tag.CANARY):
+            status = load_status(svc, model, v.version)
+            if status is not None and not status.done:
+                out.append(v.version)
     return out
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
+from canaryflow.core import seal
 from canaryflow.core.errors import CanaryRolledBack, ConfigError, GateFailed, PackagingError, Refused
 from canaryflow.core.locks import StatusConflict
 from canaryflow.core.names import name_problem
@@ -69,7 +70,9 @@ def begin(svc: Services, model: str, version: str) -> ReleaseState:
         refuse(svc, model, version, str(exc))
     cfg = svc.settings.release
     run_id = svc.registry.release_run(cfg.experiment, model, str(version))
-    champion = svc.registry.alias_version(model, cfg.champion_alias)
+    champion = seal.trusted_champion(svc.registry, svc.paths, model)  # the sealed one, whatever the alias says
+    if seal.alias_forged(svc.registry, svc.paths, model, cfg.champion_alias):
+        _log.warning("release of %s v%s compares with the pipeline's champion, not the alias", model[:80], version)
     st = ReleaseState(model, str(version), run_id, svc.paths.work_dir / f"{model}-v{version}", champion, info,
                       svc.registry.run_url(run_id), policy)
     if not already_released(st):

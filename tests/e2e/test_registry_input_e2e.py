@@ -64,3 +64,32 @@ def test_a_policy_key_that_is_not_allowed_is_refused_with_its_name(stack, served
     assert outcome.status == "rejected" and reason in outcome.reason, outcome
     assert Services(stack.settings).backend.versions(name) == []  # nothing staged
     assert _answer(stack).status_code == 200
+
+
+def test_a_forged_champion_alias_and_canary_tag_change_nothing_and_are_reported(stack, served: str) -> None:
+    """A registry user points ``champion`` at a rejected version and writes a "promoted at 100%" ramp status on
+    it: reconcile routes nothing to it, reports the forged alias, and the served model keeps answering."""
+    name = "input-forged"
+    client = MlflowClient(stack.settings.mlflow_uri)
+    client.create_registered_model(name, tags={Tag.POLICY: json.dumps({"gates": {"quality_mni": 1}})})
+    version, _, _ = register_model(stack.settings.mlflow_uri, name=name, seed=3)
+    assert wait_for_release(stack.settings.mlflow_uri, name, version, timeout_s=300).status == "rejected"
+    client.set_registered_model_alias(name, "champion", version)
+    client.set_model_version_tag(name, version, Tag.STATUS, "canary")
+    client.set_model_version_tag(name, version, Tag.CANARY, json.dumps(
+        {"champion": version, "candidate": version, "phase": "progressing", "step": 2, "weight": 100.0,
+         "started_at": time.time(), "step_started_at": time.time(), "generation": 7}))
+    svc = Services(stack.settings)
+    runs = len(svc.launcher.list_flow_runs(name))
+    try:
+        actions = reconcile.reconcile(svc, svc.launcher)
+    finally:
+        client.delete_registered_model_alias(name, "champion")
+        client.set_model_version_tag(name, version, Tag.STATUS, "rejected")
+    assert any(f"alias 'champion' names v{version} but the pipeline's champion is none" in a for a in actions), \
+        actions
+    assert any(f"{name} v{version}: its ramp status does not carry the pipeline's seal" in a for a in actions), \
+        actions
+    assert svc.router.route(name) is None and svc.backend.versions(name) == []  # nothing routed, nothing registered
+    assert len(svc.launcher.list_flow_runs(name)) == runs  # no release started to "resume" the forged ramp
+    assert svc.router.route(MODEL).stable == served and _answer(stack).status_code == 200

@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -74,7 +75,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(400, TORCHSERVE_400, "1")
         else:
             prediction = server.predict(parts[2], body)
-            self._send(200, {"model": parts[1], "version": parts[2], "predictions": [0]}, parts[2], prediction)
+            answers = [0] * (300_000 if parts[2] == "big" else 1)  # version "big" answers ~900 KB
+            self._send(200, {"model": parts[1], "version": parts[2], "predictions": answers}, parts[2], prediction)
 
     def _send(self, status: int, payload: dict, version: str, prediction: str = "") -> None:
         data = json.dumps(payload).encode()
@@ -170,6 +172,31 @@ def seen(upstream: Upstream) -> list[dict]:
     with upstream.lock:
         upstream.seen.clear()
     return upstream.seen
+
+
+def _status_field(pid: int, key: str) -> str:
+    """A field of /proc/<pid>/status ("" for a process that is gone by now)."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return ""
+    return next((line.split()[1] for line in lines if line.startswith(key + ":")), "")
+
+
+def test_workers_drop_root_and_large_bodies_never_touch_the_disk(router: NginxRouter, seen: list[dict]) -> None:
+    """Started as root, the workers that talk to clients run as nobody (the master keeps root for the logs); they
+    cannot reach the 0700 state dir, so request and response bodies of megabytes must stay in memory."""
+    master = router.running_pid()
+    workers = [int(p.name) for p in Path("/proc").iterdir()
+               if p.name.isdigit() and _status_field(int(p.name), "PPid") == str(master)]
+    assert workers and _status_field(master, "Uid") == str(os.geteuid())
+    expected = pwd.getpwnam("nobody").pw_uid if os.geteuid() == 0 else os.getuid()
+    assert {_status_field(w, "Uid") for w in workers} == {str(expected)}
+    big = json.dumps({"inputs": [[1.5, 2.5, 3.5, 4.5]] * 150_000}).encode()  # 3.4 MB: above any memory buffer
+    status, _, _ = request(router, "POST", "/predictions/iris", body=big)
+    assert status == 200 and seen[-1]["body"] == big
+    status, _, body = request(router, "POST", "/predictions/iris", headers={"X-Model-Version": "big"})
+    assert status == 200 and len(json.loads(body)["predictions"]) == 300_000
 
 
 def test_ping_is_answered_by_the_router(router: NginxRouter, seen: list[dict]) -> None:

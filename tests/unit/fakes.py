@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from canaryflow.core import seal
 from canaryflow.core.errors import OrchestrationError, RegistryError, ServingError
 from canaryflow.core.paths import StatePaths
 from canaryflow.core.registry import VersionInfo
@@ -237,3 +238,21 @@ def fake_services(tmp_path: Path, registry: FakeRegistry | None = None, backend:
     StatePaths(tmp_path).model_store.mkdir(parents=True, exist_ok=True)
     return Services(settings, registry=registry or FakeRegistry(), backend=backend or FakeBackend(),
                     router=router or FakeRouter(), launcher=launcher or FakeLauncher(), metrics=metrics)
+
+
+def sealed(svc: Services, model: str = MODEL) -> Services:
+    """What the pipeline would have left behind for the registry's ``previous`` and ``champion`` aliases (made
+    champion in that order): an archive in the model store for every version, and the seals."""
+    for version in svc.registry.versions:
+        archive = svc.paths.model_store / f"{model}_v{version}.mar"
+        if not archive.exists():
+            archive.write_bytes(f"mar of v{version}".encode())
+    for alias in ("previous", "champion"):
+        version = svc.registry.aliases.get(alias)
+        if version:
+            archive = svc.paths.model_store / f"{model}_v{version}.mar"
+            if not archive.exists():
+                archive.write_bytes(f"mar of v{version}".encode())
+            seal.seal_champion(svc.registry, svc.paths, model, version, archive)
+    svc.registry.tag_log.clear()
+    return svc

@@ -10,7 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from fakes import FakeBackend, FakeLauncher, FakeRegistry, FakeRouter, fake_services
+from fakes import FakeBackend, FakeLauncher, FakeRegistry, FakeRouter, fake_services, sealed
 
 from canaryflow.core.errors import RegistryError
 from canaryflow.core.registry import VersionInfo
@@ -35,9 +35,7 @@ def services(tmp_path: Path, versions: dict[str, VersionInfo], route: dict | Non
     svc = fake_services(tmp_path, FakeRegistry(versions, dict(aliases)),
                         FakeBackend(set(registered if registered is not None else versions)),
                         FakeRouter({"m": route or {"stable": "1"}}))
-    for v in versions:
-        (svc.paths.model_store / f"m_v{v}.mar").write_bytes(b"mar")
-    return svc
+    return sealed(svc)
 
 
 def state(svc: Services, tmp_path: Path, version: str = "2", champion: str = "1",

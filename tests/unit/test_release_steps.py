@@ -8,7 +8,7 @@ import mlflow.pytorch
 import numpy as np
 import pytest
 import torch
-from fakes import FakeBackend, FakeRegistry, FakeRouter, fake_services
+from fakes import FakeBackend, FakeRegistry, FakeRouter, fake_services, sealed
 
 from canaryflow.core.errors import CanaryRolledBack, GateFailed
 from canaryflow.core.locks import StatusConflict
@@ -20,7 +20,7 @@ from canaryflow.services import Services
 
 
 def services(tmp_path: Path, registry: FakeRegistry) -> Services:
-    return fake_services(tmp_path, registry, FakeBackend({"1", "2"}), FakeRouter({"m": {"stable": "1"}}))
+    return sealed(fake_services(tmp_path, registry, FakeBackend({"1", "2"}), FakeRouter({"m": {"stable": "1"}})))
 
 
 def info(version: str, **tags: str) -> VersionInfo:
