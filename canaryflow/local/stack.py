@@ -93,10 +93,12 @@ class LocalStack:
             "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
             "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": _secret_file(p.fernet_key, lambda: Fernet.generate_key().decode()),
             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+            # loopback is allowed above for the bridge only: every other webhook URL is refused (mlflow_app.py)
+            "CANARYFLOW_MLFLOW_WEBHOOK_URLS": s.url("bridge", "/webhooks/mlflow"),
         }
         return [
-            Program("mlflow", [_bin("mlflow"), "server", "--host", s.host, "--port", str(s.ports.mlflow),
-                               "--workers", "1", "--backend-store-uri", f"sqlite:///{p.mlflow_db}",
+            Program("mlflow", [_bin("mlflow"), "server", "--app-name", "canaryflow", "--host", s.host,
+                               "--port", str(s.ports.mlflow), "--workers", "1", "--backend-store-uri", f"sqlite:///{p.mlflow_db}",
                                "--artifacts-destination", str(p.mlflow_artifacts)], p.mlflow_dir, mlflow_env),
             Program("prefect-server", [_bin("prefect"), "server", "start", "--host", s.host,
                                        "--port", str(s.ports.prefect)], p.prefect_home),

@@ -162,6 +162,24 @@ def test_torchserve_refuses_to_fetch_a_remote_archive(stack) -> None:
     assert "evil" not in " ".join(m for m in backend.versions("evil"))
 
 
+def test_mlflow_refuses_a_webhook_to_any_url_but_the_bridge(stack) -> None:
+    """Loopback webhooks are allowed for the bridge only: one aimed at the Prefect API (or the bridge's URL with
+    a query) cannot be created, nor can the bridge's webhook be re-aimed; the bridge's own stays as it was."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(stack.settings.mlflow_uri, registry_uri=stack.settings.mlflow_uri)
+    bridge = stack.settings.url("bridge", "/webhooks/mlflow")
+    for url in (stack.settings.url("prefect", "/api/deployments/filter"), bridge + "?x=1",
+                stack.settings.url("torchserve_management", "/models")):
+        with pytest.raises(MlflowException, match="not allowed on this server"):
+            client.create_webhook(name="aimed-elsewhere", url=url, events=["model_version.created"], secret="s")
+    [ours] = [w for w in client.list_webhooks() if w.url == bridge]
+    with pytest.raises(MlflowException, match="not allowed on this server"):
+        client.update_webhook(ours.webhook_id, url=stack.settings.url("prefect", "/api/health"))
+    assert [w.url for w in client.list_webhooks()] == [bridge]
+
+
 @pytest.mark.stops_stack
 def test_down_leaves_no_process(stack) -> None:
     sup_pid = stack.supervisor.pid()
