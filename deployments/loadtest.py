@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -154,10 +155,11 @@ def _unreachable(url: str) -> str | None:
 
 def run_load_test(router_url: str, model: str, version: str | None, rows: np.ndarray,
                   settings: LoadTestSettings, out_dir: Path, timeout_s: float | None = None,
-                  peer: Peer | None = None) -> LoadTestResult:
+                  peer: Peer | None = None, pin: Mapping[str, str] | None = None) -> LoadTestResult:
     """Load ``POST {router_url}/predictions/{model}`` (pinned to ``version``) with locust, and ``peer`` with the
     same offered load in the same run; never raises for a failed measurement: the result (or its ``peer``)
-    carries ``error`` instead. ``timeout_s`` defaults to the duration + 60 s."""
+    carries ``error`` instead. ``timeout_s`` defaults to the duration + 60 s. ``pin``: the router's pin
+    credentials, sent with every pinned request."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     base = LoadTestResult(router_url, settings.users, float(settings.duration_s), version=str(version or ""))
@@ -170,7 +172,8 @@ def run_load_test(router_url: str, model: str, version: str | None, rows: np.nda
     cmd = locust_command(router_url, settings, out_dir, paired)
     if not Path(cmd[0]).exists():
         return _with(base, error=f"locust is not installed at {cmd[0]}")
-    env = _locust_env(model, version, rows, settings, out_dir, name=CANDIDATE, peer=peer if paired else None)
+    env = _locust_env(model, version, rows, settings, out_dir, name=CANDIDATE, peer=peer if paired else None,
+                      pin=pin)
     log = out_dir / "locust.log"
     files = {"json": str(out_dir / f"{JSON_STEM}.json"), "html": str(out_dir / "locust-report.html"),
              "log": str(log)}
@@ -198,7 +201,8 @@ def _peer_base(base: LoadTestResult, peer: Peer, **changes: Any) -> LoadTestResu
 
 
 def _locust_env(model: str, version: str | None, rows: np.ndarray, settings: LoadTestSettings, out_dir: Path,
-                user_header: str = "", name: str = "", peer: Peer | None = None) -> dict[str, str]:
+                user_header: str = "", name: str = "", peer: Peer | None = None,
+                pin: Mapping[str, str] | None = None) -> dict[str, str]:
     rows_file = out_dir / "rows.json"
     rows_file.write_text(json.dumps(np.atleast_2d(np.asarray(rows, dtype=np.float64)).tolist()))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCUST_", "CANARYFLOW_LOCUST_"))}
@@ -206,7 +210,8 @@ def _locust_env(model: str, version: str | None, rows: np.ndarray, settings: Loa
                 "CANARYFLOW_LOCUST_ROWS_FILE": str(rows_file),
                 "CANARYFLOW_LOCUST_ROWS_PER_REQUEST": str(settings.rows_per_request),
                 "CANARYFLOW_LOCUST_RATE_PER_USER": str(settings.target_rps / settings.users),
-                "CANARYFLOW_LOCUST_USER_HEADER": user_header})
+                "CANARYFLOW_LOCUST_USER_HEADER": user_header,
+                "CANARYFLOW_LOCUST_PIN_HEADERS": json.dumps(dict(pin or {}))})
     if name:
         env["CANARYFLOW_LOCUST_NAME"] = name
     if peer is not None:

@@ -5,6 +5,7 @@ the CLI or pytest may import this module. It is configured through the environme
 
 - ``CANARYFLOW_LOCUST_MODEL``: model name, posted to ``/predictions/<model>``
 - ``CANARYFLOW_LOCUST_VERSION``: sent as ``X-Model-Version`` so the router pins the staged candidate (optional)
+- ``CANARYFLOW_LOCUST_PIN_HEADERS``: JSON object of headers sent with the pinned requests (the router's pin key)
 - ``CANARYFLOW_LOCUST_ROWS_FILE``: a JSON file holding a list of sample rows (lists of numbers)
 - ``CANARYFLOW_LOCUST_NAME``: the request name in locust's statistics (default ``/predictions/[model]``)
 - ``CANARYFLOW_LOCUST_PEER_MODEL``, ``_PEER_VERSION``, ``_PEER_ROWS_FILE``: a second, pinned target (the gate's
@@ -52,6 +53,8 @@ if PEER_MODEL and not _env("PEER_ROWS_FILE"):
     raise SystemExit("CANARYFLOW_LOCUST_PEER_MODEL needs CANARYFLOW_LOCUST_PEER_ROWS_FILE")
 RATE_PER_USER = float(_env("RATE_PER_USER", "0") or 0)
 USER_HEADER = _env("USER_HEADER")
+# the router's pin credentials (X-Canaryflow-Pin-Key), sent with the pinned requests only
+PIN_HEADERS = {str(k): str(v) for k, v in json.loads(_env("PIN_HEADERS", "{}") or "{}").items()}
 _user_ids = itertools.count(1)
 
 
@@ -69,6 +72,7 @@ class PredictionUser(FastHttpUser):
         self.headers = {"Content-Type": "application/json"}
         if self.target_version:
             self.headers["X-Model-Version"] = self.target_version
+            self.headers.update(PIN_HEADERS)  # the router honours the pipeline's pins only
         # each locust user plays 50 sticky end users in turn: a handful of locust users alone would put the whole
         # load on one side of a 10-20 % split
         self.end_users = itertools.cycle([f"user-{os.getpid()}-{next(_user_ids)}-{k}" for k in range(50)])

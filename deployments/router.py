@@ -8,9 +8,10 @@
 A model without ``canary`` sends all its traffic to ``stable``. With a canary, ``weight`` percent of the unpinned
 requests go to it (nginx ``split_clients``, sticky per user header), or, with ``shadow: true``, stable answers all
 of them and each is copied to the canary (nginx ``mirror``), whose answer is only logged. ``X-Model-Version``
-pins a version and beats both. Every change re-renders ``nginx.conf`` from ``templates/nginx.conf.j2``, checks it
-with ``nginx -t`` before it replaces the live file, and reloads a running nginx gracefully; with client
-keep-alive off (the template) a reload loses no request.
+pins a version and beats both, for the pipeline only: a pin without the stack's pin key
+(``X-Canaryflow-Pin-Key``, :meth:`NginxRouter.pin_credentials`) is refused with 403. Every change re-renders
+``nginx.conf`` from ``templates/nginx.conf.j2``, checks it with ``nginx -t`` before it replaces the live file,
+and reloads a running nginx gracefully; with client keep-alive off (the template) a reload loses no request.
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ from typing import Any
 import jinja2
 
 from canaryflow.core.errors import ServingError
+from canaryflow.core.keys import secret_file
 from canaryflow.core.paths import StatePaths
+from canaryflow.core.serving_contract import PIN_KEY_HEADER
 from canaryflow.core.settings import Settings
 from canaryflow.core.state import Route
 from deployments.routes import CANARY_KEYS as _CANARY_KEYS
@@ -64,10 +67,12 @@ class NginxRouter:
     """The local :class:`~deployments.routes.TrafficRouter`: nginx configured from ``paths.router_state``."""
 
     def __init__(self, settings: Settings, paths: StatePaths, token_provider: Callable[[], str],
-                 nginx_bin: str | None = None, reload_timeout_s: float = 10.0) -> None:
+                 nginx_bin: str | None = None, reload_timeout_s: float = 10.0,
+                 pin_key_provider: Callable[[], str] | None = None) -> None:
         self.settings = settings
         self.paths = paths
         self.token_provider = token_provider
+        self.pin_key_provider = pin_key_provider or (lambda: secret_file(paths.pin_key))
         self.nginx_bin = nginx_bin or shutil.which("nginx") or "/usr/sbin/nginx"
         self.reload_timeout_s = reload_timeout_s
 
@@ -141,6 +146,9 @@ class NginxRouter:
         token = self.token_provider() or ""
         if not _TOKEN_RE.match(token):
             raise ServingError("the TorchServe inference key has unexpected characters; not rendering it")
+        pin_key = self.pin_key_provider()
+        if not pin_key or not _TOKEN_RE.match(pin_key):
+            raise ServingError("the router's pin key is empty or has unexpected characters; not rendering it")
         s, d = self.settings, self.paths.router_dir
         env = jinja2.Environment(undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
                                  keep_trailing_newline=True, autoescape=False)
@@ -152,7 +160,7 @@ class NginxRouter:
         live = {m: r for m, r in canaries.items() if not r["shadow"]}
         user_header = s.canary.user_header
         text = template.render(
-            routes=checked, token=token, worker_user=_worker_user(),
+            routes=checked, token=token, pin_key=pin_key, worker_user=_worker_user(),
             splits=[{"model": m, "stable": r["stable"], "canary": r["canary"], "percent": _percent(r["weight"])}
                     for m, r in live.items() if r["weight"] < 100],
             full_canary=[m for m, r in live.items() if r["weight"] >= 100],
@@ -177,6 +185,10 @@ class NginxRouter:
     def refresh(self) -> None:
         """Re-render with the current routes, e.g. after TorchServe restarted with a new key."""
         self.apply(self.routes())
+
+    def pin_credentials(self) -> dict[str, str]:
+        """The header that lets the pipeline's own requests pin a version (``X-Model-Version``)."""
+        return {PIN_KEY_HEADER: self.pin_key_provider()}
 
     def credentials_stale(self) -> bool:
         """Whether the live nginx.conf carries another inference key than TorchServe's current one (TorchServe

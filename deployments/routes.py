@@ -51,6 +51,11 @@ class TrafficRouter(Protocol):
         """Apply the current routes again with the serving backend's current credentials (after a restart)."""
         ...
 
+    def pin_credentials(self) -> dict[str, str]:
+        """Headers the pipeline adds to a request that pins a version (``X-Model-Version``): a pin is honoured only
+        with them (empty where the router needs none)."""
+        ...
+
     def credentials_stale(self) -> bool:
         """Whether what is live carries other credentials than the serving backend's current ones (it restarted
         and :meth:`refresh` did not run); raises ServingError when the current ones cannot be read."""

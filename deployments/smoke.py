@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 
 import httpx
 import numpy as np
@@ -16,15 +17,16 @@ def _post(client: httpx.Client, url: str, version: str, body: object) -> httpx.R
 
 
 def smoke_test(router_url: str, model: str, version: str, rows: np.ndarray, warmup: int,
-               timeout_s: float = 30.0) -> GateResult:
+               timeout_s: float = 30.0, pin: Mapping[str, str] | None = None) -> GateResult:
     """Warm the version up, then check a good batch answers row for row and a bad one is a 400.
 
-    The request after the bad one must succeed again: a malformed request must never cost a worker.
+    The request after the bad one must succeed again: a malformed request must never cost a worker. ``pin``: the
+    router's pin credentials (:meth:`TrafficRouter.pin_credentials`), sent with every pinned request.
     """
     gate = "smoke"
     url = f"{router_url}/predictions/{model}"
     good = {"inputs": rows.tolist()}
-    with httpx.Client(timeout=timeout_s) as client:
+    with httpx.Client(timeout=timeout_s, headers=dict(pin or {})) as client:
         try:
             for _ in range(warmup):
                 _post(client, url, version, {"inputs": rows[:1].tolist()})

@@ -49,6 +49,11 @@ class StatePaths:
         return self.root / "secrets" / "state_seal_key"
 
     @property
+    def pin_key(self) -> Path:
+        """What a request must carry (X-Canaryflow-Pin-Key) for the router to honour its X-Model-Version pin."""
+        return self.root / "secrets" / "pin_key"
+
+    @property
     def feedback_token(self) -> Path:
         """Bearer token of the bridge's feedback endpoint (labels change canary verdicts: not for everyone)."""
         return self.root / "secrets" / "feedback_token"

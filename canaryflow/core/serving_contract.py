@@ -29,6 +29,7 @@ META_FILE = "canaryflow.json"
 VERSION_HEADER = "X-Model-Version"  # a client pins a version; every answer names the version that gave it
 PREDICTION_HEADER = "X-Prediction"  # "<class_index>:<top probability>" per row, for the router's access log
 PINNED_HEADER = "x-canaryflow-pinned"  # set by the router when the client pinned a version
+PIN_KEY_HEADER = "X-Canaryflow-Pin-Key"  # the pipeline's proof that it may pin (the router checks and strips it)
 # Set by the canary's pairwise replay (straight to TorchServe, never through the router, which strips it): the
 # rows are live traffic answered again, so they get what live rows get (faults included) but are not sampled twice.
 REPLAY_HEADER = "x-canaryflow-replay"

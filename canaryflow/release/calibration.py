@@ -61,7 +61,7 @@ def ensure_calibration(svc: Services, n_features: int) -> str:
     if svc.backend.register(CALIBRATION_MODEL, version, mar.path):
         rows = np.random.default_rng(_SEED).normal(size=(4, n_features))
         warm = smoke_test(svc.settings.router_url, CALIBRATION_MODEL, version, rows,
-                          warmup=svc.settings.serving.warmup_requests)
+                          warmup=svc.settings.serving.warmup_requests, pin=svc.router.pin_credentials())
         if not warm.passed:
             raise ServingError(f"calibration model v{version} registered but not answering: {warm.reason}")
     return version

@@ -161,7 +161,8 @@ def load_test(svc: Services, st: ReleaseState, rows: np.ndarray,
 
     def measure(attempt: int) -> GateResult:
         result = run_load_test(svc.settings.router_url, st.model, st.version, rows, cfg,
-                               _dir(st, "load_test") / f"attempt-{attempt}", peer=peer)
+                               _dir(st, "load_test") / f"attempt-{attempt}", peer=peer,
+                               pin=svc.router.pin_credentials())
         return gate_load_test(result, cfg)
 
     tried = retry_gate(measure, cfg.attempts, cfg.retry_pause_s, sleep)

@@ -175,7 +175,7 @@ def stage(svc: Services, st: ReleaseState, mar: Archive, model_dir: Path) -> Gat
     svc.backend.register(st.model, st.version, mar.path)
     rows = example_rows(model_dir, input_contract(model_dir), min_rows=svc.settings.release.smoke_rows)
     return st.record(smoke_test(svc.settings.router_url, st.model, st.version, rows,
-                                warmup=svc.settings.serving.warmup_requests))
+                                warmup=svc.settings.serving.warmup_requests, pin=svc.router.pin_credentials()))
 
 
 def promote(svc: Services, st: ReleaseState) -> str:

@@ -16,7 +16,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_router_nginx import Upstream, default_prediction, log_records, make_router, request, running_nginx
+from test_router_nginx import (
+    Upstream,
+    default_prediction,
+    log_records,
+    make_router,
+    pin,
+    request,
+    running_nginx,
+)
 
 from deployments.metrics import AccessLogMetrics
 from deployments.router import SHADOW_URI, NginxRouter
@@ -172,14 +180,14 @@ def test_pin_beats_split_and_shadow(router: NginxRouter, upstream: Upstream, see
     router.set_split("iris", STABLE, CANARY, 100)
     started = time.time()
     assert {version_of(router) for _ in range(5)} == {CANARY}
-    assert version_of(router, {"X-Model-Version": STABLE}) == STABLE
-    assert version_of(router, {"X-Model-Version": "7", "X-User-Id": "u1"}) == "7"
+    assert version_of(router, pin(router, STABLE)) == STABLE
+    assert version_of(router, {**pin(router, "7"), "X-User-Id": "u1"}) == "7"
     router.set_split("iris", STABLE, CANARY, 0, shadow=True)
     with upstream.lock:
         seen.clear()
     rid = f"pinned-{started}"
-    assert version_of(router, {"X-Model-Version": "7", "X-Request-ID": rid}) == "7"
-    assert version_of(router, {"X-Model-Version": CANARY}) == CANARY
+    assert version_of(router, {**pin(router, "7"), "X-Request-ID": rid}) == "7"
+    assert version_of(router, pin(router, CANARY)) == CANARY
     time.sleep(0.3)  # a copy, if one were made, is a background subrequest
     assert [s["path"] for s in seen] == ["/predictions/iris/7", f"/predictions/iris/{CANARY}"]
     assert all(s["headers"]["X-Canaryflow-Pinned"] == "1" for s in seen)

@@ -195,7 +195,7 @@ def test_workers_drop_root_and_large_bodies_never_touch_the_disk(router: NginxRo
     big = json.dumps({"inputs": [[1.5, 2.5, 3.5, 4.5]] * 150_000}).encode()  # 3.4 MB: above any memory buffer
     status, _, _ = request(router, "POST", "/predictions/iris", body=big)
     assert status == 200 and seen[-1]["body"] == big
-    status, _, body = request(router, "POST", "/predictions/iris", headers={"X-Model-Version": "big"})
+    status, _, body = request(router, "POST", "/predictions/iris", pin(router, "big"))
     assert status == 200 and len(json.loads(body)["predictions"]) == 300_000
 
 
@@ -214,11 +214,29 @@ def test_prediction_goes_to_the_stable_version(router: NginxRouter, seen: list[d
     assert seen[0]["body"] == b'{"inputs": [[1, 2, 3, 4]]}'
 
 
+def pin(router: NginxRouter, version: str) -> dict[str, str]:
+    """The headers of a pipeline request pinned to ``version``."""
+    return {"X-Model-Version": version, **router.pin_credentials()}
+
+
 def test_version_pin_header(router: NginxRouter, seen: list[dict]) -> None:
-    status, headers, _ = request(router, "POST", "/predictions/iris", {"X-Model-Version": "7"})
+    status, headers, _ = request(router, "POST", "/predictions/iris", pin(router, "7"))
     assert status == 200 and headers["X-Model-Version"] == "7"
     assert [s["path"] for s in seen] == ["/predictions/iris/7"]
-    assert "X-Model-Version" not in seen[0]["headers"]
+    assert "X-Model-Version" not in seen[0]["headers"] and "X-Canaryflow-Pin-Key" not in seen[0]["headers"]
+
+
+@pytest.mark.parametrize("key", [None, "", "not-the-key"], ids=["no-key", "empty-key", "wrong-key"])
+def test_a_pin_from_outside_the_pipeline_is_403(router: NginxRouter, seen: list[dict], key: str | None) -> None:
+    """Only the pipeline pins: a client cannot reach a staged, never-promoted version (or the calibration
+    model), nor mark its requests pinned so the canary analysis leaves them out."""
+    headers = {"X-Model-Version": "7"} | ({} if key is None else {"X-Canaryflow-Pin-Key": key})
+    for path in ("/predictions/iris", "/predictions/wine"):
+        status, _, body = request(router, "POST", path, headers)
+        assert status == 403 and json.loads(body)["type"] == "PinRefused", body
+    assert seen == []
+    status, _, _ = request(router, "POST", "/predictions/iris", {"X-Canaryflow-Pin-Key": "not-the-key"})
+    assert status == 200 and seen[-1]["path"] == "/predictions/iris/1"  # unpinned: a key alone changes nothing
 
 
 @pytest.mark.parametrize("pin", ["../models", "1;2", "a" * 33, "1 2"])
@@ -240,7 +258,7 @@ def test_unrouted_model_is_404(router: NginxRouter, seen: list[dict]) -> None:
 
 def test_pin_reaches_a_version_of_an_unrouted_model(router: NginxRouter, seen: list[dict]) -> None:
     # A staged candidate is smoke-tested through the router before the model has any route.
-    status, _, _ = request(router, "POST", "/predictions/wine", {"X-Model-Version": "7"})
+    status, _, _ = request(router, "POST", "/predictions/wine", pin(router, "7"))
     assert status == 200
     assert seen[-1]["path"] == "/predictions/wine/7"
 
@@ -311,7 +329,7 @@ def test_torchserve_errors_pass_through(router: NginxRouter) -> None:
 
 def test_access_log_line_per_request(router: NginxRouter) -> None:
     ids = {"log-ok": ("POST", "/predictions/iris", {}),
-           "log-pin": ("POST", "/predictions/iris", {"X-Model-Version": "5"}),
+           "log-pin": ("POST", "/predictions/iris", pin(router, "5")),
            "log-404": ("POST", "/predictions/wine", {}),
            "log-405": ("GET", "/predictions/iris", {})}
     for rid, (method, path, headers) in ids.items():

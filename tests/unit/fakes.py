@@ -195,6 +195,9 @@ class FakeRouter:
     def credentials_stale(self) -> bool:
         return self.stale
 
+    def pin_credentials(self) -> dict[str, str]:
+        return {}
+
 
 @dataclass
 class FakeLauncher:

@@ -49,12 +49,15 @@ class _RouterStandIn(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
     seen: list[tuple[str, str, int]] = []
     counter: Counter[str] = Counter()  # per model: a paired run interleaves models
+    pin_keys: Counter[str] = Counter()  # X-Canaryflow-Pin-Key values of pinned requests
 
     def do_POST(self) -> None:  # noqa: N802 - http.server's naming
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
         model = self.path.rsplit("/", 1)[-1]
         version = self.headers.get("X-Model-Version", "")
         type(self).seen.append((model, version, len(body["inputs"])))
+        if version:
+            type(self).pin_keys[self.headers.get("X-Canaryflow-Pin-Key", "")] += 1
         type(self).counter[model] += 1
         if model == "flaky" and type(self).counter[model] % 4 == 0:
             self._answer(503, {"code": 503, "type": "ServiceUnavailable", "message": "worker died"})
@@ -212,8 +215,10 @@ def test_gate_error_and_inconclusive() -> None:
 
 def test_paired_run_loads_candidate_and_peer_under_their_own_names(router_url: str, tmp_path: Path) -> None:
     before = len(_RouterStandIn.seen)
+    _RouterStandIn.pin_keys.clear()
     peer = Peer("calibration", "calib", "n3", ROWS)
-    r = run_load_test(router_url, "iris", "7", ROWS, QUICK, tmp_path, timeout_s=60, peer=peer)
+    r = run_load_test(router_url, "iris", "7", ROWS, QUICK, tmp_path, timeout_s=60, peer=peer,
+                      pin={"X-Canaryflow-Pin-Key": "the-key"})
     assert r.error is None and r.peer is not None and r.peer.error is None, (r.error, r.peer)
     assert r.requests > 10 and r.peer.requests > 10 and r.failures == r.peer.failures == 0
     assert (r.role, r.version, r.peer.role, r.peer.version) == ("candidate", "7", "calibration", "n3")
@@ -224,6 +229,7 @@ def test_paired_run_loads_candidate_and_peer_under_their_own_names(router_url: s
     assert parse_locust_stats(entries)["requests"] == r.requests + r.peer.requests  # the merged view still works
     seen = Counter((m, v) for m, v, _ in _RouterStandIn.seen[before:])
     assert seen[("iris", "7")] >= r.requests and seen[("calib", "n3")] >= r.peer.requests
+    assert set(_RouterStandIn.pin_keys) == {"the-key"}  # every pinned request, candidate's and peer's, carried it
     assert "-u 4 -r 4" in " ".join(loadtest.locust_command("http://r", QUICK, tmp_path, paired=True))
     gate = gate_load_test(r, QUICK)
     assert gate.measured["peer_requests"] == r.peer.requests and gate.measured["peer_role"] == "calibration"
@@ -335,8 +341,8 @@ def test_load_test_step_retries_a_busy_machine_and_records_only_the_last(tmp_pat
     dirs: list[Path] = []
 
     def fake_run(url: str, model: str, version: str, rows: np.ndarray, settings: LoadTestSettings, out: Path,
-                 peer: Peer) -> LoadTestResult:
-        assert (model, version, peer.role) == ("m", "2", "calibration")
+                 peer: Peer, pin: dict[str, str]) -> LoadTestResult:
+        assert (model, version, peer.role, pin) == ("m", "2", "calibration", {"X-Canaryflow-Pin-Key": "k"})
         dirs.append(out)
         return next(runs)
 
@@ -344,7 +350,8 @@ def test_load_test_step_retries_a_busy_machine_and_records_only_the_last(tmp_pat
     monkeypatch.setattr(gates, "run_load_test", fake_run)
     sleeps: list[float] = []
     st = _state(tmp_path, policy)
-    svc = SimpleNamespace(settings=SimpleNamespace(router_url="http://r"))
+    svc = SimpleNamespace(settings=SimpleNamespace(router_url="http://r"),
+                          router=SimpleNamespace(pin_credentials=lambda: {"X-Canaryflow-Pin-Key": "k"}))
     gate = gates.load_test(svc, st, ROWS, sleep=sleeps.append)
     assert gate.outcome is Outcome.PASSED and st.results == [gate] and sleeps == [7, 7]
     assert [d.name for d in dirs] == ["attempt-1", "attempt-2", "attempt-3"]
@@ -382,7 +389,7 @@ def test_the_serving_champion_is_the_peer(tmp_path: Path) -> None:
 def test_first_release_builds_the_calibration_model_once_and_reuses_it(tmp_path: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     warmed: list[tuple] = []
-    monkeypatch.setattr(calibration, "smoke_test", lambda url, model, version, rows, warmup: warmed.append(
+    monkeypatch.setattr(calibration, "smoke_test", lambda url, model, version, rows, warmup, pin: warmed.append(
         (model, version, rows.shape)) or loadtest_gate.GateResult("smoke", Outcome.PASSED, "ok"))
     backend = FakeBackend({"2"})
     svc = _svc(tmp_path, backend)
