@@ -56,6 +56,8 @@ _TEMPLATE = Path(__file__).with_name("templates") / "nginx.conf.j2"
 _TEMP_DIRS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 SHADOW_URI = "/_canaryflow/shadow"
 """The internal location of shadow copies: their access-log lines carry this ``uri`` and ``"shadow": 1``."""
+SHADOW_TIMEOUT_S = 5
+"""How long a shadow copy may take: its client's request stays open in nginx (and counted) until it is answered."""
 _apply_lock = threading.Lock()
 
 
@@ -170,7 +172,7 @@ class NginxRouter:
             upstream=_hostport(s.host, s.ports.torchserve_inference),
             # TorchServe times out at response_timeout_s itself; nginx waits a little longer so that its
             # answer, not a bare 504, reaches the client.
-            read_timeout_s=s.serving.response_timeout_s + 5,
+            read_timeout_s=s.serving.response_timeout_s + 5, shadow_timeout_s=SHADOW_TIMEOUT_S,
             pid_file=self.pid_file, error_log=self.error_log, access_log=self.paths.router_access_log,
             temp_dir=d / "tmp", model_pattern=MODEL_PATTERN, version_pattern=VERSION_PATTERN,
             generation=_GENERATION_MARK)

@@ -27,7 +27,7 @@ from test_router_nginx import (
 )
 
 from deployments.metrics import AccessLogMetrics
-from deployments.router import SHADOW_URI, NginxRouter
+from deployments.router import SHADOW_TIMEOUT_S, SHADOW_URI, NginxRouter
 
 pytestmark = [
     pytest.mark.integration,
@@ -133,6 +133,24 @@ def test_sticky_users_keep_their_version_across_requests_reloads_and_a_growing_w
     assert on_wine != at_50
     router.remove_route("wine")
     router.remove_route("other")
+
+
+def test_a_candidate_too_slow_for_its_copies_never_stalls_a_client(router: NginxRouter, upstream: Upstream,
+                                                                   seen: list[dict]) -> None:
+    """nginx keeps a client's request open until its shadow copy is answered: a candidate that hangs gets
+    SHADOW_TIMEOUT_S, then its copy is a 504 shadow line (a shadow error), and the clients were answered at once."""
+    router.set_split("iris", STABLE, CANARY, 0, shadow=True)
+    upstream.predict = lambda version, body: time.sleep(SHADOW_TIMEOUT_S + 3) or "0:0.900" if version == CANARY \
+        else "0:0.900"
+    rid = f"slow-shadow-{time.time()}"
+    started = time.monotonic()
+    assert version_of(router, {"X-Request-ID": rid}) == STABLE
+    assert time.monotonic() - started < SHADOW_TIMEOUT_S  # answered by the champion, not held for the copy
+    records = log_records(router, lambda recs: any(r["request_id"] == rid and r["shadow"] for r in recs),
+                          timeout_s=SHADOW_TIMEOUT_S + 10)
+    [copy] = [r for r in records if r["request_id"] == rid and r["shadow"] == 1]
+    assert (copy["status"], copy["version"]) == (504, CANARY), copy
+    assert SHADOW_TIMEOUT_S <= copy["request_time"] < SHADOW_TIMEOUT_S + 3
 
 
 def test_shadow_copies_reach_the_canary_and_pair_in_the_log(router: NginxRouter, upstream: Upstream,

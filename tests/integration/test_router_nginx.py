@@ -53,6 +53,9 @@ class Upstream(ThreadingHTTPServer):
     summary in X-Prediction (``predict(version, body)``, settable by a test)."""
 
     daemon_threads = True
+    # TorchServe's (Netty's) accept backlog is large; socketserver's default of 5 drops connection attempts under
+    # a burst (each nginx reload opens new upstream connections), and a dropped SYN costs a 1 s retransmit.
+    request_queue_size = 256
 
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
