@@ -30,7 +30,7 @@ from canaryflow.batch.model import fetch_model, resolve_version
 from canaryflow.batch.score import SAMPLES, score_chunk
 from canaryflow.batch.write import remove_temporaries, write_error, write_text_atomic
 from canaryflow.core import seal
-from canaryflow.core.errors import BatchError, BatchWriteError
+from canaryflow.core.errors import BatchError, BatchWriteError, RegistryError
 from canaryflow.core.names import name_problem
 from canaryflow.core.paths import StatePaths
 from canaryflow.core.settings import BatchSettings, Settings
@@ -66,7 +66,10 @@ def prepare(settings: Settings, model_name: str, input_uri: str, *, alias: str |
     alias = None if version is not None else (alias or cfg.alias)
     paths = StatePaths(settings.state_dir)
     if alias == settings.release.champion_alias:  # the champion the pipeline set, not whatever the alias says
-        number = seal.trusted_champion(registry, paths, model_name)
+        try:
+            number = seal.trusted_champion(registry, paths, model_name)
+        except RegistryError as exc:
+            raise BatchError(f"model {model_name!r} has no version with alias {alias!r}: {exc}") from exc
         if number is None:
             raise BatchError(f"model {model_name!r} has no version with alias {alias!r} set by the release pipeline "
                              f"in the registry at {settings.mlflow_uri}: release a version first, or pass an "

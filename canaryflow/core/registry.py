@@ -115,8 +115,13 @@ class MlflowRegistry:
             self.client.set_model_version_tag(name, str(version), key, str(value)[:5000])
 
     def model_tags(self, name: str) -> dict[str, str]:
-        """Tags of the registered model (where a per-model policy lives)."""
-        return dict(self.client.get_registered_model(name).tags or {})
+        """Tags of the registered model (where a per-model policy lives); RegistryError when there is none."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return dict(self.client.get_registered_model(name).tags or {})
+        except MlflowException as exc:
+            raise RegistryError(f"registered model {name[:80]!r}: {exc.message}"[:500]) from exc
 
     def model_meta(self, name: str, version: str, dst: Path) -> Any:
         """The version's MLmodel (signature, flavors) without downloading the weights."""
