@@ -50,7 +50,13 @@ def test_load_test_through_the_router_pinned_to_a_version(stack, released, tmp_p
     version, rows = released
 
     settings = LoadTestSettings(users=4, spawn_rate=4, duration_s=3, max_p95_ms=1000.0, min_rps=5.0)
-    result = run_load_test(stack.settings.router_url, MODEL, version, rows[:16], settings, tmp_path, timeout_s=90)
+    unpinned = run_load_test(stack.settings.router_url, MODEL, version, rows[:16], settings, tmp_path / "no-key",
+                             timeout_s=90)  # the pipeline's pin key is what makes the router honour the pin
+    assert set(unpinned.failure_messages) == {
+        'HTTP 403: {"code":403,"type":"PinRefused","message":"X-Model-Version pins are for the release pipeline only"}'
+    } and unpinned.requests == unpinned.failures > 0, unpinned.failure_messages
+    result = run_load_test(stack.settings.router_url, MODEL, version, rows[:16], settings, tmp_path, timeout_s=90,
+                           pin=Services(stack.settings).router.pin_credentials())
 
     assert result.error is None, result.error
     assert result.requests > 30 and result.failures == 0, result.failure_messages
@@ -79,7 +85,7 @@ def test_paired_load_reaches_the_candidate_and_the_calibration_peer(stack, relea
     settings = LoadTestSettings(users=3, spawn_rate=3, duration_s=3, target_rps=30, max_p95_ms=1000.0, min_rps=5.0)
     peer = Peer("calibration", CALIBRATION_MODEL, calibration, rows[:16])
     result = run_load_test(stack.settings.router_url, MODEL, version, rows[:16], settings, tmp_path, timeout_s=90,
-                           peer=peer)
+                           peer=peer, pin=svc.router.pin_credentials())
 
     assert result.error is None and result.peer is not None and result.peer.error is None, result
     assert result.requests > 10 and result.failures == 0, result.failure_messages
