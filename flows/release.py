@@ -31,8 +31,13 @@ from tasks.report import artifact_key, release_summary
 def release(model_name: str, version: str, allow_older: bool = False) -> dict[str, str]:
     """Release one model version; returns {"status", "reason"}. A version older than the champion is refused
     (tagged ``skipped``) unless ``allow_older`` (a person asked for it)."""
+    with t.one_release_per_model(model_name, get_services().settings.release.slot_wait_s):
+        return _release(model_name, str(version), allow_older)
+
+
+def _release(model_name: str, version: str, allow_older: bool) -> dict[str, str]:
     log = get_run_logger()
-    st = t.begin(model_name, str(version))
+    st = t.begin(model_name, version)
     skipped = skip(st, allow_older)
     if skipped is not None:
         log.warning("v%s of %s: nothing to release: %s", st.version, st.model, skipped.reason)
@@ -77,11 +82,14 @@ def gates(st: ReleaseState) -> None:
     """Every gate up to a staged, load-tested candidate; raises GateFailed at the first that fails."""
     model_dir = t.fetch(st)
     g.contract(st, model_dir)
-    t.shape(st, model_dir)
-    release_data = g.data(st, model_dir)
-    g.drift(st, release_data)
-    g.quality(st, model_dir, release_data)
-    bundle = g.optimize(st, model_dir, release_data)
+    try:  # the gates that run the model's own code share one sandboxed process
+        t.shape(st, model_dir)
+        release_data = g.data(st, model_dir)
+        g.drift(st, release_data)
+        g.quality(st, model_dir, release_data)
+        bundle = g.optimize(st, model_dir, release_data)
+    finally:
+        st.close_sandbox()
     mar = t.archive(st, bundle)
     t.stage(st, mar, model_dir)
     g.load_test(st, release_data.features(release_data.holdout))

@@ -76,6 +76,12 @@ class ReleaseSettings(BaseModel):
     smoke_rows: int = Field(8, ge=1)
     allow_policy_loosening: bool = Field(False, description="let a registered model's canaryflow.policy tag loosen "
                                                             "the thresholds, not only tighten them")
+    slot_wait_s: float = Field(6 * 3600, gt=0, description="how long a release waits for the one running for the "
+                                                          "same model (releases of other models run beside it)")
+    sandbox_user: str = Field("nobody", description="the unprivileged user the candidate's own code runs as in the "
+                                                   "gates when the stack runs as root (canaryflow.model.sandbox)")
+    sandbox_timeout_s: float = Field(600.0, gt=0, le=3600, description="longest one sandboxed load, prediction or "
+                                                                      "optimization may take")
 
 
 class GateSettings(BaseModel):

@@ -27,7 +27,7 @@ from canaryflow.core.settings import OptimizationSettings
 from canaryflow.model.packaging import MIN_EXAMPLE_ROWS, Bundle, InputContract, export_module
 from deployments.handler import CanaryflowHandler
 from validation.parity import parity
-from validation.results import GateResult, judged
+from validation.results import GateResult, Outcome, judged
 
 TORCH_VARIANTS = ("torch_fp32", "onnx_fp32", "onnx_int8", "torch_int8")
 ONNX_FILE = "model.onnx"
@@ -234,6 +234,26 @@ def markdown(table: list[dict[str, Any]]) -> str:
         name = f"**{row['variant']}** (chosen)" if row.get("chosen") else row["variant"]
         lines.append("| " + " | ".join(cell(name if c == "variant" else row.get(c)) for c in COLUMNS) + " |")
     return "\n".join(lines)
+
+
+def from_sandbox(head: dict[str, Any], dirs: dict[str, Path]) -> OptimizationResult:
+    """The result of :func:`optimize_pytorch` / ``optimize_tensorflow`` run in the sandbox, rebuilt from its JSON
+    report and the variant directories copied out of it; each bundle's ``canaryflow.json`` is validated again and
+    must name a file inside its own directory."""
+    bundles: dict[str, Bundle] = {}
+    for variant, directory in dirs.items():
+        meta = ServingMeta.load(directory / META_FILE)
+        if Path(meta.model_file).name != meta.model_file or not (directory / meta.model_file).is_file():
+            raise ValueError(f"variant {variant}: model_file {meta.model_file!r} is not a file of its bundle")
+        bundles[variant] = Bundle(directory, meta)
+    g = head["gate"]
+    gate = GateResult(str(g["gate"]), Outcome(g["outcome"]), str(g["reason"]), dict(g.get("measured") or {}),
+                      dict(g.get("thresholds") or {}))
+    variant = head.get("variant")
+    table = [dict(row) for row in head.get("table", [])]
+    if gate.passed and variant not in bundles:
+        raise ValueError(f"the optimization chose {variant!r} but did not build it")
+    return OptimizationResult(bundles.get(variant) if variant else None, variant, table, gate, bundles)
 
 
 def write_reports(result: OptimizationResult, directory: Path) -> tuple[Path, Path]:

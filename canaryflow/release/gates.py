@@ -17,9 +17,8 @@ import pandas as pd
 from canaryflow.core.errors import RegistryError
 from canaryflow.core.state import Tag
 from canaryflow.model.datasets import ReleaseData, load_release_data, load_traffic
-from canaryflow.model.optimization import markdown, optimize_pytorch, write_reports
-from canaryflow.model.packaging import Bundle, input_contract, labels_from_tag, load_pytorch
-from canaryflow.model.predict import load_predictor
+from canaryflow.model.optimization import from_sandbox, markdown, write_reports
+from canaryflow.model.packaging import Bundle, input_contract, labels_from_tag
 from canaryflow.release.calibration import choose_peer
 from canaryflow.release.steps import ReleaseState
 from canaryflow.services import Services
@@ -88,8 +87,8 @@ def quality(svc: Services, st: ReleaseState, model_dir: Path, release_data: Rele
     champion_predict: Callable[[np.ndarray], np.ndarray] | None = None
     if st.champion and st.champion != st.version:
         champion_dir = svc.registry.download(st.model, st.champion, st.workdir / "champion-model")
-        champion_predict = load_predictor(champion_dir)
-    candidate_predict = load_predictor(model_dir)
+        champion_predict = st.model_code().predictor(champion_dir)
+    candidate_predict = st.model_code().predictor(model_dir)
     result = st.record(check_quality(candidate_predict, champion_predict, release_data.holdout,
                                      release_data.feature_columns, release_data.label_column, g.quality_metric,
                                      g.quality_min, g.quality_max_abs_drop, g.quality_max_rel_drop,
@@ -126,21 +125,17 @@ def optimize(svc: Services, st: ReleaseState, model_dir: Path, release_data: Rel
     """
     from mlflow.models import Model
 
-    flavors = Model.load(str(model_dir)).flavors
-    kwargs = {"name": st.model, "version": st.version, "settings": st.policy.optimization,
-              "max_batch_rows": svc.settings.serving.max_batch_rows, "output": st.info.tags.get(Tag.OUTPUT),
-              "class_labels": labels_from_tag(st.info.tags.get(Tag.CLASS_LABELS))}
-    args = (input_contract(model_dir), release_data.features(release_data.holdout), st.workdir / "variants")
-    if "pytorch" in flavors:
-        result = optimize_pytorch(load_pytorch(model_dir), *args, **kwargs)
-    elif "tensorflow" in flavors or "keras" in flavors:
-        from canaryflow.model.tf_convert import load_tensorflow, optimize_tensorflow
-
-        result = optimize_tensorflow(load_tensorflow(model_dir), *args, **kwargs)
-    else:
+    flavors = Model.load(str(model_dir)).flavors  # MLmodel is YAML: reading it runs nothing of the model's
+    if not {"pytorch", "tensorflow", "keras"} & set(flavors):
         st.record(GateResult("optimization", Outcome.FAILED, f"flavors {sorted(flavors)}: canaryflow serves "
                                                                "pytorch and tensorflow models"))
         raise AssertionError("record raises on a failed gate")
+    kwargs = {"name": st.model, "version": st.version, "settings": st.policy.optimization.model_dump(),
+              "max_batch_rows": svc.settings.serving.max_batch_rows, "output": st.info.tags.get(Tag.OUTPUT),
+              "class_labels": labels_from_tag(st.info.tags.get(Tag.CLASS_LABELS))}
+    result = from_sandbox(*st.model_code().optimize(
+        model_dir, dataclasses.asdict(input_contract(model_dir)), release_data.features(release_data.holdout),
+        st.workdir / "variants", kwargs))
     files = write_reports(result, _dir(st, "optimization"))
     svc.registry.log_to_run(st.run_id, files=list(files), artifact_path="optimization",
                             params={"serving_variant": result.variant or "none"})

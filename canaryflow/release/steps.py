@@ -22,7 +22,7 @@ from canaryflow.core.registry import VersionInfo
 from canaryflow.core.settings import Settings
 from canaryflow.core.state import ReleaseStatus, Route, Tag
 from canaryflow.model.packaging import Bundle, example_rows, input_contract
-from canaryflow.model.predict import load_predictor
+from canaryflow.model.sandbox import Sandbox
 from canaryflow.release.converge import KEEP, ChaosBuild, converge
 from canaryflow.services import Services
 from deployments.archive import Archive, build_mar
@@ -47,6 +47,23 @@ class ReleaseState:
     policy: Settings = field(default_factory=Settings)
     results: list[GateResult] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # extra markdown sections for the release summary
+    sandbox: Sandbox | None = field(default=None, repr=False, compare=False)
+
+    def model_code(self) -> Sandbox:
+        """Where the gates run the candidate's (and the champion's) own code: one sandboxed child process for this
+        release, started at first use (see :mod:`canaryflow.model.sandbox`)."""
+        if self.sandbox is None or self.sandbox.closed:  # none yet, or the model's code killed it
+            cfg = self.policy.release  # operator-owned: a model's policy has no release section
+            self.sandbox = Sandbox(cfg.sandbox_user, cfg.sandbox_timeout_s)
+            _log.info("release of %s v%s: %s", self.model[:80], self.version, self.sandbox.isolation)
+            self.notes.append(f"Sandbox: {self.sandbox.isolation}.")
+        return self.sandbox
+
+    def close_sandbox(self) -> None:
+        """Stop the sandbox (its files go with it); the next :meth:`model_code` starts a fresh one."""
+        if self.sandbox is not None:
+            self.sandbox.close()
+            self.sandbox = None
 
     def record(self, result: GateResult) -> GateResult:
         """Keep the result; raise GateFailed when it did not pass."""
@@ -136,7 +153,7 @@ def fetch(svc: Services, st: ReleaseState) -> Path:
 def shape(st: ReleaseState, model_dir: Path) -> GateResult:
     """The shape gate: a batch shaped by the signature gives one finite row of scores per input row."""
     rows = example_rows(model_dir, input_contract(model_dir), min_rows=3)
-    return st.record(check_shape(load_predictor(model_dir), rows.shape[1], rows))
+    return st.record(check_shape(st.model_code().predictor(model_dir), rows.shape[1], rows))
 
 
 def archive(svc: Services, st: ReleaseState, bundle: Bundle) -> Archive:

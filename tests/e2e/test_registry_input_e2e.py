@@ -8,7 +8,9 @@ loosening policy is refused with the default setting.)"""
 from __future__ import annotations
 
 import json
+import os
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -93,3 +95,60 @@ def test_a_forged_champion_alias_and_canary_tag_change_nothing_and_are_reported(
     assert svc.router.route(name) is None and svc.backend.versions(name) == []  # nothing routed, nothing registered
     assert len(svc.launcher.list_flow_runs(name)) == runs  # no release started to "resume" the forged ramp
     assert svc.router.route(MODEL).stable == served and _answer(stack).status_code == 200
+
+
+SNOOP = '''
+import os, socket
+import mlflow
+from mlflow.pyfunc import PythonModel
+
+PROBES = {probes!r}
+
+
+class Snoop(PythonModel):
+    def predict(self, context, model_input, params=None):
+        seen = []
+        for path in PROBES:
+            try:
+                open(path, "rb").read()
+                seen.append("READ")
+            except OSError as exc:
+                seen.append(type(exc).__name__)
+        env = sorted(k for k in os.environ if k.startswith(("CANARYFLOW", "PREFECT", "MLFLOW")))
+        s = socket.socket()
+        s.settimeout(5)
+        net = s.connect_ex(("127.0.0.1", {port}))
+        raise RuntimeError(f"snoop secrets={{sorted(set(seen))}} env={{env}} connect={{net}} uid={{os.getuid()}}")
+
+
+mlflow.models.set_model(Snoop())
+'''
+
+
+def test_a_models_own_code_cannot_read_the_stacks_secrets(stack, tmp_path) -> None:
+    """A registered model whose code, once loaded by the gates, reads every secret of the stack, lists the
+    pipeline's environment and calls MLflow: the shape gate hears what it saw. Run as root (CI, this machine):
+    every secret is a PermissionError, the environment is empty, MLflow is unreachable, it runs as nobody."""
+    import mlflow
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    p = stack.paths
+    probes = [str(x) for x in (p.seal_key, p.pin_key, p.webhook_secret, p.fernet_key, p.torchserve_keys,
+                               p.root / "mlflow.db")]
+    assert all(Path(x).exists() for x in probes[:5]), probes
+    code = tmp_path / "snoop.py"
+    code.write_text(SNOOP.format(probes=probes, port=stack.settings.ports.mlflow))
+    name = "input-snoop"
+    mlflow.set_tracking_uri(stack.settings.mlflow_uri)
+    with mlflow.start_run(run_name="snoop"):
+        info = mlflow.pyfunc.log_model(name="model", python_model=str(code), registered_model_name=name,
+                                       signature=ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32),
+                                                                                          (-1, 4))])))
+    version = str(info.registered_model_version)
+    outcome = wait_for_release(stack.settings.mlflow_uri, name, version, timeout_s=300)
+    assert outcome.status == "rejected" and "snoop" in outcome.reason, outcome
+    assert "env=[]" in outcome.reason and "connect=0" not in outcome.reason, outcome.reason
+    if os.geteuid() == 0:
+        assert "secrets=['PermissionError']" in outcome.reason and "uid=65534" in outcome.reason, outcome.reason
