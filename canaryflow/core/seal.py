@@ -30,10 +30,28 @@ _log = logging.getLogger(__name__)
 SEP = "\x1f"
 
 
+_keys: dict[Path, tuple[tuple[int, int], bytes]] = {}
+
+
+def _seal_key(paths: StatePaths) -> bytes:
+    """The seal key, read once per process (again only if the file was replaced)."""
+    path = paths.seal_key
+    try:
+        st = path.stat()
+        cached = _keys.get(path)
+        if cached is not None and cached[0] == (st.st_ino, st.st_mtime_ns):
+            return cached[1]
+    except FileNotFoundError:
+        pass  # secret_file creates it
+    key = secret_file(path).encode()
+    st = path.stat()
+    _keys[path] = ((st.st_ino, st.st_mtime_ns), key)
+    return key
+
+
 def mac(paths: StatePaths, kind: str, *parts: str) -> str:
     """Hex HMAC-SHA256 of ``kind`` and ``parts`` under the stack's seal key."""
-    key = secret_file(paths.seal_key).encode()
-    return hmac.new(key, SEP.join((kind, *parts)).encode(), hashlib.sha256).hexdigest()
+    return hmac.new(_seal_key(paths), SEP.join((kind, *parts)).encode(), hashlib.sha256).hexdigest()
 
 
 def verifies(paths: StatePaths, given: object, kind: str, *parts: str) -> bool:
@@ -105,14 +123,14 @@ def trusted_champion(registry: Registry, paths: StatePaths, model: str) -> str |
     return sealed.version if sealed else None
 
 
-def alias_forged(registry: Registry, paths: StatePaths, model: str, alias: str) -> str | None:
-    """A line (also logged) when ``alias`` names another version than the sealed champion (None: it agrees)."""
-    sealed = sealed_champion(registry, paths, model)
+def alias_forged(registry: Registry, model: str, alias: str, champion: str | None) -> str | None:
+    """A line (also logged) when ``alias`` names another version than ``champion``, the sealed one the caller
+    read with :func:`trusted_champion` (None: it agrees)."""
     named = registry.alias_version(model, alias)
-    if named == (sealed.version if sealed else None):
+    if named == champion:
         return None
     line = (f"{model}: alias {alias!r} names {f'v{named}' if named else 'nothing'} but the pipeline's champion is "
-            f"{f'v{sealed.version}' if sealed else 'none'}: the alias is ignored")
+            f"{f'v{champion}' if champion else 'none'}: the alias is ignored")
     _log.warning("%s", line)
     return line
 

@@ -166,11 +166,14 @@ def _version(svc: Services, launcher: Launcher, v: VersionInfo, runs: list[dict[
     return f"{name}: release left half-way ({where}) with no run alive; started a run to resume it"
 
 
-def desired_route(svc: Services, model: str, versions: list[VersionInfo]) -> Route | None:
+def desired_route(svc: Services, model: str, versions: list[VersionInfo], champion: str | None | bool = True
+                  ) -> Route | None:
     """What the router should serve for ``model`` according to the pipeline's sealed state (the champion it set,
-    the ramp it persisted), or None for nothing known."""
-    champion = seal.trusted_champion(svc.registry, svc.paths, model)
-    if champion is None:
+    the ramp it persisted), or None for nothing known. ``champion``: the sealed champion if the caller read it
+    already (True: read it here)."""
+    if champion is True:
+        champion = seal.trusted_champion(svc.registry, svc.paths, model)
+    if not isinstance(champion, str):
         return None
     route = Route(champion)
     for v in versions:
@@ -192,9 +195,10 @@ def repair_routes(svc: Services, model: str, versions: list[VersionInfo] | None 
 
 
 def _repair(svc: Services, model: str, versions: list[VersionInfo]) -> list[str]:
-    forged = seal.alias_forged(svc.registry, svc.paths, model, svc.settings.release.champion_alias)
+    champion = seal.trusted_champion(svc.registry, svc.paths, model)
+    forged = seal.alias_forged(svc.registry, model, svc.settings.release.champion_alias, champion)
     noted = [forged] if forged else []  # a forged alias is reported, and serving follows the sealed state
-    want = desired_route(svc, model, versions)
+    want = desired_route(svc, model, versions, champion)
     if want is None:
         return noted
     try:

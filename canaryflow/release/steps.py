@@ -88,7 +88,7 @@ def begin(svc: Services, model: str, version: str) -> ReleaseState:
     cfg = svc.settings.release
     run_id = svc.registry.release_run(cfg.experiment, model, str(version))
     champion = seal.trusted_champion(svc.registry, svc.paths, model)  # the sealed one, whatever the alias says
-    if seal.alias_forged(svc.registry, svc.paths, model, cfg.champion_alias):
+    if seal.alias_forged(svc.registry, model, cfg.champion_alias, champion):
         _log.warning("release of %s v%s compares with the pipeline's champion, not the alias", model[:80], version)
     st = ReleaseState(model, str(version), run_id, svc.paths.work_dir / f"{model}-v{version}", champion, info,
                       svc.registry.run_url(run_id), policy)
