@@ -74,6 +74,12 @@ def _print_status(data: dict) -> None:
                       highlight=False)
         for line in kw.get("problems") or []:
             console.print(f"  - {line}", highlight=False, markup=False)
+    renewal = data.get("key_renewal")
+    if renewal:
+        expires = ", ".join(f"{kind} {when[:19]}" for kind, when in (renewal.get("expires") or {}).items())
+        console.print(f"TorchServe keys expire: {expires or 'unknown'}", highlight=False, markup=False)
+        if renewal.get("problem"):
+            console.print(f"  key renewal problem: {renewal['problem']}", highlight=False, markup=False)
 
 
 def _check_name(model: str, version: str | None = None) -> None:

@@ -1,17 +1,102 @@
 """The router's JSON access log and the feedback labels file as files: finding a time in them by bisection,
 reading whole lines only (a line being written is left for the next read), parsing a line. Lines are in ``ts``
-order give or take a reload's overlap; see deployments/metrics.py for what the lines mean."""
+order give or take a reload's overlap; see deployments/metrics.py for what the lines mean.
+
+The access log is rotated (:meth:`deployments.router.NginxRouter.rotate_logs`): ``access.log`` is renamed to
+``access.log.1`` (``.1`` to ``.2`` ... the oldest dropped) and nginx writes to a new ``access.log``. A reader opens
+the whole chain with :func:`open_rotated`, which sees every line exactly once even while a rotation renames the
+files under it."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 SEARCH_BLOCK = 64 << 10  # below this many bytes, scan instead of bisecting
 TS_PREFIX = b'{"ts":'
+
+
+HEAD_BYTES = 64
+"""A file's first bytes (its first line's ``ts`` and more): a new file that reuses a freed inode has another head."""
+
+
+@dataclass
+class LogFile:
+    """One file of a log's rotation chain, open for reading."""
+
+    path: Path
+    """Its name when it was opened (a rotation may have renamed it since: read through ``fh``)."""
+    fh: BinaryIO
+    stat: os.stat_result
+    """``fstat`` at open: ``st_size`` is what the reader looks at, later appends wait for the next read."""
+    rotated: bool
+    """Not the live file: nginx no longer writes to it, but for the last lines of a reload's old workers."""
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return self.stat.st_dev, self.stat.st_ino
+
+    def head(self) -> bytes:
+        return os.pread(self.fh.fileno(), HEAD_BYTES, 0)
+
+
+def rotated_path(path: Path, index: int) -> Path:
+    """``path`` (index 0) or its ``index``-th newest rotated file, ``<path>.<index>``."""
+    return path if index == 0 else path.with_name(f"{path.name}.{index}")
+
+
+def rotated_indices(path: Path) -> list[int]:
+    """Indices of the rotated files of ``path`` that exist now (``access.log.3`` -> 3), ascending."""
+    pattern = re.compile(re.escape(path.name) + r"\.([1-9][0-9]{0,5})")
+    try:
+        names = os.listdir(path.parent)
+    except FileNotFoundError:
+        return []
+    return sorted(int(m.group(1)) for name in names if (m := pattern.fullmatch(name)))
+
+
+def open_rotated(path: Path, stack: ExitStack) -> list[LogFile]:
+    """``path`` and its rotated files, open (``stack`` closes them), oldest first, each file once; files that do
+    not exist are left out (none at all: ``[]``). Other errors of ``open`` (OSError) are raised.
+
+    Safe against a rotation running meanwhile, without a lock: a rotation only renames a file to the next higher
+    index (or deletes the oldest), and the files are opened in increasing index order, up to one past the highest
+    index there was. A renamed file is therefore met at its old name or at its new one, never missed; met at both,
+    it is kept once (by inode). An index missing in the middle (a rotation is shifting the files) is skipped."""
+    top = max(rotated_indices(path), default=0) + 1
+    files: list[LogFile] = []
+    seen: set[tuple[int, int]] = set()
+    for index in range(top + 1):
+        name = rotated_path(path, index)
+        try:
+            fh = stack.enter_context(open(name, "rb"))  # noqa: SIM115 (the stack closes it)
+        except FileNotFoundError:
+            continue
+        file = LogFile(name, fh, os.fstat(fh.fileno()), rotated=index > 0)
+        if file.key in seen:
+            continue  # renamed between two opens: already open under its earlier name
+        seen.add(file.key)
+        files.append(file)
+    return files[::-1]
+
+
+def last_ts(fh: BinaryIO, size: int) -> float | None:
+    """The ``ts`` of the last whole line of ours among the file's last SEARCH_BLOCK bytes below ``size``; None when
+    there is none there."""
+    start = max(0, size - SEARCH_BLOCK)
+    fh.seek(start)
+    block = fh.read(size - start)
+    for line in reversed(block.split(b"\n")[1 if start else 0 : -1]):  # the first may be the end of a longer one
+        ts = line_ts(line)
+        if ts is not None:
+            return ts
+    return None
 
 
 def line_ts(line: bytes) -> float | None:

@@ -21,12 +21,13 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from canaryflow.core.serving_contract import parse_prediction
-from deployments.access_log import line_ts, parse_line
+from deployments.access_log import line_ts, open_rotated, parse_line
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=@-]{1,128}$")  # what the router keeps of a client's X-Request-ID
 _LABEL = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")  # classes as the handler prints them (the class index)
@@ -102,28 +103,47 @@ def _label_text(value: Any) -> str | None:
 
 class AnswerIndex:
     """The router's recent client answers by request id (the last ``capacity``), kept up to date by reading the
-    access log from where the last refresh stopped; a rotated or truncated log is read from its start."""
+    access log from where the last refresh stopped.
+
+    Across a rotation (``access.log`` renamed to ``access.log.1``, a new ``access.log``): the rest of each file
+    already being read is read first, wherever it was renamed to (found by inode and first bytes), then the newer
+    files from their start, oldest first; a rotated file keeps being followed while it is kept, as the old workers
+    of nginx's reload append their last lines to it. A truncated file is read from its start. The first refresh
+    reads the newest rotated file and the live one."""
 
     def __init__(self, access_log: Path, capacity: int = 200_000) -> None:
         self.path, self.capacity = Path(access_log), capacity
         self._answers: OrderedDict[str, Answered] = OrderedDict()
-        self._inode, self._offset = -1, 0
+        # (st_dev, st_ino) -> (its first bytes when last read, bytes read): the files read so far, still there
+        self._read: dict[tuple[int, int], tuple[bytes, int]] = {}
 
     def refresh(self) -> None:
-        try:
-            fh = open(self.path, "rb")  # noqa: SIM115 (closed below)
-        except FileNotFoundError:
-            return
-        with fh:
-            st = os.fstat(fh.fileno())
-            if st.st_ino != self._inode or st.st_size < self._offset:
-                self._inode, self._offset = st.st_ino, 0
-            fh.seek(self._offset)
-            for line in fh:
-                if not line.endswith(b"\n"):
-                    break  # being written: next time
-                self._offset += len(line)
-                self._add(line)
+        with ExitStack() as stack:
+            files = open_rotated(self.path, stack)
+            positions: list[int | None] = []
+            for file in files:
+                known = self._read.get(file.key)
+                head = file.head()
+                # The same file when it starts with what it started with (a freed inode may be reused by a new file)
+                # and did not shrink (truncated: read it again from its start).
+                same = known is not None and head.startswith(known[0]) and known[1] <= file.stat.st_size
+                positions.append(known[1] if same and known is not None else None)
+            followed = [i for i, pos in enumerate(positions) if pos is not None]
+            first = followed[0] if followed else max(0, len(files) - 2)
+            read: dict[tuple[int, int], tuple[bytes, int]] = {}
+            for file, pos in zip(files[first:], positions[first:], strict=True):
+                read[file.key] = (file.head(), self._read_from(file.fh, pos or 0))
+            self._read = read
+
+    def _read_from(self, fh: BinaryIO, offset: int) -> int:
+        """Adds the whole lines from ``offset`` on; returns the offset after the last one."""
+        fh.seek(offset)
+        for line in fh:
+            if not line.endswith(b"\n"):
+                break  # being written: next time
+            offset += len(line)
+            self._add(line)
+        return offset
 
     def _add(self, line: bytes) -> None:
         if line_ts(line) is None:

@@ -20,9 +20,9 @@ count, as are lines without a version (404 ModelNotRouted and the like).
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
@@ -37,7 +37,6 @@ FLUSH_DELAY_S = 2.0
 """How long ago a window should have ended for all its lines to be in the log (1 s flush, reload overlap)."""
 REORDER_S = 5.0
 """Lines may be out of ``ts`` order by this much (workers of a reload flush their own buffers)."""
-_HEAD_BYTES = 64
 
 
 @dataclass
@@ -147,7 +146,11 @@ class AccessLogMetrics:
     Fast on logs of millions of lines: lines are in ``ts`` order (give or take ``REORDER_S``), so the first line
     of a window is found by bisecting the file, starting from the offset remembered for the last window's start
     when the new start is not earlier (windows move forward); only the window's own lines are parsed. A file that
-    shrank or was replaced (rotation) is read from its beginning.
+    shrank or was replaced is read from its beginning.
+
+    Rotation (``access.log`` renamed to ``access.log.1``, :meth:`deployments.router.NginxRouter.rotate_logs`): the
+    rotated files are read too, oldest first, each once (:func:`deployments.access_log.open_rotated`), skipping
+    those whose last line is older than the window; a window across a rotation counts the lines of both files.
     """
 
     _cursors: dict[str, _Cursor] = {}  # per path, shared by instances: callers often make a new one per analysis
@@ -161,21 +164,22 @@ class AccessLogMetrics:
     def window(self, model: str, start: float, end: float) -> Window:
         """Measurements of ``model`` for lines with ``start <= ts < end``; an empty Window without a log yet."""
         win = Window(model, start, end)
-        try:
-            fh = open(self.path, "rb")  # noqa: SIM115 (closed below)
-        except FileNotFoundError:
-            return win  # no request logged yet
-        except OSError as exc:
-            raise MetricsSourceError(f"cannot open the router access log {self.path}: {exc}; check its "
-                                     "permissions") from exc
-        try:
-            with fh:
-                st = os.fstat(fh.fileno())
-                offset = self._first_offset(fh, st, start - REORDER_S)
-                agg = _Aggregator(win)
-                agg.read(fh, offset, start, end)
-        except OSError as exc:
-            raise MetricsSourceError(f"cannot read the router access log {self.path}: {exc}") from exc
+        since = start - REORDER_S
+        with ExitStack() as stack:
+            try:
+                files = access_log.open_rotated(self.path, stack)
+            except OSError as exc:
+                raise MetricsSourceError(f"cannot open the router access log {exc.filename or self.path}: {exc}; "
+                                         "check its permissions") from exc
+            agg = _Aggregator(win)
+            try:
+                for file in files:  # oldest first: a window across a rotation counts both files' lines
+                    if file.rotated and _ends_before(file, since):
+                        continue
+                    agg.read(file.fh, self._first_offset(file, since), start, end)
+            except OSError as exc:
+                raise MetricsSourceError(f"cannot read the router access log {self.path}: {exc}") from exc
+            agg.pair()
         if self.feedback is not None and (agg.client or agg.shadow):
             path = self.feedback(model)
             try:
@@ -184,21 +188,28 @@ class AccessLogMetrics:
                 win.feedback_error = f"cannot read the labels {path}: {exc}"
         return win
 
-    def _first_offset(self, fh: BinaryIO, st: os.stat_result, since: float) -> int:
-        """Offset of a line at or before the first line with ``ts >= since``; remembered for the next call."""
-        key = str(self.path.resolve())
-        fh.seek(0)
-        head = fh.read(_HEAD_BYTES)
+    def _first_offset(self, file: access_log.LogFile, since: float) -> int:
+        """Offset of a line at or before the first line with ``ts >= since``; remembered (per file name) for the
+        next call."""
+        key, st = str(file.path.resolve()), file.stat
+        head = file.head()
         with self._lock:
             cursor = self._cursors.get(key)
         low = 0
         if (cursor is not None and (cursor.inode, cursor.head) == (st.st_ino, head) and cursor.offset <= st.st_size
                 and since >= cursor.start):
             low = cursor.offset
-        offset = access_log.bisect(fh, low, st.st_size, since)
+        offset = access_log.bisect(file.fh, low, st.st_size, since)
         with self._lock:
             self._cursors[key] = _Cursor(st.st_ino, head, since, offset)
         return offset
+
+
+def _ends_before(file: access_log.LogFile, since: float) -> bool:
+    """Whether every line of a rotated file is older than ``since``: its last line is older than ``since``
+    (``since`` already allows for lines out of order by REORDER_S)."""
+    ts = access_log.last_ts(file.fh, file.stat.st_size)
+    return ts is not None and ts < since
 
 
 class _Aggregator:
@@ -233,7 +244,6 @@ class _Aggregator:
                 win.lines += 1
             else:
                 win.bad_lines += 1
-        self.pair()
 
     def add(self, rec: dict[str, Any]) -> bool:
         """Count one well-formed line; False when a field has the wrong type."""

@@ -43,6 +43,7 @@ from canaryflow.core.paths import StatePaths
 from canaryflow.core.serving_contract import PIN_KEY_HEADER
 from canaryflow.core.settings import Settings
 from canaryflow.core.state import Route
+from deployments.access_log import rotated_indices, rotated_path
 from deployments.routes import CANARY_KEYS as _CANARY_KEYS
 from deployments.routes import MODEL_PATTERN, VERSION_PATTERN, Routes, validate_routes
 
@@ -229,6 +230,47 @@ class NginxRouter:
                 os.kill(pid, signal.SIGHUP)
                 self._wait_generation(_generation_of(text))
 
+    # -- logs --------------------------------------------------------------------------------------------
+    def rotate_logs(self, max_bytes: int, keep: int) -> bool:
+        """Rotate each of the access log and the error log that is over ``max_bytes``: ``access.log`` becomes
+        ``access.log.1``, ``.1`` becomes ``.2`` ... up to ``.<keep>`` (the oldest is dropped, as are files past
+        ``keep`` left by a larger setting), a new empty owner-only (0600) file takes its place, and a running nginx
+        is reloaded to write to the new files. True when a file was rotated.
+
+        A reload (SIGHUP), not nginx's USR1: when the router starts as root its workers run as nobody and, on USR1,
+        reopen the logs by name themselves, which they cannot in the 0700 state dir (measured: "open() failed (13:
+        Permission denied)", and the workers kept writing to the renamed file, while the master chowned the new one
+        to nobody). A reload's new workers get the master's newly opened files; the old ones finish their requests
+        and write those lines to the renamed file, where the readers find them (deployments/access_log.py). With
+        client keep-alive off a reload loses no request. Holds the apply lock: a route change cannot interleave.
+        Raises ServingError when nginx did not take the new files within ``reload_timeout_s`` (the renamed files
+        stay: no line is lost, the readers read them)."""
+        if max_bytes < 0 or keep < 1:
+            raise ValueError(f"rotate_logs needs max_bytes >= 0 and keep >= 1, not {max_bytes} and {keep}")
+        with self._locked():
+            logs = [log for log in (self.paths.router_access_log, self.error_log) if _size(log) > max_bytes]
+            for log in logs:
+                _rotate(log, keep)
+            if not logs:
+                return False
+            pid = self.running_pid()
+            if pid is not None:
+                os.kill(pid, signal.SIGHUP)
+                self._wait_reopened(pid, {_file_id(log) for log in logs})
+        return True
+
+    def _wait_reopened(self, master: int, files: set[tuple[int, int]]) -> None:
+        """Block until a worker of nginx's ``master`` writes to ``files`` (the new logs)."""
+        if not Path("/proc/self/fd").is_dir():
+            return  # nothing to look at (not Linux): the reload was asked for, trust it
+        deadline = time.monotonic() + self.reload_timeout_s
+        while time.monotonic() < deadline:
+            if any(files <= _open_files(pid) for pid in _children(master)):
+                return
+            time.sleep(0.05)
+        raise ServingError(f"nginx did not reopen its logs within {self.reload_timeout_s} s after a rotation; see "
+                           f"{self.error_log} and {self.error_log}.1")
+
     def _check(self, conf: Path) -> None:
         """``nginx -t`` on ``conf``; ServingError with nginx's own message when it fails."""
         # nginx -t opens the log files: under umask 077 they are created owner-only, as under supervisord
@@ -295,6 +337,73 @@ def _worker_user() -> str | None:
         return f"nobody {grp.getgrgid(gid).gr_name}"
     except KeyError as exc:
         raise ServingError("the router starts as root but this system has no user 'nobody' for its workers") from exc
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _file_id(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_dev, st.st_ino
+
+
+def _rotate(log: Path, keep: int) -> None:
+    """``log`` -> ``log.1`` -> ... -> ``log.<keep>`` (renames only: a reader finds each file at its old or its new
+    name, access_log.open_rotated); a new empty 0600 ``log`` with the old one's owner in its place."""
+    for index in rotated_indices(log):
+        if index > keep:
+            rotated_path(log, index).unlink(missing_ok=True)
+    for index in range(keep - 1, 0, -1):  # oldest first: each rename only moves a file to a higher index
+        try:
+            os.replace(rotated_path(log, index), rotated_path(log, index + 1))
+        except FileNotFoundError:
+            pass
+    old = log.stat()
+    os.replace(log, rotated_path(log, 1))
+    # Created here, not by nginx: owner-only whatever the umask of the process that reloads it, and still the
+    # owner nginx's master opens it as (a rotation run as root for a stack that is not).
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        if os.geteuid() == 0:
+            os.fchown(fd, old.st_uid, old.st_gid)
+    finally:
+        os.close(fd)
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (nginx's workers), from /proc."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                stat = Path(entry.path, "stat").read_text()
+            except OSError:
+                continue
+            # pid (comm) state ppid ...: comm may hold spaces and parentheses, the fields after the last ")" do not
+            if stat[stat.rfind(")") + 2 :].split()[1:2] == [str(pid)]:
+                found.append(int(entry.name))
+    return found
+
+
+def _open_files(pid: int) -> set[tuple[int, int]]:
+    """(st_dev, st_ino) of the files ``pid`` holds open."""
+    out = set()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return out
+    for fd in fds:
+        try:
+            st = os.stat(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        out.add((st.st_dev, st.st_ino))
+    return out
 
 
 def _hostport(host: str, port: int) -> str:

@@ -2,7 +2,9 @@
 
 TorchServe 0.12 keeps token auth on: every call needs ``Authorization: Bearer <key>``, and the keys are
 regenerated each time it starts (``key_file.json`` in its working directory), so they are read from disk
-on every call rather than cached for the process lifetime.
+on every call rather than cached for the process lifetime. The inference and management keys expire
+``serving.token_expiration_min`` after they were issued; :meth:`TorchServeClient.renew_key` has TorchServe issue
+a new one (canaryflow/local/keyrenew.py does, before they expire; :func:`keys_due` says when).
 """
 
 from __future__ import annotations
@@ -11,7 +13,10 @@ import json
 import os
 import shutil
 import sys
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote
@@ -85,13 +90,59 @@ def environment(paths: StatePaths) -> dict[str, str]:
             "METRICS_LOCATION": str(paths.torchserve_dir / "logs")}
 
 
+RENEWABLE_KEYS = ("inference", "management")
+"""TorchServe's keys that expire. The third, "API", never does: it only mints new keys (``POST /token``)."""
+_INVALID_KEY = "InvalidKeyException"  # TorchServe's 400 for a wrong or expired key
+MIN_RENEW_MARGIN = timedelta(seconds=15)
+"""A key is renewed at least this long before it expires, whatever the fraction (3 of keyrenew's 5-s ticks)."""
+
+
+def _key_file(paths: StatePaths, attempts: int = 3) -> dict[str, Any]:
+    # TorchServe rewrites the file in place at a renewal (truncate, then write): a read in between sees no JSON, so
+    # that is read again a moment later.
+    for attempt in range(attempts):
+        try:
+            raw = json.loads(paths.torchserve_keys.read_text())
+            break
+        except ValueError as exc:
+            if attempt + 1 == attempts:
+                raise ServingError(f"TorchServe key file {paths.torchserve_keys} unreadable ({exc})") from exc
+            time.sleep(0.05)
+        except OSError as exc:
+            raise ServingError(f"TorchServe key file {paths.torchserve_keys} unreadable ({exc}); is it running?") \
+                from exc
+    if not isinstance(raw, dict):
+        raise ServingError(f"TorchServe key file {paths.torchserve_keys} is not a JSON object")
+    return raw
+
+
 def read_keys(paths: StatePaths) -> dict[str, str]:
     """TorchServe's current keys: {"inference": ..., "management": ..., "API": ...}."""
-    try:
-        raw = json.loads(paths.torchserve_keys.read_text())
-    except (OSError, ValueError) as exc:
-        raise ServingError(f"TorchServe key file {paths.torchserve_keys} unreadable ({exc}); is it running?") from exc
+    raw = _key_file(paths)
     return {name: entry["key"] for name, entry in raw.items() if isinstance(entry, dict) and "key" in entry}
+
+
+def key_expiries(paths: StatePaths) -> dict[str, datetime]:
+    """When TorchServe's inference and management keys expire (aware UTC), from ``key_file.json``'s
+    ``"expiration time"`` (an ISO-8601 instant such as ``2026-12-06T13:00:00.123456789Z``)."""
+    raw = _key_file(paths)
+    out = {}
+    for kind in RENEWABLE_KEYS:
+        try:
+            when = datetime.fromisoformat(raw[kind]["expiration time"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ServingError(f"TorchServe key file {paths.torchserve_keys}: no valid expiration time for the "
+                               f"{kind} key ({exc!r})") from exc
+        out[kind] = when if when.tzinfo else when.replace(tzinfo=UTC)
+    return out
+
+
+def keys_due(expiries: Mapping[str, datetime], lifetimes: Mapping[str, timedelta], now: datetime,
+             fraction: float) -> list[str]:
+    """The keys to renew now, in :data:`RENEWABLE_KEYS` order: those with less than ``fraction`` of their
+    lifetime left (and at least :data:`MIN_RENEW_MARGIN`), expired ones included (the API key renews them too)."""
+    return [kind for kind in RENEWABLE_KEYS if kind in expiries and kind in lifetimes
+            and expiries[kind] - now < max(lifetimes[kind] * fraction, MIN_RENEW_MARGIN)]
 
 
 def archive_name(model: str, version: str) -> str:
@@ -108,16 +159,32 @@ class TorchServeClient:
     timeout_s: float = 10.0
 
     def _call(self, api: str, method: str, path: str, *, timeout: float | None = None,
-              headers: dict[str, str] | None = None, **kwargs: Any) -> httpx.Response:
+              headers: dict[str, str] | None = None, key: str | None = None, **kwargs: Any) -> httpx.Response:
+        """One call to the ``api`` port with the key of that name (or ``key``: "API" for the token API)."""
         port = {"inference": self.settings.ports.torchserve_inference,
                 "management": self.settings.ports.torchserve_management}[api]
-        key = read_keys(self.paths)[api]
+        kind = key or api
+        sent = read_keys(self.paths)[kind]
         url = f"http://{self.settings.host}:{port}{path}"
-        try:
-            return httpx.request(method, url, headers={**(headers or {}), "Authorization": f"Bearer {key}"},
-                                 timeout=timeout or self.timeout_s, **kwargs)
-        except httpx.HTTPError as exc:
-            raise ServingError(f"TorchServe {api} API unreachable at {url}: {exc}") from exc
+
+        def send(token: str) -> httpx.Response:
+            try:
+                return httpx.request(method, url, headers={**(headers or {}), "Authorization": f"Bearer {token}"},
+                                     timeout=timeout or self.timeout_s, **kwargs)
+            except httpx.HTTPError as exc:
+                raise ServingError(f"TorchServe {api} API unreachable at {url}: {exc}") from exc
+
+        resp = send(sent)
+        if resp.status_code == 400 and _INVALID_KEY in resp.text:
+            # The key was renewed (or TorchServe restarted) between reading it and the call. TorchServe refuses a
+            # bad key before it looks at the request, so sending it again with the current key is safe.
+            try:
+                current = read_keys(self.paths).get(kind)
+            except ServingError:
+                return resp
+            if current and current != sent:
+                resp = send(current)
+        return resp
 
     @staticmethod
     def _check(resp: httpx.Response, what: str) -> httpx.Response:
@@ -186,6 +253,26 @@ class TorchServeClient:
         """Make a version TorchServe's default for /predictions/<model>."""
         self._check(self._call("management", "PUT", f"/models/{_seg(model)}/{_seg(version)}/set-default"),
                     f"set {model} v{version} as default")
+
+    def key_expiries(self) -> dict[str, datetime]:
+        """When the current inference and management keys expire (see :func:`key_expiries`)."""
+        return key_expiries(self.paths)
+
+    def renew_key(self, kind: str) -> datetime:
+        """Have TorchServe issue a new ``kind`` key ("inference" or "management") with a full lifetime; returns
+        when it expires. Uses the token API with the API key, which never expires: an expired key is renewed too.
+        The old key is refused from that moment on; TorchServe rewrites key_file.json before it answers. The
+        router holds a copy of the inference key: refresh it at once (NginxRouter.refresh)."""
+        if kind not in RENEWABLE_KEYS:
+            raise ValueError(f"{kind!r} is not one of TorchServe's expiring keys {RENEWABLE_KEYS}")
+        before = read_keys(self.paths).get(kind)
+        self._check(self._call("management", "POST", "/token", params={"type": kind}, key="API"),
+                    f"renew its {kind} key")
+        key_file_mode_private(self.paths)
+        if read_keys(self.paths).get(kind) == before:
+            raise ServingError(f"TorchServe answered the {kind} key renewal but {self.paths.torchserve_keys} "
+                               "still holds the old key")
+        return key_expiries(self.paths)[kind]
 
 
 def key_file_mode_private(paths: StatePaths) -> None:

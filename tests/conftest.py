@@ -54,9 +54,10 @@ def stack_env(state_dir: Path) -> dict[str, str]:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests that do not use the shared stack run before it starts (the demo starts a whole stack of its own and
     load-tests on it: the shared one idling beside it costs it its p95); tests that stop the shared stack run
-    last."""
+    last. The key-renewal check sorts with the stack's tests: its soak runs beside the stack
+    (tests/key_renewal_soak.py)."""
     items.sort(key=lambda item: (item.get_closest_marker("stops_stack") is not None,
-                                 "stack" in getattr(item, "fixturenames", ())))
+                                 bool({"stack", "key_renewal_soak"} & set(getattr(item, "fixturenames", ())))))
 
 
 @pytest.fixture
@@ -73,12 +74,14 @@ def default_settings(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+def stack(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[object]:
     """The real local stack (MLflow, Prefect server + worker, TorchServe, nginx, bridge) for this session."""
     from canaryflow.core.settings import Settings, reset_settings
     from canaryflow.local.stack import LocalStack
+    from tests.key_renewal_soak import start_soak
 
     env = stack_env(tmp_path_factory.mktemp("stack") / ".canaryflow")
+    start_soak(request.session, tmp_path_factory, beside=env)  # only when its test is selected; 3 min in background
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     reset_settings()

@@ -37,6 +37,8 @@ class ServingSettings(BaseModel):
     response_timeout_s: int = Field(30, ge=1)
     # TorchServe keys expire; the router holds the inference key, so it must outlive a working session.
     token_expiration_min: int = Field(7 * 24 * 60, ge=1)
+    key_renew_fraction: float = Field(0.5, gt=0, lt=1, description="a TorchServe key with less than this share of "
+                                      "its lifetime left is renewed (canaryflow/local/keyrenew.py)")
     warmup_requests: int = Field(20, ge=0)
     java_heap_mb: int = Field(512, ge=128)
 
@@ -228,6 +230,14 @@ class BatchSettings(BaseModel):
     dask_address: str | None = Field(None, description="Dask scheduler (needs the [dask] extra); unset: threads")
 
 
+class RouterSettings(BaseModel):
+    """The router's own files: its access and error logs are rotated (canaryflow/local/logrotate.py, every minute)."""
+
+    access_log_max_mb: float = Field(64, gt=0, description="a log over this size is renamed to <log>.1 and nginx "
+                                                           "writes a new one")
+    access_log_keep: int = Field(3, ge=1, le=100, description="rotated files kept: <log>.1 (newest) to <log>.<keep>")
+
+
 class Settings(BaseSettings):
     """Root of the settings tree."""
 
@@ -249,6 +259,7 @@ class Settings(BaseSettings):
     canary: CanarySettings = CanarySettings()
     reconcile: ReconcileSettings = ReconcileSettings()
     batch: BatchSettings = BatchSettings()
+    router: RouterSettings = RouterSettings()
 
     @field_validator("host")
     @classmethod

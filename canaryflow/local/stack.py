@@ -68,7 +68,8 @@ def child_env(settings: Settings, paths: StatePaths) -> dict[str, str]:
     env.update({f"CANARYFLOW_PORTS__{k.upper()}": str(v) for k, v in settings.ports.model_dump().items()})
     # The whole tree, not only what came from the environment: a stack built from a Settings object (the benches)
     # runs its flows with the same policy.
-    for section in ("serving", "release", "gates", "optimization", "loadtest", "canary", "reconcile", "batch"):
+    for section in ("serving", "release", "gates", "optimization", "loadtest", "canary", "reconcile", "batch",
+                    "router"):
         for key, value in getattr(settings, section).model_dump(mode="json").items():
             if value is not None:
                 env[f"CANARYFLOW_{section.upper()}__{key.upper()}"] = value if isinstance(value, str) else \
@@ -109,6 +110,12 @@ class LocalStack:
             # Re-renders the router with TorchServe's new key whenever supervisord (re)starts TorchServe.
             Program("keywatch", [sys.executable, "-m", "canaryflow.local.keywatch"], PROJECT_DIR,
                     events="PROCESS_STATE_RUNNING", startsecs=1),
+            # Renews TorchServe's keys before they expire (serving.token_expiration_min) and the router's copy.
+            Program("keyrenew", [sys.executable, "-m", "canaryflow.local.keyrenew"], PROJECT_DIR, events="TICK_5",
+                    startsecs=1),
+            # Every minute: rotates the router's access and error logs once over router.access_log_max_mb.
+            Program("logrotate", [sys.executable, "-m", "canaryflow.local.logrotate"], PROJECT_DIR,
+                    events="TICK_60", startsecs=1),
             Program("bridge", [_bin("uvicorn"), "canaryflow.intake.bridge:create_app", "--factory", "--host", s.host,
                                "--port", str(s.ports.bridge), "--no-access-log"], PROJECT_DIR, autostart=False),
         ]
@@ -193,6 +200,7 @@ class LocalStack:
         return out
 
     def status_dict(self) -> dict[str, object]:
+        from canaryflow.local.keyrenew import read_state
         from canaryflow.local.keywatch import read_result
 
         rows = self.status()
@@ -200,7 +208,9 @@ class LocalStack:
                 "ui": {"prefect": self.settings.url("prefect"), "mlflow": self.settings.mlflow_uri},
                 "services": [asdict(r) for r in rows],
                 # the last recovery after a TorchServe restart: versions it could not serve again (a missing .mar)
-                "keywatch": read_result(self.paths)}
+                "keywatch": read_result(self.paths),
+                # TorchServe key renewal: when each key expires, renewals so far, the current problem if any
+                "key_renewal": read_state(self.paths)}
 
 
 def _http_ok(url: str) -> bool:
