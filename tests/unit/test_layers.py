@@ -41,3 +41,11 @@ def test_every_top_level_package_is_in_the_layers() -> None:
     modules = {p.stem for p in (ROOT / "canaryflow").glob("*.py") if p.name != "__init__.py"}
     assert {f"canaryflow.{n}" for n in packages | modules} <= named
     assert {"flows", "tasks", "deployments", "validation"} <= named
+
+
+def test_test_modules_have_unique_basenames() -> None:
+    """tests/unit and tests/integration have no __init__.py: pytest imports their modules by basename, and two
+    files of one name stop the whole run at collection (it happened twice)."""
+    root = Path(__file__).resolve().parents[1]
+    names = [p.name for p in root.rglob("test_*.py")]
+    assert sorted({n for n in names if names.count(n) > 1}) == []
