@@ -15,6 +15,7 @@ import time
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
+from canaryflow.core import locks
 from canaryflow.core.errors import CanaryRolledBack
 from canaryflow.core.state import ReleaseStatus
 from canaryflow.release.ramp import Heartbeat
@@ -31,7 +32,8 @@ from tasks.report import artifact_key, release_summary
 def release(model_name: str, version: str, allow_older: bool = False) -> dict[str, str]:
     """Release one model version; returns {"status", "reason"}. A version older than the champion is refused
     (tagged ``skipped``) unless ``allow_older`` (a person asked for it)."""
-    with t.one_release_per_model(model_name, get_services().settings.release.slot_wait_s):
+    svc = get_services()
+    with locks.release_slot(svc, model_name, svc.settings.release.slot_wait_s):  # one release per model at a time
         return _release(model_name, str(version), allow_older)
 
 

@@ -2,43 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from prefect.client.orchestration import get_client
-from prefect.concurrency.sync import concurrency
-from prefect.exceptions import ObjectAlreadyExists
 
-from canaryflow.core.paths import model_file_name
 from canaryflow.model.packaging import Bundle
 from canaryflow.release import steps
 from canaryflow.services import get_services
 from deployments.archive import Archive
 from validation.results import GateResult
-
-
-def release_slot(model: str) -> str:
-    """The Prefect global concurrency limit that one model's releases share (the name is untrusted: hashed)."""
-    return "release-" + model_file_name(model, "")
-
-
-@contextmanager
-def one_release_per_model(model: str, timeout_s: float) -> Iterator[None]:
-    """Releases of one model never overlap; other models' releases go on beside it (up to the release
-    deployment's own concurrency limit, prefect.yaml). A global concurrency limit of 1 per model, created on first
-    use; Prefect renews the slot's lease while the run lives and frees it when a crashed run's lease expires.
-    Waiting longer than ``timeout_s`` raises TimeoutError."""
-    name = release_slot(model)
-    with get_client(sync_client=True) as client:
-        try:
-            client.upsert_global_concurrency_limit_by_name(name, 1)
-        except ObjectAlreadyExists:  # another run of the same model created it a moment ago
-            pass
-    with concurrency(name, occupy=1, timeout_seconds=timeout_s, strict=True):
-        yield
 
 
 @task(name="begin", cache_policy=NO_CACHE)

@@ -25,6 +25,7 @@ from canaryflow.core.paths import model_file_name
 
 DEFAULT_TIMEOUT_S = 180.0  # above TorchServe's 120 s registration timeout: a rollback may register a version
 _POLL_S = 0.05
+RELEASE_SLOT = "release slot"
 
 
 class LockTimeout(CanaryflowError):
@@ -54,9 +55,10 @@ class FileLocks:
     """``fcntl.flock`` locks under one directory; re-entrant within a thread, exclusive across threads and
     processes."""
 
-    def __init__(self, directory: Path, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(self, directory: Path, timeout_s: float = DEFAULT_TIMEOUT_S, kind: str = "state lock") -> None:
         self.directory = directory
         self.timeout_s = timeout_s
+        self.kind = kind
         self._local = threading.local()
 
     def path(self, model: str) -> Path:
@@ -102,9 +104,11 @@ class FileLocks:
                 waited = time.monotonic() - started
                 if waited >= self.timeout_s:
                     raise LockTimeout(
-                        f"waited {waited:.1f} s for the state lock of model {model!r} ({path}) to "
-                        f"{why or 'change its serving state'}; limit {self.timeout_s:g} s. Another release step "
-                        "(ramp analysis, rollback, reconcile, retire) holds it; retry when it is done") from None
+                        f"waited {waited:.1f} s for the {self.kind} of model {model!r} ({path}) to "
+                        f"{why or 'change its serving state'}; limit {self.timeout_s:g} s. "
+                        + ("Another release of the model holds it" if self.kind == RELEASE_SLOT else
+                           "Another release step (ramp analysis, rollback, reconcile, retire) holds it")
+                        + "; retry when it is done") from None
                 time.sleep(_POLL_S)
 
 
@@ -125,6 +129,14 @@ def model_locks(svc: Any) -> ModelLocks:
         if key not in _shared:
             _shared[key] = FileLocks(*key)
         return _shared[key]
+
+
+def release_slot(svc: Any, model: str, timeout_s: float) -> AbstractContextManager[None]:
+    """One release of ``model`` at a time, held for the whole release run; other models' releases go on beside it.
+    Locally an flock apart from the state lock (``<state>/locks/releases/``): the kernel frees it the moment a
+    killed run's process dies, so the run reconcile starts next does not wait for a lease to expire. Raises
+    :class:`LockTimeout` after ``timeout_s``."""
+    return FileLocks(svc.paths.root / "locks" / "releases", timeout_s, RELEASE_SLOT).hold(model, "release it")
 
 
 def hold(svc: Any, model: str, why: str = "") -> AbstractContextManager[None]:

@@ -165,27 +165,3 @@ def test_server_that_never_answers_times_out() -> None:
         with pytest.raises(OrchestrationError, match="within 0.5 s"):
             launcher.start_release("iris", "1", idempotency_key="k")
 
-
-def test_releases_of_one_model_take_turns_and_other_models_go_beside_it(prefect_api: str) -> None:
-    """The per-model release slot (a Prefect global concurrency limit of 1 per model, tasks/release_steps.py) on a
-    real server: while one release of a model holds it, another model's release gets its own at once and a second
-    release of the same model waits (here: gives up after 2 s); once freed, it is free. The release deployment's
-    own limit (prefect.yaml) only caps how many models release at once."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    from tasks.release_steps import one_release_per_model, release_slot
-
-    assert release_slot("iris?") != release_slot("iris") and "?" not in release_slot("iris?")
-    with temporary_settings({PREFECT_API_URL: prefect_api}):
-        with one_release_per_model("iris?", timeout_s=60):
-            with one_release_per_model("digits", timeout_s=60):
-                pass
-            with pytest.raises(TimeoutError), one_release_per_model("iris?", timeout_s=2):
-                pass
-        with one_release_per_model("iris?", timeout_s=60):
-            pass
-    import yaml
-
-    release = next(d for d in yaml.safe_load(Path("prefect.yaml").read_text())["deployments"]
-                   if d["name"] == "release")
-    assert release["concurrency_limit"]["limit"] > 1

@@ -207,3 +207,33 @@ def test_retire_checks_and_unregisters_under_the_lock(tmp_path: Path) -> None:
     assert "1" in svc.backend.registered
     assert ramp.retire(svc, "m", "1", 0).startswith("v1 retired") and "1" not in svc.backend.registered
     assert ramp.retire(svc, "m", "2", 0) == "v2 is routed again; kept"
+
+
+def test_releases_of_one_model_take_turns_and_a_killed_run_frees_its_slot_at_once(tmp_path: Path) -> None:
+    """The release slot (canaryflow.core.locks.release_slot): a release of another model goes on beside it, a second
+    release of the same model waits (here: gives up), and the moment the holder's process is killed the next
+    release gets it (no lease to run out: the run reconcile starts after a crash does not wait)."""
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    from canaryflow.core.locks import release_slot
+
+    svc = SimpleNamespace(paths=SimpleNamespace(root=tmp_path))
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time, types; from pathlib import Path; from canaryflow.core.locks import release_slot\n"
+        f"svc = types.SimpleNamespace(paths=types.SimpleNamespace(root=Path({str(tmp_path)!r})))\n"
+        "with release_slot(svc, 'iris?', 5):\n    print('held', flush=True); time.sleep(600)\n")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with release_slot(svc, "iris", 5):  # another model (a name one character apart) is not blocked
+            pass
+        with pytest.raises(LockTimeout, match="release slot of model 'iris\\?'.*Another release of the model"), \
+                release_slot(svc, "iris?", 0.2):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with release_slot(svc, "iris?", WAIT_S):  # freed by the kernel when the holder died
+        pass
