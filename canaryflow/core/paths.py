@@ -3,10 +3,27 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+
+def write_json(path: Path, data: Any, indent: int | None = 2) -> None:
+    """``data`` as JSON at ``path``, replaced atomically (a reader sees the old file or the new one)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=indent))
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any | None:
+    """What :func:`write_json` wrote, or None when the file is missing or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def model_file_name(model: str, suffix: str) -> str:

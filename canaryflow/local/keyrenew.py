@@ -26,8 +26,6 @@ Run by supervisord as ``python -m canaryflow.local.keyrenew``; stdout is supervi
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -36,7 +34,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
-from canaryflow.core.paths import StatePaths
+from canaryflow.core.paths import StatePaths, read_json, write_json
 from deployments.routes import TrafficRouter
 from deployments.torchserve import RENEWABLE_KEYS, keys_due
 
@@ -148,18 +146,12 @@ def state_path(paths: StatePaths) -> Path:
 
 def write_state(paths: StatePaths, state: RenewalState) -> None:
     """``keyrenew.json`` in the state dir, replaced atomically."""
-    path = state_path(paths)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({**asdict(state), "ok": state.ok}, indent=2))
-    os.replace(tmp, path)
+    write_json(state_path(paths), {**asdict(state), "ok": state.ok})
 
 
 def read_state(paths: StatePaths) -> dict[str, Any] | None:
     """The listener's last tick: expiries, renewals per key, the last renewals, the current problem (None: none)."""
-    try:
-        return json.loads(state_path(paths).read_text())
-    except (OSError, ValueError):
-        return None
+    return read_json(state_path(paths))
 
 
 def _log(message: str) -> None:

@@ -12,8 +12,6 @@ Run by supervisord as ``python -m canaryflow.keywatch``; stdout is supervisord's
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -21,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from canaryflow.core.paths import StatePaths
+from canaryflow.core.paths import StatePaths, read_json, write_json
 from canaryflow.release.converge import ArchiveMissing, register_from_store
 from deployments import torchserve
 from deployments.routes import TrafficRouter
@@ -117,18 +115,12 @@ def result_path(paths: StatePaths) -> Path:
 
 def write_result(paths: StatePaths, result: Recovery) -> None:
     """``keywatch.json`` in the state dir, replaced atomically."""
-    path = result_path(paths)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({**asdict(result), "ok": result.ok, "summary": result.summary()}, indent=2))
-    os.replace(tmp, path)
+    write_json(result_path(paths), {**asdict(result), "ok": result.ok, "summary": result.summary()})
 
 
 def read_result(paths: StatePaths) -> dict[str, Any] | None:
     """The last recovery's outcome, or None when TorchServe never restarted under this listener."""
-    try:
-        return json.loads(result_path(paths).read_text())
-    except (OSError, ValueError):
-        return None
+    return read_json(result_path(paths))
 
 
 def recover_serving(timeout_s: float = 600.0) -> str:

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from canaryflow.core.errors import ServingError
+from canaryflow.core.paths import write_json
 from canaryflow.model.packaging import input_contract
 from canaryflow.release.steps import ReleaseState
 from canaryflow.services import Services
@@ -98,9 +98,7 @@ def new_rows(traffic: Path, cursor_file: Path) -> list[list[float]]:
         if isinstance(row, list) and row and all(isinstance(x, int | float) for x in row):
             rows.append([float(x) for x in row])
     cursor_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cursor_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"inode": stat.st_ino, "offset": offset + complete}))
-    os.replace(tmp, cursor_file)
+    write_json(cursor_file, {"inode": stat.st_ino, "offset": offset + complete}, indent=None)
     return rows
 
 

@@ -221,10 +221,10 @@ def test_releases_of_one_model_take_turns_and_a_killed_run_frees_its_slot_at_onc
 
     svc = SimpleNamespace(paths=SimpleNamespace(root=tmp_path))
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time, types; from pathlib import Path; from canaryflow.core.locks import release_slot\n"
+        "import sys, types; from pathlib import Path; from canaryflow.core.locks import release_slot\n"
         f"svc = types.SimpleNamespace(paths=types.SimpleNamespace(root=Path({str(tmp_path)!r})))\n"
-        "with release_slot(svc, 'iris?', 5):\n    print('held', flush=True); time.sleep(600)\n")],
-        stdout=subprocess.PIPE, text=True)
+        "with release_slot(svc, 'iris?', 5):\n    print('held', flush=True); sys.stdin.read()\n")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # holds it until killed (or its stdin closes)
     try:
         assert holder.stdout.readline().strip() == "held"
         with release_slot(svc, "iris", 5):  # another model (a name one character apart) is not blocked
@@ -235,5 +235,7 @@ def test_releases_of_one_model_take_turns_and_a_killed_run_frees_its_slot_at_onc
     finally:
         holder.kill()
         holder.wait()
+        holder.stdin.close()
+        holder.stdout.close()
     with release_slot(svc, "iris?", WAIT_S):  # freed by the kernel when the holder died
         pass
