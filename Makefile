@@ -5,7 +5,8 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-APT_PACKAGES := nginx wrk
+# etcd-server and prometheus: the tests' kube-apiserver store and the Prometheus metrics source
+APT_PACKAGES := nginx wrk etcd-server prometheus
 DEMO_ARGS ?=
 BENCH_ARGS ?=
 

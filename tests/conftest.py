@@ -74,6 +74,19 @@ def default_settings(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
+def kube_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """A real kube-apiserver (+ etcd) on loopback with the Gateway API CRDs, for the session (tests/kubeapi.py);
+    ``.kubeconfig`` is its admin kubeconfig. No kubelet: Pods never run."""
+    from tests.kubeapi import KubeApiServer
+
+    server = KubeApiServer(tmp_path_factory.mktemp("kubeapi")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[object]:
     """The real local stack (MLflow, Prefect server + worker, TorchServe, nginx, bridge) for this session."""
     from canaryflow.core.settings import Settings, reset_settings

@@ -27,6 +27,7 @@ class Ports(BaseModel):
     torchserve_grpc_management: int = 7071
     torchserve_worker_base: int = 9000
     bridge: int = 8090
+    prometheus: int = 9090
 
 
 class ServingSettings(BaseModel):
@@ -238,6 +239,64 @@ class RouterSettings(BaseModel):
     access_log_keep: int = Field(3, ge=1, le=100, description="rotated files kept: <log>.1 (newest) to <log>.<keep>")
 
 
+class MetricsSettings(BaseModel):
+    """Where the canary analysis reads per-version measurements (deployments/metrics.py, deployments/prometheus.py)."""
+
+    source: Literal["access_log", "prometheus"] = Field(
+        "access_log", description="access_log: the local router's JSON log; prometheus: PromQL over prometheus_url "
+                                  "(the kubernetes platform always uses Prometheus)")
+    prometheus_url: str | None = Field(None, description="Prometheus HTTP API; unset: the local stack's own "
+                                                         "(ports.prometheus), started when source=prometheus")
+    scrape_interval_s: float = Field(5.0, gt=0, le=60, description="the local Prometheus' scrape interval")
+
+
+class HpaSettings(BaseModel):
+    """The autoscaling/v2 HorizontalPodAutoscaler of each served version (deployments/kubernetes/objects.py)."""
+
+    min_replicas: int = Field(2, ge=1)
+    max_replicas: int = Field(10, ge=1)
+    cpu_utilization: int = Field(70, ge=1, le=100, description="target average CPU, percent of requests")
+    memory_utilization: int = Field(80, ge=1, le=100, description="target average memory, percent of requests")
+    scale_up_percent: int = Field(100, ge=1, description="at most this much more pods per scale_up_period_s")
+    scale_up_period_s: int = Field(15, ge=1, le=1800)
+    scale_down_stabilization_s: int = Field(300, ge=0, le=3600)
+    requests_per_pod: float | None = Field(None, gt=0, description="also scale on this per-pod request rate (a "
+                                                                   "Pods metric from a custom metrics adapter)")
+    requests_metric: str = "torchserve_requests_per_second"
+
+
+class KubernetesSettings(BaseModel):
+    """The kubernetes platform (``platform=kubernetes``): where and how versions are served on a cluster."""
+
+    kubeconfig: Path | None = Field(None, description="unset: in-cluster config, else $KUBECONFIG / ~/.kube/config")
+    context: str | None = None
+    namespace: str = Field("canaryflow", pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+    field_manager: str = "canaryflow"
+    image: str = "pytorch/torchserve:0.12.0-gpu"
+    proxy_image: str = Field("nginx:1.27-alpine", description="the per-pod key proxy in front of TorchServe")
+    fetch_image: str = Field("python:3.11-slim", description="the init container that fetches and checks the .mar")
+    gpus_per_pod: int = Field(1, ge=0, description="nvidia.com/gpu per pod; 0 serves on CPU")
+    cpu_request: str = "1"
+    memory_request: str = "2Gi"
+    memory_limit: str = "4Gi"
+    node_selector: dict[str, str] = {}
+    tolerations: list[dict[str, object]] = []
+    affinity: dict[str, object] | None = None
+    rollout_timeout_s: float = Field(600.0, gt=0, description="a version not Available by then fails to deploy")
+    retire_grace_s: float = Field(30.0, ge=0, description="a retired version's objects are deleted after this")
+    gateway_name: str = "canaryflow"
+    gateway_namespace: str | None = Field(None, description="unset: the namespace above")
+    gateway_pod_labels: dict[str, str] = Field({"app.kubernetes.io/name": "gateway"},
+                                               description="pods allowed to reach inference (NetworkPolicy)")
+    prometheus_pod_labels: dict[str, str] = Field({"app.kubernetes.io/name": "prometheus"},
+                                                  description="pods allowed to reach metrics (NetworkPolicy)")
+    monitoring_namespace: str | None = Field(None, description="namespace of Prometheus; unset: any namespace")
+    hostnames: list[str] = []
+    session_persistence: bool = Field(False, description="sticky users through HTTPRoute sessionPersistence "
+                                                        "(experimental channel; the standard channel lacks it)")
+    hpa: HpaSettings = HpaSettings()
+
+
 class Settings(BaseSettings):
     """Root of the settings tree."""
 
@@ -245,8 +304,8 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     state_dir: Path = Path(".canaryflow")
-    # which implementations serve the release's interfaces (canaryflow/services.py); only "local" exists yet
-    platform: Literal["local"] = "local"
+    # which implementations serve the release's interfaces (canaryflow/services.py)
+    platform: Literal["local", "kubernetes"] = "local"
     ports: Ports = Ports()
     serving: ServingSettings = ServingSettings()
     prefect: PrefectSettings = PrefectSettings()
@@ -260,6 +319,8 @@ class Settings(BaseSettings):
     reconcile: ReconcileSettings = ReconcileSettings()
     batch: BatchSettings = BatchSettings()
     router: RouterSettings = RouterSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    kubernetes: KubernetesSettings = KubernetesSettings()
 
     @field_validator("host")
     @classmethod
@@ -288,6 +349,10 @@ class Settings(BaseSettings):
     @property
     def router_url(self) -> str:
         return self.url("router")
+
+    @property
+    def prometheus_url(self) -> str:
+        return self.metrics.prometheus_url or self.url("prometheus")
 
 
 @lru_cache(maxsize=1)
