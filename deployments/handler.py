@@ -6,7 +6,8 @@ format) and those two modules. The pipeline imports the contract from ``deployme
 this file's TorchServe machinery.
 
 A small :class:`BaseHandler` subclass: ``initialize`` (load, warm up), ``preprocess`` (validate, sample live rows),
-``inference`` (the model, as probabilities), ``postprocess`` (answers and headers). Fault injection lives in a
+``inference`` (the model, as probabilities), ``postprocess`` (answers and headers); ``handle`` also reports each
+live request to Prometheus (:class:`LiveMetrics`). Fault injection lives in a
 subclass (``chaos_handler.py``) that the archiver ships only into chaos builds. TorchServe 0.12 calls the
 module-level :func:`handle`. Keep server-side batching off (batch_size 1): a bad request fails the whole batch
 TorchServe grouped it into.
@@ -18,6 +19,8 @@ import dataclasses
 import gc
 import json
 import os
+import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -106,6 +109,47 @@ class TrafficSample:
 
 
 
+LATENCY_BUCKETS_MS = tuple(round(m * 10.0**e, 6) for e in range(-1, 4)
+                           for m in (1, 1.2, 1.5, 1.75, 2, 2.5, 3, 3.5, 4, 5, 6, 7, 8, 9)) + (10_000.0,)
+"""Upper bounds of the latency histogram's buckets, 0.1 ms to 10 s, at most 25 % apart (deployments/prometheus.py
+keeps the same list and rebuilds samples from it; a unit test checks they agree)."""
+BIN_METRIC = "canaryflow_request_latency_ms_bin_total"
+SUM_METRIC = "canaryflow_request_latency_ms_sum"
+ERRORS_METRIC = "canaryflow_request_errors_total"
+PREDICTIONS_METRIC = "canaryflow_predictions_total"
+
+
+class LiveMetrics:
+    """Per-request metrics of live traffic as TorchServe ``[METRICS]`` lines on the worker's stdout, which the
+    frontend turns into Prometheus counters (declared in ``templates/torchserve-metrics.yaml``).
+
+    TorchServe 0.12's own histograms have fixed buckets (0.005 to 10, in the value's unit), so the latency goes
+    out as a counter of the one bucket each request falls in (``le`` its upper bound); Prometheus recording rules
+    sum those into the cumulative ``canaryflow_request_latency_ms_bucket`` (templates/prometheus-recording-rules.yml).
+    Two or three lines a request: bucket, sum, one per predicted class, one more for an error."""
+
+    def __init__(self, model: str, version: str) -> None:
+        from ts.metrics.caching_metric import CachingMetric
+        from ts.metrics.metric_type_enum import MetricTypes
+
+        dims, counter = ["model_name", "model_version"], MetricTypes.COUNTER
+        self.dims = [model, version]
+        self.bins = CachingMetric(BIN_METRIC, "ms", [*dims, "le"], counter)
+        self.sum = CachingMetric(SUM_METRIC, "ms", dims, counter)
+        self.errors = CachingMetric(ERRORS_METRIC, "Count", dims, counter)
+        self.predictions = CachingMetric(PREDICTIONS_METRIC, "Count", [*dims, "class"], counter)
+
+    def observe(self, ms: float, failed: bool, classes: Counter[int]) -> None:
+        """One live request: its handler time, whether it failed on our side, its predicted rows per class."""
+        le = next((b for b in LATENCY_BUCKETS_MS if ms <= b), None)
+        self.bins.add_or_update(1, [*self.dims, "+Inf" if le is None else f"{le:g}"])
+        self.sum.add_or_update(round(ms, 4), self.dims)
+        if failed:
+            self.errors.add_or_update(1, self.dims)
+        for cls, rows in sorted(classes.items()):
+            self.predictions.add_or_update(rows, [*self.dims, str(cls)])
+
+
 class CanaryflowHandler(BaseHandler):
     """Validates JSON rows, runs the model (in fixed-size chunks if needed), returns class probabilities."""
 
@@ -113,12 +157,15 @@ class CanaryflowHandler(BaseHandler):
         super().__init__()
         self.meta: contract.ServingMeta | None = None
         self.traffic: TrafficSample | None = None
+        self.live_metrics: LiveMetrics | None = None
+        self._outcome: list[tuple[bool, Counter[int]]] | None = None  # per request of a batch: failed, classes
 
     def initialize(self, context: Any) -> None:
         props = context.system_properties
         self.manifest = context.manifest
         self._setup(props["model_dir"], props.get("gpu_id"))
         self.traffic = TrafficSample.from_env(self.meta.model_name)
+        self.live_metrics = LiveMetrics(self.meta.model_name, self.meta.model_version)
         # Full collections of the model's objects caused the 100+ ms tails (FACTS.md); freeze them out of GC.
         gc.collect()
         gc.freeze()
@@ -175,6 +222,36 @@ class CanaryflowHandler(BaseHandler):
             raise ValueError(f"model returned {len(out)} rows for {len(x)} input rows")
         return contract.to_probabilities(out.cpu().numpy(), self.meta.output)
 
+    def handle(self, data: list[dict[str, Any]], context: Any) -> list[dict[str, Any]]:
+        """BaseHandler's handle, timed: each live request's time from preprocess to postprocess, whether it
+        failed on our side (a client's 4xx is not counted at all) and its predicted classes go to
+        :class:`LiveMetrics`. Requests pinned by the pipeline or replayed by the canary are not live traffic."""
+        started, self._outcome = time.perf_counter(), None
+        try:
+            out = super().handle(data, context)
+        except PredictionException as e:
+            if e.error_code >= 500:
+                self._report(context, len(data), started, failed=True)
+            raise
+        except Exception:
+            self._report(context, len(data), started, failed=True)
+            raise
+        self._report(context, len(data), started, failed=False)
+        return out
+
+    def _report(self, context: Any, n: int, started: float, failed: bool) -> None:
+        if self.live_metrics is None or (not failed and self._outcome is None):
+            return  # outside TorchServe, or no prediction at all (describe)
+        ms = (time.perf_counter() - started) * 1000
+        try:
+            for k in range(n):
+                if any(requests_in.marked(context, k, h) for h in (contract.PINNED_HEADER, contract.REPLAY_HEADER)):
+                    continue
+                bad, classes = (True, Counter()) if failed or self._outcome is None else self._outcome[k]
+                self.live_metrics.observe(ms, bad, classes)
+        except Exception:  # noqa: BLE001 - a metric never costs the answer (as the traffic sample)
+            pass
+
     def preprocess(self, data: list[dict[str, Any]]) -> Batch:
         arrays = []
         for k, request in enumerate(data):
@@ -207,9 +284,10 @@ class CanaryflowHandler(BaseHandler):
         """One response per request (``failed``: request index -> message of a 500 answer instead)."""
         meta, labels, failed = self.meta, self.meta.class_labels, failed or {}
         rows, top = probs.tolist(), probs.argmax(axis=1).tolist()
-        responses, start = [], 0
+        responses, start, self._outcome = [], 0, []
         for idx, count in enumerate(counts):
             first, start = start, start + count
+            self._outcome.append((idx in failed, Counter() if idx in failed else Counter(top[first:start])))
             self.context.set_response_header(idx, contract.VERSION_HEADER, meta.model_version)
             self.context.set_response_content_type(idx, "application/json")
             if idx in failed:

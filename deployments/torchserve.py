@@ -27,6 +27,7 @@ from canaryflow.core.errors import ServingError
 from canaryflow.core.paths import StatePaths
 from canaryflow.core.serving_contract import REPLAY_HEADER
 from canaryflow.core.settings import Settings
+from deployments.prometheus import TORCHSERVE_METRICS_FILE
 
 
 class ServingBackend(Protocol):
@@ -61,6 +62,8 @@ def render_config(settings: Settings, paths: StatePaths) -> str:
         "default_workers_per_model": s.workers_per_version,
         "default_response_timeout": s.response_timeout_s,
         "install_py_dep_per_model": "false",
+        # TorchServe's default metrics + the handler's live-traffic counters (deployments/prometheus.py)
+        "metrics_config": paths.torchserve_dir / TORCHSERVE_METRICS_FILE.name,
         # Only archives already in the model store can be registered: a stolen management key cannot make
         # TorchServe fetch (and run) a remote .mar.
         "allowed_urls": f"file://{paths.model_store}/.*",
@@ -73,6 +76,7 @@ def write_config(settings: Settings, paths: StatePaths) -> None:
     """Write config.properties and the log4j config into the state dir."""
     paths.torchserve_config.write_text(render_config(settings, paths))
     paths.torchserve_log4j.write_text((Path(__file__).with_name("templates") / "log4j2.xml").read_text())
+    (paths.torchserve_dir / TORCHSERVE_METRICS_FILE.name).write_text(TORCHSERVE_METRICS_FILE.read_text())
 
 
 def command(paths: StatePaths) -> list[str]:
