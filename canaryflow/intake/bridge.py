@@ -36,14 +36,16 @@ from collections.abc import Callable
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from canaryflow.core.errors import ConfigError, OrchestrationError
+from canaryflow.core.errors import ConfigError, OrchestrationError, ServingError
 from canaryflow.core.names import name_problem
 from canaryflow.core.paths import StatePaths
+from canaryflow.core.registry import MlflowRegistry
 from canaryflow.core.settings import Settings, get_settings
-from canaryflow.intake.launcher import Launcher, PrefectLauncher
+from canaryflow.intake.canary_metrics import CONTENT_TYPE, render_canary_metrics
+from canaryflow.intake.launcher import Launcher, prefect_launcher
 from canaryflow.intake.webhook import (
     DELIVERY_ID_HEADER,
     MODEL_VERSION_CREATED,
@@ -115,7 +117,7 @@ def create_app(
     settings = settings or get_settings()
     paths = StatePaths(settings.state_dir)
     if launcher is None:
-        launcher = PrefectLauncher(settings.prefect_api_url, settings.prefect.release_deployment)
+        launcher = prefect_launcher(settings)
     if secret is None:
         secret = load_or_create_secret(paths, settings)
     if not secret:
@@ -128,6 +130,20 @@ def create_app(
                                 paths.feedback_file, settings.feedback.max_items, clock,
                                 settings.feedback.answer_wait_s)
     _ensure_delivery_log()
+    registry: list[MlflowRegistry] = []  # made at the first scrape: importing mlflow is slow
+
+    def _canary_text() -> bytes:
+        if not registry:
+            registry.append(MlflowRegistry(settings.mlflow_uri))
+        return render_canary_metrics(paths, registry[0])
+
+    async def metrics(request: Request) -> Response:
+        """The canary's weight, phase and last change for Prometheus (alert ``CanaryflowCanaryStuck``)."""
+        try:
+            body = await run_in_threadpool(_canary_text)
+        except ServingError as exc:  # an unreadable routes table fails the scrape visibly
+            return JSONResponse({"status": "error", "detail": str(exc)}, status_code=500)
+        return Response(body, media_type=CONTENT_TYPE)
 
     async def health(request: Request) -> JSONResponse:
         probe = getattr(launcher, "healthy", None)
@@ -207,6 +223,7 @@ def create_app(
     return Starlette(
         routes=[
             Route("/health", health, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
             Route("/webhooks/mlflow", mlflow_webhook, methods=["POST"]),
             Route("/feedback/{model:path}", feedback, methods=["POST"]),
         ]
