@@ -13,9 +13,11 @@ from rich.table import Table
 
 from canaryflow.core.settings import get_settings, reset_settings
 from canaryflow.core.state import ReleaseStatus
+from canaryflow.k8s_cli import app as k8s_app
 
 app = typer.Typer(help="canaryflow: MLflow registry -> gates -> TorchServe, on a local stack.", no_args_is_help=True)
 console = Console()
+app.add_typer(k8s_app, name="k8s")
 StateDir = Annotated[Path | None, typer.Option("--state-dir", help="state directory (default .canaryflow/)")]
 
 
@@ -97,11 +99,11 @@ def release(model: str, version: str,
                                                       "champion (a deliberate downgrade)")] = False,
             state_dir: StateDir = None) -> None:
     """Start the release deployment for a registered version (what the webhook does)."""
-    from canaryflow.intake.launcher import PrefectLauncher
+    from canaryflow.intake.launcher import prefect_launcher
 
     _check_name(model, version)
     settings = _stack(state_dir).settings
-    run_id = PrefectLauncher(settings.prefect_api_url, settings.prefect.release_deployment).start_release(
+    run_id = prefect_launcher(settings).start_release(
         model, version, idempotency_key=f"cli:{model}:{version}:{time.time_ns()}", allow_older=allow_older)
     console.print(f"release flow run {run_id}: {settings.url('prefect')}/runs/flow-run/{run_id}")
 
@@ -133,13 +135,12 @@ def rollback(model: str,
 @app.command()
 def reconcile(state_dir: StateDir = None) -> None:
     """One reconcile pass now (the `reconcile` deployment runs it every minute)."""
-    from canaryflow.intake.launcher import PrefectLauncher
+    from canaryflow.intake.launcher import prefect_launcher
     from canaryflow.release import reconcile as rc
     from canaryflow.services import get_services
 
     settings = _stack(state_dir).settings
-    actions = rc.reconcile(get_services(), PrefectLauncher(settings.prefect_api_url,
-                                                           settings.prefect.release_deployment))
+    actions = rc.reconcile(get_services(), prefect_launcher(settings))
     for line in actions or ["nothing to reconcile"]:
         console.print(f"- {line}", highlight=False, markup=False)
 

@@ -9,18 +9,24 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from canaryflow.core.errors import ConfigError
 from canaryflow.core.paths import StatePaths
-from canaryflow.core.registry import MlflowRegistry, Registry
+from canaryflow.core.registry import MlflowRegistry, Registry, Tag, sha256_of
 from canaryflow.core.settings import Settings, get_settings
-from canaryflow.intake.launcher import Launcher, PrefectLauncher
+from canaryflow.intake.launcher import Launcher, prefect_launcher
 from deployments import torchserve
 from deployments.metrics import AccessLogMetrics, MetricsSource
+from deployments.prometheus import PrometheusMetricsSource
 from deployments.router import NginxRouter
 from deployments.routes import TrafficRouter
 from deployments.torchserve import ServingBackend
+
+if TYPE_CHECKING:  # the kubernetes client takes a quarter second to import: only the kubernetes platform pays it
+    from deployments.kubernetes.backend import KubernetesBackend
+    from deployments.kubernetes.gateway import GatewayApiRouter
 
 Factory = Callable[[Settings, StatePaths], Any]
 
@@ -41,13 +47,58 @@ def local_router(settings: Settings, paths: StatePaths) -> NginxRouter:
     return NginxRouter(settings, paths, lambda: torchserve.read_keys(paths)["inference"])
 
 
+def local_metrics(settings: Settings, paths: StatePaths) -> MetricsSource:
+    """The router's access log, or Prometheus scraping TorchServe (``metrics.source=prometheus``)."""
+    if settings.metrics.source == "prometheus":
+        return PrometheusMetricsSource(settings.prometheus_url)
+    return AccessLogMetrics(paths.router_access_log, paths.feedback_file)
+
+
+def mlflow_archive_source(settings: Settings) -> Callable[[str, str, Path], tuple[str, str]]:
+    """Where a cluster fetches a version's .mar: the release run's ``torchserve/`` artifact through the tracking
+    server, with the sha256 of the archive the pipeline checked. The run comes from the version's release_run tag,
+    which a registry user can write: a forged one fetches another file, whose sha256 the pod refuses."""
+    registry = MlflowRegistry(settings.mlflow_uri)
+
+    def source(model: str, version: str, archive: Path) -> tuple[str, str]:
+        run_id = registry.get_version(model, version).tags.get(Tag.RELEASE_RUN)
+        if not run_id:
+            raise ConfigError(f"{model} v{version} has no release run: release it before serving it on a cluster")
+        return registry.artifact_url(run_id, f"torchserve/{archive.name}"), sha256_of(archive)
+
+    return source
+
+
+def kubernetes_backend(settings: Settings, paths: StatePaths) -> KubernetesBackend:
+    from deployments.kubernetes.backend import KubernetesBackend
+
+    return KubernetesBackend(settings, archive_source=mlflow_archive_source(settings),
+                             mlflow_auth_secret=settings.kubernetes.mlflow_auth_secret)
+
+
+def kubernetes_router(settings: Settings, paths: StatePaths) -> GatewayApiRouter:
+    """One HTTPRoute per model in front of the per-version Services (names and port from the backend's objects)."""
+    from deployments.kubernetes import objects
+    from deployments.kubernetes.gateway import GatewayApiRouter
+
+    return GatewayApiRouter(settings, objects.object_name, service_port=objects.INFERENCE_PORT)
+
+
 PLATFORMS: dict[str, Platform] = {
     "local": Platform(
         registry=lambda s, p: MlflowRegistry(s.mlflow_uri),
         backend=lambda s, p: torchserve.TorchServeClient(s, p),
         router=local_router,
-        metrics=lambda s, p: AccessLogMetrics(p.router_access_log, p.feedback_file),
-        launcher=lambda s, p: PrefectLauncher(s.prefect_api_url, s.prefect.release_deployment),
+        metrics=local_metrics,
+        launcher=lambda s, p: prefect_launcher(s),
+    ),
+    # TorchServe per version on a cluster, Gateway API HTTPRoutes, Prometheus (the gateway has no access log here)
+    "kubernetes": Platform(
+        registry=lambda s, p: MlflowRegistry(s.mlflow_uri),
+        backend=kubernetes_backend,
+        router=kubernetes_router,
+        metrics=lambda s, p: PrometheusMetricsSource(s.prometheus_url),
+        launcher=lambda s, p: prefect_launcher(s),
     ),
 }
 

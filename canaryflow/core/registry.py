@@ -53,6 +53,10 @@ class Registry(Protocol):
     def finish_run(self, run_id: str, status: str) -> None: ...
 
 
+_NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+"""MLflow's error codes for a model or alias that is not there (measured: unknown model, unset alias)."""
+
+
 class MlflowRegistry:
     """Registry on an MLflow tracking server."""
 
@@ -72,13 +76,36 @@ class MlflowRegistry:
                                 f"{self.tracking_uri}: {exc.message}") from exc
         return _info(mv)
 
+    def artifact_url(self, run_id: str, path: str) -> str:
+        """HTTP(S) URL of one of a run's artifacts through the tracking server's artifact proxy (``mlflow server``
+        with proxied artifacts: ``mlflow-artifacts:`` URIs), fetchable with the tracking server's credentials."""
+        from urllib.parse import quote, urlsplit
+
+        from mlflow.exceptions import MlflowException
+
+        try:
+            uri = self.client.get_run(run_id).info.artifact_uri
+        except MlflowException as exc:
+            raise RegistryError(f"release run {run_id!r}: {exc.message}"[:500]) from exc
+        if not uri.startswith("mlflow-artifacts:"):
+            raise RegistryError(f"run {run_id} stores artifacts at {uri.split(':')[0]}:, not through the tracking "
+                                "server: serve them with `mlflow server --serve-artifacts` (the default) so a "
+                                "cluster fetches them with the tracking server's credentials")
+        base = urlsplit(uri).path.strip("/")
+        return f"{self.tracking_uri.rstrip('/')}/api/2.0/mlflow-artifacts/artifacts/{quote(base)}/{quote(path)}"
+
     def alias_version(self, name: str, alias: str) -> str | None:
         from mlflow.exceptions import MlflowException
 
         try:
             return str(self.client.get_model_version_by_alias(name, alias).version)
-        except MlflowException:
-            return None
+        except MlflowException as exc:
+            # Only "no such model / alias" means no version. Anything else (401 from a team's MLflow, a 5xx) read as
+            # "no champion" would release a candidate with no canary against the real one.
+            if exc.error_code in _NOT_FOUND:
+                return None
+            raise RegistryError(f"alias {alias!r} of {name[:80]!r} at {self.tracking_uri}: {exc.message}"[:500]) \
+                from exc
 
     def set_alias(self, name: str, alias: str, version: str) -> None:
         self.client.set_registered_model_alias(name, alias, str(version))
@@ -88,8 +115,9 @@ class MlflowRegistry:
 
         try:
             self.client.delete_registered_model_alias(name, alias)
-        except MlflowException:
-            pass  # not set: nothing to delete
+        except MlflowException as exc:
+            if exc.error_code not in _NOT_FOUND:  # not set: nothing to delete; anything else is an error
+                raise RegistryError(f"deleting alias {alias!r} of {name[:80]!r}: {exc.message}"[:500]) from exc
 
     def list_models(self) -> list[str]:
         """Names of every registered model."""

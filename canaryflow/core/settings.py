@@ -283,7 +283,10 @@ class KubernetesSettings(BaseModel):
     tolerations: list[dict[str, object]] = []
     affinity: dict[str, object] | None = None
     rollout_timeout_s: float = Field(600.0, gt=0, description="a version not Available by then fails to deploy")
-    retire_grace_s: float = Field(30.0, ge=0, description="a retired version's objects are deleted after this")
+    mlflow_auth_secret: str | None = Field(None, description="Secret (in the namespace) with MLFLOW_TRACKING_TOKEN "
+                                                             "or _USERNAME/_PASSWORD for the pods' .mar fetch")
+    replay_from_cidrs: list[str] = Field([], description="addresses of the API servers, allowed to reach inference "
+                                                         "for the canary's replay through the service proxy")
     gateway_name: str = "canaryflow"
     gateway_namespace: str | None = Field(None, description="unset: the namespace above")
     gateway_pod_labels: dict[str, str] = Field({"app.kubernetes.io/name": "gateway"},
@@ -291,10 +294,42 @@ class KubernetesSettings(BaseModel):
     prometheus_pod_labels: dict[str, str] = Field({"app.kubernetes.io/name": "prometheus"},
                                                   description="pods allowed to reach metrics (NetworkPolicy)")
     monitoring_namespace: str | None = Field(None, description="namespace of Prometheus; unset: any namespace")
+    gateway_url: str | None = Field(None, description="the Gateway's inference URL, what clients and the "
+                                                     "pipeline's smoke and load tests call (router_url)")
     hostnames: list[str] = []
     session_persistence: bool = Field(False, description="sticky users through HTTPRoute sessionPersistence "
                                                         "(experimental channel; the standard channel lacks it)")
     hpa: HpaSettings = HpaSettings()
+
+
+class ExternalServices(BaseModel):
+    """Services a team already runs, instead of the ones ``canaryflow up`` starts on loopback. Unset: the embedded
+    one. Credentials are read from files (mode 0600, never from the URL), so no secret sits in an environment
+    listing, a config file or a log line (canaryflow/core/credentials.py)."""
+
+    mlflow_tracking_uri: str | None = Field(None, description="http(s) URL of an MLflow tracking server")
+    mlflow_username: str | None = Field(None, description="basic auth (mlflow server --app-name basic-auth)")
+    mlflow_password_file: Path | None = None
+    mlflow_token_file: Path | None = Field(None, description="bearer token instead of basic auth")
+    prefect_api_url: str | None = Field(None, description="http(s) URL of a Prefect API, ending in /api")
+    prefect_api_key_file: Path | None = None
+
+    @field_validator("mlflow_tracking_uri", "prefect_api_url")
+    @classmethod
+    def _plain_http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from urllib.parse import urlsplit
+
+        url = urlsplit(value)
+        if url.scheme not in {"http", "https"} or not url.hostname:
+            raise ValueError(f"{value!r} is not an http(s) URL")
+        if url.username or url.password:
+            raise ValueError("credentials in a service URL end up in logs: use the *_password_file / *_token_file / "
+                             "*_key_file settings instead")
+        if url.query or url.fragment:
+            raise ValueError(f"{value!r}: a service URL takes no query or fragment")
+        return value.rstrip("/")
 
 
 class Settings(BaseSettings):
@@ -321,6 +356,7 @@ class Settings(BaseSettings):
     router: RouterSettings = RouterSettings()
     metrics: MetricsSettings = MetricsSettings()
     kubernetes: KubernetesSettings = KubernetesSettings()
+    external: ExternalServices = ExternalServices()
 
     @field_validator("host")
     @classmethod
@@ -340,14 +376,23 @@ class Settings(BaseSettings):
 
     @property
     def mlflow_uri(self) -> str:
-        return self.url("mlflow")
+        """The MLflow tracking server: the team's (``external.mlflow_tracking_uri``) or the embedded one."""
+        return self.external.mlflow_tracking_uri or self.url("mlflow")
 
     @property
     def prefect_api_url(self) -> str:
-        return self.url("prefect", "/api")
+        """The Prefect API: the team's (``external.prefect_api_url``) or the embedded one."""
+        return self.external.prefect_api_url or self.url("prefect", "/api")
+
+    def embedded(self, service: Literal["mlflow", "prefect"]) -> bool:
+        """Whether ``canaryflow up`` runs this service itself (no external URL set)."""
+        return getattr(self.external, "mlflow_tracking_uri" if service == "mlflow" else "prefect_api_url") is None
 
     @property
     def router_url(self) -> str:
+        """Where inference traffic enters: the local router, or the cluster's Gateway (``kubernetes.gateway_url``)."""
+        if self.platform == "kubernetes" and self.kubernetes.gateway_url:
+            return self.kubernetes.gateway_url.rstrip("/")
         return self.url("router")
 
     @property
@@ -357,8 +402,13 @@ class Settings(BaseSettings):
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """The process-wide settings, read from the environment on first use."""
-    return Settings()
+    """The process-wide settings, read from the environment on first use; the external services' credentials are
+    put where the MLflow and Prefect clients look for them (canaryflow/core/credentials.py)."""
+    from canaryflow.core.credentials import export_credentials
+
+    settings = Settings()
+    export_credentials(settings)
+    return settings
 
 
 def reset_settings() -> None:

@@ -16,7 +16,9 @@ from urllib.parse import quote
 
 import httpx
 
+from canaryflow.core.credentials import PREFECT_KEY, credential_env
 from canaryflow.core.errors import ConfigError, OrchestrationError
+from canaryflow.core.settings import Settings
 
 _log = logging.getLogger(__name__)
 _PAGE = 200  # Prefect's default maximum for filter endpoints
@@ -230,3 +232,12 @@ def _detail(response: httpx.Response) -> str:
     if isinstance(body, dict) and "detail" in body:
         return str(body["detail"])[:300]
     return str(body)[:300]
+
+
+def prefect_launcher(settings: Settings, deployment: str | None = None, **kwargs: Any) -> PrefectLauncher:
+    """The launcher for the settings' Prefect API (embedded, or the team's with its API key), for ``deployment``
+    (default: the release deployment)."""
+    key = credential_env(settings).get(PREFECT_KEY)
+    headers = {"Authorization": f"Bearer {key}"} if key else None
+    return PrefectLauncher(settings.prefect_api_url, deployment or settings.prefect.release_deployment,
+                           headers=headers, **kwargs)

@@ -17,6 +17,7 @@ from cryptography.fernet import Fernet
 from canaryflow.core.errors import StackError
 from canaryflow.core.paths import StatePaths
 from canaryflow.core.settings import Settings
+from canaryflow.local import prometheus as local_prometheus
 from canaryflow.local.supervisor import Program, Supervisor, render_config
 from canaryflow.services import local_router
 from deployments import torchserve
@@ -69,7 +70,7 @@ def child_env(settings: Settings, paths: StatePaths) -> dict[str, str]:
     # The whole tree, not only what came from the environment: a stack built from a Settings object (the benches)
     # runs its flows with the same policy.
     for section in ("serving", "release", "gates", "optimization", "loadtest", "canary", "reconcile", "batch",
-                    "router"):
+                    "router", "metrics", "kubernetes", "external"):
         for key, value in getattr(settings, section).model_dump(mode="json").items():
             if value is not None:
                 env[f"CANARYFLOW_{section.upper()}__{key.upper()}"] = value if isinstance(value, str) else \
@@ -97,7 +98,7 @@ class LocalStack:
             # loopback is allowed above for the bridge only: every other webhook URL is refused (mlflow_app.py)
             "CANARYFLOW_MLFLOW_WEBHOOK_URLS": s.url("bridge", "/webhooks/mlflow"),
         }
-        return [
+        programs = [
             Program("mlflow", [_bin("mlflow"), "server", "--app-name", "canaryflow", "--host", s.host,
                                "--port", str(s.ports.mlflow), "--workers", "1", "--backend-store-uri", f"sqlite:///{p.mlflow_db}",
                                "--artifacts-destination", str(p.mlflow_artifacts)], p.mlflow_dir, mlflow_env),
@@ -119,17 +120,29 @@ class LocalStack:
             Program("bridge", [_bin("uvicorn"), "canaryflow.intake.bridge:create_app", "--factory", "--host", s.host,
                                "--port", str(s.ports.bridge), "--no-access-log"], PROJECT_DIR, autostart=False),
         ]
+        if local_prometheus.wanted(s):  # metrics.source=prometheus without a Prometheus of the team's
+            programs.append(local_prometheus.program(s, p))
+        # a team's own MLflow / Prefect server (settings external.*) is used, not started
+        return [prog for prog in programs if prog.name not in self.external_services()]
+
+    def external_services(self) -> set[str]:
+        """The services of :meth:`health` that run elsewhere (settings ``external.*``)."""
+        s = self.settings
+        return {name for name, service in (("mlflow", "mlflow"), ("prefect-server", "prefect"))
+                if not s.embedded(service)}
 
     def health(self) -> dict[str, tuple[str, Callable[[], bool]]]:
         s = self.settings
         return {
-            "mlflow": (s.mlflow_uri, lambda: _http_ok(s.url("mlflow", "/health"))),
-            "prefect-server": (s.url("prefect"), lambda: _http_ok(s.url("prefect", "/api/health"))),
+            "mlflow": (s.mlflow_uri, lambda: _http_ok(f"{s.mlflow_uri}/health")),
+            "prefect-server": (s.prefect_api_url.removesuffix("/api"),
+                               lambda: _http_ok(f"{s.prefect_api_url}/health")),
             "torchserve": (s.url("torchserve_inference"), self.torchserve.healthy),
             "router": (s.router_url, lambda: _http_ok(s.url("router", "/ping"))),
             "prefect-worker": (f"work pool {s.prefect.work_pool}", self._pool_ready),
             "bridge": (s.url("bridge", "/webhooks/mlflow"), lambda: _http_ok(s.url("bridge", "/health"))),
-        }
+        } | ({"prometheus": (s.prometheus_url, lambda: local_prometheus.ready(s.prometheus_url))}
+             if local_prometheus.wanted(s) else {})
 
     def _pool_ready(self) -> bool:
         try:
@@ -157,9 +170,13 @@ class LocalStack:
         self.paths.ensure()
         env = child_env(self.settings, self.paths)
         torchserve.write_config(self.settings, self.paths)
-        progress("starting supervisord: mlflow, prefect server, torchserve")
+        first = ["mlflow", "prefect-server", "torchserve"]
+        if local_prometheus.wanted(self.settings):
+            local_prometheus.write_config(self.settings, self.paths)
+            first.append("prometheus")
+        progress(f"starting supervisord: {', '.join(first)}")
         self.supervisor.start(render_config(self.paths, self.programs()), env)
-        self.wait_healthy(["mlflow", "prefect-server", "torchserve"])
+        self.wait_healthy(first)  # external ones: reachable
         torchserve.key_file_mode_private(self.paths)
         # The router holds TorchServe's inference key, which is new at every TorchServe start.
         self.router.write_initial_config()
@@ -169,6 +186,12 @@ class LocalStack:
         for name in ("prefect-worker", "bridge"):
             self.supervisor.start_program(name)
         self.wait_healthy(["router", "prefect-worker", "bridge"])
+        if not self.settings.embedded("mlflow"):
+            # A team's MLflow is theirs to configure: its webhook to this bridge is set up by its admins (README);
+            # reconcile finds versions without a release either way (reconcile.missed_after_s).
+            progress(f"using the MLflow server at {self.settings.mlflow_uri}: no webhook registered")
+            progress("stack is up")
+            return
         secret = load_or_create_secret(self.paths, self.settings)
         ensure_mlflow_webhook(self.settings.mlflow_uri, self.settings.webhook.name,
                               self.settings.url("bridge", "/webhooks/mlflow"), secret, WEBHOOK_EVENTS)
@@ -194,9 +217,9 @@ class LocalStack:
         out = []
         for name, (url, check) in self.health().items():
             info = procs.get(name, {})
-            state = info.get("statename", "STOPPED")
+            state = "EXTERNAL" if name in self.external_services() else info.get("statename", "STOPPED")
             out.append(ServiceStatus(name, url, state, info.get("pid") or None,
-                                     state == "RUNNING" and check()))
+                                     state in {"RUNNING", "EXTERNAL"} and check()))
         return out
 
     def status_dict(self) -> dict[str, object]:
@@ -205,7 +228,8 @@ class LocalStack:
 
         rows = self.status()
         return {"state_dir": str(self.paths.root), "healthy": all(r.healthy for r in rows),
-                "ui": {"prefect": self.settings.url("prefect"), "mlflow": self.settings.mlflow_uri},
+                "ui": {"prefect": self.settings.prefect_api_url.removesuffix("/api"),
+                       "mlflow": self.settings.mlflow_uri},
                 "services": [asdict(r) for r in rows],
                 # the last recovery after a TorchServe restart: versions it could not serve again (a missing .mar)
                 "keywatch": read_result(self.paths),

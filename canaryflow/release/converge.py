@@ -59,6 +59,18 @@ def register_from_store(backend: ServingBackend, model_store: Path, model: str, 
     return backend.register(model, version, archive)
 
 
+def follow_share(backend: ServingBackend, model: str, want: Route) -> None:
+    """On a backend that scales each version (Kubernetes: ``scale_for_share``), the canary's replicas follow its
+    traffic share (all of it in shadow: it gets a copy of every request); stable keeps its full bounds, so it can
+    take all the traffic back at a rollback without waiting for pods."""
+    scale = getattr(backend, "scale_for_share", None)
+    if scale is None:
+        return
+    scale(model, want.stable, 100.0)
+    if want.canary:
+        scale(model, want.canary, 100.0 if want.shadow else want.weight)
+
+
 def converge(svc: Services, model: str, want: Route | None, *, champion: str | None | _Keep = KEEP,
              previous: str | None | _Keep = KEEP) -> list[str]:
     """Make serving match ``want`` (None: stop routing ``model``) and, when given, the ``champion`` and
@@ -90,6 +102,7 @@ def converge(svc: Services, model: str, want: Route | None, *, champion: str | N
             else:
                 svc.router.set_route(model, want.stable)
             changes.append(f"{model}: route {have.describe() if have else 'none'} -> {want.describe()}")
+        follow_share(svc.backend, model, want)
         svc.backend.set_default(model, want.stable)
     cfg = svc.settings.release
     for alias, value in ((cfg.previous_alias, previous), (cfg.champion_alias, champion)):

@@ -12,9 +12,10 @@ SERVING = {"deployments.handler", "deployments.chaos_handler", "deployments.serv
 
 
 def _modules(package: str) -> set[str]:
+    """Importable modules; ``templates/`` holds files shipped to pods and servers (scripts), not modules."""
     base = ROOT / package.replace(".", "/")
     return {package + "." + ".".join(p.relative_to(base).with_suffix("").parts)
-            for p in base.rglob("*.py") if p.name != "__init__.py"}
+            for p in base.rglob("*.py") if p.name != "__init__.py" and "templates" not in p.relative_to(base).parts}
 
 
 def _contracts() -> dict[str, dict]:

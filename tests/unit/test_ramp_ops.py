@@ -270,3 +270,15 @@ def test_a_release_stopped_mid_ramp_puts_all_traffic_back_before_unregistering(t
     reason = stop(svc, state(svc, tmp_path), "RegistryError: MLflow went away")
     assert svc.router.table["m"] == {"stable": "1"} and "2" not in svc.backend.registered
     assert reason == "RegistryError: MLflow went away"
+
+
+def test_the_canary_replicas_follow_its_share_where_the_backend_scales_versions(tmp_path: Path) -> None:
+    """Kubernetes' backend scales each version (scale_for_share): the ramp's canary gets replicas for its share, a
+    shadow canary for all the copies, stable always its full bounds (a rollback needs them at once)."""
+    svc = services(tmp_path, {"1": released("1"), "2": released("2")}, champion="1")
+    scaled: list[tuple[str, str, float]] = []
+    svc.backend.scale_for_share = lambda model, version, percent: scaled.append((model, version, percent))
+    converge(svc, "m", Route("1", "2", 25.0))
+    converge(svc, "m", Route("1", "2", 0.0, shadow=True))
+    converge(svc, "m", Route("2"))
+    assert scaled == [("m", "1", 100.0), ("m", "2", 25.0), ("m", "1", 100.0), ("m", "2", 100.0), ("m", "2", 100.0)]

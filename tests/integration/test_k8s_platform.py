@@ -1,0 +1,116 @@
+"""The kubernetes platform behind the release's interfaces, on a real kube-apiserver: Services built from settings
+(platform=kubernetes) give KubernetesBackend + GatewayApiRouter, and the release's own converge() serves a version,
+ramps a canary (its HPA following its share) and promotes it; `canaryflow k8s status` reports it.
+
+No kubelet and no controllers run here: a thread stands in for them and reports every Deployment Available once
+the API server has stored it (its status subresource, patched as the deployment controller would)."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from canaryflow.core.paths import StatePaths
+from canaryflow.core.settings import Settings
+from canaryflow.core.state import Route
+from canaryflow.release import cluster
+from canaryflow.release.converge import converge
+from canaryflow.services import Services, kubernetes_router
+from deployments.kubernetes import objects as o
+from deployments.kubernetes.backend import KubernetesBackend
+
+pytestmark = [pytest.mark.integration, pytest.mark.kube]
+MODEL = "churn"
+
+
+class FakeKubelet(threading.Thread):
+    """Marks each Deployment of the namespace Available at its current generation (2 ready replicas)."""
+
+    def __init__(self, api: Any, namespace: str) -> None:
+        super().__init__(daemon=True)
+        self.api, self.namespace, self.stop = api, namespace, threading.Event()
+
+    def run(self) -> None:
+        from kubernetes import client
+
+        apps = client.AppsV1Api(self.api)
+        while not self.stop.wait(0.05):
+            for dep in apps.list_namespaced_deployment(self.namespace).items:
+                if (dep.status.observed_generation or 0) >= dep.metadata.generation:
+                    continue
+                now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+                apps.patch_namespaced_deployment_status(dep.metadata.name, self.namespace, {"status": {
+                    "observedGeneration": dep.metadata.generation, "replicas": 2, "updatedReplicas": 2,
+                    "readyReplicas": 2, "availableReplicas": 2,
+                    "conditions": [{"type": "Available", "status": "True", "reason": "FakeKubelet",
+                                    "message": "patched by the test", "lastUpdateTime": now,
+                                    "lastTransitionTime": now}]}})
+
+
+@pytest.fixture
+def svc(kube_api: Any, tmp_path: Path) -> Iterator[Services]:
+    from kubernetes import client, config
+
+    namespace = f"platform-{uuid.uuid4().hex[:6]}"
+    settings = Settings(platform="kubernetes", state_dir=tmp_path / "state",
+                        kubernetes={"kubeconfig": str(kube_api.kubeconfig), "namespace": namespace,
+                                    "gpus_per_pod": 0, "rollout_timeout_s": 30})
+    api = config.new_client_from_config(str(kube_api.kubeconfig))
+    client.CoreV1Api(api).create_namespace({"metadata": {"name": namespace}})
+    store = StatePaths(settings.state_dir).model_store
+    store.mkdir(parents=True)
+    for version in ("1", "2"):
+        (store / f"{MODEL}_v{version}.mar").write_bytes(f"archive {version}".encode())
+    backend = KubernetesBackend(settings, poll_s=0.05, archive_source=lambda m, v, a: (
+        f"https://mlflow.example/api/2.0/mlflow-artifacts/artifacts/1/r/artifacts/torchserve/{a.name}", "ab" * 32))
+    kubelet = FakeKubelet(api, namespace)
+    kubelet.start()
+    try:
+        yield Services(settings, backend=backend)
+    finally:
+        kubelet.stop.set()
+        kubelet.join(timeout=5)
+
+
+def _hpa_min(svc: Services, version: str) -> int:
+    from kubernetes import client
+
+    hpa = client.AutoscalingV2Api(svc.backend.api).read_namespaced_horizontal_pod_autoscaler(
+        o.object_name(MODEL, version), svc.settings.kubernetes.namespace)
+    return hpa.spec.min_replicas
+
+
+def test_the_release_interfaces_serve_ramp_and_promote_on_a_cluster(svc: Services) -> None:
+    assert isinstance(kubernetes_router(svc.settings, svc.paths), type(svc.router))  # built from settings
+    assert svc.backend.healthy()
+
+    changes = converge(svc, MODEL, Route("1"))
+    assert svc.backend.versions(MODEL) == ["1"] and svc.router.route(MODEL) == Route("1")
+    assert any("re-registered" in line for line in changes)
+
+    converge(svc, MODEL, Route("1", "2", 25.0))  # the ramp's step: canary registered, 25 % of traffic
+    assert svc.router.route(MODEL) == Route("1", "2", 25.0)
+    assert _hpa_min(svc, "2") == 1 and _hpa_min(svc, "1") == svc.settings.kubernetes.hpa.min_replicas
+    rows = {r["model"]: r for r in cluster.status(svc)}[MODEL]
+    assert [(v["version"], v["weight"], v["ready"]) for v in rows["versions"]] == [("1", 75.0, 2), ("2", 25.0, 2)]
+    assert rows["default"] == "1"
+
+    converge(svc, MODEL, Route("2"))  # promoted: all traffic, full replica bounds
+    assert svc.router.route(MODEL) == Route("2") and svc.backend.default_version(MODEL) == "2"
+    assert _hpa_min(svc, "2") == svc.settings.kubernetes.hpa.min_replicas
+    svc.backend.unregister(MODEL, "1")  # what the ramp does after retire_grace_s
+    assert svc.backend.versions(MODEL) == ["2"]
+    assert [v["version"] for v in cluster.status(svc)[0]["versions"]] == ["2"]
+
+
+def test_the_cluster_commands_refuse_the_local_platform(tmp_path: Path) -> None:
+    from canaryflow.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="CANARYFLOW_PLATFORM=kubernetes"):
+        cluster.status(Services(Settings(state_dir=tmp_path)))
