@@ -13,7 +13,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import time
@@ -21,21 +20,12 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.conftest import free_ports
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_KUBE = REPO.parent / "shared" / "kube"
 CRDS = SHARED_KUBE / "crds"
 GATEWAY_CRDS = ("gateway.networking.k8s.io_httproutes.yaml", "gateway.networking.k8s.io_gateways.yaml")
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def apiserver_binary(workdir: Path) -> Path:
@@ -75,7 +65,7 @@ class KubeApiServer:
             raise FileNotFoundError("etcd is not installed (Debian package etcd-server; `make setup` installs it)")
         self.workdir.mkdir(parents=True, exist_ok=True)
         binary = apiserver_binary(self.workdir)
-        etcd_port, peer_port, self.port = _free_ports(3)
+        etcd_port, peer_port, self.port = free_ports(3)
         logs = self.workdir / "logs"
         logs.mkdir(exist_ok=True)
         etcd = f"http://127.0.0.1:{etcd_port}"

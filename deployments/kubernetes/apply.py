@@ -54,7 +54,7 @@ def load_api_client(k: KubernetesSettings) -> Any:
         except ConfigException:
             return config.new_client_from_config(context=k.context)
     except (ConfigException, OSError) as exc:
-        raise ConfigError(f"no usable Kubernetes config (kubernetes.kubeconfig={k.kubeconfig}, "
+        raise ConfigError(f"no Kubernetes cluster configured (kubernetes.kubeconfig={k.kubeconfig}, "
                           f"context={k.context}, not in a cluster): {exc}") from exc
 
 
@@ -72,7 +72,9 @@ def _status_body(exc: Any) -> dict[str, Any]:
 
 
 def api_error(exc: Any, what: str) -> KubeApplyError:
-    """The typed error for an ApiException raised while doing ``what``."""
+    """The typed error for an ApiException (or a connection failure) raised while doing ``what``."""
+    if not hasattr(exc, "status"):
+        return KubeApplyError(f"{what}: the Kubernetes API server cannot be reached ({exc})", None)
     body = _status_body(exc)
     message = body.get("message") or exc.reason
     if exc.status == 409 and body.get("reason") != "AlreadyExists":

@@ -27,62 +27,25 @@
 from __future__ import annotations
 
 import base64
-import json
-import re
 import secrets
 from collections.abc import Callable
 from functools import cached_property
 from typing import Any
 
-from kubernetes import client, config
+from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError
 
-from canaryflow.core.errors import ConfigError, ServingError
+from canaryflow.core.errors import ServingError
 from canaryflow.core.serving_contract import PIN_KEY_HEADER
-from canaryflow.core.settings import KubernetesSettings, Settings
+from canaryflow.core.settings import Settings
 from canaryflow.core.state import Route
 from deployments.kubernetes import gateway_route as gr
+from deployments.kubernetes.apply import api_error, load_api_client
 from deployments.routes import Routes, validate_routes
 
 PIN_SECRET, PIN_SECRET_KEY = "canaryflow-pin-key", "pin-key"
 _APPLY = "application/apply-patch+yaml"
-
-
-def api_client(k8s: KubernetesSettings) -> client.ApiClient:
-    """A client for the cluster of ``k8s``: its kubeconfig (and context) when set, else the in-cluster service
-    account, else $KUBECONFIG / ~/.kube/config."""
-    try:
-        if k8s.kubeconfig is not None:
-            return config.new_client_from_config(config_file=str(k8s.kubeconfig), context=k8s.context)
-        if k8s.context is None:
-            try:
-                conf = client.Configuration()
-                config.load_incluster_config(client_configuration=conf)
-                return client.ApiClient(conf)
-            except config.ConfigException:
-                pass
-        return config.new_client_from_config(context=k8s.context)
-    except (config.ConfigException, OSError) as exc:
-        raise ConfigError(f"no Kubernetes cluster configured ({exc}); set kubernetes.kubeconfig / context or run "
-                          "in a pod with a service account") from exc
-
-
-def api_error(exc: Exception, what: str) -> ServingError:
-    """A ServingError for a failed API call that says what the server said (and, for a 409, which field manager
-    owns the field)."""
-    if not isinstance(exc, ApiException):
-        return ServingError(f"{what}: the Kubernetes API server cannot be reached ({exc})")
-    try:
-        message = json.loads(exc.body or "{}").get("message") or exc.reason
-    except ValueError:
-        message = exc.body or exc.reason
-    if exc.status == 409:
-        owners = sorted(set(re.findall(r'conflict with "([^"]+)"', str(message))))
-        if owners:
-            return ServingError(f"{what}: refused (409), fields are owned by field manager(s) {', '.join(owners)}: "
-                                f"{message}. Let canaryflow own them (remove that manager's change) and retry")
-    return ServingError(f"{what}: refused by the API server ({exc.status}): {message}")
 
 
 class SecretPinKey:
@@ -135,7 +98,7 @@ class GatewayApiRouter:
 
     @cached_property
     def api(self) -> client.ApiClient:
-        return self._api or api_client(self.settings.kubernetes)
+        return self._api or load_api_client(self.settings.kubernetes)
 
     @cached_property
     def objects(self) -> client.CustomObjectsApi:
