@@ -114,3 +114,25 @@ def test_the_cluster_commands_refuse_the_local_platform(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="CANARYFLOW_PLATFORM=kubernetes"):
         cluster.status(Services(Settings(state_dir=tmp_path)))
+
+
+def test_canaryflow_k8s_status_reads_the_cluster(svc: Services) -> None:
+    """The CLI command, as a user runs it: settings from the environment, the HTTPRoutes and Deployments read
+    back from the API server."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    converge(svc, MODEL, Route("1"))
+    k = svc.settings.kubernetes
+    env = {key: value for key, value in os.environ.items() if not key.startswith("CANARYFLOW_")}
+    env.update({"CANARYFLOW_PLATFORM": "kubernetes", "CANARYFLOW_STATE_DIR": str(svc.settings.state_dir),
+                "CANARYFLOW_KUBERNETES__KUBECONFIG": str(k.kubeconfig), "CANARYFLOW_KUBERNETES__NAMESPACE":
+                k.namespace})
+    done = subprocess.run([str(Path(sys.executable).parent / "canaryflow"), "k8s", "status", "--json"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(done.stdout)
+    assert [(r["model"], r["default"], [(v["version"], v["weight"], v["ready"]) for v in r["versions"]])
+            for r in rows] == [(MODEL, "1", [("1", 100.0, 2)])]
