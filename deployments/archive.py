@@ -74,5 +74,6 @@ def build_mar(model_file: Path, extra_files: list[Path], *, model: str, version:
         if done.returncode != 0 or not built.exists():
             detail = (done.stderr or done.stdout)[-800:]
             raise PackagingError(f"torch-model-archiver exited {done.returncode}: {detail}")
+        built.chmod(0o600)  # the owner's only, whatever the caller's umask (the model is the team's property)
         os.replace(built, target)
     return Archive(target, sha256_of(target), target.stat().st_size)

@@ -23,7 +23,17 @@ from pathlib import Path
 from tests.conftest import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_KUBE = REPO.parent / "shared" / "kube"
+
+
+def _shared_kube() -> Path:
+    """The shared kube folder (kube-apiserver.xz, crds/): ``$CANARYFLOW_SHARED_KUBE``, ``../shared/kube`` beside
+    this checkout, or the workplace's ``/work/shared/kube`` (a clean clone elsewhere, as CI makes)."""
+    candidates = [Path(p) for p in [os.environ.get("CANARYFLOW_SHARED_KUBE")] if p]
+    candidates += [REPO.parent / "shared" / "kube", Path("/work/shared/kube")]
+    return next((c for c in candidates if (c / "crds").is_dir()), candidates[0])
+
+
+SHARED_KUBE = _shared_kube()
 CRDS = SHARED_KUBE / "crds"
 GATEWAY_CRDS = ("gateway.networking.k8s.io_httproutes.yaml", "gateway.networking.k8s.io_gateways.yaml")
 

@@ -5,13 +5,13 @@ and the objects checked against the v1.6.1 standard CRD's schema offline."""
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import pytest
 import yaml
 
 from canaryflow.core.errors import ServingError
 from deployments.kubernetes import gateway_route as gr
+from tests.kubeapi import CRDS
 
 KEY = "pin-key-123"
 
@@ -23,7 +23,7 @@ def service(model: str, version: str) -> str:
 
 
 TARGET = gr.RouteTarget(namespace="ml", gateway_name="gw", service_name=service, hostnames=["models.example.com"])
-CRD = Path(__file__).resolve().parents[3] / "shared" / "kube" / "crds" / "gateway.networking.k8s.io_httproutes.yaml"
+CRD = CRDS / "gateway.networking.k8s.io_httproutes.yaml"
 
 
 def build(route: dict, model: str = "iris", target: gr.RouteTarget = TARGET) -> dict:
@@ -181,7 +181,6 @@ def test_session_persistence_only_on_a_live_split_when_enabled() -> None:
     assert "sessionPersistence" not in rules(build({"stable": "1", "canary": "2", "weight": 5}))["traffic"]
 
 
-@pytest.mark.skipif(not CRD.exists(), reason=f"no HTTPRoute CRD at {CRD}")
 def test_built_routes_validate_against_the_standard_crd_schema() -> None:
     """The OpenAPI part offline (patterns, enums, bounds); the API server also runs the CEL rules
     (tests/integration/test_gateway_router.py)."""
