@@ -109,14 +109,6 @@ class TrafficSample:
 
 
 
-LATENCY_BUCKETS_MS = tuple(round(m * 10.0**e, 6) for e in range(-1, 4)
-                           for m in (1, 1.2, 1.5, 1.75, 2, 2.5, 3, 3.5, 4, 5, 6, 7, 8, 9)) + (10_000.0,)
-"""Upper bounds of the latency histogram's buckets, 0.1 ms to 10 s, at most 25 % apart (deployments/prometheus.py
-keeps the same list and rebuilds samples from it; a unit test checks they agree)."""
-BIN_METRIC = "canaryflow_request_latency_ms_bin_total"
-SUM_METRIC = "canaryflow_request_latency_ms_sum"
-ERRORS_METRIC = "canaryflow_request_errors_total"
-PREDICTIONS_METRIC = "canaryflow_predictions_total"
 
 
 class LiveMetrics:
@@ -125,7 +117,7 @@ class LiveMetrics:
 
     TorchServe 0.12's own histograms have fixed buckets (0.005 to 10, in the value's unit), so the latency goes
     out as a counter of the one bucket each request falls in (``le`` its upper bound); Prometheus recording rules
-    sum those into the cumulative ``canaryflow_request_latency_ms_bucket`` (templates/prometheus-recording-rules.yml).
+    sum those into the cumulative ``canaryflow_request_latency_ms_bucket`` (deployments/prometheus.py).
     Two or three lines a request: bucket, sum, one per predicted class, one more for an error."""
 
     def __init__(self, model: str, version: str) -> None:
@@ -134,14 +126,14 @@ class LiveMetrics:
 
         dims, counter = ["model_name", "model_version"], MetricTypes.COUNTER
         self.dims = [model, version]
-        self.bins = CachingMetric(BIN_METRIC, "ms", [*dims, "le"], counter)
-        self.sum = CachingMetric(SUM_METRIC, "ms", dims, counter)
-        self.errors = CachingMetric(ERRORS_METRIC, "Count", dims, counter)
-        self.predictions = CachingMetric(PREDICTIONS_METRIC, "Count", [*dims, "class"], counter)
+        self.bins = CachingMetric(contract.BIN_METRIC, "ms", [*dims, "le"], counter)
+        self.sum = CachingMetric(contract.SUM_METRIC, "ms", dims, counter)
+        self.errors = CachingMetric(contract.ERRORS_METRIC, "Count", dims, counter)
+        self.predictions = CachingMetric(contract.PREDICTIONS_METRIC, "Count", [*dims, "class"], counter)
 
     def observe(self, ms: float, failed: bool, classes: Counter[int]) -> None:
         """One live request: its handler time, whether it failed on our side, its predicted rows per class."""
-        le = next((b for b in LATENCY_BUCKETS_MS if ms <= b), None)
+        le = next((b for b in contract.LATENCY_BUCKETS_MS if ms <= b), None)
         self.bins.add_or_update(1, [*self.dims, "+Inf" if le is None else f"{le:g}"])
         self.sum.add_or_update(round(ms, 4), self.dims)
         if failed:

@@ -34,27 +34,22 @@ from typing import Any
 import httpx
 
 from canaryflow.core.errors import MetricsSourceError
+from canaryflow.core.serving_contract import (  # noqa: F401 (re-exported: the metric contract in one place)
+    BIN_METRIC,
+    ERRORS_METRIC,
+    LATENCY_BUCKETS_MS,
+    LATENCY_METRIC,
+    PREDICTIONS_METRIC,
+    SUM_METRIC,
+)
 from deployments.metrics import VersionWindow, Window
 
 REQUESTS_METRIC = "ts_inference_requests_total"
-LATENCY_METRIC = "canaryflow_request_latency_ms"
 BUCKET_METRIC = f"{LATENCY_METRIC}_bucket"
 COUNT_METRIC = f"{LATENCY_METRIC}_count"
-SUM_METRIC = f"{LATENCY_METRIC}_sum"
-BIN_METRIC = f"{LATENCY_METRIC}_bin_total"
-"""Raw, what the handler emits: requests whose latency fell in the bucket ``le`` and in no smaller one."""
-ERRORS_METRIC = "canaryflow_request_errors_total"
-PREDICTIONS_METRIC = "canaryflow_predictions_total"
 MODEL_LABEL, VERSION_LABEL, CLASS_LABEL = "model_name", "model_version", "class"
 
-LATENCY_BUCKETS_MS = tuple(round(m * 10.0**e, 6) for e in range(-1, 4)
-                           for m in (1, 1.2, 1.5, 1.75, 2, 2.5, 3, 3.5, 4, 5, 6, 7, 8, 9)) + (10_000.0,)
-"""Bucket upper bounds, 0.1 ms to 10 s, neighbours at most 25 % apart (the handler's copy must be equal: it
-picks the bucket; tests/unit/test_prometheus_source.py checks they agree)."""
-
 TEMPLATES = Path(__file__).with_name("templates")
-RULES_FILE = TEMPLATES / "prometheus-recording-rules.yml"
-"""The recording rules as a file for any Prometheus (local stack, Kubernetes); :func:`recording_rules` wrote it."""
 TORCHSERVE_METRICS_FILE = TEMPLATES / "torchserve-metrics.yaml"
 """TorchServe's ``metrics_config``: its default metrics plus the handler's counters (without them TorchServe drops
 the handler's lines)."""

@@ -20,6 +20,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from tests.conftest import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,8 +148,6 @@ class KubeApiServer:
         for path in paths:
             utils.create_from_yaml(api, str(path))
         deadline = time.monotonic() + timeout_s
-        import yaml
-
         names = [yaml.safe_load(p.read_text())["metadata"]["name"] for p in paths]
         while names and time.monotonic() < deadline:
             crd = ext.read_custom_resource_definition(names[0])

@@ -37,6 +37,17 @@ TRAFFIC_DIR_ENV = "CANARYFLOW_TRAFFIC_DIR"  # where the handler samples served r
 PREDICTION_MAX_ROWS = 32
 CHAOS_KEYS = ("error_ratio", "latency_ms", "flip", "permute", "armed_by")
 FORMATS = ("torch_export", "onnx")
+
+# The handler's live-traffic metrics (deployments/handler.py emits them, deployments/prometheus.py reads them)
+LATENCY_METRIC = "canaryflow_request_latency_ms"
+BIN_METRIC = f"{LATENCY_METRIC}_bin_total"  # requests whose latency fell in bucket ``le`` and in no smaller one
+SUM_METRIC = f"{LATENCY_METRIC}_sum"
+ERRORS_METRIC = "canaryflow_request_errors_total"
+PREDICTIONS_METRIC = "canaryflow_predictions_total"
+LATENCY_BUCKETS_MS = tuple(round(m * 10.0**e, 6) for e in range(-1, 4)
+                           for m in (1, 1.2, 1.5, 1.75, 2, 2.5, 3, 3.5, 4, 5, 6, 7, 8, 9)) + (10_000.0,)
+"""Bucket upper bounds, 0.1 ms to 10 s, neighbours at most 25 % apart: the handler picks one per request, the
+metrics source rebuilds samples from them."""
 OUTPUTS = ("logits", "probabilities")
 INPUT_DTYPES = ("float32", "float64", "float16")
 

@@ -1,10 +1,10 @@
 """The local stack's Prometheus (``metrics.source=prometheus``): its config, files and supervised process.
 
 It scrapes the local TorchServe's metrics endpoint (``ports.torchserve_metrics``) every
-``metrics.scrape_interval_s``, evaluates the latency recording rules (deployments/templates/
-prometheus-recording-rules.yml) as often, listens on ``host:ports.prometheus`` only and keeps a few hours of data
-under ``<state>/prometheus``. TorchServe 0.12 serves ``/metrics`` without a token (its token auth covers the
-inference and management APIs only; checked on 0.12.0), so the scrape sends no credentials.
+``metrics.scrape_interval_s``, evaluates the latency recording rules (deployments/prometheus.py
+``recording_rules``) as often, listens on ``host:ports.prometheus`` only and keeps a few hours of data under
+``<state>/prometheus``. TorchServe 0.12 serves ``/metrics`` without a token (its token auth covers the inference
+and management APIs only; checked on 0.12.0), so the scrape sends no credentials.
 
 TorchServe exports the handler's counters only when its ``metrics_config`` declares them: the stack's
 config.properties always names that file (deployments/torchserve.py, render_config).
@@ -21,7 +21,7 @@ import yaml
 from canaryflow.core.paths import StatePaths
 from canaryflow.core.settings import Settings
 from canaryflow.local.supervisor import Program
-from deployments.prometheus import METRIC_RELABEL_CONFIGS, RULES_FILE
+from deployments.prometheus import METRIC_RELABEL_CONFIGS, recording_rules
 
 RETENTION = "6h"
 """Local data is for the canary windows of the releases running now, not for history."""
@@ -37,7 +37,7 @@ def config_file(paths: StatePaths) -> Path:
 
 
 def rules_file(paths: StatePaths) -> Path:
-    return prometheus_dir(paths) / RULES_FILE.name
+    return prometheus_dir(paths) / "recording-rules.yml"
 
 
 def data_dir(paths: StatePaths) -> Path:
@@ -65,7 +65,7 @@ def write_config(settings: Settings, paths: StatePaths) -> None:
     directory = prometheus_dir(paths)
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     data_dir(paths).mkdir(exist_ok=True, mode=0o700)
-    rules_file(paths).write_text(RULES_FILE.read_text())
+    rules_file(paths).write_text(recording_rules())
     config_file(paths).write_text(render_config(settings, paths))
 
 

@@ -52,10 +52,12 @@ def status(svc: Services) -> list[dict[str, Any]]:
     out = []
     for model, route in sorted(svc.router.routes().items()):
         want = Route.of(route)
-        weights = {} if want is None else {want.stable: 100.0 - (want.weight if want.canary and not want.shadow
-                                                                  else 0.0)}
-        if want and want.canary:
-            weights[want.canary] = 0.0 if want.shadow else want.weight
+        weights: dict[str, float] = {}
+        if want is not None:
+            share = want.weight if want.canary and not want.shadow else 0.0  # shadow: copies, no live traffic
+            weights[want.stable] = 100.0 - share
+            if want.canary:
+                weights[want.canary] = share
         versions = []
         for version in sorted(set(backend.versions(model)) | set(weights)):
             ready, desired = backend.replicas(model, version)

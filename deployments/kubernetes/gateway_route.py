@@ -31,6 +31,7 @@ from typing import Any
 from canaryflow.core.errors import ServingError
 from canaryflow.core.names import name_problem
 from canaryflow.core.serving_contract import PIN_KEY_HEADER, PINNED_HEADER, REPLAY_HEADER, VERSION_HEADER
+from deployments.kubernetes.objects import _LABEL_VALUE, label_value  # noqa: F401 (one label rule for every object)
 from deployments.routes import validate_routes
 
 GROUP, VERSION, PLURAL, KIND = "gateway.networking.k8s.io", "v1", "httproutes", "HTTPRoute"
@@ -45,7 +46,6 @@ TRAFFIC_RULE, PIN_RULES = "traffic", {"stable": "pin-stable", "canary": "pin-can
 STRIPPED = [VERSION_HEADER, PIN_KEY_HEADER, PINNED_HEADER, REPLAY_HEADER, "describe", "explain"]
 SESSION_COOKIE = "canaryflow-session"
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-_LABEL_VALUE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 _HEADER_VALUE = re.compile(r"^[\x21-\x7e]{1,4096}$")
 
 
@@ -74,11 +74,6 @@ def object_name(model: str) -> str:
     base = re.sub(r"[^a-z0-9-]", "-", model.lower())[: 63 - 9].strip("-")
     digest = hashlib.sha256(model.encode()).hexdigest()[:8]
     return f"{base}-{digest}" if base else digest
-
-
-def label_value(model: str) -> str:
-    """``model`` when it is a valid label value, else its object name (which always is)."""
-    return model if _LABEL_VALUE.match(model) else object_name(model)
 
 
 def basis_points(weight: float) -> tuple[int, int]:
