@@ -5,8 +5,9 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# etcd-server and prometheus: the tests' kube-apiserver store and the Prometheus metrics source
-APT_PACKAGES := nginx wrk etcd-server prometheus
+# libnginx-mod-http-lua: the router routes from a Lua shared dict (no reloads); etcd-server and prometheus: the
+# tests' kube-apiserver store and the Prometheus metrics source
+APT_PACKAGES := nginx libnginx-mod-http-lua wrk etcd-server prometheus
 DEMO_ARGS ?=
 BENCH_ARGS ?=
 

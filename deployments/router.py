@@ -9,9 +9,13 @@ A model without ``canary`` sends all its traffic to ``stable``. With a canary, `
 requests go to it (nginx ``split_clients``, sticky per user header), or, with ``shadow: true``, stable answers all
 of them and each is copied to the canary (nginx ``mirror``), whose answer is only logged. ``X-Model-Version``
 pins a version and beats both, for the pipeline only: a pin without the stack's pin key
-(``X-Canaryflow-Pin-Key``, :meth:`NginxRouter.pin_credentials`) is refused with 403. Every change re-renders
-``nginx.conf`` from ``templates/nginx.conf.j2``, checks it with ``nginx -t`` before it replaces the live file,
-and reloads a running nginx gracefully; with client keep-alive off (the template) a reload loses no request.
+(``X-Canaryflow-Pin-Key``, :meth:`NginxRouter.pin_credentials`) is refused with 403.
+
+``nginx.conf`` (``templates/nginx.conf.j2``) holds no route and no key: nginx's Lua code routes from the route
+table (:mod:`deployments.route_table`), which a change replaces through the admin socket, at once and with no
+reload, so clients keep their keep-alive connections and lose nothing. The same table is written to a 0600 file
+that nginx loads when it starts. The config itself is rendered, checked with ``nginx -t`` and reloaded only when
+its own text changes (a new stack, an upgrade).
 """
 
 from __future__ import annotations
@@ -43,14 +47,18 @@ from canaryflow.core.paths import StatePaths
 from canaryflow.core.serving_contract import PIN_KEY_HEADER
 from canaryflow.core.settings import Settings
 from canaryflow.core.state import Route
+from deployments import route_table
 from deployments.access_log import rotated_indices, rotated_path
 from deployments.routes import CANARY_KEYS as _CANARY_KEYS
 from deployments.routes import MODEL_PATTERN, VERSION_PATTERN, Routes, validate_routes
 
-# The token is written into a double-quoted nginx string: allow only characters that cannot break out of it.
-_TOKEN_RE = re.compile(r"^[A-Za-z0-9._~+/=-]*$")
+# The pin key is written into a double-quoted nginx string: only characters that cannot break out of it.
+_TOKEN_RE = route_table.TOKEN_RE
 _GENERATION_MARK = "@@CANARYFLOW_GENERATION@@"
-_BEARER = re.compile(r'Authorization\s+"Bearer ([^"]*)"')
+_LUA_MODULE_DIRS = ("/usr/lib/nginx/modules", "/usr/lib64/nginx/modules", "/usr/local/nginx/modules")
+# A unix socket path must fit sockaddr_un (108 bytes with its NUL).
+_MAX_SOCKET_PATH = 100
+KEEPALIVE_TIMEOUT_S = 30
 # Package data (pyproject: deployments/templates/*). Found next to this module rather than through
 # importlib.resources, which fails on the editable install's multiplexed package path.
 _TEMPLATE = Path(__file__).with_name("templates") / "nginx.conf.j2"
@@ -60,10 +68,6 @@ SHADOW_URI = "/_canaryflow/shadow"
 SHADOW_TIMEOUT_S = 5
 """How long a shadow copy may take: its client's request stays open in nginx (and counted) until it is answered."""
 _apply_lock = threading.Lock()
-
-
-def _percent(weight: float) -> str:
-    return f"{weight:.2f}".rstrip("0").rstrip(".")
 
 
 class NginxRouter:
@@ -88,13 +92,34 @@ class NginxRouter:
     def error_log(self) -> Path:
         return self.paths.router_dir / "error.log"
 
+    @property
+    def table_file(self) -> Path:
+        """The route table nginx loads at start (0600: it holds the inference key)."""
+        return self.paths.router_dir / "routes.table"
+
+    @property
+    def admin_socket(self) -> Path:
+        """The admin socket: in the router's owner-only dir, or in an owner-only dir under /tmp named after it
+        when that path is too long for a unix socket."""
+        path = self.paths.router_dir / "admin.sock"
+        if len(str(path)) <= _MAX_SOCKET_PATH:
+            return path
+        digest = hashlib.sha256(str(self.paths.router_dir).encode()).hexdigest()[:16]
+        return Path(tempfile.gettempdir()) / f"canaryflow-router-{os.geteuid()}-{digest}" / "admin.sock"
+
+    @property
+    def admin(self) -> route_table.AdminSocket:
+        return route_table.AdminSocket(self.admin_socket, self.reload_timeout_s)
+
     def _nginx(self, conf: Path, *extra: str) -> list[str]:
         return [self.nginx_bin, "-c", str(conf), "-p", f"{self.paths.router_dir}/", "-e", str(self.error_log),
                 *extra]
 
     def command(self) -> list[str]:
-        """The foreground nginx command line for supervisord."""
-        return self._nginx(self.paths.router_conf, "-g", "daemon off;")
+        """The foreground nginx command line for supervisord. A killed nginx leaves its admin socket behind, and
+        nginx cannot bind over it: the shell removes it, then becomes nginx (exec: same pid)."""
+        return ["/bin/sh", "-c", 'rm -f -- "$0" && exec "$@"', str(self.admin_socket),
+                *self._nginx(self.paths.router_conf, "-g", "daemon off;")]
 
     # -- state -------------------------------------------------------------------------------------
     def routes(self) -> Routes:
@@ -144,30 +169,20 @@ class NginxRouter:
             self.apply(routes)
 
     # -- rendering ---------------------------------------------------------------------------------
-    def render(self, routes: Mapping[str, Mapping[str, Any]]) -> str:
-        """nginx.conf for ``routes`` with TorchServe's current inference key; writes nothing."""
-        token = self.token_provider() or ""
-        if not _TOKEN_RE.match(token):
-            raise ServingError("the TorchServe inference key has unexpected characters; not rendering it")
+    def render(self) -> str:
+        """nginx.conf: listeners, guards, logs, the Lua routing and the pin key; no route and no inference key."""
         pin_key = self.pin_key_provider()
         if not pin_key or not _TOKEN_RE.match(pin_key):
             raise ServingError("the router's pin key is empty or has unexpected characters; not rendering it")
         s, d = self.settings, self.paths.router_dir
         env = jinja2.Environment(undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
                                  keep_trailing_newline=True, autoescape=False)
-        # Model names are [A-Za-z0-9_.-]: "." is the only regex metacharacter; "[.]" needs no backslash.
-        env.filters["regex"] = lambda name: name.replace(".", "[.]")
         template = env.from_string(_TEMPLATE.read_text(encoding="utf-8"))
-        checked = validate_routes(routes)
-        canaries = {m: r for m, r in sorted(checked.items()) if "canary" in r}
-        live = {m: r for m, r in canaries.items() if not r["shadow"]}
         user_header = s.canary.user_header
         text = template.render(
-            routes=checked, token=token, pin_key=pin_key, worker_user=_worker_user(),
-            splits=[{"model": m, "stable": r["stable"], "canary": r["canary"], "percent": _percent(r["weight"])}
-                    for m, r in live.items() if r["weight"] < 100],
-            full_canary=[m for m, r in live.items() if r["weight"] >= 100],
-            shadow_models=[m for m, r in canaries.items() if r["shadow"]], shadow_uri=SHADOW_URI,
+            pin_key=pin_key, worker_user=_worker_user(), module_dir=_lua_module_dir(),
+            lua_dir=_TEMPLATE.parent, table_file=self.table_file, admin_socket=self.admin_socket,
+            keepalive_timeout_s=KEEPALIVE_TIMEOUT_S, shadow_uri=SHADOW_URI,
             user_header=user_header, user_var="http_" + user_header.lower().replace("-", "_"),
             listen=_hostport(s.host, s.ports.router),
             upstream=_hostport(s.host, s.ports.torchserve_inference),
@@ -180,71 +195,100 @@ class NginxRouter:
         generation = hashlib.sha256(text.encode()).hexdigest()[:12]
         return text.replace(_GENERATION_MARK, generation)
 
+    def table(self, routes: Mapping[str, Mapping[str, Any]]) -> str:
+        """The route table for ``routes`` with TorchServe's current inference key; writes nothing."""
+        return route_table.build(validate_routes(routes), self.token_provider() or "")
+
     # -- applying ----------------------------------------------------------------------------------
     def write_initial_config(self) -> None:
-        """Render nginx.conf from the current routes (or none) so nginx can start."""
+        """Render nginx.conf and the route table from the current routes (or none) so nginx can start."""
         self.apply(self.routes())
 
     def refresh(self) -> None:
-        """Re-render with the current routes, e.g. after TorchServe restarted with a new key."""
+        """Route with TorchServe's current inference key (after it restarted or the key was renewed): the route
+        table again, no reload."""
         self.apply(self.routes())
 
     def pin_credentials(self) -> dict[str, str]:
         """The header that lets the pipeline's own requests pin a version (``X-Model-Version``)."""
         return {PIN_KEY_HEADER: self.pin_key_provider()}
 
-    def credentials_stale(self) -> bool:
-        """Whether the live nginx.conf carries another inference key than TorchServe's current one (TorchServe
-        restarted and the router was not re-rendered: every request would answer 401). False with no config yet."""
+    def live_table(self) -> str | None:
+        """The route table the router routes with: the running nginx's, else the file it starts with (None:
+        neither yet)."""
+        if self.running_pid() is not None and self.admin_socket.exists():
+            return self.admin.live() or None
         try:
-            found = _BEARER.search(self.paths.router_conf.read_text())
+            return self.table_file.read_text()
         except FileNotFoundError:
-            return False
+            return None
         except OSError as exc:
-            raise ServingError(f"cannot read {self.paths.router_conf}: {exc}") from exc
-        current = self.token_provider()
-        return found is not None and bool(current) and found.group(1) != current
+            raise ServingError(f"cannot read {self.table_file}: {exc}") from exc
+
+    def credentials_stale(self) -> bool:
+        """Whether the router routes with another table than routes.json with TorchServe's current inference key:
+        TorchServe restarted and the router was not refreshed (every request would answer 401), or nginx started
+        from the file just before a change reached it. :meth:`refresh` repairs both. False with no table yet."""
+        live = self.live_table()
+        if live is None or not self.token_provider():
+            return False
+        return route_table.generation(live) != route_table.generation(self.table(self.routes()))
 
     def apply(self, routes: Mapping[str, Mapping[str, Any]]) -> None:
-        """Make ``routes`` live: write routes.json and a checked nginx.conf, then reload nginx if running.
+        """Make ``routes`` live: write routes.json and the route table, and put the table into a running nginx
+        through its admin socket (it routes the next request; no reload). nginx.conf is rendered too and, only
+        when its text changed, checked with ``nginx -t`` and reloaded.
 
-        Raises ServingError (with nginx's message) and leaves the old files in place when the new
-        config is invalid.
+        Raises ServingError (with nginx's message) and leaves the old files in place when a new config is invalid.
         """
         checked = validate_routes(routes)
         with self._locked():
             self._ensure_dirs()
-            text = self.render(checked)
-            conf = self.paths.router_conf
-            tmp = _write_tmp(conf, text, mode=0o600)  # it holds the inference key
-            try:
-                self._check(tmp)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
-            os.replace(tmp, conf)
+            table = self.table(checked)
+            self._ensure_config()
+            os.replace(_write_tmp(self.table_file, table, mode=0o600), self.table_file)  # it holds the key
             state = json.dumps({"routes": checked}, indent=2, sort_keys=True) + "\n"
             os.replace(_write_tmp(self.paths.router_state, state, mode=0o644), self.paths.router_state)
-            pid = self.running_pid()
-            if pid is not None:
-                os.kill(pid, signal.SIGHUP)
-                self._wait_generation(_generation_of(text))
+            if self.running_pid() is not None:
+                self.admin.put(table)
+
+    def _ensure_config(self) -> None:
+        """nginx.conf as rendered now; a changed one is checked first and a running nginx reloaded with it."""
+        text = self.render()
+        conf = self.paths.router_conf
+        try:
+            if conf.read_text() == text:
+                return
+        except FileNotFoundError:
+            pass
+        tmp = _write_tmp(conf, text, mode=0o600)
+        try:
+            self._check(tmp)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        os.replace(tmp, conf)
+        pid = self.running_pid()
+        if pid is not None:
+            os.kill(pid, signal.SIGHUP)
+            self._wait_generation(_generation_of(text))
 
     # -- logs --------------------------------------------------------------------------------------------
     def rotate_logs(self, max_bytes: int, keep: int) -> bool:
         """Rotate each of the access log and the error log that is over ``max_bytes``: ``access.log`` becomes
         ``access.log.1``, ``.1`` becomes ``.2`` ... up to ``.<keep>`` (the oldest is dropped, as are files past
         ``keep`` left by a larger setting), a new empty owner-only (0600) file takes its place, and a running nginx
-        is reloaded to write to the new files. True when a file was rotated.
+        writes to the new files. True when a file was rotated.
 
-        A reload (SIGHUP), not nginx's USR1: when the router starts as root its workers run as nobody and, on USR1,
-        reopen the logs by name themselves, which they cannot in the 0700 state dir (measured: "open() failed (13:
-        Permission denied)", and the workers kept writing to the renamed file, while the master chowned the new one
-        to nobody). A reload's new workers get the master's newly opened files; the old ones finish their requests
-        and write those lines to the renamed file, where the readers find them (deployments/access_log.py). With
-        client keep-alive off a reload loses no request. Holds the apply lock: a route change cannot interleave.
-        Raises ServingError when nginx did not take the new files within ``reload_timeout_s`` (the renamed files
-        stay: no line is lost, the readers read them)."""
+        How nginx takes the new files depends on who runs it. Started as a user, its workers run as that user and
+        reopen the logs themselves on USR1: no reload, so keep-alive clients lose nothing. Started as root, its
+        workers run as nobody and cannot reopen anything in the 0700 state dir (measured: "open() failed (13:
+        Permission denied)", and they kept writing to the renamed file), so it is a reload (SIGHUP): the new
+        workers get the master's newly opened files, the old ones finish their requests and write those lines to
+        the renamed file, where the readers find them (deployments/access_log.py); a reload closes idle keep-alive
+        client connections (shared/FACTS.md). Holds the apply lock: a route change cannot interleave. Raises
+        ServingError when nginx did not take the new files within ``reload_timeout_s`` (the renamed files stay: no
+        line is lost, the readers read them)."""
         if max_bytes < 0 or keep < 1:
             raise ValueError(f"rotate_logs needs max_bytes >= 0 and keep >= 1, not {max_bytes} and {keep}")
         with self._locked():
@@ -255,7 +299,7 @@ class NginxRouter:
                 return False
             pid = self.running_pid()
             if pid is not None:
-                os.kill(pid, signal.SIGHUP)
+                os.kill(pid, signal.SIGHUP if _worker_user() else signal.SIGUSR1)
                 self._wait_reopened(pid, {_file_id(log) for log in logs})
         return True
 
@@ -317,6 +361,12 @@ class NginxRouter:
         self.paths.router_dir.mkdir(parents=True, exist_ok=True)
         for name in _TEMP_DIRS:
             (self.paths.router_dir / "tmp" / name).mkdir(parents=True, exist_ok=True)
+        sockets = self.admin_socket.parent
+        if sockets != self.paths.router_dir:
+            sockets.mkdir(mode=0o700, parents=True, exist_ok=True)
+            st = sockets.stat()  # under /tmp: another user could have made it first
+            if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+                raise ServingError(f"{sockets} (the router's admin socket dir) must be this user's own, mode 0700")
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -404,6 +454,15 @@ def _open_files(pid: int) -> set[tuple[int, int]]:
             continue
         out.add((st.st_dev, st.st_ino))
     return out
+
+
+def _lua_module_dir() -> str:
+    """Where nginx's Lua module (Debian: libnginx-mod-http-lua) and its NDK dependency are installed."""
+    for candidate in _LUA_MODULE_DIRS:
+        if Path(candidate, "ngx_http_lua_module.so").exists():
+            return candidate
+    raise ServingError("the router needs nginx's Lua module: apt-get install libnginx-mod-http-lua (`make setup` "
+                       "does)")
 
 
 def _hostport(host: str, port: int) -> str:

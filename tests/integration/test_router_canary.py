@@ -1,4 +1,4 @@
-"""Canary routing on the real nginx: weighted split, sticky users, shadow copies, pins, reloads under load.
+"""Canary routing on the real nginx: weighted split, sticky users, shadow copies, pins, route changes under load.
 
 The recording stand-in for TorchServe and the helpers come from test_router_nginx.py. Tolerances are statistical
 (binomial, 4 sigma), never timing-based: the suite shares 2 cores.
@@ -9,6 +9,8 @@ from __future__ import annotations
 import http.client
 import json
 import math
+import os
+import signal
 import threading
 import time
 from collections import Counter
@@ -26,6 +28,7 @@ from test_router_nginx import (
     running_nginx,
 )
 
+from canaryflow.core.errors import ServingError
 from deployments.metrics import AccessLogMetrics
 from deployments.router import SHADOW_TIMEOUT_S, SHADOW_URI, NginxRouter
 
@@ -76,13 +79,31 @@ def within_binomial(hits: int, n: int, percent: float, sigmas: float = 4.0) -> b
     return abs(hits - n * p) <= sigmas * math.sqrt(n * p * (1 - p))
 
 
-def test_every_kind_of_route_passes_nginx_check(upstream: Upstream, tmp_path: Path) -> None:
+def test_every_kind_of_route_is_taken_by_nginx_and_routed(upstream: Upstream, tmp_path: Path) -> None:
     r = make_router(tmp_path / "state", upstream.server_address[1])
-    r.apply({"iris": {"stable": "1", "canary": "2", "weight": 0.01}, "wine.v2": {"stable": "a.1", "canary": "b-2",
-             "weight": 99.99}, "full": {"stable": "1", "canary": "2", "weight": 100},
-             "shadow_a": {"stable": "1", "canary": "2", "shadow": True},
-             "shadow.b": {"stable": "3", "canary": "4", "weight": 10, "shadow": True}, "plain": {"stable": "7"}})
-    assert r.paths.router_conf.read_text().count("mirror ") == 2  # real `nginx -t` accepted it
+    routes = {"iris": {"stable": "1", "canary": "2", "weight": 0.01}, "wine.v2": {"stable": "a.1", "canary": "b-2",
+              "weight": 99.99}, "full": {"stable": "1", "canary": "2", "weight": 100},
+              "shadow_a": {"stable": "1", "canary": "2", "shadow": True},
+              "shadow.b": {"stable": "3", "canary": "4", "weight": 10, "shadow": True}, "plain": {"stable": "7"}}
+    r.apply({"plain": {"stable": "7"}})  # real `nginx -t` accepted the config
+    with running_nginx(r):
+        r.apply(routes)  # the admin socket's Lua parser took the table
+        assert r.live_table() == r.table_file.read_text() and not r.credentials_stale()
+        assert version_of(r, model="full") == "2" and version_of(r, model="plain") == "7"
+        assert version_of(r, model="shadow_a") == "1" and version_of(r, model="shadow.b") == "3"
+    with running_nginx(r):  # a restarted nginx routes from the file
+        assert r.live_table() == r.table_file.read_text()
+        assert version_of(r, model="full") == "2"
+
+
+def test_the_admin_socket_refuses_a_broken_table_and_keeps_the_live_one(router: NginxRouter) -> None:
+    live = router.live_table()
+    for text in ["", "gen 0123\nroute iris 1 - 20000 0\n", "gen 0123\nroute ../x 1 - 0 0\n",
+                 "gen 0123\nauth a b\n", "route iris 1 - 0 0\n"]:
+        with pytest.raises(ServingError, match="refused the route table"):
+            router.admin.put(text)
+    assert router.live_table() == live
+    assert version_of(router) == STABLE
 
 
 @pytest.mark.parametrize("weight", [5, 25, 50])
@@ -120,7 +141,9 @@ def test_sticky_users_keep_their_version_across_requests_reloads_and_a_growing_w
     router.set_split("iris", STABLE, CANARY, 25)
     at_25 = assignment(rounds=3)
     assert within_binomial(sum(v == CANARY for v in at_25.values()), len(users), 25)
-    router.set_route("other", "9")  # a real reload (another config) at the same weight
+    router.set_route("other", "9")  # another route change at the same weight
+    assert assignment(rounds=1) == at_25
+    os.kill(router.running_pid(), signal.SIGHUP)  # and a reload: nginx loads the same table from its file
     assert assignment(rounds=1) == at_25
     router.set_split("iris", STABLE, CANARY, 50)
     at_50 = assignment(rounds=2)
@@ -220,12 +243,12 @@ def test_pin_beats_split_and_shadow(router: NginxRouter, upstream: Upstream, see
 def test_weight_changes_under_load_lose_no_request(router: NginxRouter, seen: list[dict]) -> None:
     results: list[tuple[int, str]] = []
     failures: list[str] = []
+    sockets: set[int] = set()
     stop = threading.Event()
 
     def client(k: int) -> None:
-        # One connection object per client, as real clients pool them: nginx answers "Connection: close"
-        # (keepalive_timeout 0) and http.client reconnects. With client keep-alive on, a reload would reset
-        # requests sent on idle connections (FACTS.md) and this test would fail.
+        # One keep-alive connection per client, as real clients pool them. A reload would reset requests sent on
+        # idle keep-alive connections (FACTS.md) and this test would fail: route changes are reload-free.
         conn = http.client.HTTPConnection("127.0.0.1", router.settings.ports.router, timeout=10)
         i = 0
         while not stop.is_set():
@@ -242,6 +265,7 @@ def test_weight_changes_under_load_lose_no_request(router: NginxRouter, seen: li
             if resp.status != 200:
                 failures.append(f"HTTP {resp.status}: {body[:200]!r}")
             results.append((resp.status, resp.headers.get("X-Model-Version", "")))
+            sockets.add(id(conn.sock))  # None after "Connection: close": keep-alive would be off
         conn.close()
 
     weights = [5, 25, 50, 75, 10, 0.5, 99.5, 33.33, 60, 15] * 2 + [40, 20]
@@ -263,5 +287,6 @@ def test_weight_changes_under_load_lose_no_request(router: NginxRouter, seen: li
             t.join(15)
         router.clear_canary("iris")
     assert failures == []
+    assert len(sockets) == len(threads) and id(None) not in sockets  # each client kept its one connection
     assert len(weights) >= 20 and len(results) > 200
     assert {v for _, v in results} == {STABLE, CANARY}

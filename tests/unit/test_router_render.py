@@ -1,4 +1,5 @@
-"""The nginx router's rendering and state handling, without starting nginx."""
+"""The nginx router's rendering, route table and state handling, without starting nginx (the Lua routing itself
+runs against the real nginx in tests/integration/test_router_canary.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 from canaryflow.core.errors import ServingError
 from canaryflow.core.paths import StatePaths
 from canaryflow.core.settings import Ports, Settings
+from deployments import route_table
 from deployments import router as router_mod
 from deployments.router import SHADOW_URI, NginxRouter
 from deployments.routes import TrafficRouter, validate_routes
@@ -26,7 +28,16 @@ def router(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> NginxRouter:
         torchserve_metrics=METRICS_PORT))
     r = NginxRouter(settings, StatePaths(settings.state_dir), lambda: TOKEN)
     monkeypatch.setattr(r, "_check", lambda conf: None)  # no nginx binary needed here
+    monkeypatch.setattr(router_mod, "_lua_module_dir", lambda: "/usr/lib/nginx/modules")
     return r
+
+
+def _table(router: NginxRouter) -> str:
+    return router.table_file.read_text()
+
+
+def _route_lines(table: str) -> list[str]:
+    return [line for line in table.splitlines() if line.startswith("route ")]
 
 
 def _map_block(conf: str, variable: str) -> str:
@@ -41,64 +52,72 @@ def _location(conf: str, name: str) -> str:
     return match.group(1)
 
 
-def _splits(conf: str) -> dict[str, tuple[str, list[str]]]:
-    """{variable: (key, bucket lines)} of every split_clients block."""
-    blocks = re.findall(r'split_clients "(.*?)" \$(\S+) \{(.*?)\n    \}', conf, re.S)
-    return {var: (key, [line.strip() for line in body.strip().splitlines()]) for key, var, body in blocks}
-
-
 def test_nginx_router_is_a_traffic_router(router: NginxRouter) -> None:
     assert isinstance(router, NginxRouter)
     _: TrafficRouter = router
 
 
-def test_render_routes_each_model_to_its_stable_version(router: NginxRouter) -> None:
-    conf = router.render({"iris": {"stable": "3"}, "wine.v2": {"stable": "12"}})
-    stable = _map_block(conf, "cf_stable")
-    assert '"~^iris$" "3";' in stable
-    assert '"~^wine[.]v2$" "12";' in stable
+def test_the_config_holds_no_route_and_no_key(router: NginxRouter) -> None:
+    router.apply({"iris": {"stable": "3"}, "wine.v2": {"stable": "12", "canary": "13", "weight": 5}})
+    conf = router.paths.router_conf.read_text()
+    assert TOKEN not in conf and "iris" not in conf and "wine" not in conf
     assert "proxy_pass http://torchserve/predictions/$cf_model/$cf_version;" in conf
+    assert "proxy_set_header Authorization $cf_auth;" in conf
+    assert f'require("canaryflow_router").load("{router.table_file}")' in conf
+    assert f"listen unix:{router.admin_socket};" in conf
+    assert "load_module /usr/lib/nginx/modules/ngx_http_lua_module.so;" in conf
+    assert re.search(r"keepalive_timeout \d+s;", conf) and "keepalive_timeout 0;" not in conf
+
+
+def test_the_route_table_routes_each_model(router: NginxRouter) -> None:
+    router.apply({"iris": {"stable": "3"}, "wine.v2": {"stable": "12"}})
+    table = _table(router)
+    assert _route_lines(table) == ["route iris 3 - 0 0", "route wine.v2 12 - 0 0"]
+    assert f"\nauth {TOKEN}\n" in table and table.startswith("gen ")
+    assert router.table_file.stat().st_mode & 0o077 == 0  # it holds the inference key
 
 
 def test_render_with_no_routes_is_complete(router: NginxRouter) -> None:
-    conf = router.render({})
-    assert 'default "";' in _map_block(conf, "cf_stable")
+    router.write_initial_config()
+    assert _route_lines(_table(router)) == []
+    conf = router.paths.router_conf.read_text()
     assert "routed models" not in conf  # a 404 never lists what else is served
     assert "client_header_timeout 5s;" in conf and "limit_conn cf_per_client 512;" in conf
 
 
-def test_render_injects_the_token_and_replaces_the_clients(router: NginxRouter) -> None:
-    conf = router.render({"iris": {"stable": "1"}, "wine": {"stable": "1", "canary": "2", "shadow": True}})
-    headers = re.findall(r"proxy_set_header Authorization (.*);", conf)
-    assert headers == [f'"Bearer {TOKEN}"'] * 3  # /predictions/, wine's shadow location, the shadow copy
-    assert conf.count("Authorization") == 3
-
-
-def test_render_reads_the_token_at_each_render(router: NginxRouter) -> None:
-    tokens = iter(["first", "second"])
+def test_the_table_reads_the_key_at_each_change(router: NginxRouter) -> None:
+    tokens = iter(["first", "second", ""])
     router.token_provider = lambda: next(tokens)
-    assert "Bearer first" in router.render({})
-    assert "Bearer second" in router.render({})
+    assert "\nauth first\n" in router.table({})
+    assert "\nauth second\n" in router.table({})
+    assert "\nauth -\n" in router.table({})  # no key: no Authorization header at all
 
 
-def test_render_refuses_a_token_that_could_break_the_config(router: NginxRouter) -> None:
-    router.token_provider = lambda: 'abc"; return 200 "x'
+def test_a_key_that_could_break_the_table_is_refused(router: NginxRouter) -> None:
+    router.token_provider = lambda: "abc\nroute evil 1 - 0 0"
     with pytest.raises(ServingError, match="unexpected characters"):
-        router.render({})
+        router.table({})
+
+
+def test_render_refuses_a_pin_key_that_could_break_the_config(router: NginxRouter) -> None:
+    router.pin_key_provider = lambda: 'abc"; return 200 "x'
+    with pytest.raises(ServingError, match="unexpected characters"):
+        router.render()
 
 
 def test_render_listens_on_the_router_port_and_proxies_to_inference_only(router: NginxRouter) -> None:
-    conf = router.render({"iris": {"stable": "1"}})
-    assert re.findall(r"^\s*listen (\S+);", conf, re.M) == [f"127.0.0.1:{ROUTER_PORT}"]
+    conf = router.render()
+    assert re.findall(r"^\s*listen (\S+);", conf, re.M) == [f"127.0.0.1:{ROUTER_PORT}",
+                                                             f"unix:{router.admin_socket}"]
     assert re.findall(r"^\s*server (\S+);", conf, re.M) == [f"127.0.0.1:{INFERENCE_PORT}"]
     assert str(MANAGEMENT_PORT) not in conf and str(METRICS_PORT) not in conf
 
 
 def test_no_location_reaches_the_management_api(router: NginxRouter) -> None:
-    conf = router.render({"iris": {"stable": "1"}})
+    conf = router.render()
     locations = re.findall(r"^\s*location (.+?) \{", conf, re.M)
     assert locations == ["= /ping", "/predictions/", f"= {SHADOW_URI}", "/", "@upstream_unavailable",
-                         "@upstream_timeout", "@not_found", "@too_large"]
+                         "@upstream_timeout", "@not_found", "@too_large", "= /routes", "/"]
     assert re.findall(r"proxy_pass (\S+);", conf) == ["http://torchserve/predictions/$cf_model/$cf_version",
                                                       "http://torchserve/predictions/$cf_model/$cf_canary"]
     assert "internal;" in _location(conf, f"= {SHADOW_URI}")
@@ -107,26 +126,46 @@ def test_no_location_reaches_the_management_api(router: NginxRouter) -> None:
     assert "/models" not in conf and "/api" not in conf
 
 
-def test_credentials_are_stale_when_the_live_config_holds_another_key(router: NginxRouter) -> None:
-    assert not router.credentials_stale()  # no config yet
+def test_the_admin_socket_is_owner_only_and_fits_a_unix_socket(router: NginxRouter, tmp_path: Path) -> None:
+    assert router.admin_socket.parent == router.paths.router_dir  # the state dir's router dir (0700)
+    deep = tmp_path / ("d" * 120)
+    long = NginxRouter(router.settings, StatePaths(deep), lambda: TOKEN)
+    assert len(str(long.admin_socket)) < 108 and long.admin_socket.parent != long.paths.router_dir
+    long._ensure_dirs()
+    assert long.admin_socket.parent.stat().st_mode & 0o077 == 0
+    assert long.admin_socket == NginxRouter(router.settings, StatePaths(deep), lambda: TOKEN).admin_socket
+    long.admin_socket.parent.rmdir()
+
+
+def test_credentials_are_stale_when_the_live_table_holds_another_key(router: NginxRouter) -> None:
+    assert not router.credentials_stale()  # no table yet
     router.write_initial_config()
     assert not router.credentials_stale()
     router.token_provider = lambda: "tok-after-restart"
     assert router.credentials_stale()
     router.refresh()
-    assert not router.credentials_stale() and "tok-after-restart" in router.paths.router_conf.read_text()
+    assert not router.credentials_stale() and "\nauth tok-after-restart\n" in _table(router)
+
+
+def test_a_table_behind_routes_json_is_stale_too(router: NginxRouter) -> None:
+    router.set_route("iris", "1")
+    router.paths.router_state.write_text(json.dumps({"routes": {"iris": {"stable": "2"}}}))
+    assert router.credentials_stale()  # nginx started from the file just before a change reached it
+    router.refresh()
+    assert not router.credentials_stale() and _route_lines(_table(router)) == ["route iris 2 - 0 0"]
 
 
 def test_render_validates_the_version_pin(router: NginxRouter) -> None:
-    conf = router.render({"iris": {"stable": "1"}})
+    conf = router.render()
     assert '"~^[0-9A-Za-z._-]{1,32}$" 0;' in _map_block(conf, "cf_pin_invalid")
     assert "default 1;" in _map_block(conf, "cf_pin_invalid")
     assert '"~^[0-9A-Za-z._-]{1,32}$" $http_x_model_version;' in _map_block(conf, "cf_version")
+    assert '"" $cf_routed;' in _map_block(conf, "cf_version")  # a valid pin still wins: tested against nginx
     assert "if ($cf_pin_invalid)" in conf and "return 400" in conf
 
 
 def test_render_has_a_json_access_log_and_request_ids(router: NginxRouter) -> None:
-    conf = router.render({})
+    conf = router.render()
     assert "log_format canaryflow escape=json" in conf
     assert f"access_log {router.paths.router_access_log} canaryflow buffer=64k flush=1s;" in conf
     assert "add_header X-Request-ID $cf_request_id always;" in conf
@@ -134,14 +173,11 @@ def test_render_has_a_json_access_log_and_request_ids(router: NginxRouter) -> No
 
 
 def test_generation_changes_with_routes_and_token(router: NginxRouter) -> None:
-    def generation(conf: str) -> str:
-        return re.search(r"generation ([0-9a-f]{12})", conf).group(1)
-
-    a = generation(router.render({"iris": {"stable": "1"}}))
-    assert a == generation(router.render({"iris": {"stable": "1"}}))
-    assert a != generation(router.render({"iris": {"stable": "2"}}))
+    a = route_table.generation(router.table({"iris": {"stable": "1"}}))
+    assert a == route_table.generation(router.table({"iris": {"stable": "1"}}))
+    assert a != route_table.generation(router.table({"iris": {"stable": "2"}}))
     router.token_provider = lambda: "other"
-    assert a != generation(router.render({"iris": {"stable": "1"}}))
+    assert a != route_table.generation(router.table({"iris": {"stable": "1"}}))
 
 
 @pytest.mark.parametrize("routes", [
@@ -154,7 +190,7 @@ def test_generation_changes_with_routes_and_token(router: NginxRouter) -> None:
 def test_invalid_routes_are_refused(router: NginxRouter, routes: dict) -> None:
     with pytest.raises(ServingError):
         router.apply(routes)
-    assert not router.paths.router_state.exists()
+    assert not router.paths.router_state.exists() and not router.table_file.exists()
 
 
 def test_routes_round_trip_through_routes_json(router: NginxRouter) -> None:
@@ -167,8 +203,7 @@ def test_routes_round_trip_through_routes_json(router: NginxRouter) -> None:
     router.remove_route("wine")
     router.remove_route("absent")
     assert router.routes() == {"iris": {"stable": "3"}}
-    assert '"~^iris$" "3";' in router.paths.router_conf.read_text()
-    assert "wine" not in router.paths.router_conf.read_text()
+    assert _route_lines(_table(router)) == ["route iris 3 - 0 0"]
 
 
 def test_set_route_keeps_other_route_keys_and_clears_the_canary(router: NginxRouter) -> None:
@@ -184,8 +219,7 @@ def test_config_is_private_and_no_temp_files_remain(router: NginxRouter) -> None
     assert all((router.paths.router_dir / "tmp" / d).is_dir() for d in router_mod._TEMP_DIRS)
 
 
-def test_apply_with_an_invalid_config_keeps_the_old_one(router: NginxRouter,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_invalid_config_keeps_the_old_files(router: NginxRouter, monkeypatch: pytest.MonkeyPatch) -> None:
     router.set_route("iris", "1")
     conf_before = router.paths.router_conf.read_text()
     state_before = router.paths.router_state.read_text()
@@ -194,6 +228,7 @@ def test_apply_with_an_invalid_config_keeps_the_old_one(router: NginxRouter,
         raise ServingError('nginx rejected the new router config: [emerg] unknown directive "bogus"')
 
     monkeypatch.setattr(router, "_check", reject)
+    router.settings.serving.response_timeout_s += 1  # a config change (a route change alone is not one)
     with pytest.raises(ServingError, match="bogus"):
         router.set_route("iris", "2")
     assert router.paths.router_conf.read_text() == conf_before
@@ -216,88 +251,79 @@ def test_check_reports_nginx_message(router: NginxRouter, monkeypatch: pytest.Mo
     assert "-t" in calls[0]
 
 
-def test_apply_reloads_only_a_running_nginx(router: NginxRouter, monkeypatch: pytest.MonkeyPatch) -> None:
-    router.set_route("iris", "1")  # nothing running: no signal, no wait
+def test_a_route_change_never_reloads_a_running_nginx(router: NginxRouter, monkeypatch: pytest.MonkeyPatch) -> None:
+    router.set_route("iris", "1")  # nothing running: no signal, no put
     router.paths.router_dir.joinpath("nginx.pid").write_text("999999999\n")
     assert router.running_pid() is None
     signals: list[tuple[int, int]] = []
     waited: list[str] = []
+    put: list[str] = []
     monkeypatch.setattr(router, "running_pid", lambda: 4242)
     monkeypatch.setattr(router_mod.os, "kill", lambda pid, sig: signals.append((pid, sig)))
     monkeypatch.setattr(router, "_wait_generation", waited.append)
+    monkeypatch.setattr(route_table.AdminSocket, "put", lambda self, text: put.append(text))
     router.set_route("iris", "2")
+    router.set_split("iris", "2", "3", 25)
+    assert signals == [] and waited == []
+    assert [_route_lines(text) for text in put] == [["route iris 2 - 0 0"], ["route iris 2 3 2500 0"]]
+    router.settings.serving.response_timeout_s += 1  # the config's own text changed: that one reloads
+    router.refresh()
     assert signals == [(4242, router_mod.signal.SIGHUP)]
     assert waited and waited[0] in router.paths.router_conf.read_text()
 
 
 def test_command_runs_nginx_in_the_foreground(router: NginxRouter) -> None:
     cmd = router.command()
-    assert cmd[0] == router.nginx_bin
-    assert cmd[cmd.index("-c") + 1] == str(router.paths.router_conf)
-    assert cmd[cmd.index("-p") + 1].rstrip("/") == str(router.paths.router_dir)
-    assert cmd[-2:] == ["-g", "daemon off;"]
+    assert cmd[:2] == ["/bin/sh", "-c"] and cmd[3] == str(router.admin_socket)  # a stale socket is removed first
+    nginx = cmd[4:]
+    assert nginx[0] == router.nginx_bin
+    assert nginx[nginx.index("-c") + 1] == str(router.paths.router_conf)
+    assert nginx[nginx.index("-p") + 1].rstrip("/") == str(router.paths.router_dir)
+    assert nginx[-2:] == ["-g", "daemon off;"]
 
 
 def test_write_initial_config_with_no_routes(router: NginxRouter) -> None:
     router.write_initial_config()
-    assert router.paths.router_conf.exists()
+    assert router.paths.router_conf.exists() and router.table_file.exists()
     assert json.loads(router.paths.router_state.read_text()) == {"routes": {}}
 
 
 # -- canary: weighted split, sticky users, shadow --------------------------------------------------------------------
 
 
-def test_split_renders_a_sticky_split_with_the_canary_first(router: NginxRouter) -> None:
-    conf = router.render({"iris": {"stable": "1", "canary": "2", "weight": 25},
-                          "wine.v2": {"stable": "3", "canary": "4", "weight": 0.5}, "plain": {"stable": "9"}})
-    assert _splits(conf) == {
-        "cf_split_0": ("${cf_model}:${cf_split_key}", ['25% "2";', '* "1";']),
-        "cf_split_1": ("${cf_model}:${cf_split_key}", ['0.5% "4";', '* "3";']),
-    }
-    routed = _map_block(conf, "cf_routed")
-    assert "default $cf_stable;" in routed
-    assert '"~^iris$" $cf_split_0;' in routed and '"~^wine[.]v2$" $cf_split_1;' in routed
-    assert "plain" not in routed
-    assert '"" $cf_routed;' in _map_block(conf, "cf_version")  # a valid pin still wins: tested against nginx
-    assert '"~^iris$" "2";' in _map_block(conf, "cf_canary")
-    assert "mirror" not in conf.replace("mirrored", "")
+def test_a_split_is_a_share_in_basis_points(router: NginxRouter) -> None:
+    router.apply({"iris": {"stable": "1", "canary": "2", "weight": 25},
+                  "wine.v2": {"stable": "3", "canary": "4", "weight": 0.5}, "plain": {"stable": "9"},
+                  "full": {"stable": "1", "canary": "2", "weight": 100}})
+    assert _route_lines(_table(router)) == ["route full 1 2 10000 0", "route iris 1 2 2500 0",
+                                            "route plain 9 - 0 0", "route wine.v2 3 4 50 0"]
+
+
+@pytest.mark.parametrize(("weight", "bp"), [(5, 500), (12.25, 1225), (0.01, 1), (99.99, 9999), (50.0, 5000)])
+def test_split_shares(router: NginxRouter, weight: float, bp: int) -> None:
+    assert _route_lines(router.table({"iris": {"stable": "1", "canary": "2", "weight": weight}})) == [
+        f"route iris 1 2 {bp} 0"]
 
 
 def test_split_key_is_the_user_header_else_the_request_id(router: NginxRouter) -> None:
-    key = _map_block(router.render({}), "cf_split_key")
+    key = _map_block(router.render(), "cf_split_key")
     assert '"" $request_id;' in key and "default $http_x_user_id;" in key
     router.settings.canary.user_header = "X-Tenant-Key"
-    key = _map_block(router.render({}), "cf_split_key")
-    assert "map $http_x_tenant_key $cf_split_key" in router.render({})
-    assert "default $http_x_tenant_key;" in key
+    conf = router.render()
+    assert "map $http_x_tenant_key $cf_split_key" in conf
+    assert "default $http_x_tenant_key;" in _map_block(conf, "cf_split_key")
 
 
-@pytest.mark.parametrize(("weight", "bucket"), [(5, '5% "2";'), (12.25, '12.25% "2";'), (0.01, '0.01% "2";'),
-                                                (99.99, '99.99% "2";'), (50.0, '50% "2";')])
-def test_split_percent_formats(router: NginxRouter, weight: float, bucket: str) -> None:
-    conf = router.render({"iris": {"stable": "1", "canary": "2", "weight": weight}})
-    assert _splits(conf)["cf_split_0"][1] == [bucket, '* "1";']
-
-
-def test_full_weight_sends_everything_to_the_canary_without_a_split(router: NginxRouter) -> None:
-    conf = router.render({"iris": {"stable": "1", "canary": "2", "weight": 100}})
-    assert _splits(conf) == {}
-    assert '"~^iris$" "2";' in _map_block(conf, "cf_routed")
-
-
-def test_shadow_mirrors_only_the_shadowed_model(router: NginxRouter) -> None:
-    conf = router.render({"iris": {"stable": "1", "canary": "2", "weight": 30, "shadow": True},
-                          "wine": {"stable": "1", "canary": "2", "weight": 30}})
-    shadow = _location(conf, '~ "^/predictions/iris/?$"')
-    assert f"mirror {SHADOW_URI};" in shadow and "mirror_request_body on;" in shadow
-    assert "proxy_pass http://torchserve/predictions/$cf_model/$cf_version;" in shadow
-    assert "if ($cf_pin_invalid)" in shadow  # same guards as /predictions/
-    assert "mirror" not in _location(conf, "/predictions/")
+def test_shadow_is_a_route_flag_and_the_copy_location_drops_other_models(router: NginxRouter) -> None:
+    router.apply({"iris": {"stable": "1", "canary": "2", "weight": 30, "shadow": True},
+                  "wine": {"stable": "1", "canary": "2", "weight": 30}})
+    assert _route_lines(_table(router)) == ["route iris 1 2 3000 1", "route wine 1 2 3000 0"]
+    conf = router.paths.router_conf.read_text()
+    predictions = _location(conf, "/predictions/")
+    assert f"mirror {SHADOW_URI};" in predictions and "mirror_request_body on;" in predictions
     assert conf.count("mirror ") == 1
-    assert list(_splits(conf)) == ["cf_split_0"]  # wine splits; iris answers from stable only
-    routed = _map_block(conf, "cf_routed")
-    assert "iris" not in routed and '"~^wine$" $cf_split_0;' in routed
     copy = _location(conf, f"= {SHADOW_URI}")
+    assert re.search(r'if \(\$cf_shadow_on = ""\) \{\s*access_log off;\s*return 204;', copy)
     assert "proxy_pass http://torchserve/predictions/$cf_model/$cf_canary;" in copy
     assert 'proxy_set_header X-Canaryflow-Pinned "";' in copy  # copies are live traffic: chaos applies
     assert re.search(r"if \(\$cf_pinned\) \{\s*access_log off;\s*return 204;", copy)  # pins are never copied
@@ -305,7 +331,7 @@ def test_shadow_mirrors_only_the_shadowed_model(router: NginxRouter) -> None:
 
 
 def test_access_log_fields_for_the_canary_analysis(router: NginxRouter) -> None:
-    conf = router.render({})
+    conf = router.render()
     fmt = "".join(re.findall(r"'([^']*)'", conf.split("log_format canaryflow escape=json", 1)[1].split(";")[0]))
     record = json.loads(re.sub(r"\$\w+", "0", fmt))
     assert set(record) == {"ts", "time", "request_id", "model", "version", "upstream_version", "status",
@@ -358,18 +384,17 @@ def test_set_split_and_clear_canary_round_trip(router: NginxRouter) -> None:
     router.set_split("iris", "1", "2", 25)
     assert router.routes() == {"iris": {"stable": "1", "canary": "2", "weight": 25.0, "shadow": False}}
     assert json.loads(router.paths.router_state.read_text())["routes"]["iris"]["weight"] == 25.0
-    assert "cf_split_0" in router.paths.router_conf.read_text()
+    assert _route_lines(_table(router)) == ["route iris 1 2 2500 0"]
     router.set_split("iris", "1", "2", 0, shadow=True)
     assert router.routes()["iris"]["shadow"] is True
-    assert f"mirror {SHADOW_URI};" in router.paths.router_conf.read_text()
+    assert _route_lines(_table(router)) == ["route iris 1 2 0 1"]
     router.clear_canary("iris")
     assert router.routes() == {"iris": {"stable": "1"}}
-    conf = router.paths.router_conf.read_text()
-    assert "mirror " not in conf and "split_clients" not in conf
-    before = router.paths.router_conf.stat().st_mtime_ns
+    assert _route_lines(_table(router)) == ["route iris 1 - 0 0"]
+    before = router.table_file.stat().st_mtime_ns
     router.clear_canary("iris")  # no canary: nothing to apply
     router.clear_canary("absent")
-    assert router.paths.router_conf.stat().st_mtime_ns == before
+    assert router.table_file.stat().st_mtime_ns == before
     router.set_split("wine", "3", "4", 50)  # a model's first route may come with its canary
     assert router.routes()["wine"] == {"stable": "3", "canary": "4", "weight": 50.0, "shadow": False}
 
