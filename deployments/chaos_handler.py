@@ -78,14 +78,14 @@ class ChaosHandler(production.CanaryflowHandler):
         x, parts, failed, start = data.x.numpy(), [], {}, 0
         for idx, count in enumerate(data.counts):
             part = data.probs[start : start + count]
-            if data.live[idx]:
+            if data.live[idx] and idx not in data.refused:
                 if chaos.fails():
                     failed[idx] = CHAOS_ERROR
                 else:
                     part = chaos.distort(part, x[start : start + count])
             parts.append(part)
             start += count
-        return self.answers(np.concatenate(parts), data.counts, failed)
+        return self.answers(np.concatenate(parts), data.counts, failed, refused=data.refused)
 
 
 handle = production.EntryPoint(ChaosHandler)

@@ -9,8 +9,8 @@ A small :class:`BaseHandler` subclass: ``initialize`` (load, warm up), ``preproc
 ``inference`` (the model, as probabilities), ``postprocess`` (answers and headers); ``handle`` also reports each
 live request to Prometheus (:class:`LiveMetrics`). Fault injection lives in a
 subclass (``chaos_handler.py``) that the archiver ships only into chaos builds. TorchServe 0.12 calls the
-module-level :func:`handle`. Keep server-side batching off (batch_size 1): a bad request fails the whole batch
-TorchServe grouped it into.
+module-level :func:`handle`. Server-side batching is safe: in a batch TorchServe grouped, a malformed request gets
+its own 400 and the others are answered (per-request status); a model failure fails the batch.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ class Batch:
     counts: list[int]  # how many rows each request sent
     live: list[bool]  # per request: live traffic (not pinned by the pipeline's own warm-up, smoke and load tests)
     probs: np.ndarray | None = None  # (rows, classes), set by inference
+    refused: dict[int, PredictionException] = dataclasses.field(default_factory=dict)  # request -> its 4xx
 
 
 def _onnx_model(path: str, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -150,7 +151,8 @@ class CanaryflowHandler(BaseHandler):
         self.meta: contract.ServingMeta | None = None
         self.traffic: TrafficSample | None = None
         self.live_metrics: LiveMetrics | None = None
-        self._outcome: list[tuple[bool, Counter[int]]] | None = None  # per request of a batch: failed, classes
+        # per request of a batch: failed (None: refused, the client's 4xx), classes
+        self._outcome: list[tuple[bool | None, Counter[int]]] | None = None
 
     def initialize(self, context: Any) -> None:
         props = context.system_properties
@@ -183,7 +185,7 @@ class CanaryflowHandler(BaseHandler):
         # Warm up now, so a model that cannot serve fails registration instead of the first client.
         rows = self.meta.fixed_batch or 1
         warm = torch.zeros(rows, self.meta.n_features, dtype=getattr(torch, self.meta.input_dtype))
-        n_classes = self._predict(warm).shape[1]
+        n_classes = self.n_classes = self._predict(warm).shape[1]
         labels = self.meta.class_labels
         if labels is not None and len(labels) != n_classes:
             raise ValueError(f"model has {n_classes} classes but the meta lists {len(labels)} class_labels")
@@ -198,6 +200,8 @@ class CanaryflowHandler(BaseHandler):
 
     def _predict(self, x: torch.Tensor) -> np.ndarray:
         """The model on validated rows (in fixed-size chunks when the program takes only those), as probabilities."""
+        if len(x) == 0 and getattr(self, "n_classes", None):  # every request of a batch was refused
+            return np.zeros((0, self.n_classes), dtype=np.float32)
         x = x.to(self.device)
         step = self.meta.fixed_batch or len(x)
         outputs = []
@@ -240,48 +244,61 @@ class CanaryflowHandler(BaseHandler):
                 if any(requests_in.marked(context, k, h) for h in (contract.PINNED_HEADER, contract.REPLAY_HEADER)):
                     continue
                 bad, classes = (True, Counter()) if failed or self._outcome is None else self._outcome[k]
+                if bad is None:
+                    continue  # the client's own 4xx: not the model's error, not a prediction
                 self.live_metrics.observe(ms, bad, classes)
         except Exception:  # noqa: BLE001 - a metric never costs the answer (as the traffic sample)
             pass
 
     def preprocess(self, data: list[dict[str, Any]]) -> Batch:
-        arrays = []
+        arrays, refused = [], {}
+        empty = np.zeros((0, self.meta.n_features), dtype=self.meta.input_dtype)
         for k, request in enumerate(data):
             try:
                 arrays.append(requests_in.rows_to_array(requests_in.decode_body(request), self.meta))
             except PredictionException as e:
-                if len(data) > 1:
-                    e.message = f"request {k} of a server-side batch of {len(data)}: {e.message}"
-                raise
+                if len(data) == 1:
+                    raise
+                # In a server-side batch only this request is refused; the others are answered.
+                refused[k] = e
+                arrays.append(empty)
         # Pinned requests are the pipeline's own (warm-up, smoke and load tests): not live traffic, so neither
         # sampled nor given faults. Shadow copies are live; replayed rows are live but already sampled.
         context = getattr(self, "context", None)
         live = [not requests_in.marked(context, k, contract.PINNED_HEADER) for k in range(len(arrays))]
         if self.traffic is not None:
             fresh = [a for k, a in enumerate(arrays)
-                     if live[k] and not requests_in.marked(context, k, contract.REPLAY_HEADER)]
+                     if live[k] and k not in refused and not requests_in.marked(context, k, contract.REPLAY_HEADER)]
             if fresh:
                 self.traffic.add(fresh)
-        return Batch(torch.from_numpy(np.concatenate(arrays)), [len(a) for a in arrays], live)
+        x = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+        return Batch(torch.from_numpy(x), [len(a) for a in arrays], live, refused=refused)
 
     def inference(self, data: Batch, *args: Any, **kwargs: Any) -> Batch:
         data.probs = self._predict(data.x)
         return data
 
     def postprocess(self, data: Batch) -> list[dict[str, Any]]:
-        return self.answers(data.probs, data.counts)
+        return self.answers(data.probs, data.counts, refused=data.refused)
 
-    def answers(self, probs: np.ndarray, counts: list[int],
-                failed: dict[int, str] | None = None) -> list[dict[str, Any]]:
-        """One response per request (``failed``: request index -> message of a 500 answer instead)."""
-        meta, labels, failed = self.meta, self.meta.class_labels, failed or {}
+    def answers(self, probs: np.ndarray, counts: list[int], failed: dict[int, str] | None = None,
+                refused: dict[int, PredictionException] | None = None) -> list[dict[str, Any]]:
+        """One response per request; instead, ``failed`` (request index -> message) answers a 500 and
+        ``refused`` (request index -> its 4xx, a malformed request in a server-side batch) its own status."""
+        meta, labels, failed, refused = self.meta, self.meta.class_labels, failed or {}, refused or {}
         rows, top = probs.tolist(), probs.argmax(axis=1).tolist()
         responses, start, self._outcome = [], 0, []
         for idx, count in enumerate(counts):
             first, start = start, start + count
-            self._outcome.append((idx in failed, Counter() if idx in failed else Counter(top[first:start])))
             self.context.set_response_header(idx, contract.VERSION_HEADER, meta.model_version)
             self.context.set_response_content_type(idx, "application/json")
+            if idx in refused:
+                self._outcome.append((None, Counter()))
+                error = refused[idx]
+                self.context.set_response_status(error.error_code, error.message, idx)
+                responses.append({"code": error.error_code, "type": "BadRequestException", "message": error.message})
+                continue
+            self._outcome.append((idx in failed, Counter() if idx in failed else Counter(top[first:start])))
             if idx in failed:
                 self.context.set_response_status(500, failed[idx], idx)
                 responses.append({"code": 500, "type": "InternalServerException", "message": failed[idx]})

@@ -229,9 +229,10 @@ class TorchServeClient:
         if version in self.versions(model):
             return False
         serving = self.settings.serving
-        # batch_size 1: a bad request fails only itself, never another client's request in the same batch.
+        # In a server-side batch a malformed request fails only itself (the handler's per-request status).
         params = {"url": archive.name, "model_name": model, "initial_workers": serving.workers_per_version,
-                  "synchronous": "true", "response_timeout": serving.response_timeout_s, "batch_size": 1}
+                  "synchronous": "true", "response_timeout": serving.response_timeout_s,
+                  "batch_size": serving.batch_size, "max_batch_delay": serving.max_batch_delay_ms}
         resp = self._call("management", "POST", "/models", params=params, timeout=120.0)
         if resp.status_code == 409:
             return False

@@ -35,6 +35,10 @@ class ServingSettings(BaseModel):
 
     max_batch_rows: int = Field(1024, ge=1, description="rows per request; more is a 400")
     workers_per_version: int = Field(1, ge=1)
+    # TorchServe's server-side batching: up to batch_size requests, waiting at most max_batch_delay_ms for more,
+    # go to the model in one call (a malformed one still gets its own 400). 1: off.
+    batch_size: int = Field(1, ge=1, le=256)
+    max_batch_delay_ms: int = Field(5, ge=0, le=1000)
     response_timeout_s: int = Field(30, ge=1)
     # TorchServe keys expire; the router holds the inference key, so it must outlive a working session.
     token_expiration_min: int = Field(7 * 24 * 60, ge=1)

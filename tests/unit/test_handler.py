@@ -319,11 +319,29 @@ def test_server_side_batch_answers_each_request(bundle: Path) -> None:
     assert [context.get_response_headers(i)[VERSION_HEADER] for i in range(2)] == ["7", "7"]
 
 
-def test_one_bad_request_fails_its_server_side_batch(bundle: Path) -> None:
+def test_one_bad_request_in_a_server_side_batch_gets_its_own_400(bundle: Path, model: TinyModel) -> None:
+    handler, context = load(bundle)
+    responses = predict(handler, context, wire(rows_body(ROWS)), wire(b'{"inputs": [[1, 2]]}'),
+                        wire(rows_body(ROWS[:1])))
+    torch.testing.assert_close(probabilities(responses[0]), softmax(model, ROWS))
+    assert context.get_response_status(1)[0] == 400 and "row 0 has 2 values, expected 4" in responses[1]["message"]
+    assert responses[1]["code"] == 400 and "predictions" not in responses[1]
+    assert context.get_response_status(0)[0] != 400 and context.get_response_status(2)[0] != 400
+    assert len(responses[2]["predictions"]) == 1
+
+
+def test_a_batch_of_only_bad_requests_answers_each_its_400(bundle: Path) -> None:
+    handler, context = load(bundle)
+    responses = predict(handler, context, wire(b'{"inputs": [[1, 2]]}'), wire(b"not json"))
+    assert [r["code"] for r in responses] == [400, 400]
+    assert [context.get_response_status(i)[0] for i in range(2)] == [400, 400]
+
+
+def test_a_single_bad_request_is_still_a_400_exception(bundle: Path) -> None:
     handler, context = load(bundle)
     with pytest.raises(PredictionException) as excinfo:
-        predict(handler, context, wire(rows_body(ROWS)), wire(b'{"inputs": [[1, 2]]}'))
-    assert_bad(excinfo, ["request 1 of a server-side batch of 2", "row 0 has 2 values, expected 4"])
+        predict(handler, context, wire(b'{"inputs": [[1, 2]]}'))
+    assert_bad(excinfo, ["row 0 has 2 values, expected 4"])
 
 
 def test_explain_header_is_a_400_and_describe_returns_the_meta(bundle: Path) -> None:
