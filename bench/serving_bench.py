@@ -1,7 +1,8 @@
 """Serving benchmark: our endpoint (nginx router -> TorchServe, released by the real pipeline) against
-``mlflow models serve`` of the SAME MLflow model version, on the same load, in one process run.
+``mlflow models serve`` of the SAME MLflow model version, on the same load, in one process run; and, in the same
+run, TorchServe direct (same version, its inference key) to measure the router's own cost.
 
-    .venv/bin/python bench/serving_bench.py            # ~10 s per point: 2 models x 3 concurrencies x 2 servers
+    .venv/bin/python bench/serving_bench.py            # 8 s per point: 3 models x 3 concurrencies x 3 targets
     .venv/bin/python bench/serving_bench.py --quick    # 3 s per point, shorter training
 
 Load: Debian ``wrk`` with a Lua POST script (one fixed 1-row body), ``--latency``, and a Lua ``done()`` that prints
@@ -37,7 +38,7 @@ PROJECT = Path(__file__).resolve().parent.parent
 if str(PROJECT) not in sys.path:  # run as a script: bench/ is not a package
     sys.path.insert(0, str(PROJECT))
 
-from canaryflow.core.settings import Ports, Settings  # noqa: E402
+from canaryflow.core.settings import OptimizationSettings, Ports, Settings  # noqa: E402
 from canaryflow.local.demo import register_model, wait_for_release  # noqa: E402
 from canaryflow.local.stack import LocalStack  # noqa: E402
 from canaryflow.model.datasets import frame, log_release_datasets  # noqa: E402
@@ -45,10 +46,13 @@ from canaryflow.model.datasets import frame, log_release_datasets  # noqa: E402
 RESULTS = PROJECT / "bench" / "results"
 SERVER_CORE, CLIENT_CORE = 0, 1
 OPTIMIZATION_ARTIFACTS = ("optimization/variants.json", "optimization/optimization.json")
-MODELS = {"mlp": "bench-mlp-breast-cancer", "cnn": "bench-cnn-digits"}
+MODELS = {"mlp": "bench-mlp-breast-cancer", "cnn": "bench-cnn-digits", "transformer": "bench-transformer-text"}
+TARGETS = ("ours", "direct", "mlflow")  # router -> TorchServe, TorchServe direct, mlflow models serve
+# the text classifier: token ids in, 4 classes out (a real encoder architecture, trained a few seconds)
+TEXT_VOCAB, TEXT_SEQ, TEXT_D, TEXT_HEADS, TEXT_LAYERS, TEXT_CLASSES = 2000, 96, 192, 4, 3, 4
 WRK_LUA = """wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
-wrk.body = [==[{body}]==]
+{headers}wrk.body = [==[{body}]==]
 
 done = function(summary, latency, requests)
   local e = summary.errors
@@ -122,6 +126,79 @@ def register_digits_cnn(tracking_uri: str, name: str, epochs: int, seed: int = 0
     return str(info.registered_model_version), X_te, acc
 
 
+def text_dataset(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Token-id rows (as float32: the tabular contract) of random "words" with 8-16 keywords of their class each:
+    class k's keywords are ids 1+5k .. 5+5k, ordinary words 50..VOCAB-1."""
+    x = rng.integers(50, TEXT_VOCAB, size=(n, TEXT_SEQ))
+    y = rng.integers(0, TEXT_CLASSES, size=n)
+    for i in range(n):
+        k = int(rng.integers(8, 17))
+        x[i, rng.choice(TEXT_SEQ, size=k, replace=False)] = 1 + 5 * y[i] + rng.integers(0, 5, size=k)
+    return x.astype(np.float32), y
+
+
+def train_text_transformer(steps: int, seed: int = 0) -> tuple[Any, tuple[np.ndarray, np.ndarray],
+                                                                 tuple[np.ndarray, np.ndarray], float]:
+    """A pre-norm ``nn.TransformerEncoder`` text classifier (embedding + learned positions, 3 layers, d_model 192,
+    4 heads, mean pooling, linear head) on :func:`text_dataset`. The encoder keeps its random initialisation
+    (training it costs minutes on 2 shared cores; serving cost is the same); only the head is fitted, ``steps``
+    full-batch Adam steps on the pooled features. Returns (model, train, holdout, accuracy)."""
+    import torch
+    from torch import nn
+
+    class TextClassifier(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tokens = nn.Embedding(TEXT_VOCAB, TEXT_D)
+            self.positions = nn.Parameter(torch.randn(TEXT_SEQ, TEXT_D) * 0.02)
+            layer = nn.TransformerEncoderLayer(TEXT_D, TEXT_HEADS, dim_feedforward=2 * TEXT_D, dropout=0.0,
+                                               batch_first=True, norm_first=True)
+            self.encoder = nn.TransformerEncoder(layer, TEXT_LAYERS, enable_nested_tensor=False)
+            self.norm = nn.LayerNorm(TEXT_D)
+            self.head = nn.Linear(TEXT_D, TEXT_CLASSES)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            ids = x.long().clamp(0, TEXT_VOCAB - 1)  # token ids travel as floats (exact below 2**24)
+            return self.head(self.norm(self.encoder(self.tokens(ids) + self.positions).mean(dim=1)))
+
+    rng = np.random.default_rng(seed)
+    (X_tr, y_tr), (X_te, y_te) = text_dataset(2000, rng), text_dataset(400, rng)
+    torch.manual_seed(seed)
+    model = TextClassifier()
+    model.eval()
+    with torch.no_grad():
+        pooled = torch.cat([model.encoder(model.tokens(c.long()) + model.positions).mean(dim=1)
+                            for c in torch.from_numpy(X_tr).split(256)])
+    opt = torch.optim.Adam([*model.norm.parameters(), *model.head.parameters()], lr=1e-2)
+    yt = torch.from_numpy(y_tr).long()
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model.head(model.norm(pooled)), yt).backward()
+        opt.step()
+    with torch.no_grad():
+        acc = float((model(torch.from_numpy(X_te)).argmax(1).numpy() == y_te).mean())
+    return model, (X_tr, y_tr), (X_te, y_te), acc
+
+
+def register_text_transformer(tracking_uri: str, name: str, steps: int) -> tuple[str, np.ndarray, float]:
+    """Train, log (pt2, MLflow's default) and register the text classifier; (version, holdout rows, accuracy)."""
+    import mlflow
+    import torch
+    from mlflow.models import infer_signature
+
+    model, (X_tr, y_tr), (X_te, y_te), acc = train_text_transformer(steps)
+    with torch.no_grad():
+        logits = model(torch.from_numpy(X_te[:5])).numpy()
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment("canaryflow-bench")
+    with mlflow.start_run(run_name=f"train-{name}"):
+        mlflow.log_metric("holdout_accuracy", acc)
+        log_release_datasets(frame(X_tr, y_tr), frame(X_te, y_te))
+        info = mlflow.pytorch.log_model(model, name="model", signature=infer_signature(X_te[:5], logits),
+                                        input_example=X_te[:5], registered_model_name=name)
+    return str(info.registered_model_version), X_te, acc
+
+
 # -- processes -----------------------------------------------------------------------------------------------
 def free_port() -> int:
     with socket.socket() as s:
@@ -139,8 +216,11 @@ def bench_settings(state_dir: Path) -> Settings:
     finally:
         for s in socks:
             s.close()
+    # every variant the pipeline can build, onnx_int8_static included (not in the default list yet)
+    variants = list(dict.fromkeys([*OptimizationSettings().variants, "onnx_int8_static"]))
     # TorchServe's Python worker ports: a block away from the test suite's (20000-28000)
-    return Settings(state_dir=state_dir, ports=Ports(**ports, torchserve_worker_base=30000 + (os.getpid() % 100) * 20))
+    return Settings(state_dir=state_dir, ports=Ports(**ports, torchserve_worker_base=30000 + (os.getpid() % 100) * 20),
+                    optimization=OptimizationSettings(variants=variants))
 
 
 def pin_tree(pid: int, cpus: set[int]) -> int:
@@ -331,9 +411,27 @@ def format_model(m: dict[str, Any]) -> str:
                      f"{ours['rps']:>7.0f} | {peer['p50_ms']:>10.2f} {peer['p95_ms']:>7.2f} {peer['p99_ms']:>7.2f} "
                      f"{peer['rps']:>7.0f} | {_r(ratio['p50']):>9} {_r(ratio['p95']):>5} {_r(ratio['p99']):>5} "
                      f"{_r(ratio['rps']):>5} | {ours['errors']}/{peer['errors']}")
+    if "router_overhead" in m:
+        lines.append(format_router(m))
     lines.append(f"  serving RSS: ours {m['ours']['rss_mb']} MB (TorchServe, all its workers, + nginx), "
                  f"mlflow serve {m['mlflow']['rss_mb']} MB")
     lines.append(format_optimization(m["optimization"]))
+    return "\n".join(lines)
+
+
+def format_router(m: dict[str, Any]) -> str:
+    """The router-overhead table: ours (router -> TorchServe) vs TorchServe direct, same version, same run."""
+    cols = (f"{'conns':>5} | {'router p50':>10} {'p95':>7} {'p99':>7} {'req/s':>7} | {'direct p50':>10} {'p95':>7} "
+            f"{'p99':>7} {'req/s':>7} | {'ratio p50':>9} {'p95':>5} {'p99':>5} {'req/s':>5} | "
+            f"{'added p50 ms':>12} | errors r/d")
+    lines = ["  router overhead: ours (nginx router -> TorchServe) / TorchServe direct (same version, its key)",
+             cols, "-" * len(cols)]
+    for ours, direct, o in zip(m["ours"]["points"], m["direct"]["points"], m["router_overhead"], strict=True):
+        lines.append(f"{ours['connections']:>5} | {ours['p50_ms']:>10.2f} {ours['p95_ms']:>7.2f} "
+                     f"{ours['p99_ms']:>7.2f} {ours['rps']:>7.0f} | {direct['p50_ms']:>10.2f} {direct['p95_ms']:>7.2f} "
+                     f"{direct['p99_ms']:>7.2f} {direct['rps']:>7.0f} | {_r(o['p50']):>9} {_r(o['p95']):>5} "
+                     f"{_r(o['p99']):>5} {_r(o['rps']):>5} | {o['added_p50_ms']:>12.3f} | "
+                     f"{ours['errors']}/{direct['errors']}")
     return "\n".join(lines)
 
 
@@ -344,20 +442,22 @@ def _r(value: float | None) -> str:
 # -- the run -----------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="3 s per point, 1 s warm-up, 2 training epochs")
-    p.add_argument("--duration", type=float, default=None, help="seconds per point (default 10, quick 3)")
+    p.add_argument("--quick", action="store_true", help="3 s per point, 1 s warm-up, 1 CNN training epoch")
+    p.add_argument("--duration", type=float, default=None, help="seconds per point (default 8, quick 3)")
     p.add_argument("--warmup", type=float, default=None, help="warm-up seconds per server (default 3, quick 1)")
     p.add_argument("--connections", default="1,8,32", help="wrk connection counts (default 1,8,32)")
-    p.add_argument("--models", default="mlp,cnn", help=f"which of {','.join(MODELS)} (default both)")
+    p.add_argument("--models", default=",".join(MODELS), help=f"which of {','.join(MODELS)} (default all)")
+    p.add_argument("--no-direct", action="store_true",
+                   help="skip TorchServe direct (the router-overhead table)")
     p.add_argument("--rows-per-request", type=int, default=1)
-    p.add_argument("--epochs", type=int, default=None, help="CNN training epochs (default 4, quick 2)")
+    p.add_argument("--epochs", type=int, default=None, help="CNN training epochs (default 2, quick 1)")
     p.add_argument("--no-pin", action="store_true", help="do not pin servers and wrk to separate cores")
     p.add_argument("--keep-state", action="store_true", help="keep the temporary stack state dir (logs)")
     p.add_argument("--results-dir", type=Path, default=RESULTS)
     args = p.parse_args(argv)
-    args.duration = args.duration or (3.0 if args.quick else 10.0)
+    args.duration = args.duration or (3.0 if args.quick else 8.0)
     args.warmup = args.warmup if args.warmup is not None else (1.0 if args.quick else 3.0)
-    args.epochs = args.epochs or (2 if args.quick else 4)
+    args.epochs = args.epochs or (1 if args.quick else 2)
     args.connections = [int(c) for c in args.connections.split(",")]
     args.models = [m.strip() for m in args.models.split(",")]
     unknown = set(args.models) - set(MODELS)
@@ -370,14 +470,19 @@ def release_models(stack: LocalStack, args: argparse.Namespace) -> list[dict[str
     """Register each model in the stack's MLflow; the webhook starts the real release flow; wait for it."""
     uri = stack.settings.mlflow_uri
     models = []
-    for key in args.models:  # the CNN trains while the MLP's release runs
+    # the CNN trains longest: register it last, so the other releases run while it trains
+    for key in sorted(args.models, key=lambda k: k == "cnn"):
         started = time.monotonic()
         if key == "mlp":
             version, rows, acc = register_model(uri, name=MODELS[key])
             desc = "breast-cancer MLP 30-64-32-2 (canaryflow.demo): HTTP dominates"
-        else:
+        elif key == "cnn":
             version, rows, acc = register_digits_cnn(uri, MODELS[key], args.epochs)
             desc = "digits CNN 64 -> 1x8x8 -> 32x32, 4 convs 32-64 ch: compute is a real share"
+        else:
+            version, rows, acc = register_text_transformer(uri, MODELS[key], steps=200)
+            desc = (f"text transformer, {TEXT_SEQ} token ids -> {TEXT_LAYERS} encoder layers d{TEXT_D} -> "
+                    f"{TEXT_CLASSES} classes (pt2): compute dominates")
         log(f"registered {MODELS[key]} v{version} (holdout accuracy {acc:.3f}, {time.monotonic() - started:.0f} s)")
         models.append({"key": key, "name": MODELS[key], "version": version, "rows": rows, "accuracy": acc,
                        "description": desc})
@@ -386,24 +491,51 @@ def release_models(stack: LocalStack, args: argparse.Namespace) -> list[dict[str
         if outcome.status != "released":
             raise RuntimeError(f"release of {m['name']} v{m['version']} ended {outcome.status}: {outcome.reason}")
         log(f"{m['name']} v{m['version']} released through the pipeline (waited {outcome.seconds:.0f} s)")
-    return models
+    return sorted(models, key=lambda m: args.models.index(m["key"]))
 
 
-def measure(m: dict[str, Any], ours_url: str, peer_url: str, work: Path, pinning: Pinning,
-            args: argparse.Namespace) -> dict[str, Any]:
+def target_urls(stack: LocalStack, m: dict[str, Any], direct: bool) -> dict[str, tuple[str, dict[str, str]]]:
+    """Each target's URL and extra headers: the router (what clients use), TorchServe's inference API for the
+    same version (with the inference key the router otherwise adds), and mlflow serve."""
+    from deployments.torchserve import read_keys
+
+    urls = {"ours": (f"{stack.settings.router_url}/predictions/{m['name']}", {})}
+    if direct:
+        path = f"/predictions/{m['name']}/{m['version']}"
+        key = read_keys(stack.paths)["inference"]
+        urls["direct"] = (stack.settings.url("torchserve_inference", path), {"Authorization": f"Bearer {key}"})
+    urls["mlflow"] = (f"{m['mlflow_url']}/invocations", {})
+    return urls
+
+
+def measure(m: dict[str, Any], urls: dict[str, tuple[str, dict[str, str]]], work: Path, pinning: Pinning,
+            args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
+    """wrk against every target at every concurrency, alternating targets at each concurrency."""
     rows = np.round(np.asarray(m["rows"][: args.rows_per_request], dtype=np.float64), 4).tolist()
-    lua = work / f"post-{m['key']}.lua"
-    lua.write_text(WRK_LUA.format(body=json.dumps({"inputs": rows})))
-    points: dict[str, list[dict[str, Any]]] = {"ours": [], "mlflow": []}
-    for url in (ours_url, peer_url):
-        run_wrk(url, lua, 8, args.warmup, pinning)
+    body = json.dumps({"inputs": rows})
+    luas: dict[str, Path] = {}
+    for label, (_, headers) in urls.items():
+        luas[label] = work / f"post-{m['key']}-{label}.lua"
+        extra = "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in headers.items())
+        luas[label].write_text(WRK_LUA.format(body=body, headers=extra))
+        luas[label].chmod(0o600)  # it may hold TorchServe's inference key
+    points: dict[str, list[dict[str, Any]]] = {label: [] for label in urls}
+    for label, (url, _) in urls.items():
+        run_wrk(url, luas[label], 8, args.warmup, pinning)
     for conns in args.connections:
-        for label, url in (("ours", ours_url), ("mlflow", peer_url)):
-            point = run_wrk(url, lua, conns, args.duration, pinning)
+        for label, (url, _) in urls.items():
+            point = run_wrk(url, luas[label], conns, args.duration, pinning)
             log(f"{m['name']} {label:>6} c={conns:<3} p50 {point['p50_ms']:.2f} ms p99 {point['p99_ms']:.2f} ms "
                 f"{point['rps']:.0f} req/s errors {point['errors']}")
             points[label].append(point)
     return points
+
+
+def router_overhead(ours: list[dict[str, Any]], direct: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per concurrency: ratios router / direct and the router's added latency (ms) at p50/p95/p99."""
+    return [{"connections": o["connections"], **ratios(o, d),
+             **{f"added_{k}_ms": round(o[f"{k}_ms"] - d[f"{k}_ms"], 3) for k in ("p50", "p95", "p99")}}
+            for o, d in zip(ours, direct, strict=True)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -419,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"starting a local stack in {work} (cores: {pinning.cores}, pinning: {pinning.enabled})")
         stack.up(progress=lambda msg: log(f"stack: {msg}"))
         pinning.stack(stack)
-        uri, router = stack.settings.mlflow_uri, stack.settings.router_url
+        uri = stack.settings.mlflow_uri
         models = release_models(stack, args)
         for m in models:
             m["serve_log"] = work / f"mlflow-serve-{m['key']}.log"
@@ -432,24 +564,28 @@ def main(argv: list[str] | None = None) -> int:
         report = []
         for m in models:
             body = {"inputs": np.asarray(m["rows"][:2], dtype=np.float64).tolist()}
-            ours_url, peer_url = f"{router}/predictions/{m['name']}", f"{m['mlflow_url']}/invocations"
+            urls = target_urls(stack, m, direct=not args.no_direct)
             proc = serves[m["name"]]
-            wait_answering(ours_url, body, 2, 60, lambda: None)
-            wait_answering(peer_url, body, 2, 180, lambda p=proc, m=m: None if p.poll() is None else
+            wait_answering(urls["ours"][0], body, 2, 60, lambda: None)
+            wait_answering(urls["mlflow"][0], body, 2, 180, lambda p=proc, m=m: None if p.poll() is None else
                            f"exit {p.returncode}: {m['serve_log'].read_text()[-600:]}")
-            log(f"measuring {m['name']}: ours {ours_url} vs mlflow serve {peer_url}")
-            points = measure(m, ours_url, peer_url, work, pinning, args)
-            report.append({
+            log(f"measuring {m['name']}: " + ", ".join(f"{k} {u}" for k, (u, _) in urls.items()))
+            points = measure(m, urls, work, pinning, args)
+            entry = {
                 "key": m["key"], "name": m["name"], "version": m["version"], "description": m["description"],
                 "holdout_accuracy": round(m["accuracy"], 4), "rows_per_request": args.rows_per_request,
                 "duration_s": args.duration,
-                "ours": {"url": ours_url, "points": points["ours"],
+                "ours": {"url": urls["ours"][0], "points": points["ours"],
                          "rss_mb": round(tree_rss_mb(ts_pid) + tree_rss_mb(nginx_pid), 1)},
-                "mlflow": {"url": peer_url, "points": points["mlflow"], "rss_mb": tree_rss_mb(proc.pid)},
+                "mlflow": {"url": urls["mlflow"][0], "points": points["mlflow"], "rss_mb": tree_rss_mb(proc.pid)},
                 "ratios": [{"connections": o["connections"], **ratios(o, p)}
                            for o, p in zip(points["ours"], points["mlflow"], strict=True)],
                 "optimization": optimization_of(uri, m["name"], m["version"], work / "optimization" / m["key"]),
-            })
+            }
+            if "direct" in points:  # the URL only: the key stays out of the results
+                entry["direct"] = {"url": urls["direct"][0], "points": points["direct"]}
+                entry["router_overhead"] = router_overhead(points["ours"], points["direct"])
+            report.append(entry)
         write_results(report, pinning, args, pinned)
         ok = True
     finally:

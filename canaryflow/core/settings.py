@@ -118,7 +118,7 @@ class GateSettings(BaseModel):
 class OptimizationSettings(BaseModel):
     """Which serving variants to build and how closely they must agree with the fp32 reference."""
 
-    variants: list[str] = ["torch_fp32", "onnx_fp32", "onnx_int8", "torch_int8"]
+    variants: list[str] = ["torch_fp32", "onnx_fp32", "onnx_int8", "onnx_int8_static", "torch_int8"]
     min_argmax_agreement: float = Field(0.99, ge=0, le=1)
     max_abs_diff: float = Field(0.05, ge=0, description="max |p_variant - p_fp32| over the holdout")
     bench_repeats: int = Field(200, ge=10, le=5000)

@@ -1,5 +1,6 @@
-"""Serving variants of a model (torch.export fp32, ONNX fp32/int8, torchao int8), their parity with the fp32
-reference, a micro-benchmark, and the choice of the fastest variant that answers like the reference.
+"""Serving variants of a model (torch.export fp32, ONNX fp32, ONNX int8 dynamic and static, torchao int8), their
+parity with the fp32 reference, a micro-benchmark, and the choice of the fastest variant that answers like the
+reference.
 
 Pure: no Prefect, no servers. Every variant is a bundle directory the TorchServe handler serves as is, and
 parity and latency are measured through that handler (:meth:`CanaryflowHandler.for_bundle`), so what is
@@ -25,11 +26,13 @@ import numpy as np
 from canaryflow.core.serving_contract import META_FILE, ServingMeta, output_kind, to_probabilities
 from canaryflow.core.settings import OptimizationSettings
 from canaryflow.model.packaging import MIN_EXAMPLE_ROWS, Bundle, InputContract, export_module
+from canaryflow.model.static_int8 import quantize_onnx_static
 from deployments.handler import CanaryflowHandler
 from validation.parity import parity
 from validation.results import GateResult, Outcome, judged
 
-TORCH_VARIANTS = ("torch_fp32", "onnx_fp32", "onnx_int8", "torch_int8")
+TORCH_VARIANTS = ("torch_fp32", "onnx_fp32", "onnx_int8", "onnx_int8_static", "torch_int8")
+ONNX_DERIVED = ("onnx_int8", "onnx_int8_static")  # built from the onnx_fp32 bundle
 ONNX_FILE = "model.onnx"
 BENCH_BATCHES = (1, 64)
 COLUMNS = ("variant", "status", "agreement", "max_abs_diff", "p50_b1_ms", "p95_b1_ms", "p50_b64_ms",
@@ -51,11 +54,13 @@ class OptimizationResult:
 
 def optimize_pytorch(model: Any, contract: InputContract, holdout: np.ndarray, out_dir: Path, *, name: str,
                      version: str, settings: OptimizationSettings, max_batch_rows: int = 1024,
-                     output: str | None = None, class_labels: list[str] | None = None) -> OptimizationResult:
+                     output: str | None = None, class_labels: list[str] | None = None,
+                     calibration: np.ndarray | None = None) -> OptimizationResult:
     """Build the variants in ``settings.variants`` of a loaded torch module under ``out_dir/<variant>/`` and choose.
 
     ``holdout`` holds float32 rows (n, n_features). torch_fp32 is always built: it is the baseline of speed and
-    the program the ONNX variants are exported from.
+    the program the ONNX variants are exported from. ``calibration``: rows that set onnx_int8_static's
+    activation ranges (the reference data, where the caller has it); the holdout when None.
     """
     import torch
 
@@ -86,7 +91,7 @@ def optimize_pytorch(model: Any, contract: InputContract, holdout: np.ndarray, o
         if not isinstance(model, torch.nn.Module) or not any(
                 isinstance(m, torch.nn.Linear) for m in model.modules()):
             raise RuntimeError("no torch.nn.Linear layers to quantize (an MLflow pt2 model loads as an exported "
-                               "graph; log it pickled to get an int8 variant)")
+                               "graph; onnx_int8_static quantizes it, or log it pickled)")
         quantized = copy.deepcopy(model)
         with quiet_exporters():
             quantize_(quantized, Int8DynamicActivationInt8WeightConfig())
@@ -98,6 +103,11 @@ def optimize_pytorch(model: Any, contract: InputContract, holdout: np.ndarray, o
         torch.export.save(torch.export.export(quantized, (x,), dynamic_shapes=dims), str(d / "model.pt2"))
         return _write_meta(d, state["meta"], model_file="model.pt2")
 
+    def onnx_int8_static(d: Path) -> Bundle:
+        rows = holdout if calibration is None else holdout_rows(calibration, contract.n_features)
+        with quiet_exporters():
+            return quantize_onnx_static(out_dir / "onnx_fp32", d, rows)
+
     def reference(rows: np.ndarray) -> np.ndarray:
         step = state["meta"].fixed_batch if "meta" in state else None
         x = torch.from_numpy(rows)
@@ -108,8 +118,8 @@ def optimize_pytorch(model: Any, contract: InputContract, holdout: np.ndarray, o
 
     builders: dict[str, Builder] = {"torch_fp32": torch_fp32, "onnx_fp32": onnx_fp32,
                                     "onnx_int8": lambda d: quantize_onnx_bundle(out_dir / "onnx_fp32", d),
-                                    "torch_int8": torch_int8}
-    if "onnx_int8" in settings.variants and "onnx_fp32" not in settings.variants:
+                                    "onnx_int8_static": onnx_int8_static, "torch_int8": torch_int8}
+    if set(ONNX_DERIVED) & set(settings.variants) and "onnx_fp32" not in settings.variants:
         settings = settings.model_copy(update={"variants": [*settings.variants, "onnx_fp32"]})
     wanted = ["torch_fp32", *(v for v in TORCH_VARIANTS[1:] if v in settings.variants)]
     unknown = [v for v in settings.variants if v not in TORCH_VARIANTS]

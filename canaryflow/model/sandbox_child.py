@@ -28,6 +28,11 @@ def _optimize(head: dict[str, Any], holdout: np.ndarray) -> dict[str, Any]:
     model_dir, out_dir = Path(head["dir"]), Path(head["out_dir"])
     kwargs = dict(head["kwargs"])
     kwargs["settings"] = OptimizationSettings(**kwargs["settings"])
+    # The array is the holdout, then (calibration_rows of them) the reference rows that calibrate static int8:
+    # parity is measured on rows the calibration never saw.
+    n_calibration = int(kwargs.pop("calibration_rows", 0) or 0)
+    if n_calibration:
+        holdout, kwargs["calibration"] = holdout[:-n_calibration], holdout[-n_calibration:]
     contract = InputContract(**head["contract"])
     flavors = Model.load(str(model_dir)).flavors
     if "pytorch" in flavors:

@@ -28,6 +28,7 @@ from canaryflow.model.optimization import (
     select_variant,
 )
 from canaryflow.model.packaging import Bundle, InputContract
+from canaryflow.model.static_int8 import quantize_onnx_static
 
 TF_VARIANTS = ("onnx_fp32", "onnx_int8")
 _PROBABILITY_ACTIVATIONS = {"softmax", "sigmoid"}
@@ -93,10 +94,12 @@ def to_onnx(model: Any, n_features: int, path: Path, opset: int | None = None) -
 
 def optimize_tensorflow(model: Any, contract: InputContract, holdout: np.ndarray, out_dir: Path, *, name: str,
                         version: str, settings: OptimizationSettings, max_batch_rows: int = 1024,
-                        output: str | None = None, class_labels: list[str] | None = None) -> OptimizationResult:
+                        output: str | None = None, class_labels: list[str] | None = None,
+                        calibration: np.ndarray | None = None) -> OptimizationResult:
     """Build the ONNX variants of a Keras model under ``out_dir/<variant>/``, check them against TensorFlow on
     the holdout, benchmark them and choose (baseline onnx_fp32). Variants in ``settings.variants`` that are not
-    ONNX are not built for TensorFlow models."""
+    ONNX are not built for TensorFlow models. ``calibration``: rows that set onnx_int8_static's activation ranges
+    (the holdout when None)."""
     holdout = holdout_rows(holdout, contract.n_features)
     raw = tf_predict(model, holdout)
     kind = output or keras_output_kind(model) or output_kind(raw, None)
@@ -117,4 +120,7 @@ def optimize_tensorflow(model: Any, contract: InputContract, holdout: np.ndarray
     builders: dict[str, Builder] = {"onnx_fp32": onnx_fp32}
     if "onnx_int8" in settings.variants:
         builders["onnx_int8"] = lambda d: quantize_onnx_bundle(out_dir / "onnx_fp32", d)
+    if "onnx_int8_static" in settings.variants:
+        rows = holdout if calibration is None else holdout_rows(calibration, contract.n_features)
+        builders["onnx_int8_static"] = lambda d: quantize_onnx_static(out_dir / "onnx_fp32", d, rows)
     return select_variant(builders, reference, holdout, out_dir, settings, baseline="onnx_fp32")

@@ -17,7 +17,7 @@ from canaryflow.model.packaging import InputContract
 from deployments.handler import CanaryflowHandler
 
 SETTINGS = OptimizationSettings(bench_repeats=10)
-ALL = ["torch_fp32", "onnx_fp32", "onnx_int8", "torch_int8"]
+ALL = ["torch_fp32", "onnx_fp32", "onnx_int8", "onnx_int8_static", "torch_int8"]
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,7 @@ def test_chosen_bundle_serves_what_parity_measured(cancer, cancer_result) -> Non
 def test_reports_written_as_json_and_markdown(cancer_result, tmp_path: Path) -> None:
     js, md = write_reports(cancer_result, tmp_path / "reports")
     data = json.loads(js.read_text())
-    assert data["chosen"] == cancer_result.variant and len(data["table"]) == 4
+    assert data["chosen"] == cancer_result.variant and len(data["table"]) == 5
     assert data["gate"]["gate"] == "optimization" and data["gate"]["outcome"] == "passed"
     text = md.read_text()
     assert text.startswith("| " + " | ".join(COLUMNS) + " |")
