@@ -208,7 +208,7 @@ def demo(keep: Annotated[bool, typer.Option("--keep", help="leave the stack runn
     try:
         with console.status("starting the local stack (MLflow, Prefect, TorchServe, router, bridge)") as sp:
             stack.up(progress=lambda msg: sp.update(msg))
-        console.print(f"Prefect UI: {s.url('prefect')}   MLflow UI: {s.mlflow_uri}")
+        console.print(f"Prefect UI: {s.url('prefect')}/runs   (filter by tag `release` for the releases only)")
         c = s.canary
         console.print(f"canary policy: steps {c.steps} %, analysis every {c.interval_s:g} s, >= {c.min_requests} "
                       f"requests per version, max error ratio {c.max_error_ratio:g}, max prediction drift "
@@ -216,6 +216,8 @@ def demo(keep: Annotated[bool, typer.Option("--keep", help="leave the stack runn
                       f"and >= {c.min_segment_agreement:g} per segment, rollback after {c.max_failed_checks} "
                       "failed analyses")
         version, rows, registered = _demo_release(s, "v1: train and register a classifier", seed=0)
+        # the release experiment exists now: its classic runs view (a bare server link opens MLflow 3's GenAI page)
+        console.print(f"MLflow UI (release runs): {d.mlflow_ui_url(s)}", highlight=False, soft_wrap=True)
         answer, request_id, curl = d.predict(s, d.DEMO_MODEL, rows[:2])
         console.print(f"first prediction through the router {time.monotonic() - registered:.1f} s after "
                       f"registration (X-Request-ID {request_id}):")
@@ -277,6 +279,8 @@ def _demo_release(s, title: str, seed: int, fault=None,  # noqa: ANN001 - Settin
     run = d.find_flow_run(s, d.DEMO_MODEL, version)
     if run:
         console.print(f"flow run [bold]{run['name']}[/]: {s.url('prefect')}/runs/flow-run/{run['id']}")
+    for line in d.release_links(s, d.DEMO_MODEL, version):
+        console.print(line, highlight=False, soft_wrap=True)
     console.print(f"release {outcome.status} after {outcome.seconds:.1f} s: {outcome.reason}", highlight=False,
                   markup=False, soft_wrap=True)
     if outcome.status != expect:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import State
+from prefect.states import Failed
 
 from canaryflow.release import ramp, ramp_report
 from canaryflow.release.steps import ReleaseState
 from canaryflow.services import get_services
-from deployments.canary import CanaryStatus, Decision
+from deployments.canary import Action, CanaryStatus, Decision
 from tasks.report import artifact_key
+from validation.results import Outcome
 
 
 @task(name="canary-pending", cache_policy=NO_CACHE)
@@ -23,9 +26,20 @@ def start(st: ReleaseState) -> CanaryStatus:
     return ramp.start_or_resume(get_services(), st)
 
 
-@task(name="canary-analysis", cache_policy=NO_CACHE, task_run_name="canary-analysis-{status.iterations}")
-def analyse(st: ReleaseState, status: CanaryStatus) -> Decision:
-    return ramp.analyse(get_services(), st, status)
+@task(name="canary-analysis", cache_policy=NO_CACHE, task_run_name="canary-analysis-{number}")
+def analyse(st: ReleaseState, status: CanaryStatus, number: int) -> Decision | State:
+    """Analysis ``number`` (1-based, as in the logs and the MLflow steps). Its result is logged in one line; when
+    checks failed the task run ends in a Failed state named after the decision (``ChecksFailed`` while holding,
+    ``RolledBack`` at the end), no traceback: the flow reads the decision back with ``unwrap``."""
+    decision = ramp.analyse(get_services(), st, status)
+    line = ramp_report.decision_line(decision, status.weight)
+    failed = [c for c in decision.checks if c.outcome is Outcome.FAILED]
+    if decision.action is Action.ROLLBACK or failed:
+        get_run_logger().warning("%s", line)
+        name = "RolledBack" if decision.action is Action.ROLLBACK else "ChecksFailed"
+        return Failed(name=name, message=line[:2000], data=decision)
+    get_run_logger().info("%s", line)
+    return decision
 
 
 @task(name="retire", cache_policy=NO_CACHE)

@@ -8,13 +8,15 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from canaryflow.model.packaging import Bundle
-from canaryflow.release import steps
+from canaryflow.release import narrate, steps
 from canaryflow.services import get_services
 from deployments.archive import Archive
+from tasks.outcomes import gate_task
 from validation.results import GateResult
 
 
 @task(name="begin", cache_policy=NO_CACHE)
+@gate_task
 def begin(model: str, version: str) -> steps.ReleaseState:
     return steps.begin(get_services(), model, version)
 
@@ -25,6 +27,7 @@ def fetch(st: steps.ReleaseState) -> Path:
 
 
 @task(name="shape-gate", cache_policy=NO_CACHE)
+@gate_task
 def shape(st: steps.ReleaseState, model_dir: Path) -> GateResult:
     return steps.shape(st, model_dir)
 
@@ -35,6 +38,7 @@ def archive(st: steps.ReleaseState, bundle: Bundle) -> Archive:
 
 
 @task(name="stage", cache_policy=NO_CACHE)
+@gate_task
 def stage(st: steps.ReleaseState, mar: Archive, model_dir: Path) -> GateResult:
     return steps.stage(get_services(), st, mar, model_dir)
 
@@ -51,4 +55,6 @@ def stop(st: steps.ReleaseState, reason: str) -> str:
 
 @task(name="finish", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=3)
 def finish(st: steps.ReleaseState, status: str, reason: str) -> None:
-    steps.finish(get_services(), st, status, reason)
+    svc = get_services()
+    steps.finish(svc, st, status, reason)
+    narrate.tell(svc, st, status, reason)

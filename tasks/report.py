@@ -1,4 +1,4 @@
-"""Prefect artifacts that summarise a release."""
+"""Prefect artifacts that summarise a release (markdown from canaryflow/release/summary_md.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ import re
 
 from prefect.artifacts import create_markdown_artifact
 
+from canaryflow.release import narrate, summary_md
 from canaryflow.release.steps import ReleaseState
-from validation.results import markdown_table
+from canaryflow.release.story import Story
+from canaryflow.services import get_services
 
 
 def artifact_key(model: str, version: str) -> str:
@@ -15,13 +17,8 @@ def artifact_key(model: str, version: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", f"release-{model}-v{version}".lower()).strip("-")
 
 
-def release_summary(st: ReleaseState, status: str, reason: str) -> None:
-    """One markdown table for the release: outcome, gates, links."""
-    body = "\n".join([
-        f"# Release of `{st.model}` v{st.version}: **{status}**", "", reason, "",
-        f"- champion before: {('v' + st.champion) if st.champion else 'none'}",
-        f"- MLflow release run: [{st.run_id}]({st.run_url})",
-        "", markdown_table(st.results) if st.results else "_no gate ran_", "", *st.notes,
-    ])
-    create_markdown_artifact(key=artifact_key(st.model, st.version), markdown=body,
-                             description=f"release of {st.model} v{st.version}: {status}")
+def release_summary(st: ReleaseState, status: str, reason: str, story: Story | None = None) -> None:
+    """The release's page: headline (outcome, why, who serves now), facts, gates, every canary analysis, notes."""
+    story = story or narrate.story_of(get_services(), st, status, reason)
+    create_markdown_artifact(key=artifact_key(st.model, st.version), markdown=summary_md.markdown(story, st.notes),
+                             description=story.headline()[:500])

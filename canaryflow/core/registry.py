@@ -22,6 +22,7 @@ class VersionInfo:
     tags: dict[str, str] = field(default_factory=dict)
     aliases: list[str] = field(default_factory=list)
     created_ms: int = 0  # registration time (epoch ms)
+    description: str = ""  # what the MLflow UI shows on the version's page (canaryflow writes the release summary)
 
     @property
     def uri(self) -> str:
@@ -51,6 +52,8 @@ class Registry(Protocol):
     def record_run(self, experiment: str, run_name: str, tags: dict[str, str], params: dict[str, str]) -> str: ...
     def run_url(self, run_id: str) -> str: ...
     def finish_run(self, run_id: str, status: str) -> None: ...
+    def annotate_run(self, run_id: str, tags: dict[str, str]) -> None: ...
+    def describe_version(self, name: str, version: str, description: str) -> None: ...
 
 
 _NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
@@ -176,7 +179,7 @@ class MlflowRegistry:
         runs = self.client.search_runs([exp_id], filter_string=query, max_results=1)
         if runs:
             return runs[0].info.run_id
-        run = self.client.create_run(exp_id, run_name=f"release-{name}-v{version}",
+        run = self.client.create_run(exp_id, run_name=release_run_name(name, version),
                                      tags={Tag.MODEL: name, Tag.VERSION: str(version)})
         return run.info.run_id
 
@@ -194,7 +197,7 @@ class MlflowRegistry:
             elif existing[key] != str(value):
                 self.client.set_tag(run_id, f"rerun.{key}", str(value))
         for key, value in (metrics or {}).items():
-            self.client.log_metric(run_id, key, float(value))
+            self.client.log_metric(run_id, key, tidy(value))
         for path in files or []:
             self.client.log_artifact(run_id, str(path), artifact_path)
 
@@ -205,7 +208,7 @@ class MlflowRegistry:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        self.client.log_batch(run_id, metrics=[Metric(k, tidy(v), now, step) for k, v in metrics.items()])
 
     def record_run(self, experiment: str, run_name: str, tags: dict[str, str], params: dict[str, str]) -> str:
         """A finished run that records an event (a rollback) next to the releases in the MLflow UI."""
@@ -222,13 +225,43 @@ class MlflowRegistry:
         exp_id = self.client.get_run(run_id).info.experiment_id
         return f"{self.tracking_uri}/#/experiments/{exp_id}/runs/{run_id}"
 
+    def experiment_url(self, experiment: str) -> str:
+        """The experiment's runs in the MLflow UI's classic view (the tracking server's base URL when the
+        experiment does not exist yet)."""
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            return self.tracking_uri
+        return f"{self.tracking_uri.rstrip('/')}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
+
     def finish_run(self, run_id: str, status: str) -> None:
         self.client.set_terminated(run_id, status=status)
+
+    def annotate_run(self, run_id: str, tags: dict[str, str]) -> None:
+        """Tags on a run; ``mlflow.note.content`` is the description the MLflow UI shows on the run's page."""
+        for key, value in tags.items():
+            self.client.set_tag(run_id, key, str(value)[:5000])
+
+    def describe_version(self, name: str, version: str, description: str) -> None:
+        """The model version's description (markdown on its page in the MLflow UI)."""
+        self.client.update_model_version(name, str(version), description=description[:5000])
 
 
 def _info(mv: Any) -> VersionInfo:
     return VersionInfo(mv.name, str(mv.version), mv.source, mv.run_id, dict(mv.tags or {}), list(mv.aliases or []),
-                       int(mv.creation_timestamp or 0))
+                       int(mv.creation_timestamp or 0), str(getattr(mv, "description", "") or ""))
+
+
+def release_run_name(name: str, version: str) -> str:
+    """The release run's name: the version first, so a UI that cuts long names keeps it."""
+    return f"v{version} release of {name}"
+
+
+def tidy(value: float) -> float:
+    """A metric at a precision a person reads (17.749999999999997 -> 17.75); whole numbers stay whole."""
+    x = float(value)
+    if x != x or x in (float("inf"), float("-inf")) or x.is_integer():
+        return x
+    return float(f"{x:.5g}") if abs(x) < 1e5 else round(x, 1)
 
 
 def sha256_of(path: Path) -> str:

@@ -228,6 +228,32 @@ def watch_release(tracking_uri: str, name: str, version: str, on_decision: Calla
                      "check the Prefect UI and the worker log")
 
 
+def mlflow_ui_url(settings: Settings) -> str:
+    """The MLflow UI's link to print: the release experiment's runs in the classic view when it exists (a bare
+    server link opens MLflow 3's GenAI overview), else the server."""
+    from canaryflow.core.registry import MlflowRegistry
+
+    try:
+        return MlflowRegistry(settings.mlflow_uri).experiment_url(settings.release.experiment)
+    except Exception:  # noqa: BLE001 - a link to print; the server's own page is a fine fallback
+        return settings.mlflow_uri
+
+
+def release_links(settings: Settings, name: str, version: str) -> list[str]:
+    """Where a person reads one release in MLflow: its release run and its model version page."""
+    from mlflow import MlflowClient
+
+    from canaryflow.release.story import version_url
+
+    links = [f"MLflow model version: {version_url(settings.mlflow_uri, name, version)}"]
+    run_id = MlflowClient(settings.mlflow_uri).get_model_version(name, version).tags.get(Tag.RELEASE_RUN)
+    if run_id:
+        from canaryflow.core.registry import MlflowRegistry
+
+        links.insert(0, f"MLflow release run: {MlflowRegistry(settings.mlflow_uri).run_url(run_id)}")
+    return links
+
+
 def find_flow_run(settings: Settings, name: str, version: str) -> dict | None:
     """The release flow run Prefect holds for this version (by its run name)."""
     body = {"flow_runs": {"name": {"any_": [f"release-{name}-v{version}"]}}, "limit": 1}

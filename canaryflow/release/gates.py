@@ -139,6 +139,7 @@ def optimize(svc: Services, st: ReleaseState, model_dir: Path, release_data: Rel
     files = write_reports(result, _dir(st, "optimization"))
     svc.registry.log_to_run(st.run_id, files=list(files), artifact_path="optimization",
                             params={"serving_variant": result.variant or "none"})
+    st.variant = result.variant or ""
     st.notes.append("## Optimization\n\n" + markdown(result.table))
     st.record(result.gate)
     assert result.chosen is not None  # a passed gate always has a chosen variant

@@ -203,10 +203,13 @@ def _analyse(svc: Services, st: ReleaseState, status: ctl.CanaryStatus,
     now = time.time() if now is None else now
     m = measure(svc, st, status, source or svc.metrics, now)
     decision = apply(svc, st, status, ctl.decide(status, m, st.policy.canary), now)
-    ramp_report.record(svc, st, decision, m.window, now)
+    ramp_report.record(svc, st, decision, m.window, now, measured_weight=status.weight)
     if decision.status.done:
+        # not "weight": gate numbers go to MLflow as "<gate>.<key>" at step 0, and canary.weight is the ramp's series
+        weights = [line.get("measured_weight", 0.0) for line in ramp_report.read_timeline(st)]
         st.results.append(judged("canary", decision.action is ctl.Action.PROMOTE, "; ".join(decision.reasons),
-                                 {"analyses": decision.status.iterations, "weight": decision.status.weight,
+                                 {"analyses": decision.status.iterations, "decided_at_weight": status.weight,
+                                  "max_weight": max([status.weight, *weights]),
                                   "failed_analyses": decision.status.failed_checks},
                                  {"steps": st.policy.canary.steps}))
     return decision

@@ -13,12 +13,18 @@ from deployments import canary as ctl
 from deployments.metrics import Window
 
 
-def record(svc: Services, st: ReleaseState, d: ctl.Decision, window: Window | None, now: float) -> None:
-    """One analysis -> MLflow metrics (step = analysis number) and a line of ``canary.jsonl``."""
+def record(svc: Services, st: ReleaseState, d: ctl.Decision, window: Window | None, now: float,
+           measured_weight: float | None = None) -> None:
+    """One analysis -> MLflow metrics (step = analysis number) and a line of ``canary.jsonl``.
+
+    ``measured_weight``: the candidate's share while the window was measured (the status before the decision);
+    the weight the decision set is ``next_weight``. Both default to the decision's when the caller has no other."""
     s = d.status
-    line: dict[str, Any] = {"t": now, "iteration": s.iterations, "action": d.action.value, "weight": s.weight,
-                            "phase": s.phase.value, "reasons": d.reasons, "checks": [c.to_dict() for c in d.checks]}
-    metrics = {"canary.weight": s.weight, "canary.failed_checks": s.failed_checks}
+    weight = s.weight if measured_weight is None else measured_weight
+    line: dict[str, Any] = {"t": now, "iteration": s.iterations, "action": d.action.value, "weight": weight,
+                            "measured_weight": weight, "next_weight": s.weight, "phase": s.phase.value,
+                            "reasons": d.reasons, "checks": [c.to_dict() for c in d.checks]}
+    metrics = {"canary.weight": weight, "canary.failed_checks": s.failed_checks}
     if window is not None:
         for role, version in (("candidate", s.candidate), ("champion", s.champion)):
             v = window.get(version)
@@ -36,6 +42,13 @@ def record(svc: Services, st: ReleaseState, d: ctl.Decision, window: Window | No
         fh.write(json.dumps(line, default=str) + "\n")
 
 
+def decision_line(d: ctl.Decision, measured_weight: float) -> str:
+    """``canary analysis 3 at 25%: rollback: agreement: ...``: one analysis in one log line (1-based number, the
+    weight it measured, the action, the reasons)."""
+    return (f"canary analysis {d.status.iterations} at {measured_weight:g}%: {d.action.value}: "
+            + "; ".join(d.reasons))
+
+
 def timeline_file(st: ReleaseState) -> Path:
     return st.workdir / "canary.jsonl"
 
@@ -48,14 +61,16 @@ def read_timeline(st: ReleaseState) -> list[dict[str, Any]]:
 
 
 def checks_table(st: ReleaseState) -> list[dict[str, Any]]:
-    """Every check of every analysis, one row each: for the Prefect table artifact."""
+    """Every check of every analysis, one row each, in order: for the Prefect table artifact. ``weight`` is the
+    candidate's share the analysis measured; the decision row's reason says where the ramp went next."""
     rows = []
     for line in read_timeline(st):
+        weight = line.get("measured_weight", line["weight"])
         for c in line["checks"]:
-            rows.append({"analysis": line["iteration"], "weight": line["weight"], "check": c["name"],
+            rows.append({"analysis": line["iteration"], "weight": weight, "check": c["name"],
                          "outcome": c["outcome"], "measured": _fmt(c["measured"]), "threshold": _fmt(c["threshold"]),
                          "reason": c["reason"]})
-        rows.append({"analysis": line["iteration"], "weight": line["weight"], "check": "decision",
+        rows.append({"analysis": line["iteration"], "weight": weight, "check": "decision",
                      "outcome": line["action"], "measured": "", "threshold": "", "reason": "; ".join(line["reasons"])})
     return rows
 
@@ -65,31 +80,10 @@ def _fmt(x: float | None) -> str:
 
 
 def write_timeline_png(st: ReleaseState, path: Path) -> Path | None:
-    """Weight, p95 and error ratio per version over the ramp; None when no analysis ran."""
+    """The ramp as a chart (canaryflow/release/timeline_chart.py); None when no analysis ran."""
+    from canaryflow.release.timeline_chart import draw
+
     lines = read_timeline(st)
     if not lines:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    t0 = lines[0]["t"]
-    ts = [x["t"] - t0 for x in lines]
-    fig, axes = plt.subplots(3, 1, figsize=(8, 7), sharex=True)
-    axes[0].step(ts, [x["weight"] for x in lines], where="post", color="tab:purple")
-    axes[0].set_ylabel("candidate traffic %")
-    for role, color in (("champion", "tab:blue"), ("candidate", "tab:orange")):
-        axes[1].plot(ts, [(x.get(role) or {}).get("p95_ms") for x in lines], "o-", color=color, label=role)
-        axes[2].plot(ts, [(x.get(role) or {}).get("error_ratio") for x in lines], "o-", color=color, label=role)
-    axes[1].set_ylabel("p95 ms")
-    axes[2].set_ylabel("error ratio")
-    axes[2].set_xlabel("seconds since first analysis")
-    axes[1].legend()
-    last = lines[-1]
-    fig.suptitle(f"canary of {st.model} v{st.version}: {last['action']} at {last['weight']:g}%")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return draw(lines, f"canary of {st.model} v{st.version}", path)

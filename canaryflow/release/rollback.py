@@ -16,6 +16,7 @@ from canaryflow.core import locks, seal
 from canaryflow.core.errors import RegistryError, ServingError
 from canaryflow.core.state import ReleaseStatus, Route, Tag
 from canaryflow.release.converge import DELETE, KEEP, converge
+from canaryflow.release.narrate import describe_update
 from canaryflow.release.ramp import load_status, save_status
 from canaryflow.services import Services
 from deployments.canary import Phase
@@ -42,6 +43,7 @@ def _abort(svc: Services, model: str, version: str, reason: str, status: str) ->
     if version != champion:
         svc.backend.unregister(model, version)
     svc.registry.set_tags(model, version, {Tag.STATUS: status, Tag.REASON: reason})
+    describe_update(svc, model, version, f"{status}: {reason}" + (f"; v{champion} serves" if champion else ""))
     return f"{model} v{version} {status}: {reason}"
 
 
@@ -82,11 +84,14 @@ def _rollback(svc: Services, model: str, to: str | None, reason: str, actor: str
     if replaced:
         svc.registry.set_tags(model, champion, {Tag.STATUS: ReleaseStatus.ROLLED_BACK, Tag.REASON: note,
                                                 Tag.ROLLBACK_BY: actor})
+        describe_update(svc, model, str(champion), f"rolled back: {note}; v{target} serves as champion again")
         try:
             svc.backend.unregister(model, champion)
         except ServingError:
             pass  # it no longer gets traffic; a leftover registration is harmless
-    svc.registry.set_tags(model, target, {Tag.RESTORED: note})
+    again = f"serving as champion again after a {note}"
+    svc.registry.set_tags(model, target, {Tag.RESTORED: note, Tag.REASON: again})  # not the stale "replaced by"
+    describe_update(svc, model, target, again)
     record = {"from": champion, "to": target, "by": actor, "reason": reason, "at": when}
     svc.registry.set_model_tag(model, Tag.LAST_ROLLBACK, json.dumps(record))
     _log_run(svc, model, record)
@@ -110,6 +115,6 @@ def _ramping(svc: Services, model: str) -> list[str]:
 
 def _log_run(svc: Services, model: str, record: dict[str, str | None]) -> None:
     """An MLflow run in the release experiment, so rollbacks show next to releases in the UI."""
-    svc.registry.record_run(svc.settings.release.experiment, f"rollback-{model}-v{record['from']}-to-v{record['to']}",
+    svc.registry.record_run(svc.settings.release.experiment, f"rollback v{record['from']} → v{record['to']} of {model}",
                             {Tag.MODEL: model, Tag.KIND: "rollback"},
                             {k: v or "none" for k, v in record.items()})

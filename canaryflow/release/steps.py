@@ -47,6 +47,7 @@ class ReleaseState:
     policy: Settings = field(default_factory=Settings)
     results: list[GateResult] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # extra markdown sections for the release summary
+    variant: str = ""  # the serving variant the optimization gate chose
     sandbox: Sandbox | None = field(default=None, repr=False, compare=False)
 
     def model_code(self) -> Sandbox:
@@ -218,6 +219,13 @@ class Ending:
 
 
 UNFINISHED = Ending(ReleaseStatus.FAILED, "release did not finish")
+
+
+def expected(exc: BaseException) -> bool:
+    """An exception that is an outcome of the release, not an error in it: a gate or the canary judged (or could
+    not judge) the model, a name or policy was refused, another run owns the ramp. The flow ends in a named state
+    with the reason; anything else is raised, with its traceback, after the same cleanup."""
+    return isinstance(exc, GateFailed | Refused | StatusConflict | ChaosBuild)
 
 
 def ending(exc: BaseException) -> Ending:

@@ -102,8 +102,12 @@ def test_good_candidate_is_ramped_in_and_promoted(stack, svc, rows, champion) ->
     assert live.errors == [] and all(status == 200 for status, _ in live.counts), live.counts
     client = MlflowClient(stack.settings.mlflow_uri)
     run_id = tags["canaryflow.release_run"]
-    weights = [m.value for m in client.get_metric_history(run_id, "canary.weight")]
+    history = sorted(client.get_metric_history(run_id, "canary.weight"), key=lambda m: m.step)
+    weights = [m.value for m in history]
     assert 20.0 in weights and weights[-1] == 100.0, weights
+    assert_release_story(stack, version, "Released", f"v{version} released", f"v{version} serves now")
+    replaced = client.get_model_version(MODEL, champion)
+    assert replaced.tags["canaryflow.reason"].startswith(f"replaced as champion by v{version}"), replaced.tags
     assert "canary/canary_timeline.png" in [a.path for a in client.list_artifacts(run_id, "canary")]
     deadline = time.monotonic() + 60  # the old champion is retired after the grace period
     while champion in svc.backend.versions(MODEL) and time.monotonic() < deadline:
@@ -169,6 +173,8 @@ def test_label_flipped_candidate_is_rejected_offline_by_the_cross_holdout_check(
     assert tags["canaryflow.gate.quality"].startswith("passed"), tags  # its own holdout alone was fooled
     assert "canaryflow.canary" not in tags  # never ramped
     assert serving_state(svc) == (before, {"stable": before}, before)
+    assert_release_story(stack, version, "Rejected", f"v{version} rejected by the quality_cross gate",
+                         f"v{before} still serves")
 
 
 def test_candidate_wrong_on_a_rare_segment_is_rolled_back_by_the_pairwise_check(stack, svc, champion) -> None:
@@ -188,6 +194,31 @@ def test_candidate_wrong_on_a_rare_segment_is_rolled_back_by_the_pairwise_check(
     assert all(tags[f"canaryflow.gate.{g}"].startswith("passed") for g in ("quality", "quality_cross", "load_test"))
     assert serving_state(svc) == (before, {"stable": before}, before)
     assert live.errors == [] and all(status == 200 for status, _ in live.counts), live.counts
+    assert_release_story(stack, version, "RolledBack", f"v{version} rolled back at ", f"v{before} still serves")
+
+
+def assert_release_story(stack, version: str, state_name: str, *says: str) -> None:
+    """The Prefect run ends in the named state with the headline as its message (no crash); the MLflow release run
+    and the model version describe the outcome; every canary metric is a series in analysis order."""
+    launcher = PrefectLauncher(stack.settings.prefect_api_url)
+    deadline, run = time.monotonic() + 60, None
+    while time.monotonic() < deadline:  # the flow writes its summary after the tags
+        run = launcher.list_flow_runs(MODEL, version)[-1]
+        if run["state_type"] not in ("RUNNING", "PENDING", "SCHEDULED"):
+            break
+        time.sleep(0.5)
+    assert run is not None and run["state"]["name"] == state_name, run["state"]
+    assert all(s in run["state"]["message"] for s in says), run["state"]["message"]
+    logs = httpx.post(f"{stack.settings.prefect_api_url}/logs/filter", timeout=10,
+                      json={"logs": {"flow_run_id": {"any_": [run["id"]]}}, "limit": 200}).json()
+    assert not [log["message"][:300] for log in logs if "Traceback" in log["message"]]  # an outcome, not a crash
+    client = MlflowClient(stack.settings.mlflow_uri)
+    mv = client.get_model_version(MODEL, version)
+    assert all(s in mv.description for s in says), mv.description
+    note = client.get_run(mv.tags["canaryflow.release_run"]).data.tags["mlflow.note.content"]
+    assert all(s in note for s in says) and f"#/models/{MODEL}/versions/{version}" in note, note
+    history = client.get_metric_history(mv.tags["canaryflow.release_run"], "canary.weight")
+    assert [m.step for m in history] == list(range(1, len(history) + 1)), [(m.step, m.value) for m in history]
 
 
 def test_candidate_less_accurate_on_labelled_answers_is_rolled_back_by_live_accuracy(stack, svc, champion) -> None:

@@ -32,6 +32,7 @@ class FakeRegistry:
     runs: list[dict] = field(default_factory=list)
     logged: list[dict] = field(default_factory=list)
     finished: dict[str, str] = field(default_factory=dict)
+    run_tags: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def get_version(self, name: str, version: str) -> VersionInfo:
         if version not in self.versions:
@@ -91,6 +92,13 @@ class FakeRegistry:
 
     def finish_run(self, run_id: str, status: str) -> None:
         self.finished[run_id] = status
+
+    def annotate_run(self, run_id: str, tags: dict[str, str]) -> None:
+        self.run_tags.setdefault(run_id, {}).update(tags)
+
+    def describe_version(self, name: str, version: str, description: str) -> None:
+        if version in self.versions:
+            self.versions[version] = replace(self.versions[version], description=description)
 
 
 @dataclass

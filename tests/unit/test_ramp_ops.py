@@ -71,11 +71,17 @@ def test_ramp_starts_advances_and_records(tmp_path: Path) -> None:
     assert d.action is Action.ADVANCE and svc.router.table["m"]["weight"] == 50.0
     assert ramp.load_status(svc, "m", "2").weight == 50.0
     step, metrics = svc.registry.steps[-1]
-    assert step == 1 and metrics["canary.weight"] == 50.0 and metrics["canary.candidate.requests"] == 60
+    # the weight the analysis MEASURED (10 %), not the one its decision set (50 %)
+    assert step == 1 and metrics["canary.weight"] == 10.0 and metrics["canary.candidate.requests"] == 60
     table = ramp_report.checks_table(st)
     assert {r["check"] for r in table} >= {"errors", "p95", "latency_u", "prediction_drift", "decision"}
+    assert {r["weight"] for r in table} == {10.0}
     d = ramp.analyse(svc, st, d.status, source=Source(), now=status.started_at + 60)
     assert d.action is Action.PROMOTE and svc.router.table["m"] == {"stable": "2"}
+    assert [(s, m["canary.weight"]) for s, m in svc.registry.steps] == [(1, 10.0), (2, 50.0)]
+    canary = st.results[-1]
+    assert canary.gate == "canary" and "weight" not in canary.measured  # "canary.weight" is the series alone
+    assert canary.measured["max_weight"] == 50.0 and canary.measured["decided_at_weight"] == 50.0
     assert ramp_report.write_timeline_png(st, tmp_path / "t.png").stat().st_size > 1000
 
 
@@ -195,6 +201,12 @@ def test_manual_rollback_restores_previous_and_is_safe_twice(tmp_path: Path) -> 
     assert tags[Tag.STATUS] == "rolled_back" and "alice" in tags["canaryflow.reason"]
     assert json.loads(svc.registry.model_tag[Tag.LAST_ROLLBACK])["by"] == "alice"
     assert svc.registry.runs[0]["reason"] == "p99 regression seen by on-call"
+    assert svc.registry.runs[0]["name"] == "rollback v2 → v1 of m"  # version first: a cut name keeps it
+    # people read the descriptions; no stale "replaced as champion" on the version that serves again
+    assert svc.registry.versions["2"].description.startswith("_Update:_ rolled back: manual rollback to v1 by alice")
+    restored = svc.registry.versions["1"]
+    assert restored.tags[Tag.REASON].startswith("serving as champion again after a manual rollback to v1")
+    assert restored.description.startswith("_Update:_ serving as champion again")
     changes = svc.router.changes
     again = rollback.rollback(svc, "m", None, "clicked twice", "alice")
     assert again["changed"] == "false" and svc.router.changes == changes
