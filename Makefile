@@ -6,8 +6,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # libnginx-mod-http-lua: the router routes from a Lua shared dict (no reloads); etcd-server and prometheus: the
-# tests' kube-apiserver store and the Prometheus metrics source
-APT_PACKAGES := nginx libnginx-mod-http-lua wrk etcd-server prometheus
+# tests' kube-apiserver store and the Prometheus metrics source; chromium: the UI checks of the demo test (headless)
+APT_PACKAGES := nginx libnginx-mod-http-lua wrk etcd-server prometheus chromium
 DEMO_ARGS ?=
 BENCH_ARGS ?=
 
@@ -28,7 +28,7 @@ system-deps:
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,tensorflow]'
+	$(BIN)/pip install -q -e '.[dev,tensorflow,dask]'
 	touch $(STAMP)
 
 setup: system-deps $(STAMP)

@@ -57,12 +57,22 @@ class PrefectChunkExecutor:
 
     def __init__(self, runner: TaskRunner) -> None:
         self.runner = runner
+        self.parallel = _dask_threads(runner)
 
     def submit(self, job: batch.BatchJob, spec: ChunkSpec, table: pa.Table) -> Any:
         return self.runner.submit(score_chunk, {"job": job, "spec": spec, "table": table})
 
     def first_done(self, handles: list[Any]) -> Any:
         return next(as_completed(handles))
+
+
+def _dask_threads(runner: TaskRunner) -> int | None:
+    """On a Dask cluster, its thread count: as many chunks in flight (the run adds one read ahead)."""
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError:
+        return None
+    return max(1, sum(runner.client.nthreads().values())) if isinstance(runner, DaskTaskRunner) else None
 
 
 def artifact_key(prefix: str, model: str) -> str:

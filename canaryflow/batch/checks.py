@@ -66,8 +66,38 @@ class RowChecks:
                 self.expectations.append(Expectation(kind, kwargs.pop("column"), kwargs))
             elif kind not in _COLUMN_CHECKS:  # those two are covered by the signature checks
                 self.unsupported.append(kind)
+        self._arrow_type = pa.from_numpy_dtype(self.dtype)
+        self._limits = _limits(self.features, self.dtype, self.expectations)
 
     def apply(self, table: pa.Table) -> Checked:
+        """The chunk's rows as model input, and a reason for each bad row."""
+        return self._clean(table) or self._detailed(table)
+
+    def _clean(self, table: pa.Table) -> Checked | None:
+        """The common case in one pass over the model input: every feature column already in the model's dtype
+        without nulls, and every value inside its bounds (finite, and within the suite's ranges). None when that
+        is not so: :meth:`_detailed` then finds which rows are bad and why.
+
+        Equal to the detailed checks by construction: the column values are exactly the model input (same dtype),
+        and :func:`_bounds` turns each range into the closed interval of representable values that pass it.
+        """
+        if self._limits is None or any(name not in table.column_names for name in self.features):
+            return None
+        columns = [table.column(name) for name in self.features]
+        if any(c.type != self._arrow_type or c.null_count for c in columns):
+            return None
+        x = np.empty((table.num_rows, len(self.features)), dtype=self.dtype)
+        for j, col in enumerate(columns):  # one copy: arrow's buffers, viewed, into the row-major model input
+            start = 0
+            for piece in col.chunks:
+                x[start : start + len(piece), j] = piece.to_numpy(zero_copy_only=True)
+                start += len(piece)
+        lo, hi = self._limits
+        if not ((x >= lo) & (x <= hi)).all():
+            return None
+        return Checked(x, np.ones(len(x), bool), [], {e.label: 0 for e in self.expectations})
+
+    def _detailed(self, table: pa.Table) -> Checked:
         n = table.num_rows
         x = np.empty((n, len(self.features)), dtype=self.dtype)
         problems: list[tuple[np.ndarray, Any]] = []  # (row mask, message or per-row message function)
@@ -131,6 +161,37 @@ class RowChecks:
             return out & ~np.isnan(v)
         inside = pc.is_in(col, value_set=pa.array(e.kwargs.get("value_set") or [], type=col.type))
         return ~inside.to_numpy(zero_copy_only=False) & ~_null_mask(col)
+
+
+def _limits(features: list[str], dtype: np.dtype, expectations: list[Expectation]) -> \
+        tuple[np.ndarray, np.ndarray] | None:
+    """Per feature, the lowest and highest value of ``dtype`` that passes every range check (finite, in the
+    suite's ranges); None when some expectation is not a range or not-null check on a feature (value sets are
+    checked by the detailed path only)."""
+    top = float(np.finfo(dtype).max)
+    lo, hi = np.full(len(features), -top, dtype), np.full(len(features), top, dtype)
+    for e in expectations:
+        if e.column not in features or e.kind not in (_NOT_NULL, _BETWEEN):
+            return None
+        j = features.index(e.column)
+        if e.kind == _BETWEEN:
+            low, high = e.kwargs.get("min_value"), e.kwargs.get("max_value")
+            if low is not None:
+                lo[j] = max(lo[j], _bound(float(low), dtype, up=True, strict=bool(e.kwargs.get("strict_min"))))
+            if high is not None:
+                hi[j] = min(hi[j], _bound(float(high), dtype, up=False, strict=bool(e.kwargs.get("strict_max"))))
+    return lo, hi
+
+
+def _bound(limit: float, dtype: np.dtype, *, up: bool, strict: bool) -> float:
+    """The first value of ``dtype`` from ``limit`` towards the inside (``up``: the smallest one >= limit, or >
+    limit when ``strict``; else the largest one <= limit, or < limit): checking a ``dtype`` value against it is
+    the same as checking its exact float64 value against ``limit``, as the detailed path does."""
+    with np.errstate(over="ignore"):
+        v = dtype.type(limit)
+    outside = (float(v) < limit or (strict and float(v) == limit)) if up else \
+        (float(v) > limit or (strict and float(v) == limit))
+    return float(np.nextafter(v, dtype.type(np.inf if up else -np.inf))) if outside else float(v)
 
 
 def _numeric(t: pa.DataType) -> bool:

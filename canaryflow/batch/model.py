@@ -2,9 +2,10 @@
 
 A released version (tag ``canaryflow.release_run``, status ``released``) is scored with the serving artifact its
 release chose (``torchserve/<model>_v<n>.mar`` on the release run: the optimization gate's variant, ONNX or
-torch.export, plus the serving meta), through the TorchServe handler's own code, so batch answers equal served
-answers. Its rows are checked with the release's data expectations (``gates/data/expectation_suite.json``) and its
-drift is measured against the training reference (``canaryflow/reference.parquet`` on the training run).
+torch.export, plus the serving meta), scored as the TorchServe handler scores it (:mod:`canaryflow.batch.scorer`),
+so batch answers equal served answers. Its rows are checked with the release's data expectations
+(``gates/data/expectation_suite.json``) and its drift is measured against the training reference
+(``canaryflow/reference.parquet`` on the training run).
 
 A version that was never released is refused unless ``allow_unreleased``: then the MLflow PyTorch model is exported
 here with a dynamic batch (torch.export, no optimization) and its expectations are derived from the reference.
@@ -13,16 +14,12 @@ here with a dynamic batch (torch.export, no optimization) and its expectations a
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
-import threading
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from canaryflow.core import seal
 from canaryflow.core.errors import BatchError, RegistryError
@@ -196,51 +193,3 @@ def _suite_columns(suite: dict[str, Any] | None) -> list[str] | None:
         if e.get("type") == "expect_table_columns_to_match_set":
             return list(e["kwargs"]["column_set"])
     return None
-
-
-class Scorer:
-    """Class probabilities of float rows through the TorchServe handler of a bundle, in large slices.
-
-    A torch.export program refuses batches above the ``max_batch_rows`` it was exported with; ONNX does not.
-    """
-
-    def __init__(self, bundle_dir: str, score_rows: int = 8192, threads: int | None = None) -> None:
-        from deployments.handler import CanaryflowHandler
-
-        if threads is not None:
-            # chunks run in parallel: one compute thread per chunk beat two each (650k vs 500k rows/s on 2 cores);
-            # the handler gives onnxruntime torch's thread count
-            import torch
-
-            torch.set_num_threads(threads)
-        self.handler = CanaryflowHandler.for_bundle(bundle_dir)
-        meta = self.handler.meta
-        self.step = min(score_rows, meta.max_batch_rows) if meta.format == "torch_export" else score_rows
-        self.class_labels = meta.class_labels
-        # an all-rejected chunk still writes a part with every column: the class count comes from one zero row
-        self.n_classes = self.handler.probabilities(np.zeros((1, meta.n_features), np.float32)).shape[1]
-
-    def probabilities(self, x: np.ndarray) -> np.ndarray:
-        if len(x) == 0:
-            return np.zeros((0, self.n_classes), np.float32)
-        return np.concatenate([self.handler.probabilities(x[i : i + self.step]).astype(np.float32, copy=False)
-                               for i in range(0, len(x), self.step)])
-
-
-_scorers: dict[tuple[str, int], Scorer] = {}
-_lock = threading.Lock()
-
-
-def scorer_for(model: BatchModel, score_rows: int, parallel: int = 1) -> Scorer:
-    """One scorer per model and process (threads share it; a Dask worker without the bundle fetches it), with
-    the process's cores shared out between the ``parallel`` chunks it scores at once."""
-    key = (model.bundle_dir, score_rows)
-    with _lock:
-        if key not in _scorers:
-            if not (Path(model.bundle_dir) / META_FILE).exists():
-                registry = MlflowRegistry(model.tracking_uri)
-                fetch_model(registry, model.name, model.version, model.alias, Path(model.bundle_dir).parent,
-                            allow_unreleased=model.variant == "export", expect_sha256=model.archive_sha256)
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-            _scorers[key] = Scorer(model.bundle_dir, score_rows, threads=max(1, cores // max(parallel, 1)))
-        return _scorers[key]

@@ -1,8 +1,9 @@
 """Batch inference: score a Parquet dataset with a registered model, streamed, resumable, every row exactly once.
 
 Plain functions (no Prefect): :func:`prepare` resolves the model and plans the run, :func:`run_chunks` streams the
-input in chunks through an executor (threads here, a Prefect task runner in flows/batch_inference.py),
-:func:`finish` proves the output adds up and reports it; :func:`run_batch` chains them (the CLI).
+input in chunks through an executor (threads here, a Dask cluster in :mod:`canaryflow.batch.cluster`, a Prefect
+task runner in flows/batch_inference.py), :func:`finish` proves the output adds up and reports it;
+:func:`run_batch` chains them (the CLI).
 
 Output: ``<output_dir>/<model>/v<version>/<input name>-<run key>/`` with ``scores/part-<file>-<chunk>.parquet``,
 ``rejects/``, ``manifest.json``, ``summary.json``, ``reports/`` and, last, ``_SUCCESS``. The run key hashes the
@@ -18,7 +19,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pyarrow as pa
 
@@ -34,6 +35,9 @@ from canaryflow.core.errors import BatchError, BatchWriteError, RegistryError
 from canaryflow.core.names import name_problem
 from canaryflow.core.paths import StatePaths
 from canaryflow.core.settings import BatchSettings, Settings
+
+if TYPE_CHECKING:
+    from canaryflow.batch.cluster import DaskExecutor
 
 __all__ = ["BatchInterrupted", "BatchJob", "Progress", "finish", "plan_job", "prepare", "run_batch", "run_chunks",
            "run_job"]
@@ -126,8 +130,9 @@ class ThreadExecutor:
 
 def run_chunks(job: BatchJob, executor: ChunkExecutor, on_part: Callable[[Progress], None] | None = None,
                stop_after_parts: int | None = None) -> dict[str, float]:
-    """Score every chunk the manifest does not list yet, at most ``max_parallel + 1`` in flight (so memory stays
-    bounded whatever the input size), recording each finished part in the manifest as it lands.
+    """Score every chunk the manifest does not list yet, at most ``max_parallel + 1`` in flight (a cluster's
+    executor: its thread count + 1), so memory stays bounded whatever the input size, recording each finished part
+    in the manifest as it lands.
 
     Listed parts whose files are damaged are scored again (:func:`canaryflow.batch_manifest.repair`). When chunks
     fail, the error raised is that of the first failing chunk in input order, whichever thread failed first. A
@@ -144,11 +149,12 @@ def run_chunks(job: BatchJob, executor: ChunkExecutor, on_part: Callable[[Progre
     manifest.status, manifest.error = "running", None
     source = _stream(job, plan, set(manifest.parts))
     inflight: dict[Any, ChunkSpec] = {}
+    parallel = getattr(executor, "parallel", None) or job.max_parallel  # a cluster: its thread count
     started, rows_now, parts_now, saved = time.monotonic(), 0, 0, 0.0
     rows_before = manifest.rows_done
     try:
         while True:
-            while len(inflight) <= job.max_parallel and (item := next(source, None)) is not None:
+            while len(inflight) <= parallel and (item := next(source, None)) is not None:
                 inflight[executor.submit(job, *item)] = item[0]
             if not inflight:
                 break
@@ -224,6 +230,7 @@ def finish(job: BatchJob, settings: Settings, stats: dict[str, float], *, starte
     manifest = Manifest.load(fs, root)
     if manifest is None:
         raise BatchError(f"{job.run_dir} has no manifest")
+    remove_temporaries(fs, root)  # left by a worker killed mid-write whose chunk ran again elsewhere
     totals = verify(manifest, job.chunks(), fs, root, job.total_rows)
     summary = batch_report.summarize(job, manifest, totals, stats, started)
     if report:
@@ -283,10 +290,17 @@ def run_batch(settings: Settings, model_name: str, input_uri: str, *, alias: str
 def run_job(job: BatchJob, settings: Settings, *, on_part: Callable[[Progress], None] | None = None,
             stop_after_parts: int | None = None, report: bool = True,
             started: float | None = None) -> dict[str, Any]:
-    """Score a prepared job on local threads and finish it (nothing to do if it is already complete)."""
+    """Score a prepared job on local threads, or on the Dask cluster of the setting ``batch.dask_address``, and
+    finish it (nothing to do if it is already complete)."""
     if job.complete:
         return previous_summary(job)
-    executor = ThreadExecutor(job.max_parallel)
+    executor: ThreadExecutor | DaskExecutor
+    if settings.batch.dask_address:
+        from canaryflow.batch.cluster import DaskExecutor
+
+        executor = DaskExecutor(settings.batch.dask_address)
+    else:
+        executor = ThreadExecutor(job.max_parallel)
     try:
         with run_lock(job):
             stats = run_chunks(job, executor, on_part, stop_after_parts)

@@ -18,7 +18,7 @@ import pyarrow as pa
 from canaryflow.batch.checks import RowChecks
 from canaryflow.batch.io import FILE_BITS, ChunkSpec, InputFile, filesystem, join
 from canaryflow.batch.manifest import PartRecord
-from canaryflow.batch.model import scorer_for
+from canaryflow.batch.scorer import scorer_for
 from canaryflow.batch.write import write_parquet_atomic
 from canaryflow.core.errors import BatchError
 

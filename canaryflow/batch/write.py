@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fnmatch
 import io
 import os
 import signal
@@ -97,12 +98,13 @@ def _fault(point: str, path: str) -> None:
     """Test-only fault injection for the drills (tests/drills): ``CANARYFLOW_TEST_FAULT=<action>:<point>:<name>``
     with action ``kill`` (SIGKILL this process) or ``enospc`` (disk full), point ``write`` (data written, not yet
     synced) or ``rename`` (temporary file complete, not yet renamed), name the end of the output path
-    (``scores/part-00000-000003.parquet``). Unset (always, outside tests) it does nothing."""
+    (``scores/part-00000-000003.parquet``, or a pattern: ``scores/*`` is the first part this process writes).
+    Unset (always, outside tests) it does nothing."""
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return
     action, at, name = spec.split(":", 2)
-    if at != point or not path.endswith("/" + name):
+    if at != point or not fnmatch.fnmatchcase(path, "*/" + name):
         return
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)

@@ -228,7 +228,8 @@ class BatchSettings(BaseModel):
     alias: str = "champion"
     allow_unreleased: bool = Field(False, description="score a never-released version (exported, unoptimized)")
     max_parallel: int = Field(2, ge=1, description="chunks scored at once; one more is read ahead")
-    score_rows: int = Field(8192, ge=1, description="rows per model call (torch.export: at most its max batch)")
+    score_rows: int = Field(1024, ge=1, description="rows per model call (ONNX: 512-1024 fit the CPU cache; "
+                                                    "torch.export: at most its max batch)")
     row_expectations: bool = Field(True, description="reject rows outside the release's expectation ranges")
     drift_sample_rows: int = Field(10000, ge=100, description="scored rows sampled for the drift report")
     experiment: str = "canaryflow-batch"

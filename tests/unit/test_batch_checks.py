@@ -90,3 +90,47 @@ def test_compiled_expectations_count_what_great_expectations_counts(suite: dict)
     assert theirs and checked.unexpected == theirs
     assert checked.unexpected["expect_column_values_to_not_be_null(a)"] == 3
     assert checked.unexpected["expect_column_values_to_be_between(b)"] > 10
+
+
+@pytest.mark.parametrize("strict", [False, True])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_the_one_pass_check_of_clean_chunks_agrees_with_the_detailed_checks(dtype: str, strict: bool) -> None:
+    """Values on, just inside and just outside every bound (in the column's own dtype), NaN and infinities: the
+    one-pass check either passes the whole chunk exactly when the detailed checks find no bad row, or defers."""
+    lo, hi = -1.2345678901, 2.3456789012  # not representable in float32: the bounds must be rounded inwards
+    suite = {"expectations": [
+        {"type": "expect_column_values_to_not_be_null", "kwargs": {"column": c}} for c in FEATURES] + [
+        {"type": "expect_column_values_to_be_between",
+         "kwargs": {"column": c, "min_value": lo, "max_value": hi, "strict_min": strict, "strict_max": strict}}
+        for c in FEATURES]}
+    t = np.dtype(dtype).type
+    edges = [t(lo), t(hi), np.nextafter(t(lo), t(-np.inf)), np.nextafter(t(lo), t(np.inf)),
+             np.nextafter(t(hi), t(-np.inf)), np.nextafter(t(hi), t(np.inf)), t(0), t(np.nan), t(np.inf),
+             t(-np.inf)]
+    checks = RowChecks(FEATURES, dtype, suite)
+    for value in edges:
+        column = np.array([0.5, value, -0.5], dtype)
+        table = pa.table({c: pa.array(column if c == "b" else np.zeros(3, dtype)) for c in FEATURES})
+        detailed, fast = checks._detailed(table), checks._clean(table)
+        if fast is None:
+            assert detailed.n_bad > 0, f"{value!r} deferred although every row is good"
+        else:
+            assert detailed.n_bad == 0, f"{value!r} passed although the detailed checks reject it"
+            np.testing.assert_array_equal(fast.x, detailed.x)
+            assert fast.unexpected == detailed.unexpected and fast.good.all()
+        assert checks.apply(table).reasons == detailed.reasons
+
+
+def test_chunks_the_one_pass_check_cannot_judge_get_the_detailed_checks(suite: dict) -> None:
+    checks = RowChecks(FEATURES, "float32", suite)
+    clean = {c: pa.array(np.zeros(4, np.float32)) for c in FEATURES}
+    assert checks._clean(pa.table(clean)) is not None
+    assert checks._clean(pa.Table.from_batches([pa.table(clean).to_batches()[0]] * 2)) is not None  # two pieces
+    for a, good in ((pa.array(np.zeros(4)), [True] * 4),  # float64 column for a float32 model: rounding to check
+                    (pa.array([0.0, None, 0.0, 0.0], pa.float32()), [True, False, True, True]),  # a null
+                    (pa.array(np.zeros(4, np.int64)), [True] * 4)):
+        assert checks._clean(pa.table({**clean, "a": a})) is None
+        assert checks.apply(pa.table({**clean, "a": a})).good.tolist() == good
+    in_set = {"expectations": [{"type": "expect_column_values_to_be_in_set",
+                                "kwargs": {"column": "a", "value_set": [0.0]}}]}
+    assert RowChecks(FEATURES, "float32", in_set)._clean(pa.table(clean)) is None
