@@ -19,6 +19,7 @@ from canaryflow.core.state import Tag
 from canaryflow.model.datasets import ReleaseData, load_release_data, load_traffic
 from canaryflow.model.optimization import from_sandbox, markdown, write_reports
 from canaryflow.model.packaging import Bundle, input_contract, labels_from_tag
+from canaryflow.model.static_int8 import MAX_CALIBRATION_ROWS as CALIBRATION_ROWS
 from canaryflow.release.calibration import choose_peer
 from canaryflow.release.steps import ReleaseState
 from canaryflow.services import Services
@@ -133,8 +134,13 @@ def optimize(svc: Services, st: ReleaseState, model_dir: Path, release_data: Rel
     kwargs = {"name": st.model, "version": st.version, "settings": st.policy.optimization.model_dump(),
               "max_batch_rows": svc.settings.serving.max_batch_rows, "output": st.info.tags.get(Tag.OUTPUT),
               "class_labels": labels_from_tag(st.info.tags.get(Tag.CLASS_LABELS))}
+    # Static int8 is calibrated on the reference (training) rows, parity is measured on the holdout: calibrating
+    # on the rows it is judged on would flatter it. The sandbox gets both in one array, the reference rows last.
+    holdout = release_data.features(release_data.holdout)
+    calibration = release_data.features(release_data.reference)[:CALIBRATION_ROWS]
+    kwargs["calibration_rows"] = len(calibration)
     result = from_sandbox(*st.model_code().optimize(
-        model_dir, dataclasses.asdict(input_contract(model_dir)), release_data.features(release_data.holdout),
+        model_dir, dataclasses.asdict(input_contract(model_dir)), np.concatenate([holdout, calibration]),
         st.workdir / "variants", kwargs))
     files = write_reports(result, _dir(st, "optimization"))
     svc.registry.log_to_run(st.run_id, files=list(files), artifact_path="optimization",
