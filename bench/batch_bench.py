@@ -146,21 +146,40 @@ def train_and_release(work: Path, tracking_uri: str) -> dict[str, Any]:
 
 
 # -- the two contenders, each in its own process -----------------------------------------------------------
-def run_canaryflow(data: Path, out: Path, state: Path, tracking_uri: str) -> dict[str, Any]:
+def _plan(data: Path, out: Path, state: Path, tracking_uri: str) -> tuple[Any, Any, Any]:
+    """(settings, the champion's batch model, the job): what both canaryflow contenders start from."""
     from canaryflow.batch.io import discover
     from canaryflow.batch.model import fetch_model, resolve_version
-    from canaryflow.batch.run import ThreadExecutor, finish, plan_job, run_chunks
-    from canaryflow.batch.scorer import scorer_for
+    from canaryflow.batch.run import plan_job
     from canaryflow.core.paths import StatePaths
     from canaryflow.core.registry import MlflowRegistry
     from canaryflow.core.settings import Settings
 
-    started = time.monotonic()
     settings = Settings(state_dir=state)
     registry = MlflowRegistry(tracking_uri)
     version = resolve_version(registry, MODEL, "champion", None)
     model = fetch_model(registry, MODEL, version, "champion", state / "work", paths=StatePaths(state))
     job = plan_job(settings, model, str(data), discover(str(data)), output_dir=str(out), chunk_rows=CHUNK_ROWS)
+    return settings, model, job
+
+
+def _measured(job: Any, settings: Any, model: Any, stats: dict[str, float], started: float, scoring_s: float,
+              setup_rss: float, rss: RssPeak) -> dict[str, Any]:
+    from canaryflow.batch.run import finish
+
+    summary = finish(job, settings, stats, started=started)
+    assert summary["rows_scored"] == summary["rows_in"], summary
+    return {"rows": summary["rows_in"], "scoring_s": scoring_s, "end_to_end_s": time.monotonic() - started,
+            "setup_rss_mb": setup_rss, "scoring_peak_rss_mb": rss.peak, "scoring_cpu_s": rss.cpu,
+            "variant": model.variant, "drift": summary["drift"]["outcome"], "parts": summary["parts"]}
+
+
+def run_canaryflow(data: Path, out: Path, state: Path, tracking_uri: str) -> dict[str, Any]:
+    from canaryflow.batch.run import ThreadExecutor, run_chunks
+    from canaryflow.batch.scorer import scorer_for
+
+    started = time.monotonic()
+    settings, model, job = _plan(data, out, state, tracking_uri)
     scorer_for(model, job.score_rows, job.max_parallel)  # load the model before the clock, as the pyfunc side does
     setup_rss = _rss_mb()
     executor = ThreadExecutor(job.max_parallel)
@@ -169,13 +188,7 @@ def run_canaryflow(data: Path, out: Path, state: Path, tracking_uri: str) -> dic
         stats = run_chunks(job, executor)
     scoring_s = time.monotonic() - t0
     executor.close()
-    summary = finish(job, settings, stats, started=started)
-    assert summary["rows_scored"] == summary["rows_in"], summary
-    return {"rows": summary["rows_in"], "scoring_s": scoring_s, "end_to_end_s": time.monotonic() - started,
-            "setup_rss_mb": setup_rss, "scoring_peak_rss_mb": rss.peak, "scoring_cpu_s": rss.cpu,
-            "variant": model.variant,
-            "drift": summary["drift"]["outcome"],
-            "parts": summary["parts"]}
+    return _measured(job, settings, model, stats, started, scoring_s, setup_rss, rss)
 
 
 def run_dask(data: Path, out: Path, state: Path, tracking_uri: str) -> dict[str, Any]:
@@ -185,19 +198,10 @@ def run_dask(data: Path, out: Path, state: Path, tracking_uri: str) -> dict[str,
     from distributed import LocalCluster
 
     from canaryflow.batch.cluster import DaskExecutor
-    from canaryflow.batch.io import discover
-    from canaryflow.batch.model import fetch_model, resolve_version
-    from canaryflow.batch.run import finish, plan_job, run_chunks
-    from canaryflow.core.paths import StatePaths
-    from canaryflow.core.registry import MlflowRegistry
-    from canaryflow.core.settings import Settings
+    from canaryflow.batch.run import run_chunks
 
     started = time.monotonic()
-    settings = Settings(state_dir=state)
-    registry = MlflowRegistry(tracking_uri)
-    version = resolve_version(registry, MODEL, "champion", None)
-    model = fetch_model(registry, MODEL, version, "champion", state / "work", paths=StatePaths(state))
-    job = plan_job(settings, model, str(data), discover(str(data)), output_dir=str(out), chunk_rows=CHUNK_ROWS)
+    settings, model, job = _plan(data, out, state, tracking_uri)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None,
                       memory_limit=0) as cluster:
         executor = DaskExecutor(cluster.scheduler_address)
@@ -208,12 +212,7 @@ def run_dask(data: Path, out: Path, state: Path, tracking_uri: str) -> dict[str,
             stats = run_chunks(job, executor)
         scoring_s = time.monotonic() - t0
         executor.close()
-    summary = finish(job, settings, stats, started=started)
-    assert summary["rows_scored"] == summary["rows_in"], summary
-    return {"rows": summary["rows_in"], "scoring_s": scoring_s, "end_to_end_s": time.monotonic() - started,
-            "setup_rss_mb": setup_rss, "scoring_peak_rss_mb": rss.peak, "scoring_cpu_s": rss.cpu,
-            "variant": model.variant,
-            "drift": summary["drift"]["outcome"], "parts": summary["parts"]}
+    return _measured(job, settings, model, stats, started, scoring_s, setup_rss, rss)
 
 
 def _load_scorer(model: Any, score_rows: int) -> None:
