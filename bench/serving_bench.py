@@ -39,7 +39,7 @@ if str(PROJECT) not in sys.path:  # run as a script: bench/ is not a package
     sys.path.insert(0, str(PROJECT))
 
 from canaryflow.core.settings import OptimizationSettings, Ports, Settings  # noqa: E402
-from canaryflow.local.demo import register_model, wait_for_release  # noqa: E402
+from canaryflow.local.demo import log_trained, register_model, wait_for_release  # noqa: E402
 from canaryflow.local.stack import LocalStack  # noqa: E402
 from canaryflow.model.datasets import frame, log_release_datasets  # noqa: E402
 
@@ -183,20 +183,10 @@ def train_text_transformer(steps: int, seed: int = 0) -> tuple[Any, tuple[np.nda
 def register_text_transformer(tracking_uri: str, name: str, steps: int) -> tuple[str, np.ndarray, float]:
     """Train, log (pt2, MLflow's default) and register the text classifier; (version, holdout rows, accuracy)."""
     import mlflow
-    import torch
-    from mlflow.models import infer_signature
 
-    model, (X_tr, y_tr), (X_te, y_te), acc = train_text_transformer(steps)
-    with torch.no_grad():
-        logits = model(torch.from_numpy(X_te[:5])).numpy()
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_experiment("canaryflow-bench")
-    with mlflow.start_run(run_name=f"train-{name}"):
-        mlflow.log_metric("holdout_accuracy", acc)
-        log_release_datasets(frame(X_tr, y_tr), frame(X_te, y_te))
-        info = mlflow.pytorch.log_model(model, name="model", signature=infer_signature(X_te[:5], logits),
-                                        input_example=X_te[:5], registered_model_name=name)
-    return str(info.registered_model_version), X_te, acc
+    model, train, holdout, acc = train_text_transformer(steps)
+    model_uri = log_trained(tracking_uri, "canaryflow-bench", name, model, train, holdout, acc)
+    return str(mlflow.register_model(model_uri, name).version), holdout[0], acc
 
 
 # -- processes -----------------------------------------------------------------------------------------------

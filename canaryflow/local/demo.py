@@ -160,25 +160,35 @@ def register_model(tracking_uri: str, name: str = DEMO_MODEL, seed: int = 0, fli
     passes (the holdout barely has the segment) and only the canary's pairwise replay sees it.
     """
     import mlflow
+
+    model, train, (X_te, y_te), acc = train_classifier(seed, flip_labels=flip_labels, fault=fault)
+    model_uri = log_trained(tracking_uri, "canaryflow-demo", name, model, train, (X_te, y_te), acc)
+    encoded = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (tags or {}).items()}
+    mv = mlflow.register_model(model_uri, name, tags=encoded)
+    return str(mv.version), X_te, acc
+
+
+def log_trained(tracking_uri: str, experiment: str, name: str, model: Any, train: tuple[np.ndarray, np.ndarray],
+                holdout: tuple[np.ndarray, np.ndarray], accuracy: float) -> str:
+    """Log a trained PyTorch model the way a data scientist does (MLflow's default pt2, a signature and an input
+    example, the release datasets beside it) in a run of ``experiment``; its model URI."""
+    import mlflow
     import torch
     from mlflow.models import infer_signature
 
     from canaryflow.model.datasets import frame, log_release_datasets
 
-    model, (X_tr, y_tr), (X_te, y_te), acc = train_classifier(seed, flip_labels=flip_labels, fault=fault)
-
+    x_te = holdout[0]
     with torch.no_grad():
-        logits = model(torch.from_numpy(X_te[:5])).numpy()
+        logits = model(torch.from_numpy(x_te[:5])).numpy()
     mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_experiment("canaryflow-demo")
+    mlflow.set_experiment(experiment)
     with mlflow.start_run(run_name=f"train-{name}"):
-        mlflow.log_metric("holdout_accuracy", acc)
-        log_release_datasets(frame(X_tr, y_tr), frame(X_te, y_te))
-        info = mlflow.pytorch.log_model(model, name="model", signature=infer_signature(X_te[:5], logits),
-                                        input_example=X_te[:5])
-    encoded = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (tags or {}).items()}
-    mv = mlflow.register_model(info.model_uri, name, tags=encoded)
-    return str(mv.version), X_te, acc
+        mlflow.log_metric("holdout_accuracy", accuracy)
+        log_release_datasets(frame(*train), frame(*holdout))
+        info = mlflow.pytorch.log_model(model, name="model", signature=infer_signature(x_te[:5], logits),
+                                        input_example=x_te[:5])
+    return info.model_uri
 
 
 @dataclass
