@@ -13,6 +13,7 @@ import onnx
 import pytest
 import torch
 from sklearn.datasets import load_breast_cancer
+from test_optimization import Outlier  # the int8 weight-scale trap, shared
 
 from canaryflow.core.serving_contract import ServingMeta
 from canaryflow.core.settings import OptimizationSettings
@@ -57,24 +58,6 @@ def cancer_result(cancer_mlp, tmp_path_factory: pytest.TempPathFactory):
     graph, x = cancer_mlp
     return optimize_pytorch(graph, InputContract(30, None, "float32"), x, tmp_path_factory.mktemp("static"),
                             name="cancer", version="7", settings=SETTINGS)
-
-
-class Outlier(torch.nn.Module):
-    """Linear 8 -> 2 deciding on x1 - x2, plus a weight of +-1000 on feature 0 (always 0 in the data): the int8
-    weight scale of each output channel is set by the outlier, so the informative weights round to 0."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.linear = torch.nn.Linear(8, 2)
-        with torch.no_grad():
-            self.linear.weight.zero_()
-            self.linear.bias.zero_()
-            self.linear.weight[0, 1:3] = torch.tensor([-1.0, 1.0])
-            self.linear.weight[1, 1:3] = torch.tensor([1.0, -1.0])
-            self.linear.weight[:, 0] = torch.tensor([1000.0, -1000.0])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x)
 
 
 def test_static_int8_is_built_for_an_exported_graph_and_passes_parity(cancer_result) -> None:
