@@ -18,6 +18,7 @@ from canaryflow.core.errors import StackError
 from canaryflow.core.paths import StatePaths
 from canaryflow.core.settings import Settings
 from canaryflow.local import prometheus as local_prometheus
+from canaryflow.local.demo import mlflow_ui_url
 from canaryflow.local.supervisor import Program, Supervisor, render_config
 from canaryflow.services import local_router
 from deployments import torchserve
@@ -222,16 +223,6 @@ class LocalStack:
                                      state in {"RUNNING", "EXTERNAL"} and check()))
         return out
 
-    def _mlflow_ui(self) -> str:
-        """The release experiment's runs in MLflow's classic view (a bare server link opens MLflow 3's GenAI
-        overview); the server itself when MLflow does not answer or has no release run yet."""
-        from canaryflow.core.registry import MlflowRegistry
-
-        try:
-            return MlflowRegistry(self.settings.mlflow_uri).experiment_url(self.settings.release.experiment)
-        except Exception:  # noqa: BLE001 - a link to print
-            return self.settings.mlflow_uri
-
     def status_dict(self) -> dict[str, object]:
         from canaryflow.local.keyrenew import read_state
         from canaryflow.local.keywatch import read_result
@@ -239,7 +230,7 @@ class LocalStack:
         rows = self.status()
         return {"state_dir": str(self.paths.root), "healthy": all(r.healthy for r in rows),
                 "ui": {"prefect": self.settings.prefect_api_url.removesuffix("/api"),
-                       "mlflow": self._mlflow_ui()},
+                       "mlflow": mlflow_ui_url(self.settings)},
                 "services": [asdict(r) for r in rows],
                 # the last recovery after a TorchServe restart: versions it could not serve again (a missing .mar)
                 "keywatch": read_result(self.paths),

@@ -194,9 +194,3 @@ def with_update(description: str, update: str) -> str:
 def version_url(mlflow_url: str, model: str, version: str) -> str:
     """The model version's page in the MLflow UI."""
     return f"{mlflow_url.rstrip('/')}/#/models/{quote(model, safe='')}/versions/{quote(str(version), safe='')}"
-
-
-def experiment_url(mlflow_url: str, experiment_id: str) -> str:
-    """An experiment's runs in the MLflow UI's classic view (a bare experiment link opens MLflow 3's GenAI
-    overview)."""
-    return f"{mlflow_url.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
