@@ -14,7 +14,6 @@ from canaryflow.release.steps import ReleaseState
 from canaryflow.release.story import (
     CanarySummary,
     Story,
-    experiment_url,
     shorten,
     state_name,
     version_url,
@@ -108,7 +107,6 @@ def test_mlflow_texts_and_links() -> None:
     assert "- **gates**: contract passed, load_test passed" in description
     assert "- **served variant**: onnx_fp32" in description and "http://mlflow/#/experiments/1/runs/r3" in description
     assert "- **canary**: 3 analyses (10 → 25 %), max 25 %; analysis 3 at 25 % decided rollback" in description
-    assert experiment_url("http://h:5000/", "7") == "http://h:5000/#/experiments/7/runs?workflowType=machine_learning"
     updated = with_update(with_update(description, "replaced by v4"), "rolled back by ops")
     assert updated.startswith("_Update:_ rolled back by ops\n\n**v3") and "replaced by v4" not in updated
     assert release_run_name("breast-cancer-classifier", "3").startswith("v3 ")
@@ -143,3 +141,16 @@ def test_the_timeline_has_a_panel_per_deciding_check(tmp_path: Path) -> None:
     old_line = json.loads(json.dumps(RAMP[0]))
     del old_line["measured_weight"]  # lines written before the field: "weight" stands in
     assert CanarySummary([old_line]).max_weight == 10
+
+
+def test_experiment_links_open_the_classic_runs_view() -> None:
+    from types import SimpleNamespace
+
+    from canaryflow.core.registry import MlflowRegistry
+
+    experiments = {"canaryflow-releases": SimpleNamespace(experiment_id="7")}
+    registry = MlflowRegistry("http://h:5000/")
+    registry.client = SimpleNamespace(get_experiment_by_name=experiments.get)
+    assert registry.experiment_url("canaryflow-releases") == (
+        "http://h:5000/#/experiments/7/runs?workflowType=machine_learning")  # not MLflow 3's GenAI overview
+    assert registry.experiment_url("absent") == "http://h:5000/"  # no release yet: the server
