@@ -228,9 +228,12 @@ class LocalStack:
         from canaryflow.local.keywatch import read_result
 
         rows = self.status()
+        # the classic-view link asks MLflow for the experiment: only when it answers (MLflow's client retries a
+        # stopped server for minutes)
+        mlflow_up = any(r.name == "mlflow" and r.healthy for r in rows)
         return {"state_dir": str(self.paths.root), "healthy": all(r.healthy for r in rows),
                 "ui": {"prefect": self.settings.prefect_api_url.removesuffix("/api"),
-                       "mlflow": mlflow_ui_url(self.settings)},
+                       "mlflow": mlflow_ui_url(self.settings) if mlflow_up else self.settings.mlflow_uri},
                 "services": [asdict(r) for r in rows],
                 # the last recovery after a TorchServe restart: versions it could not serve again (a missing .mar)
                 "keywatch": read_result(self.paths),

@@ -68,7 +68,10 @@ def test_good_pytorch_candidate_is_released_with_every_gate_recorded(stack, cham
     assert all(v.startswith("passed: ") for v in gates.values()), gates
     run = MlflowClient(stack.settings.mlflow_uri).get_run(mv.tags["canaryflow.release_run"])
     metrics = run.data.metrics
-    assert metrics["gate.load_test.passed"] == 1.0 and metrics["load_test.p95_ms"] <= 50.0
+    assert metrics["gate.load_test.passed"] == 1.0
+    # Over the 50 ms bar the gate passes only when the peer in the same window was slow too (a busy machine) and
+    # the candidate kept within the peer's p95 x busy_max_ratio: the reason says so.
+    assert metrics["load_test.p95_ms"] <= 50.0 or "judged against the peer" in gates["load_test"], gates
     assert any(k.startswith("quality.") for k in metrics) and "data.failed_ratio" in metrics
     _champion_answers(stack, champion)
 
