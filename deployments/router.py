@@ -6,8 +6,9 @@
                 "wine": {"stable": "1", "canary": "2", "weight": 25.0, "shadow": false}}}
 
 A model without ``canary`` sends all its traffic to ``stable``. With a canary, ``weight`` percent of the unpinned
-requests go to it (a hash of model and user header in nginx's Lua: sticky per user), or, with ``shadow: true``, stable answers all
-of them and each is copied to the canary (nginx ``mirror``), whose answer is only logged. ``X-Model-Version``
+requests go to it (a hash of model and user header in nginx's Lua: sticky per user), or, with ``shadow: true``,
+stable answers all of them and each is copied to the canary (nginx ``mirror``), whose answer is only logged.
+``X-Model-Version``
 pins a version and beats both, for the pipeline only: a pin without the stack's pin key
 (``X-Canaryflow-Pin-Key``, :meth:`NginxRouter.pin_credentials`) is refused with 403.
 
