@@ -23,17 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from canaryflow.core.errors import ServingError
+from deployments.routes import canary_basis_points
 
 TOKEN_RE = re.compile(r"^[A-Za-z0-9._~+/=-]*$")
 """What an inference key may hold: written into the table's ``auth`` line and a header, nothing may break out."""
-BASIS_POINTS = 10000
-_AUTH = re.compile(r"^auth (\S+)$", re.M)
 _GEN = re.compile(r"^gen ([0-9a-f]+)$", re.M)
-
-
-def basis_points(weight: float) -> int:
-    """A canary share in percent (0.01 steps) as basis points."""
-    return round(weight * 100)
 
 
 def build(routes: Mapping[str, Mapping[str, Any]], token: str) -> str:
@@ -43,9 +37,9 @@ def build(routes: Mapping[str, Mapping[str, Any]], token: str) -> str:
     lines = [f"auth {token or '-'}"]
     for model, route in sorted(routes.items()):
         canary = route.get("canary")
-        bp = basis_points(float(route.get("weight", 0))) if canary else 0
+        bp = canary_basis_points(float(route.get("weight", 0))) if canary else 0
         shadow = 1 if canary and route.get("shadow") else 0
-        lines.append(f"route {model} {route['stable']} {canary or '-'} {min(bp, BASIS_POINTS)} {shadow}")
+        lines.append(f"route {model} {route['stable']} {canary or '-'} {bp} {shadow}")
     body = "\n".join(lines) + "\n"
     return f"gen {hashlib.sha256(body.encode()).hexdigest()[:12]}\n{body}"
 
@@ -54,12 +48,6 @@ def generation(text: str) -> str:
     """The ``gen`` of a table text ("" when it has none)."""
     match = _GEN.search(text)
     return match.group(1) if match else ""
-
-
-def token_of(text: str) -> str:
-    """The inference key a table text routes with ("" for none)."""
-    match = _AUTH.search(text)
-    return "" if match is None or match.group(1) == "-" else match.group(1)
 
 
 class _UnixConnection(http.client.HTTPConnection):

@@ -17,6 +17,13 @@ Routes = dict[str, dict[str, Any]]
 shadow optional): the ``routes`` member of routes.json."""
 
 CANARY_KEYS = ("canary", "weight", "shadow")
+BASIS_POINTS = 10000
+"""A whole route in basis points: weights are percent with 2 decimals, so every router splits in 0.01 % steps."""
+
+
+def canary_basis_points(weight: float) -> int:
+    """A canary share of ``weight`` percent (0-100, 2 decimals) in basis points."""
+    return round(weight * BASIS_POINTS / 100)
 
 
 class TrafficRouter(Protocol):

@@ -16,7 +16,7 @@ Every rule strips the headers that only the pipeline may set (pin key, version, 
 TorchServe's ``describe``/``explain`` switches; pin rules set ``X-Canaryflow-Pinned: 1`` for the handler.
 
 Weights: Gateway API weights are integers; the canary's share is written in basis points out of
-:data:`WEIGHT_SCALE` (10000), so 0.01 % steps map exactly, as nginx's ``split_clients`` resolves them, and the two
+:data:`WEIGHT_SCALE` (10000), so 0.01 % steps map exactly, as the nginx router's route table resolves them, and the two
 weights always sum to 10000. A shadow's (ignored) weight is kept in an annotation so a route reads back unchanged.
 """
 
@@ -32,10 +32,10 @@ from canaryflow.core.errors import ServingError
 from canaryflow.core.names import name_problem
 from canaryflow.core.serving_contract import PIN_KEY_HEADER, PINNED_HEADER, REPLAY_HEADER, VERSION_HEADER
 from deployments.kubernetes.objects import _LABEL_VALUE, label_value  # noqa: F401 (one label rule for every object)
-from deployments.routes import validate_routes
+from deployments.routes import BASIS_POINTS, canary_basis_points, validate_routes
 
 GROUP, VERSION, PLURAL, KIND = "gateway.networking.k8s.io", "v1", "httproutes", "HTTPRoute"
-WEIGHT_SCALE = 10_000
+WEIGHT_SCALE = BASIS_POINTS
 """Weights are basis points: canary + stable = 10000, 1 = 0.01 % of the unpinned traffic."""
 PART_OF = ("app.kubernetes.io/part-of", "canaryflow")
 MODEL_LABEL = "canaryflow.io/model"
@@ -78,7 +78,7 @@ def object_name(model: str) -> str:
 
 def basis_points(weight: float) -> tuple[int, int]:
     """(stable, canary) integer weights for a canary share of ``weight`` percent; they sum to WEIGHT_SCALE."""
-    canary = round(weight * WEIGHT_SCALE / 100)
+    canary = canary_basis_points(weight)
     return WEIGHT_SCALE - canary, canary
 
 
