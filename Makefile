@@ -36,10 +36,12 @@ setup: system-deps $(STAMP)
 demo: setup
 	$(BIN)/canaryflow demo $(DEMO_ARGS)
 
-# every test, the release drills (marker `drill`) included
+# every test, the release drills (marker `drill`) included: two pytest sessions side by side, each with its own
+# stack (tests/run_halves.py); `TEST_ARGS` go to both, e.g. TEST_ARGS=-x
+TEST_ARGS ?=
 test: setup
 	$(BIN)/lint-imports
-	$(BIN)/pytest -q -ra --durations=25
+	$(BIN)/python tests/run_halves.py $(TEST_ARGS)
 
 drills: setup
 	$(BIN)/pytest -q -ra --durations=15 -m drill

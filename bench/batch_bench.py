@@ -83,6 +83,7 @@ def train_and_release(work: Path, tracking_uri: str) -> dict[str, Any]:
     from canaryflow.core.paths import StatePaths
     from canaryflow.core.registry import MlflowRegistry
     from canaryflow.core.settings import OptimizationSettings
+    from canaryflow.local.demo import pinned_requirements
     from canaryflow.model.datasets import frame, log_release_datasets
     from canaryflow.model.optimization import optimize_pytorch, write_reports
     from canaryflow.model.packaging import InputContract
@@ -120,7 +121,8 @@ def train_and_release(work: Path, tracking_uri: str) -> dict[str, Any]:
         with torch.no_grad():
             example_out = model(torch.from_numpy(x[:5])).numpy()
         info = mlflow.pytorch.log_model(model, name="model", signature=infer_signature(x[:5], example_out),
-                                        input_example=x[:5], registered_model_name=MODEL)
+                                        input_example=x[:5], registered_model_name=MODEL,
+                                        pip_requirements=pinned_requirements("mlflow", "torch", "numpy"))
     version = str(info.registered_model_version)
 
     registry = MlflowRegistry(tracking_uri)

@@ -39,7 +39,7 @@ if str(PROJECT) not in sys.path:  # run as a script: bench/ is not a package
     sys.path.insert(0, str(PROJECT))
 
 from canaryflow.core.settings import OptimizationSettings, Ports, Settings  # noqa: E402
-from canaryflow.local.demo import log_trained, register_model, wait_for_release  # noqa: E402
+from canaryflow.local.demo import log_trained, pinned_requirements, register_model, wait_for_release  # noqa: E402
 from canaryflow.local.stack import LocalStack  # noqa: E402
 from canaryflow.model.datasets import frame, log_release_datasets  # noqa: E402
 
@@ -122,7 +122,8 @@ def register_digits_cnn(tracking_uri: str, name: str, epochs: int, seed: int = 0
         log_release_datasets(frame(X_tr, y_tr), frame(X_te, y_te))  # reference + holdout for the release gates
         # >= 2 example rows: MLflow's pt2 export keeps the batch dimension dynamic (shared/FACTS.md)
         info = mlflow.pytorch.log_model(model, name="model", signature=infer_signature(X_te[:5], logits),
-                                        input_example=X_te[:5], registered_model_name=name)
+                                        input_example=X_te[:5], registered_model_name=name,
+                                        pip_requirements=pinned_requirements("mlflow", "torch", "numpy"))
     return str(info.registered_model_version), X_te, acc
 
 

@@ -120,17 +120,18 @@ class Story:
         return "nothing serves this model" if not self.champion_before else f"v{self.version} serves"
 
     def headline(self) -> str:
-        """e.g. ``v3 rolled back at 25 %: agreement 0.81 < 0.95; v2 still serves``."""
+        """e.g. ``v3 rolled back at 25 %; v2 still serves: agreement 0.81 < 0.95``: what happened and who serves
+        first, since a UI cuts a long state message short (Prefect's Details tab shows about 70 characters)."""
         v, reason = f"v{self.version}", shorten(_strip_gate(self.reason))
         d = self.canary.decisive
         if self.status == ReleaseStatus.RELEASED:
             how = f"promoted by the canary ({self.canary.path()})" if d else reason
-            return f"{v} released: {how}; {self.who_serves()}"
+            return f"{v} released; {self.who_serves()}: {how}"
         if self.status == ReleaseStatus.ROLLED_BACK and d is not None:
-            return f"{v} rolled back at {measured_weight(d):g} %: {self._why(d, reason)}; {self.who_serves()}"
+            return f"{v} rolled back at {measured_weight(d):g} %; {self.who_serves()}: {self._why(d, reason)}"
         gate = self.failed_gate()
         by = f" by the {gate} gate" if gate and self.status == ReleaseStatus.REJECTED else ""
-        return f"{v} {str(self.status).replace('_', ' ')}{by}: {reason}; {self.who_serves()}"
+        return f"{v} {str(self.status).replace('_', ' ')}{by}; {self.who_serves()}: {reason}"
 
     @staticmethod
     def _why(decisive: dict[str, Any], fallback: str) -> str:

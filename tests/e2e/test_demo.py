@@ -75,7 +75,10 @@ def _check_the_uis_tell_the_story(out: str, shots: Path) -> None:
     story = ["rolled back at", "segment_agreement", "v2 still serves"]
     pages = {
         "prefect-runs": (f"{prefect}/runs", ["Released", "RolledBack", "release-breast-cancer-classifier-v3"]),
-        "prefect-v3-flow-run": (runs[2], ["RolledBack", *story]),
+        # the Details tab holds the state message (cut at about 70 characters: the headline says what happened and
+        # who serves first); the Logs tab (the default) shows only the first page of a run's logs
+        "prefect-v3-flow-run": (f"{runs[2]}?tab=Details", ["RolledBack", "State Message", "rolled back at",
+                                                          "v2 still serves"]),
         "prefect-v3-release-artifact": (f"{prefect}/artifacts/artifact/{_artifact_id(prefect, '3')}",
                                         [*story, "serves now", "v2 (champion)", "weight measured"]),
         "mlflow-v3-release-run": (mlflow_runs[2], ["v3 release of breast-cancer-classifier", *story]),

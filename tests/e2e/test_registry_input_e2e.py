@@ -17,7 +17,7 @@ import pytest
 from mlflow import MlflowClient
 
 from canaryflow.core.state import Tag
-from canaryflow.local.demo import register_model, wait_for_release
+from canaryflow.local.demo import pinned_requirements, register_model, wait_for_release
 from canaryflow.release import reconcile
 from canaryflow.services import Services
 from tests.integration.test_batch_inference import MODEL, release_model
@@ -145,7 +145,8 @@ def test_a_models_own_code_cannot_read_the_stacks_secrets(stack, tmp_path) -> No
     with mlflow.start_run(run_name="snoop"):
         info = mlflow.pyfunc.log_model(name="model", python_model=str(code), registered_model_name=name,
                                        signature=ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32),
-                                                                                          (-1, 4))])))
+                                                                                          (-1, 4))])),
+                                       pip_requirements=pinned_requirements("mlflow", "numpy"))
     version = str(info.registered_model_version)
     outcome = wait_for_release(stack.settings.mlflow_uri, name, version, timeout_s=300)
     assert outcome.status == "rejected" and "snoop" in outcome.reason, outcome

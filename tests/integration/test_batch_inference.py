@@ -20,7 +20,7 @@ from canaryflow.batch.manifest import MANIFEST, SUCCESS
 from canaryflow.batch.run import run_batch
 from canaryflow.core.errors import BatchError
 from canaryflow.intake.launcher import PrefectLauncher
-from canaryflow.local.demo import register_model, train_classifier, wait_for_release
+from canaryflow.local.demo import pinned_requirements, register_model, train_classifier, wait_for_release
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 MODEL = "batch-it-model"
@@ -190,7 +190,8 @@ def test_unreleased_version_is_refused_unless_allowed(stack, tmp_path: Path) -> 
     mlflow.set_tracking_uri(stack.settings.mlflow_uri)
     with mlflow.start_run(), torch.no_grad():
         info = mlflow.pytorch.log_model(model, name="model", signature=infer_signature(x[:5], model(
-            torch.from_numpy(x[:5])).numpy()), input_example=x[:5], registered_model_name=name)
+            torch.from_numpy(x[:5])).numpy()), input_example=x[:5], registered_model_name=name,
+            pip_requirements=pinned_requirements("mlflow", "torch", "numpy"))
     version = str(info.registered_model_version)
     outcome = wait_for_release(stack.settings.mlflow_uri, name, version, timeout_s=300)
     assert outcome.status == "rejected" and outcome.reason.startswith("data: "), outcome

@@ -52,14 +52,14 @@ def release_like() -> dict:
     try:
         unwrap(quality(st))
     except GateFailed as exc:
-        return as_state({"status": "rejected", "reason": str(exc)}, f"v3 rejected: {exc}; v2 still serves")
+        return as_state({"status": "rejected", "reason": str(exc)}, f"v3 rejected; v2 still serves: {exc}")
     raise AssertionError("the gate passed")
 
 
 def test_an_expected_outcome_ends_in_a_named_state_with_its_reason_and_no_traceback() -> None:
     state = release_like(return_state=True)
     assert state.is_failed() and state.name == "Rejected"
-    assert state.message == "v3 rejected: quality: accuracy 0.61 < 0.90; v2 still serves"
+    assert state.message == "v3 rejected; v2 still serves: quality: accuracy 0.61 < 0.90"
     ended = state.result(raise_on_failure=False)
     assert isinstance(ended, ReleaseEnded)
     assert ended.outcome == {"status": "rejected", "reason": "quality: accuracy 0.61 < 0.90"}

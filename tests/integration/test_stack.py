@@ -18,7 +18,7 @@ import pytest
 
 from canaryflow.intake.launcher import PrefectLauncher
 from canaryflow.intake.webhook import load_or_create_secret, sign
-from canaryflow.local.demo import register_model, wait_for_release
+from canaryflow.local.demo import pinned_requirements, register_model, wait_for_release
 from canaryflow.services import Services
 
 pytestmark = pytest.mark.integration
@@ -214,7 +214,8 @@ def test_bad_model_is_rejected_and_the_champion_keeps_serving(stack) -> None:
     mlflow.set_tracking_uri(stack.settings.mlflow_uri)
     with mlflow.start_run():
         info = mlflow.pytorch.log_model(Collapses(), name="model", input_example=rows,
-                                        serialization_format="pickle", registered_model_name=MODEL)
+                                        serialization_format="pickle", registered_model_name=MODEL,
+                                        pip_requirements=pinned_requirements("mlflow", "torch"))
     version = str(info.registered_model_version)
     outcome = wait_for_release(stack.settings.mlflow_uri, MODEL, version, timeout_s=180)
     assert outcome.status == "rejected", outcome

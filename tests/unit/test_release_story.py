@@ -49,27 +49,27 @@ def rolled_back() -> Story:
 
 def test_a_rollback_headline_says_where_why_and_who_serves() -> None:
     story = rolled_back()
-    assert story.headline() == "v3 rolled back at 25 %: agreement 0.81 < 0.95 on 240 replayed rows; v2 still serves"
+    assert story.headline() == "v3 rolled back at 25 %; v2 still serves: agreement 0.81 < 0.95 on 240 replayed rows"
     assert story.canary.max_weight == 25 and story.canary.path() == "10 → 25 %"
     assert story.canary.decisive["iteration"] == 3
     assert [c["name"] for c in story.canary.deciding_checks()] == ["agreement"]
     two = dict(RAMP[-1], checks=[*RAMP[-1]["checks"], check("probability_delta", "failed", 0.3, 0.2)])
     story = Story("m", "3", ReleaseStatus.ROLLED_BACK, "canary: ...", "2", canary=CanarySummary([*RAMP[:-1], two]))
-    assert story.headline() == ("v3 rolled back at 25 %: agreement 0.81 < 0.95 on 240 replayed rows (and 1 more "
-                                "failed check); v2 still serves")
+    assert story.headline() == ("v3 rolled back at 25 %; v2 still serves: agreement 0.81 < 0.95 on 240 replayed "
+                                "rows (and 1 more failed check)")
 
 
 def test_headlines_of_the_other_outcomes() -> None:
     released = Story("m", "2", ReleaseStatus.RELEASED, "serving as champion, replacing v1", "1",
                      canary=CanarySummary([analysis(1, 10, "advance"), analysis(2, 50, "bake"),
                                            analysis(3, 100, "promote")]))
-    assert released.headline() == "v2 released: promoted by the canary (10 → 50 → 100 %); v2 serves now " \
-                                  "(replacing v1)"
+    assert released.headline() == "v2 released; v2 serves now (replacing v1): promoted by the " \
+                                  "canary (10 → 50 → 100 %)"
     rejected = Story("m", "4", ReleaseStatus.REJECTED, "quality: accuracy 0.61 < 0.9", "2",
                      [GateResult("quality", Outcome.FAILED, "accuracy 0.61 < 0.9")])
-    assert rejected.headline() == "v4 rejected by the quality gate: quality: accuracy 0.61 < 0.9; v2 still serves"
+    assert rejected.headline() == "v4 rejected by the quality gate; v2 still serves: quality: accuracy 0.61 < 0.9"
     first = Story("m", "1", ReleaseStatus.FAILED, "load_test: inconclusive", None)
-    assert first.headline().endswith("nothing serves this model") and first.serving is None
+    assert "; nothing serves this model: " in first.headline() and first.serving is None
     assert state_name(ReleaseStatus.ROLLED_BACK) == "RolledBack" and state_name("rejected") == "Rejected"
 
 
@@ -84,7 +84,7 @@ def test_the_artifact_has_headline_tables_then_notes_never_a_row_of_a_table() ->
     md = summary_md.markdown(rolled_back(), ["## Optimization\n\n| variant | status |\n|---|---|\n| onnx | ok |",
                                              "canary started at 10%"])
     lines = md.splitlines()
-    assert lines[0] == "# v3 rolled back at 25 %: agreement 0.81 < 0.95 on 240 replayed rows; v2 still serves"
+    assert lines[0] == "# v3 rolled back at 25 %; v2 still serves: agreement 0.81 < 0.95 on 240 replayed rows"
     assert "- canary started at 10%" in lines and "| canary started at 10% |" not in md
     assert lines[-1].startswith("| onnx") and lines.index("## Optimization") > lines.index("## Notes")
     for i, line in enumerate(lines[:-1]):  # every table ends in a blank line
