@@ -192,7 +192,7 @@ def test_good_tensorflow_candidate_is_released_and_served(stack) -> None:
     with mlflow.start_run():
         log_release_datasets(frame(x_tr, y_tr), frame(x_te, y_te))
         info = mlflow.tensorflow.log_model(keras, name="model", input_example=x_te[:5], registered_model_name=name,
-                                           pip_requirements=pinned_requirements("mlflow", "tensorflow", "numpy"))
+                                           pip_requirements=pinned_requirements("mlflow", "tensorflow-cpu", "numpy"))
     version = str(info.registered_model_version)
     outcome = _outcome(stack, version, name)
     assert outcome.status == "released", outcome
