@@ -86,7 +86,7 @@ def train_and_release(work: Path, tracking_uri: str) -> dict[str, Any]:
     from canaryflow.local.demo import pinned_requirements
     from canaryflow.model.datasets import frame, log_release_datasets
     from canaryflow.model.optimization import optimize_pytorch, write_reports
-    from canaryflow.model.packaging import InputContract
+    from canaryflow.model.packaging import InputContract, archive_files
     from deployments.archive import build_mar
     from validation.data import build_suite, suite_to_json
 
@@ -129,13 +129,14 @@ def train_and_release(work: Path, tracking_uri: str) -> dict[str, Any]:
     run_id = registry.release_run("canaryflow-releases", MODEL, version)
     result = optimize_pytorch(model, InputContract(N_FEATURES, None, "float32"), x[20_000:], work / "variants",
                               name=MODEL, version=version, settings=OptimizationSettings())
-    assert result.chosen is not None, result.gate.reason
+    assert result.serving is not None, result.gate.reason
     files = write_reports(result, work / "reports" / "optimization")
     registry.log_to_run(run_id, files=list(files), artifact_path="optimization")
     (work / "store").mkdir(exist_ok=True)
-    mar = build_mar(result.chosen.model_file, [result.chosen.meta_file], model=MODEL, version=version,
+    bundle = result.serving
+    mar = build_mar(bundle.model_file, archive_files(bundle, work / "archive-extra"), model=MODEL, version=version,
                     model_store=work / "store")
-    registry.log_to_run(run_id, files=[mar.path, result.chosen.meta_file], artifact_path="torchserve")
+    registry.log_to_run(run_id, files=[mar.path, bundle.meta_file], artifact_path="torchserve")
     suite_file = work / "reports" / "expectation_suite.json"
     suite_file.write_text(json.dumps(suite_to_json(build_suite(reference, [f"f{i}" for i in range(N_FEATURES)]))))
     registry.log_to_run(run_id, files=[suite_file], artifact_path="gates/data")
@@ -143,8 +144,10 @@ def train_and_release(work: Path, tracking_uri: str) -> dict[str, Any]:
     # what the release pipeline leaves for the champion: the seal that batch scoring checks the archive against
     seal.seal_champion(registry, StatePaths(work / "state"), MODEL, version, mar.path)
     registry.set_alias(MODEL, "champion", version)
-    return {"version": version, "variant": result.variant, "holdout_accuracy": round(acc, 4),
-            "optimization": [{k: r.get(k) for k in ("variant", "status", "p50_b64_ms")} for r in result.table]}
+    return {"version": version, "variant": result.variant, "batch_variant": result.batch_variant,
+            "holdout_accuracy": round(acc, 4),
+            "optimization": [{k: r.get(k) for k in ("variant", "status", "p50_b64_ms", "batch_rows",
+                                                    "batch_rows_per_s", "max_abs_diff")} for r in result.table]}
 
 
 # -- the two contenders, each in its own process -----------------------------------------------------------
@@ -372,7 +375,8 @@ def main() -> None:
     try:
         log(f"work dir {work}; training, logging and releasing {MODEL}")
         release = train_and_release(work, tracking_uri)
-        log(f"released v{release['version']}: serving variant {release['variant']}")
+        log(f"released v{release['version']}: serving variant {release['variant']}, batch variant "
+            f"{release['batch_variant']}")
         runs = []
         for rows in sizes:
             data = work / f"data-{rows}.parquet"
@@ -428,7 +432,7 @@ def report(runs: list[dict[str, Any]], release: dict[str, Any], sizes: list[int]
     growth = {a: by[(a, large)]["scoring_peak_rss_mb"] - by[(a, small)]["scoring_peak_rss_mb"] for a in ours_all}
     for approach, mb in growth.items():
         print(f"{approach} peak RSS while scoring, {small:,} -> {large:,} rows: {mb:+,.0f} MB "
-              f"(input {large / small:.0f}x larger); serving variant {release['variant']}")
+              f"(input {large / small:.0f}x larger); batch variant {release['batch_variant']}")
     print(f"bench took {seconds:.0f} s")
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     result = {"when": stamp, "machine": {"cpus": os.cpu_count()}, "model": "MLP 20-256-256-2",

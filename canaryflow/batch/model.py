@@ -1,9 +1,11 @@
 """The model a batch run scores with: alias or version resolved in the registry, and what its release recorded.
 
-A released version (tag ``canaryflow.release_run``, status ``released``) is scored with the serving artifact its
-release chose (``torchserve/<model>_v<n>.mar`` on the release run: the optimization gate's variant, ONNX or
-torch.export, plus the serving meta), scored as the TorchServe handler scores it (:mod:`canaryflow.batch.scorer`),
-so batch answers equal served answers. Its rows are checked with the release's data expectations
+A released version (tag ``canaryflow.release_run``, status ``released``) is scored with the artifact its release
+chose for batch scoring, from the sealed ``torchserve/<model>_v<n>.mar`` on the release run: the served variant
+(ONNX or torch.export, plus the serving meta), scored as the TorchServe handler scores it
+(:mod:`canaryflow.batch.scorer`), so batch answers equal served answers; or, when the optimization gate measured
+another variant faster at big batches (torch_bf16 on CPUs with AMX, say), that variant from the archive's
+``batch/`` directory, held to the same parity with the fp32 reference as the served one. Its rows are checked with the release's data expectations
 (``gates/data/expectation_suite.json``) and its drift is measured against the training reference
 (``canaryflow/reference.parquet`` on the training run).
 
@@ -25,7 +27,7 @@ from canaryflow.core import seal
 from canaryflow.core.errors import BatchError, RegistryError
 from canaryflow.core.paths import StatePaths
 from canaryflow.core.registry import MlflowRegistry, sha256_of
-from canaryflow.core.serving_contract import META_FILE
+from canaryflow.core.serving_contract import BATCH_DIR, META_FILE, ServingMeta
 from canaryflow.core.state import ReleaseStatus, Tag
 from canaryflow.model.datasets import REFERENCE
 
@@ -51,6 +53,7 @@ class BatchModel:
     suite: dict[str, Any] | None
     reference_path: str | None
     archive_sha256: str | None = None  # of the release's .mar, checked against the pipeline's seal when fetched
+    work_dir: str | None = None  # where fetch_model put it (a worker without the bundle fetches it there)
 
 
 def resolve_version(registry: MlflowRegistry, name: str, alias: str | None, version: str | None) -> str:
@@ -89,7 +92,11 @@ def fetch_model(registry: MlflowRegistry, name: str, version: str, alias: str | 
         suite_file = _download(registry, release_run, SUITE_ARTIFACT, work_dir / "suite")
         suite = json.loads(Path(suite_file).read_text()) if suite_file else _derive_suite(reference, bundle)
         opt = _download(registry, release_run, OPTIMIZATION_ARTIFACT, work_dir / "optimization")
-        variant = (json.loads(Path(opt).read_text()).get("chosen") if opt else None) or "unknown"
+        report = json.loads(Path(opt).read_text()) if opt else {}
+        variant = report.get("chosen") or "unknown"
+        if (bundle / BATCH_DIR / META_FILE).exists():  # inside the sealed archive: its own variant for batches
+            bundle = _batch_bundle(bundle / BATCH_DIR)
+            variant = report.get("batch_chosen") or "batch"
     elif allow_unreleased:
         bundle = _cached(work_dir / "export", lambda d: _export(registry, name, version, d, max_batch_rows))
         suite, variant = _derive_suite(reference, bundle), "export"
@@ -102,7 +109,14 @@ def fetch_model(registry: MlflowRegistry, name: str, version: str, alias: str | 
     features = meta.get("feature_names") or _suite_columns(suite) or [f"f{i}" for i in range(meta["n_features"])]
     return BatchModel(name, str(version), alias, registry.tracking_uri, release_run, info.run_id, str(bundle),
                       meta["format"], variant, tuple(features), meta.get("input_dtype", "float32"), suite,
-                      reference, sha)
+                      reference, sha, str(work_dir))
+
+
+def _batch_bundle(directory: Path) -> Path:
+    meta = ServingMeta.load(directory / META_FILE)
+    if Path(meta.model_file).name != meta.model_file or not (directory / meta.model_file).is_file():
+        raise BatchError(f"the archive's {BATCH_DIR}/{META_FILE} names {meta.model_file!r}, not a file beside it")
+    return directory
 
 
 def _check_archive(registry: MlflowRegistry, name: str, version: str, bundle: Path, paths: StatePaths | None,

@@ -69,7 +69,8 @@ class Scorer:
 
             torch.set_num_threads(threads)  # process-wide; every scorer of the process asks for the same
             self._handler = CanaryflowHandler.for_bundle(bundle_dir)
-            self.step = min(score_rows, meta.max_batch_rows) if meta.format == "torch_export" else score_rows
+            limit = meta.batch_rows or meta.max_batch_rows  # what the exported program takes
+            self.step = min(score_rows, limit) if meta.format == "torch_export" else score_rows
         # an all-rejected chunk still writes a part with every column: the class count comes from one zero row
         zero = np.zeros((1, meta.n_features), meta.input_dtype)
         if self._session is not None:
@@ -131,7 +132,8 @@ def scorer_for(model: BatchModel, score_rows: int, parallel: int = 1) -> Scorer:
                 from canaryflow.batch.model import fetch_model
 
                 registry = MlflowRegistry(model.tracking_uri)
-                fetch_model(registry, model.name, model.version, model.alias, Path(model.bundle_dir).parent,
+                fetch_model(registry, model.name, model.version, model.alias,
+                            Path(model.work_dir) if model.work_dir else Path(model.bundle_dir).parent,
                             allow_unreleased=model.variant == "export", expect_sha256=model.archive_sha256)
             _scorers[key] = Scorer(model.bundle_dir, score_rows, threads)
         return _scorers[key]

@@ -34,7 +34,7 @@ RULES: dict[str, dict[str, str]] = {
     },
     "optimization": {
         "variants": "subset", "min_argmax_agreement": "ge", "max_abs_diff": "le", "min_speedup": "ge",
-        "bench_repeats": "le", "bench_budget_s": "le",
+        "min_batch_speedup": "ge", "bench_repeats": "le", "bench_budget_s": "le",
     },
     "loadtest": {
         "max_p95_ms": "le", "max_failure_ratio": "le", "min_rps": "ge", "max_p95_ratio": "le", "p95_slack_ms": "le",

@@ -26,6 +26,9 @@ from typing import Any
 import numpy as np
 
 META_FILE = "canaryflow.json"
+# In a .mar, the bundle batch scoring uses when the optimization found another variant faster for big batches than
+# the one served (its own canaryflow.json and model file); TorchServe's handler never loads it.
+BATCH_DIR = "batch"
 VERSION_HEADER = "X-Model-Version"  # a client pins a version; every answer names the version that gave it
 PREDICTION_HEADER = "X-Prediction"  # "<class_index>:<top probability>" per row, for the router's access log
 PINNED_HEADER = "x-canaryflow-pinned"  # set by the router when the client pinned a version
@@ -69,6 +72,8 @@ class ServingMeta:
     fixed_batch: int | None = None
     chaos: dict[str, Any] | None = None
     """Fault injection for canary tests, on unpinned requests only (see :class:`Chaos`); None in production."""
+    batch_rows: int | None = None
+    """Rows per model call in batch scoring, where the program takes more than ``max_batch_rows`` (None: those)."""
 
     def __post_init__(self) -> None:
         def positive(v: Any) -> bool:
@@ -84,6 +89,7 @@ class ServingMeta:
             (positive(self.n_features), "n_features must be a positive int"),
             (positive(self.max_batch_rows), "max_batch_rows must be a positive int"),
             (self.fixed_batch is None or positive(self.fixed_batch), "fixed_batch must be None or positive"),
+            (self.batch_rows is None or positive(self.batch_rows), "batch_rows must be None or positive"),
             (names is None or (len(names) == self.n_features and len(set(names)) == len(names)),
              f"feature_names must be None or {self.n_features} distinct names"),
             (labels is None or len(labels) > 0, "class_labels must be None or non-empty"),

@@ -118,13 +118,16 @@ class GateSettings(BaseModel):
 class OptimizationSettings(BaseModel):
     """Which serving variants to build and how closely they must agree with the fp32 reference."""
 
-    variants: list[str] = ["torch_fp32", "onnx_fp32", "onnx_int8", "onnx_int8_static", "torch_int8"]
+    variants: list[str] = ["torch_fp32", "onnx_fp32", "onnx_int8", "onnx_int8_static", "torch_int8", "torch_bf16"]
     min_argmax_agreement: float = Field(0.99, ge=0, le=1)
     max_abs_diff: float = Field(0.05, ge=0, description="max |p_variant - p_fp32| over the holdout")
     bench_repeats: int = Field(200, ge=10, le=5000)
     bench_budget_s: float = Field(3.0, gt=0, le=30, description="seconds of micro-benchmark per variant and batch size")
     # a variant must beat the fp32 baseline by this factor to be preferred (noise guard)
     min_speedup: float = Field(1.05, ge=1)
+    # batch scoring gets its own variant (a second copy of the weights in the .mar) only when it beats the served
+    # variant's rows/s at big batches by this factor
+    min_batch_speedup: float = Field(1.25, ge=1)
 
 
 class LoadTestSettings(BaseModel):
@@ -228,8 +231,9 @@ class BatchSettings(BaseModel):
     alias: str = "champion"
     allow_unreleased: bool = Field(False, description="score a never-released version (exported, unoptimized)")
     max_parallel: int = Field(2, ge=1, description="chunks scored at once; one more is read ahead")
-    score_rows: int = Field(1024, ge=1, description="rows per model call (ONNX: 512-1024 fit the CPU cache; "
-                                                    "torch.export: at most its max batch)")
+    score_rows: int = Field(4096, ge=1, description="rows per model call, at most (torch.export: at most what its "
+                                                    "program takes; the optimization measures batch variants at "
+                                                    "up to 4096)")
     row_expectations: bool = Field(True, description="reject rows outside the release's expectation ranges")
     drift_sample_rows: int = Field(10000, ge=100, description="scored rows sampled for the drift report")
     experiment: str = "canaryflow-batch"

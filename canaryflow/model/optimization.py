@@ -1,6 +1,7 @@
-"""Serving variants of a model (torch.export fp32, ONNX fp32, ONNX int8 dynamic and static, torchao int8), their
-parity with the fp32 reference, a micro-benchmark, and the choice of the fastest variant that answers like the
-reference.
+"""Serving variants of a model (torch.export fp32 and bf16, ONNX fp32, ONNX int8 dynamic and static, torchao
+int8), their parity with the fp32 reference, a micro-benchmark, and the choice of the fastest variant that answers
+like the reference: at batch 1 for serving, and at big batches for batch scoring (the same variant, or another one
+that the .mar carries beside it, see :data:`serving_contract.BATCH_DIR`).
 
 Pure: no Prefect, no servers. Every variant is a bundle directory the TorchServe handler serves as is, and
 parity and latency are measured through that handler (:meth:`CanaryflowHandler.for_bundle`), so what is
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import io
 import json
 import logging
@@ -31,12 +33,17 @@ from deployments.handler import CanaryflowHandler
 from validation.parity import parity
 from validation.results import GateResult, Outcome, judged
 
-TORCH_VARIANTS = ("torch_fp32", "onnx_fp32", "onnx_int8", "onnx_int8_static", "torch_int8")
+TORCH_VARIANTS = ("torch_fp32", "onnx_fp32", "onnx_int8", "onnx_int8_static", "torch_int8", "torch_bf16")
 ONNX_DERIVED = ("onnx_int8", "onnx_int8_static")  # built from the onnx_fp32 bundle
 ONNX_FILE = "model.onnx"
 BENCH_BATCHES = (1, 64)
+# Batch scoring's model calls: up to this many rows each (what torch_bf16's program takes), fewer for a model
+# whose call would take longer than BATCH_CALL_S (measured from its batch-64 latency), so a heavy model's
+# benchmark stays short.
+BATCH_ROWS = 4096
+BATCH_CALL_S = 0.1
 COLUMNS = ("variant", "status", "agreement", "max_abs_diff", "p50_b1_ms", "p95_b1_ms", "p50_b64_ms",
-           "speedup_vs_fp32", "reason")
+           "batch_rows", "batch_rows_per_s", "speedup_vs_fp32", "reason")
 
 Builder = Callable[[Path], Bundle]  # builds one variant into the given (empty) directory
 
@@ -50,6 +57,14 @@ class OptimizationResult:
     table: list[dict[str, Any]]
     gate: GateResult
     bundles: dict[str, Bundle] = field(default_factory=dict)
+    batch_variant: str | None = None  # what batch scoring uses: ``variant`` or a faster one at big batches
+
+    @property
+    def serving(self) -> Bundle | None:
+        """The chosen bundle, carrying the batch variant's bundle when that is another one."""
+        if self.chosen is None or self.batch_variant in (None, self.variant):
+            return self.chosen
+        return dataclasses.replace(self.chosen, batch=self.bundles[str(self.batch_variant)])
 
 
 def optimize_pytorch(model: Any, contract: InputContract, holdout: np.ndarray, out_dir: Path, *, name: str,
@@ -103,6 +118,21 @@ def optimize_pytorch(model: Any, contract: InputContract, holdout: np.ndarray, o
         torch.export.save(torch.export.export(quantized, (x,), dynamic_shapes=dims), str(d / "model.pt2"))
         return _write_meta(d, state["meta"], model_file="model.pt2")
 
+    def torch_bf16(d: Path) -> Bundle:
+        # bfloat16 weights and activations, float32 in and out: on CPUs with AMX or AVX512-BF16 oneDNN's bf16
+        # matmuls run several times faster than fp32 at big batches (slower at batch 1: the measurement decides)
+        if "meta" not in state:
+            raise RuntimeError("needs the torch_fp32 export, which failed")
+        meta = state["meta"]
+        if meta.fixed_batch:
+            raise RuntimeError("a fixed-batch program: nothing for bf16 to gain at batch scoring")
+        rows = max(max_batch_rows, BATCH_ROWS)
+        program = torch.export.export(_bf16_module(copy.deepcopy(model)), (torch.from_numpy(example),),
+                                      dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=rows)},))
+        d.mkdir(parents=True, exist_ok=True)
+        torch.export.save(program, str(d / "model.pt2"))
+        return _write_meta(d, meta, model_file="model.pt2", batch_rows=rows)
+
     def onnx_int8_static(d: Path) -> Bundle:
         rows = holdout if calibration is None else holdout_rows(calibration, contract.n_features)
         with quiet_exporters():
@@ -118,7 +148,8 @@ def optimize_pytorch(model: Any, contract: InputContract, holdout: np.ndarray, o
 
     builders: dict[str, Builder] = {"torch_fp32": torch_fp32, "onnx_fp32": onnx_fp32,
                                     "onnx_int8": lambda d: quantize_onnx_bundle(out_dir / "onnx_fp32", d),
-                                    "onnx_int8_static": onnx_int8_static, "torch_int8": torch_int8}
+                                    "onnx_int8_static": onnx_int8_static, "torch_int8": torch_int8,
+                                    "torch_bf16": torch_bf16}
     if set(ONNX_DERIVED) & set(settings.variants) and "onnx_fp32" not in settings.variants:
         settings = settings.model_copy(update={"variants": [*settings.variants, "onnx_fp32"]})
     wanted = ["torch_fp32", *(v for v in TORCH_VARIANTS[1:] if v in settings.variants)]
@@ -178,15 +209,19 @@ def select_variant(builders: dict[str, Builder], reference: Callable[[np.ndarray
         if base and row["p50_b1_ms"]:
             row["speedup_vs_fp32"] = round(base["p50_b1_ms"] / row["p50_b1_ms"], 3)
     chosen, why = _choose(rows, baseline, settings.min_speedup)
+    batch_variant, batch_why = _choose_batch(rows, chosen, settings.min_batch_speedup)
     for row in rows:
         row["chosen"] = row["variant"] == chosen
+        row["batch_chosen"] = row["variant"] == batch_variant
     rejected = [f"{r['variant']} {'rejected' if r['status'] == 'failed' else 'error'}: {r['reason']}"
                 for r in rows if r["status"] != "passed"]
-    measured = {"chosen": chosen, "variants": {r["variant"]: {k: r[k] for k in COLUMNS[1:]} for r in rows}}
+    measured = {"chosen": chosen, "batch_chosen": batch_variant,
+                "variants": {r["variant"]: {k: r[k] for k in COLUMNS[1:]} for r in rows}}
     thresholds = {"min_argmax_agreement": settings.min_argmax_agreement, "max_abs_diff": settings.max_abs_diff,
-                  "min_speedup": settings.min_speedup}
-    gate = judged("optimization", chosen is not None, "; ".join([why, *rejected]), measured, thresholds)
-    return OptimizationResult(bundles.get(chosen) if chosen else None, chosen, rows, gate, bundles)
+                  "min_speedup": settings.min_speedup, "min_batch_speedup": settings.min_batch_speedup}
+    gate = judged("optimization", chosen is not None, "; ".join(filter(None, [why, batch_why, *rejected])),
+                  measured, thresholds)
+    return OptimizationResult(bundles.get(chosen) if chosen else None, chosen, rows, gate, bundles, batch_variant)
 
 
 def _choose(rows: list[dict[str, Any]], baseline: str, min_speedup: float) -> tuple[str | None, str]:
@@ -206,8 +241,24 @@ def _choose(rows: list[dict[str, Any]], baseline: str, min_speedup: float) -> tu
     return fastest["variant"], f"chose {fastest['variant']}: {speedup:.1f}x faster than {baseline} at batch 1"
 
 
+def _choose_batch(rows: list[dict[str, Any]], chosen: str | None, min_gain: float) -> tuple[str | None, str]:
+    """The variant batch scoring uses: the served one, unless a passing variant scores ``min_gain`` times its
+    rows per second at big batches (then the .mar carries both)."""
+    served = next((r for r in rows if r["variant"] == chosen and r["batch_rows_per_s"]), None)
+    ok = [r for r in rows if r["status"] == "passed" and r["batch_rows_per_s"]]
+    best = max(ok, key=lambda r: r["batch_rows_per_s"], default=None)
+    if served is None or best is None or best is served:
+        return chosen, ""
+    gain = best["batch_rows_per_s"] / served["batch_rows_per_s"]
+    if gain < min_gain:
+        return chosen, ""
+    return best["variant"], (f"batch scoring uses {best['variant']}: {gain:.1f}x the rows/s of {chosen} at "
+                             f"{best['batch_rows']} rows per call")
+
+
 def bench(handler: CanaryflowHandler, holdout: np.ndarray, repeats: int, budget_s: float = 3.0) -> dict[str, float]:
-    """Median and p95 latency (ms) of the handler's inference at batch 1 and 64, after a warm-up.
+    """Median and p95 latency (ms) of the handler's inference at batch 1 and 64, after a warm-up, and the rows
+    per second of batch scoring's model calls (:func:`bench_batch`).
 
     At most ``repeats`` runs and about ``budget_s`` seconds per batch size (at least 5 runs), so a slow model
     costs the release seconds, not minutes.
@@ -230,7 +281,23 @@ def bench(handler: CanaryflowHandler, holdout: np.ndarray, repeats: int, budget_
         out[f"p50_b{batch}_ms"] = round(float(np.median(times)) * 1e3, 4)
         if batch == 1:
             out["p95_b1_ms"] = round(float(np.percentile(times, 95)) * 1e3, 4)
-    return out
+    return out | bench_batch(handler, holdout, out["p50_b64_ms"] / 1e3 / 64, budget_s / 3)
+
+
+def bench_batch(handler: CanaryflowHandler, holdout: np.ndarray, row_s: float, budget_s: float) -> dict[str, float]:
+    """Rows per second of calls as batch scoring makes them: as many rows as the program takes per call (up to
+    :data:`BATCH_ROWS`; ONNX takes any), fewer when the batch-64 latency (``row_s`` a row) says such a call would
+    take over :data:`BATCH_CALL_S`. One warm-up call, then calls for about ``budget_s`` (at least 3)."""
+    meta = handler.meta
+    limit = BATCH_ROWS if meta.format == "onnx" else min(BATCH_ROWS, meta.batch_rows or meta.max_batch_rows)
+    n = max(1, min(limit, int(BATCH_CALL_S / max(row_s, 1e-9))))
+    rows = np.ascontiguousarray(np.resize(holdout, (n, holdout.shape[1])))
+    handler.probabilities(rows)
+    calls, deadline, start = 0, time.perf_counter() + budget_s, time.perf_counter()
+    while calls < 3 or time.perf_counter() < deadline:
+        handler.probabilities(rows)
+        calls += 1
+    return {"batch_rows": n, "batch_rows_per_s": round(n * calls / (time.perf_counter() - start))}
 
 
 def markdown(table: list[dict[str, Any]]) -> str:
@@ -241,7 +308,8 @@ def markdown(table: list[dict[str, Any]]) -> str:
 
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
     for row in table:
-        name = f"**{row['variant']}** (chosen)" if row.get("chosen") else row["variant"]
+        roles = [r for r, key in (("chosen", "chosen"), ("batch", "batch_chosen")) if row.get(key)]
+        name = f"**{row['variant']}** ({', '.join(roles)})" if roles else row["variant"]
         lines.append("| " + " | ".join(cell(name if c == "variant" else row.get(c)) for c in COLUMNS) + " |")
     return "\n".join(lines)
 
@@ -259,18 +327,21 @@ def from_sandbox(head: dict[str, Any], dirs: dict[str, Path]) -> OptimizationRes
     g = head["gate"]
     gate = GateResult(str(g["gate"]), Outcome(g["outcome"]), str(g["reason"]), dict(g.get("measured") or {}),
                       dict(g.get("thresholds") or {}))
-    variant = head.get("variant")
+    variant, batch = head.get("variant"), head.get("batch_variant")
     table = [dict(row) for row in head.get("table", [])]
     if gate.passed and variant not in bundles:
         raise ValueError(f"the optimization chose {variant!r} but did not build it")
-    return OptimizationResult(bundles.get(variant) if variant else None, variant, table, gate, bundles)
+    if gate.passed and batch is not None and batch not in bundles:
+        raise ValueError(f"the optimization chose {batch!r} for batch scoring but did not build it")
+    return OptimizationResult(bundles.get(variant) if variant else None, variant, table, gate, bundles,
+                              batch if gate.passed else None)
 
 
 def write_reports(result: OptimizationResult, directory: Path) -> tuple[Path, Path]:
     """Write ``optimization.json`` (table, choice, gate) and ``optimization.md`` into ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
     js, md = directory / "optimization.json", directory / "optimization.md"
-    js.write_text(json.dumps({"chosen": result.variant, "table": result.table,
+    js.write_text(json.dumps({"chosen": result.variant, "batch_chosen": result.batch_variant, "table": result.table,
                               "gate": result.gate.to_dict()}, indent=2))
     md.write_text(f"{markdown(result.table)}\n\n{result.gate.outcome.value}: {result.gate.reason}\n")
     return js, md
@@ -296,6 +367,21 @@ def _chunks(rows: np.ndarray, meta: ServingMeta) -> list[np.ndarray]:
 
 def _first(out: Any) -> Any:
     return out[0] if isinstance(out, tuple | list) else out
+
+
+def _bf16_module(model: Any) -> Any:
+    """``model`` with bfloat16 parameters and buffers, taking and returning float32 (its first output)."""
+    import torch
+
+    class Bf16(torch.nn.Module):
+        def __init__(self, inner: Any) -> None:
+            super().__init__()
+            self.inner = inner.to(torch.bfloat16)
+
+        def forward(self, x: Any) -> Any:
+            return _first(self.inner(x.to(torch.bfloat16))).float()
+
+    return Bf16(model)
 
 
 @contextlib.contextmanager

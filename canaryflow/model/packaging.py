@@ -8,6 +8,7 @@ and, when the model will not allow that, ship a fixed-batch program that the han
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from canaryflow.core.errors import PackagingError
-from canaryflow.core.serving_contract import META_FILE, ServingMeta, output_kind
+from canaryflow.core.serving_contract import BATCH_DIR, META_FILE, ServingMeta, output_kind
 
 MODEL_FILE = "model.pt2"
 MIN_EXAMPLE_ROWS = 4  # batch sizes 0 and 1 get specialised by torch.export
@@ -36,6 +37,7 @@ class Bundle:
 
     directory: Path
     meta: ServingMeta
+    batch: Bundle | None = None  # the variant batch scoring uses, when the optimization chose another one for it
 
     @property
     def model_file(self) -> Path:
@@ -44,6 +46,20 @@ class Bundle:
     @property
     def meta_file(self) -> Path:
         return self.directory / META_FILE
+
+
+def archive_files(bundle: Bundle, staging: Path) -> list[Path]:
+    """What a .mar of ``bundle`` carries beside its model file: the serving meta, and the batch variant's bundle
+    as ``batch/`` (staged under ``staging``: the archiver copies a directory's contents to the archive's root)
+    when the optimization chose another variant for batch scoring."""
+    if bundle.batch is None:
+        return [bundle.meta_file]
+    shutil.rmtree(staging, ignore_errors=True)
+    target = staging / BATCH_DIR
+    target.mkdir(parents=True)
+    for f in (bundle.batch.model_file, bundle.batch.meta_file):
+        shutil.copy2(f, target / f.name)
+    return [bundle.meta_file, staging]
 
 
 def input_contract(model_dir: Path) -> InputContract:

@@ -41,7 +41,8 @@ def _optimize(head: dict[str, Any], holdout: np.ndarray) -> dict[str, Any]:
         from canaryflow.model.tf_convert import load_tensorflow, optimize_tensorflow
 
         result = optimize_tensorflow(load_tensorflow(model_dir), contract, holdout, out_dir, **kwargs)
-    return {"variant": result.variant, "table": result.table, "gate": result.gate.to_dict(),
+    return {"variant": result.variant, "batch_variant": result.batch_variant, "table": result.table,
+            "gate": result.gate.to_dict(),
             "bundles": [name for name, b in result.bundles.items() if b.directory.parent == out_dir]}
 
 

@@ -144,12 +144,13 @@ def optimize(svc: Services, st: ReleaseState, model_dir: Path, release_data: Rel
         st.workdir / "variants", kwargs))
     files = write_reports(result, _dir(st, "optimization"))
     svc.registry.log_to_run(st.run_id, files=list(files), artifact_path="optimization",
-                            params={"serving_variant": result.variant or "none"})
+                            params={"serving_variant": result.variant or "none",
+                                    "batch_variant": result.batch_variant or "none"})
     st.variant = result.variant or ""
     st.notes.append("## Optimization\n\n" + markdown(result.table))
     st.record(result.gate)
-    assert result.chosen is not None  # a passed gate always has a chosen variant
-    return result.chosen
+    assert result.serving is not None  # a passed gate always has a chosen variant
+    return result.serving
 
 
 def load_test(svc: Services, st: ReleaseState, rows: np.ndarray,

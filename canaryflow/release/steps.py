@@ -21,7 +21,7 @@ from canaryflow.core.policy import apply_policy
 from canaryflow.core.registry import VersionInfo
 from canaryflow.core.settings import Settings
 from canaryflow.core.state import ReleaseStatus, Route, Tag
-from canaryflow.model.packaging import Bundle, example_rows, input_contract
+from canaryflow.model.packaging import Bundle, archive_files, example_rows, input_contract
 from canaryflow.model.sandbox import Sandbox
 from canaryflow.release.converge import KEEP, ChaosBuild, converge
 from canaryflow.services import Services
@@ -160,8 +160,8 @@ def shape(st: ReleaseState, model_dir: Path) -> GateResult:
 def archive(svc: Services, st: ReleaseState, bundle: Bundle) -> Archive:
     """Build the .mar and record it (file and sha256) on the release run."""
     bundle = with_chaos(svc, st, bundle)
-    mar = build_mar(bundle.model_file, [bundle.meta_file], model=st.model, version=st.version,
-                    model_store=svc.paths.model_store)
+    mar = build_mar(bundle.model_file, archive_files(bundle, st.workdir / "archive-extra"), model=st.model,
+                    version=st.version, model_store=svc.paths.model_store)
     svc.registry.log_to_run(st.run_id, params={"mar_sha256": mar.sha256, "mar_file": mar.path.name,
                                                "serving_format": bundle.meta.format},
                             metrics={"mar_size_bytes": mar.size_bytes}, files=[mar.path, bundle.meta_file],
@@ -185,7 +185,7 @@ def with_chaos(svc: Services, st: ReleaseState, bundle: Bundle) -> Bundle:
         raise PackagingError(f"tag {Tag.CHAOS} is not a valid chaos spec: {exc}") from exc
     meta.save(bundle.meta_file)
     st.notes.append(f"fault injection on live traffic: {raw}")
-    return Bundle(bundle.directory, meta)
+    return dataclasses.replace(bundle, meta=meta)
 
 
 def stage(svc: Services, st: ReleaseState, mar: Archive, model_dir: Path) -> GateResult:

@@ -76,3 +76,51 @@ def test_the_batch_session_uses_the_threads_it_is_given_and_no_spinning(bundles:
     options = session.get_session_options()
     assert (options.intra_op_num_threads, options.inter_op_num_threads) == (1, 1)
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+def test_a_release_with_its_own_batch_variant_ships_it_in_the_archive_and_batch_scores_with_it(
+        bundles: dict[str, Path], tmp_path: Path) -> None:
+    """The .mar carries the served bundle at its root and the batch variant under batch/ (the handler never
+    reads it); batch scoring finds it there and calls it with as many rows as its program takes (batch_rows),
+    more than a request may carry (max_batch_rows)."""
+    import dataclasses
+    import zipfile
+
+    from canaryflow.batch.model import _batch_bundle
+    from canaryflow.core.serving_contract import BATCH_DIR, ServingMeta
+    from canaryflow.model.packaging import Bundle, archive_files
+    from deployments.archive import build_mar
+
+    torch.manual_seed(0)
+    rows = np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32)
+    big, _ = export_module(Net().eval(), rows, tmp_path / "big", contract=InputContract(4, FEATURES, "float32"),
+                           name="scorer", version="1", max_batch_rows=256)
+    meta = dataclasses.replace(big.meta, max_batch_rows=64, batch_rows=256)
+    meta.save(big.meta_file)
+    served = Bundle(bundles["onnx"], ServingMeta.load(bundles["onnx"] / META_FILE), batch=Bundle(big.directory, meta))
+    (tmp_path / "store").mkdir()
+    mar = build_mar(served.model_file, archive_files(served, tmp_path / "extra"), model="scorer", version="1",
+                    model_store=tmp_path / "store")
+    with zipfile.ZipFile(mar.path) as z:
+        names = set(z.namelist())
+        z.extractall(tmp_path / "unpacked")
+    assert {"model.onnx", META_FILE, f"{BATCH_DIR}/{META_FILE}", f"{BATCH_DIR}/model.pt2"} <= names
+    assert ServingMeta.load(tmp_path / "unpacked" / META_FILE).format == "onnx"  # what TorchServe serves
+    batch_dir = _batch_bundle(tmp_path / "unpacked" / BATCH_DIR)
+    scorer = Scorer(str(batch_dir), score_rows=4096, threads=1)
+    assert scorer._handler is not None and scorer.step == 256
+    x = np.random.default_rng(3).normal(size=(600, 4)).astype(np.float32)
+    served_answers = CanaryflowHandler.for_bundle(tmp_path / "unpacked").probabilities(x)
+    np.testing.assert_allclose(scorer.probabilities(x), served_answers, atol=1e-5)  # the same network here
+
+
+def test_a_batch_bundle_naming_a_file_outside_itself_is_refused(bundles: dict[str, Path], tmp_path: Path) -> None:
+    from canaryflow.batch.model import _batch_bundle
+    from canaryflow.core.errors import BatchError
+
+    batch = tmp_path / "batch"
+    batch.mkdir()
+    meta = json.loads((bundles["onnx"] / META_FILE).read_text())
+    (batch / META_FILE).write_text(json.dumps({**meta, "model_file": "../model.onnx"}))
+    with pytest.raises(BatchError, match="not a file beside it"):
+        _batch_bundle(batch)

@@ -368,7 +368,7 @@ def test_meta_round_trips_through_json_and_files(tmp_path: Path) -> None:
     assert ServingMeta.load(tmp_path / META_FILE) == meta
     assert set(json.loads(meta.to_json())) == {
         "model_name", "model_version", "format", "model_file", "n_features", "feature_names", "input_dtype",
-        "output", "class_labels", "max_batch_rows", "fixed_batch", "chaos",
+        "output", "class_labels", "max_batch_rows", "fixed_batch", "chaos", "batch_rows",
     }
     assert ServingMeta("iris", "7", "onnx", "model.onnx", 2).chaos is None
 

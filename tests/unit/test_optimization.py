@@ -12,12 +12,12 @@ from sklearn.datasets import load_breast_cancer
 
 from canaryflow.core.serving_contract import ServingMeta
 from canaryflow.core.settings import OptimizationSettings
-from canaryflow.model.optimization import COLUMNS, _choose, optimize_pytorch, write_reports
+from canaryflow.model.optimization import BATCH_ROWS, COLUMNS, _choose, _choose_batch, optimize_pytorch, write_reports
 from canaryflow.model.packaging import InputContract
 from deployments.handler import CanaryflowHandler
 
 SETTINGS = OptimizationSettings(bench_repeats=10)
-ALL = ["torch_fp32", "onnx_fp32", "onnx_int8", "onnx_int8_static", "torch_int8"]
+ALL = ["torch_fp32", "onnx_fp32", "onnx_int8", "onnx_int8_static", "torch_int8", "torch_bf16"]
 
 
 @pytest.fixture(scope="module")
@@ -121,11 +121,61 @@ def test_chosen_bundle_serves_what_parity_measured(cancer, cancer_result) -> Non
 def test_reports_written_as_json_and_markdown(cancer_result, tmp_path: Path) -> None:
     js, md = write_reports(cancer_result, tmp_path / "reports")
     data = json.loads(js.read_text())
-    assert data["chosen"] == cancer_result.variant and len(data["table"]) == 5
+    assert data["chosen"] == cancer_result.variant and len(data["table"]) == len(ALL)
+    assert data["batch_chosen"] == cancer_result.batch_variant
     assert data["gate"]["gate"] == "optimization" and data["gate"]["outcome"] == "passed"
     text = md.read_text()
     assert text.startswith("| " + " | ".join(COLUMNS) + " |")
-    assert f"**{cancer_result.variant}** (chosen)" in text and all(v in text for v in ALL)
+    assert f"**{cancer_result.variant}** (chosen" in text and all(v in text for v in ALL)
+    assert f"**{cancer_result.batch_variant}** (" in text and "batch)" in text
+
+
+def test_batch_choice_follows_the_rule(cancer_result) -> None:
+    """Batch scoring gets the passing variant with the most rows/s at big batches when it beats the served one
+    by min_batch_speedup; otherwise the served one. Every variant was measured at a big batch."""
+    rows = {r["variant"]: r for r in cancer_result.table}
+    for row in rows.values():
+        assert 1 <= row["batch_rows"] <= BATCH_ROWS and row["batch_rows_per_s"] > 0, row
+    served = rows[cancer_result.variant]
+    best = max((r for r in rows.values() if r["status"] == "passed"), key=lambda r: r["batch_rows_per_s"])
+    worth_it = best["batch_rows_per_s"] >= SETTINGS.min_batch_speedup * served["batch_rows_per_s"]
+    assert cancer_result.batch_variant == (best["variant"] if worth_it else cancer_result.variant)
+    assert [r["variant"] for r in rows.values() if r["batch_chosen"]] == [cancer_result.batch_variant]
+    assert cancer_result.gate.measured["batch_chosen"] == cancer_result.batch_variant
+    serving = cancer_result.serving
+    assert serving.directory == cancer_result.chosen.directory
+    assert serving.batch == (None if cancer_result.batch_variant == cancer_result.variant
+                             else cancer_result.bundles[cancer_result.batch_variant])
+
+
+def test_bf16_variant_takes_big_batches_and_is_held_to_parity(cancer, cancer_result) -> None:
+    """torch_bf16: float32 in and out, bf16 inside; its program takes batch scoring's calls (batch_rows), more
+    than a request may carry (max_batch_rows), and it answers like the fp32 model within the parity bounds."""
+    model, x = cancer
+    row = next(r for r in cancer_result.table if r["variant"] == "torch_bf16")
+    assert row["status"] == "passed" and 0 < row["max_abs_diff"] <= SETTINGS.max_abs_diff, row
+    bundle = cancer_result.bundles["torch_bf16"]
+    assert bundle.meta.format == "torch_export" and bundle.meta.batch_rows == BATCH_ROWS
+    assert bundle.meta.max_batch_rows == 1024
+    handler = CanaryflowHandler.for_bundle(bundle.directory)
+    big = np.resize(x, (BATCH_ROWS, x.shape[1]))
+    got = handler.probabilities(big)
+    expected = torch.softmax(model(torch.from_numpy(big)), -1).detach().numpy()
+    assert got.dtype == np.float32 and got.shape == (BATCH_ROWS, 2)
+    assert np.abs(got - expected).max() <= SETTINGS.max_abs_diff
+
+
+def test_batch_rule_keeps_the_served_variant_unless_clearly_faster() -> None:
+    def row(v: str, rps: float | None, status: str = "passed") -> dict:
+        return {"variant": v, "status": status, "batch_rows": 4096, "batch_rows_per_s": rps}
+
+    table = [row("onnx_fp32", 800_000), row("torch_bf16", 1_500_000), row("onnx_int8", 3_000_000, "failed")]
+    chosen, why = _choose_batch(table, "onnx_fp32", 1.25)
+    assert chosen == "torch_bf16" and why == "batch scoring uses torch_bf16: 1.9x the rows/s of onnx_fp32 at " \
+                                            "4096 rows per call"
+    assert _choose_batch(table, "onnx_fp32", 2.0) == ("onnx_fp32", "")  # 1.9x < 2x: not worth a second copy
+    assert _choose_batch([row("onnx_fp32", 800_000)], "onnx_fp32", 1.25) == ("onnx_fp32", "")
+    assert _choose_batch(table, None, 1.25) == (None, "")  # nothing passed: no batch variant either
 
 
 def test_int8_variants_that_disagree_are_rejected_with_the_measured_agreement(tmp_path: Path) -> None:
