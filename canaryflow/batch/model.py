@@ -5,9 +5,9 @@ chose for batch scoring, from the sealed ``torchserve/<model>_v<n>.mar`` on the 
 (ONNX or torch.export, plus the serving meta), scored as the TorchServe handler scores it
 (:mod:`canaryflow.batch.scorer`), so batch answers equal served answers; or, when the optimization gate measured
 another variant faster at big batches (torch_bf16 on CPUs with AMX, say), that variant from the archive's
-``batch/`` directory, held to the same parity with the fp32 reference as the served one. Its rows are checked with the release's data expectations
-(``gates/data/expectation_suite.json``) and its drift is measured against the training reference
-(``canaryflow/reference.parquet`` on the training run).
+``batch/`` directory, held to the same parity with the fp32 reference as the served one. Its rows are checked
+with the release's data expectations (``gates/data/expectation_suite.json``) and its drift is measured against
+the training reference (``canaryflow/reference.parquet`` on the training run).
 
 A version that was never released is refused unless ``allow_unreleased``: then the MLflow PyTorch model is exported
 here with a dynamic batch (torch.export, no optimization) and its expectations are derived from the reference.
