@@ -24,9 +24,9 @@ from urllib.parse import quote
 import httpx
 
 from canaryflow.core.errors import ServingError
-from canaryflow.core.paths import StatePaths
+from canaryflow.core.paths import StatePaths, model_file_name, read_json, write_json
 from canaryflow.core.serving_contract import REPLAY_HEADER
-from canaryflow.core.settings import Settings
+from canaryflow.core.settings import ServingConfig, Settings
 from deployments.prometheus import TORCHSERVE_METRICS_FILE
 
 
@@ -37,6 +37,8 @@ class ServingBackend(Protocol):
     def versions(self, model: str) -> list[str]: ...
     def register(self, model: str, version: str, archive: Path) -> bool: ...
     def unregister(self, model: str, version: str) -> None: ...
+    def tune(self, model: str, version: str, archive: Path, config: ServingConfig) -> bool: ...
+    def serving_config(self, model: str, version: str) -> ServingConfig | None: ...
     def set_default(self, model: str, version: str) -> None: ...
     def default_version(self, model: str) -> str | None: ...
     def replay(self, model: str, version: str, rows: list[list[float]]) -> list[dict[str, Any]]: ...
@@ -225,14 +227,15 @@ class TorchServeClient:
         return str(self._check(resp, f"describe {model}").json()[0]["modelVersion"])
 
     def register(self, model: str, version: str, archive: Path) -> bool:
-        """Register an archive from the model store; False when that version was already registered."""
+        """Register an archive from the model store, with the serving settings its release measured (or
+        serving.*); False when that version was already registered."""
         if version in self.versions(model):
             return False
-        serving = self.settings.serving
+        config = self.serving_config(model, version)
         # In a server-side batch a malformed request fails only itself (the handler's per-request status).
-        params = {"url": archive.name, "model_name": model, "initial_workers": serving.workers_per_version,
-                  "synchronous": "true", "response_timeout": serving.response_timeout_s,
-                  "batch_size": serving.batch_size, "max_batch_delay": serving.max_batch_delay_ms}
+        params = {"url": archive.name, "model_name": model, "initial_workers": config.workers,
+                  "synchronous": "true", "response_timeout": self.settings.serving.response_timeout_s,
+                  "batch_size": config.batch_size, "max_batch_delay": config.max_batch_delay_ms}
         resp = self._call("management", "POST", "/models", params=params, timeout=120.0)
         if resp.status_code == 409:
             return False
@@ -240,10 +243,39 @@ class TorchServeClient:
         return True
 
     def unregister(self, model: str, version: str) -> None:
-        """Unregister a version; a version that is not there is fine (idempotent)."""
+        """Unregister a version (and forget its measured serving settings); a version that is not there is fine
+        (idempotent)."""
+        self._unregister(model, version)
+        self._tuning_file(model, version).unlink(missing_ok=True)
+
+    def _unregister(self, model: str, version: str) -> None:
         resp = self._call("management", "DELETE", f"/models/{_seg(model)}/{_seg(version)}", timeout=60.0)
         if resp.status_code != 404:
             self._check(resp, f"unregister {model} v{version}")
+
+    def tune(self, model: str, version: str, archive: Path, config: ServingConfig) -> bool:
+        """Serve a STAGED version with ``config`` from now on: recorded (so a TorchServe restart or a re-registration
+        keeps it) and the version registered again with it (TorchServe sets batching only at registration). Never
+        for a version that takes live traffic: it answers nothing while it registers again."""
+        path = self._tuning_file(model, version)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_json(path, config.model_dump())
+        os.chmod(path, 0o600)
+        self._unregister(model, version)
+        return self.register(model, version, archive)
+
+    def serving_config(self, model: str, version: str) -> ServingConfig:
+        """The serving settings a version's release measured, else serving.*."""
+        recorded = read_json(self._tuning_file(model, version))
+        if isinstance(recorded, dict):
+            try:
+                return ServingConfig.model_validate(recorded)
+            except ValueError:
+                pass  # a damaged record: the operator's settings
+        return ServingConfig.of(self.settings.serving)
+
+    def _tuning_file(self, model: str, version: str) -> Path:
+        return self.paths.torchserve_dir / "tuning" / model_file_name(f"{model} v{version}", ".json")
 
     def replay(self, model: str, version: str, rows: list[list[float]]) -> list[dict[str, Any]]:
         """Answer live rows again with one version, out of band (the canary's pairwise replay): straight to the

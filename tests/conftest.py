@@ -41,6 +41,9 @@ def stack_env(state_dir: Path) -> dict[str, str]:
            # that by default a chaos build is rolled back where it would be promoted
            "CANARYFLOW_CANARY__CHAOS_MAY_PROMOTE": "true",
            "CANARYFLOW_RECONCILE__MISSED_AFTER_S": "15", "CANARYFLOW_LOADTEST__RETRY_PAUSE_S": "1",
+           # serving settings are tried on a staged candidate in tests/integration/test_loadtest_router.py only
+           # (each setting is a re-registration and a burst: seconds per release)
+           "CANARYFLOW_LOADTEST__TUNE": "[]",
            # the suite's own models loosen bars on purpose (a busy machine's load test, replay off, no canary);
            # tests/unit/test_registry_input_unit.py proves the default refuses that
            "CANARYFLOW_RELEASE__ALLOW_POLICY_LOOSENING": "true"}

@@ -6,11 +6,12 @@ Examples: ``CANARYFLOW_STATE_DIR=/tmp/cf``, ``CANARYFLOW_PORTS__ROUTER=18000``,
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -130,6 +131,35 @@ class OptimizationSettings(BaseModel):
     min_batch_speedup: float = Field(1.25, ge=1)
 
 
+TUNE_PATTERN = r"^([1-9][0-9]?)x([1-9][0-9]{0,2})$"  # WORKERSxBATCH: 1-99 workers, batch 1-999 (checked below)
+
+
+class ServingConfig(BaseModel):
+    """How TorchServe serves one version: workers, server-side batch size and the batch's wait."""
+
+    model_config = ConfigDict(frozen=True)
+
+    workers: int = Field(1, ge=1, le=16)
+    batch_size: int = Field(1, ge=1, le=256)
+    max_batch_delay_ms: int = Field(5, ge=0, le=1000)
+
+    @classmethod
+    def of(cls, serving: ServingSettings) -> ServingConfig:
+        return cls(workers=serving.workers_per_version, batch_size=serving.batch_size,
+                   max_batch_delay_ms=serving.max_batch_delay_ms)
+
+    @classmethod
+    def parse(cls, text: str, max_batch_delay_ms: int) -> ServingConfig:
+        workers, batch = re.fullmatch(TUNE_PATTERN, text).groups()  # type: ignore[union-attr]
+        return cls(workers=int(workers), batch_size=int(batch), max_batch_delay_ms=max_batch_delay_ms)
+
+    @property
+    def label(self) -> str:
+        batch = f"batch {self.batch_size} (wait <= {self.max_batch_delay_ms} ms)" if self.batch_size > 1 else \
+            "no batching"
+        return f"{self.workers} worker{'s' if self.workers > 1 else ''}, {batch}"
+
+
 class LoadTestSettings(BaseModel):
     """The locust load test of a staged candidate, and its gates."""
 
@@ -151,6 +181,23 @@ class LoadTestSettings(BaseModel):
     retry_pause_s: float = Field(5.0, ge=0, le=300)
     busy_max_ratio: float = Field(3.0, ge=1, description="on a busy machine: candidate p95 within peer p95 x this "
                                                           "+ p95_slack_ms (the machine stretches every answer)")
+    # Serving settings chosen by measurement: before the gate's load test, the staged candidate is served with
+    # serving.* and then with each of these ('WORKERSxBATCH'), each loaded closed-loop for tune_duration_s; the
+    # one with the most requests/s within max_p95_ms and max_failure_ratio is kept (serving.* unless another
+    # beats it by tune_min_gain) and recorded in the release run. Operator settings only (not per-model policy:
+    # workers are the machine's). Empty: serving.* as set.
+    tune: list[str] = Field(["2x1", "1x8"], description="serving settings to try besides serving.*: WORKERSxBATCH")
+    tune_duration_s: int = Field(3, ge=2, le=60)
+    tune_min_gain: float = Field(1.15, ge=1, description="requests/s over serving.*'s for another setting to win")
+
+    @field_validator("tune")
+    @classmethod
+    def _tune_entries(cls, value: list[str]) -> list[str]:
+        for text in value:
+            found = re.fullmatch(TUNE_PATTERN, text)
+            if found is None or int(found[1]) > 16 or int(found[2]) > 256:
+                raise ValueError(f"tune entry {text!r} is not WORKERSxBATCH with 1-16 workers and batch 1-256")
+        return value
     on_busy: Literal["relative", "fail"] = Field(
         "relative", description="when every attempt found the machine busy: judge the candidate against the peer "
                                 "of the same window (relative), or end the release as failed (fail)")

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from canaryflow.core.errors import RegistryError
+from canaryflow.core.settings import ServingConfig
 from canaryflow.core.state import Tag
 from canaryflow.model.datasets import ReleaseData, load_release_data, load_traffic
 from canaryflow.model.optimization import from_sandbox, markdown, write_reports
@@ -22,8 +23,10 @@ from canaryflow.model.packaging import Bundle, input_contract, labels_from_tag
 from canaryflow.model.static_int8 import MAX_CALIBRATION_ROWS as CALIBRATION_ROWS
 from canaryflow.release.calibration import choose_peer
 from canaryflow.release.steps import ReleaseState
+from canaryflow.release.tuning import tune_serving
 from canaryflow.services import Services
 from deployments.loadtest import run_load_test
+from deployments.torchserve import archive_name
 from validation.contract import check_contract
 from validation.data import build_suite, check_data
 from validation.drift import check_drift
@@ -153,6 +156,23 @@ def optimize(svc: Services, st: ReleaseState, model_dir: Path, release_data: Rel
     return result.serving
 
 
+def tune(svc: Services, st: ReleaseState, rows: np.ndarray) -> None:
+    """Serving settings chosen by measurement on the staged candidate (:mod:`canaryflow.release.tuning`); the
+    table goes to the release run and the notes."""
+    archive = svc.paths.model_store / archive_name(st.model, st.version)
+    tuning = tune_serving(svc.backend, ServingConfig.of(svc.settings.serving), svc.settings.router_url, st.model,
+                          st.version, archive, rows, st.policy.loadtest, _dir(st, "load_test") / "tuning",
+                          pin=svc.router.pin_credentials())
+    if tuning is None:
+        return
+    c = tuning.chosen
+    svc.registry.log_to_run(st.run_id, files=[_dir(st, "load_test") / "tuning" / "tuning.json"],
+                            artifact_path="load_test", params={"serving_workers": c.workers,
+                                                               "serving_batch_size": c.batch_size,
+                                                               "serving_max_batch_delay_ms": c.max_batch_delay_ms})
+    st.notes.append(f"## Serving settings (measured)\n\n{tuning.reason}\n\n{tuning.markdown()}")
+
+
 def load_test(svc: Services, st: ReleaseState, rows: np.ndarray,
               sleep: Callable[[float], None] = time.sleep) -> GateResult:
     """locust against the staged candidate through the router (version pinned) and, in the same run, against a
@@ -160,6 +180,7 @@ def load_test(svc: Services, st: ReleaseState, rows: np.ndarray,
     a slow model. An inconclusive (busy) or unmeasurable run is repeated up to ``attempts`` times; every
     attempt's reason goes to the release notes, only the last is recorded."""
     cfg = st.policy.loadtest
+    tune(svc, st, rows)
     peer = choose_peer(svc, st.model, st.champion, st.version, rows)
 
     def measure(attempt: int) -> GateResult:

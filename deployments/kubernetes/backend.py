@@ -98,6 +98,15 @@ class KubernetesBackend:
                                     self.settings.kubernetes.rollout_timeout_s)
         return True
 
+    def tune(self, model: str, version: str, archive: Path, config: Any) -> bool:
+        """Not on a cluster: replicas follow the HPA and TorchServe's settings come from the ConfigMap (the release
+        keeps serving.* there and says so)."""
+        return False
+
+    def serving_config(self, model: str, version: str) -> None:
+        """None: no per-version serving settings to tune here (see :meth:`tune`)."""
+        return None
+
     def unregister(self, model: str, version: str) -> None:
         """Delete the version's objects (foreground propagation; missing ones are fine). When it was the
         recorded default, the record goes too: nothing serves it any more."""

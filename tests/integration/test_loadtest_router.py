@@ -98,3 +98,56 @@ def test_paired_load_reaches_the_candidate_and_the_calibration_peer(stack, relea
     assert len(peer_lines) >= result.peer.requests
     assert {line["version"] for line in peer_lines} == {calibration}
     assert all(line["status"] == 200 for line in peer_lines)
+
+
+def test_serving_settings_are_chosen_by_measurement_and_kept_across_registrations(stack, released,
+                                                                                  tmp_path: Path) -> None:
+    """A staged version is served with serving.* and with each `tune` setting in turn, loaded closed-loop through
+    the router; the setting kept follows the rule on the measured numbers, TorchServe serves it, and a
+    re-registration (what a TorchServe restart or reconcile does) serves it the same way, until it is
+    unregistered."""
+    import zipfile
+
+    from canaryflow.core.serving_contract import META_FILE
+    from canaryflow.core.settings import ServingConfig
+    from canaryflow.release.tuning import choose, tune_serving
+    from deployments.archive import build_mar
+
+    version, rows = released
+    services = Services(stack.settings)
+    backend, staged = services.backend, "900"
+    with zipfile.ZipFile(stack.paths.model_store / f"{MODEL}_v{version}.mar") as z:  # the released bundle
+        z.extract("model.onnx" if "model.onnx" in z.namelist() else "model.pt2", tmp_path / "bundle")
+        z.extract(META_FILE, tmp_path / "bundle")
+    model_file = next(p for p in (tmp_path / "bundle").iterdir() if p.name != META_FILE)
+    archive = build_mar(model_file, [tmp_path / "bundle" / META_FILE], model=MODEL, version=staged,
+                        model_store=stack.paths.model_store).path
+    assert backend.register(MODEL, staged, archive)
+    try:
+        base = ServingConfig.of(stack.settings.serving)
+        cfg = LoadTestSettings(users=4, spawn_rate=4, max_p95_ms=1000.0, tune=["2x1", "1x4"], tune_duration_s=2)
+        tuning = tune_serving(backend, base, stack.settings.router_url, MODEL, staged, archive, rows[:16], cfg,
+                              tmp_path / "tuning", pin=services.router.pin_credentials())
+        assert tuning is not None
+        assert [t.config for t in tuning.trials] == [base, ServingConfig(workers=2, batch_size=1),
+                                                    ServingConfig(workers=1, batch_size=4)]
+        for trial in tuning.trials:  # each setting answered real requests through the router
+            assert trial.error is None and trial.requests > 10 and trial.rps > 0 and trial.failure_ratio == 0, trial
+        assert (tuning.chosen, tuning.reason) == choose(tuning.trials, cfg)
+        assert json.loads((tmp_path / "tuning" / "tuning.json").read_text())["chosen"] == tuning.chosen.model_dump()
+
+        def served() -> tuple[int, int]:
+            d = backend.describe(MODEL, staged)
+            return d["minWorkers"], d["batchSize"]
+
+        assert served() == (tuning.chosen.workers, tuning.chosen.batch_size)
+        wanted = ServingConfig(workers=2, batch_size=4, max_batch_delay_ms=3)
+        backend.tune(MODEL, staged, archive, wanted)
+        assert served() == (2, 4) and backend.describe(MODEL, staged)["maxBatchDelay"] == 3
+        # lost by TorchServe (a restart): registered again with what was measured, not serving.*
+        backend._unregister(MODEL, staged)
+        assert backend.register(MODEL, staged, archive) and served() == (2, 4)
+        assert backend.serving_config(MODEL, staged) == wanted
+    finally:
+        backend.unregister(MODEL, staged)
+    assert backend.serving_config(MODEL, staged) == ServingConfig.of(stack.settings.serving)  # forgotten

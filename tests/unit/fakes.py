@@ -145,6 +145,12 @@ class FakeBackend:
     def unregister(self, model: str, version: str) -> None:
         self._of(model).discard(version)
 
+    def tune(self, model: str, version: str, archive: Path, config: Any) -> bool:
+        return False
+
+    def serving_config(self, model: str, version: str) -> None:
+        return None  # like a cluster: no per-version serving settings to try (tuning needs locust + a router)
+
     def set_default(self, model: str, version: str) -> None:
         if version not in self._of(model):
             raise ServingError(f"{model} v{version} is not registered")

@@ -348,13 +348,15 @@ def test_load_test_step_retries_a_busy_machine_and_records_only_the_last(tmp_pat
 
     monkeypatch.setattr(gates, "choose_peer", lambda svc, *a: Peer("calibration", "calib", "n3", ROWS))
     monkeypatch.setattr(gates, "run_load_test", fake_run)
+    tuned: list[str] = []  # serving settings are tried once, before the gate's attempts (tests/unit/test_tuning.py)
+    monkeypatch.setattr(gates, "tune", lambda svc, st, rows: tuned.append(st.version))
     sleeps: list[float] = []
     st = _state(tmp_path, policy)
     svc = SimpleNamespace(settings=SimpleNamespace(router_url="http://r"),
                           router=SimpleNamespace(pin_credentials=lambda: {"X-Canaryflow-Pin-Key": "k"}))
     gate = gates.load_test(svc, st, ROWS, sleep=sleeps.append)
     assert gate.outcome is Outcome.PASSED and st.results == [gate] and sleeps == [7, 7]
-    assert [d.name for d in dirs] == ["attempt-1", "attempt-2", "attempt-3"]
+    assert [d.name for d in dirs] == ["attempt-1", "attempt-2", "attempt-3"] and tuned == ["2"]
     notes = st.notes[-1].splitlines()
     assert notes[0] == "## Load test attempts" and notes[2].startswith("1. inconclusive: p95 87.0 ms > 50.0 ms but")
     assert notes[-1].startswith("3. passed: p95 12.0 ms <= 50.0 ms")

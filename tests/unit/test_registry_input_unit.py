@@ -12,6 +12,7 @@ from fakes import FakeBackend, FakeLauncher, FakeRegistry, FakeRouter, fake_serv
 
 from canaryflow.core.errors import ConfigError, Refused, RegistryError
 from canaryflow.core.names import name_problem
+from canaryflow.core.paths import StatePaths
 from canaryflow.core.policy import RULES, apply_policy
 from canaryflow.core.registry import VersionInfo, _literal
 from canaryflow.core.settings import Settings
@@ -37,6 +38,7 @@ def test_management_paths_quote_every_segment(tmp_path: Path) -> None:
     seen: list[str] = []
     client = torchserve.TorchServeClient.__new__(torchserve.TorchServeClient)
     client._call = lambda api, method, path, **kw: (seen.append(path), httpx.Response(200, json={}))[1]
+    client.paths = StatePaths(tmp_path)  # where a version's measured serving settings would be forgotten
     client.unregister("iris?", "3")
     client.set_default("a/b", "1#x")
     assert seen == ["/models/iris%3F/3", "/models/a%2Fb/1%23x/set-default"]
