@@ -220,7 +220,7 @@ def run_dask(data: Path, out: Path, state: Path, tracking_uri: str) -> dict[str,
     return _measured(job, settings, model, stats, started, scoring_s, setup_rss, rss)
 
 
-def _load_scorer(model: Any, score_rows: int) -> None:
+def _load_scorer(model: Any, score_rows: int | None) -> None:
     from canaryflow.batch.scorer import scorer_for
 
     scorer_for(model, score_rows)

@@ -358,6 +358,27 @@ def optimization_of(uri: str, name: str, version: str, dst: Path) -> Any | None:
     return None
 
 
+def tuning_of(uri: str, name: str, version: str, dst: Path) -> dict[str, Any] | None:
+    """The serving settings the release measured and chose (``load_test/tuning.json``), None when it tried none."""
+    import mlflow.artifacts
+    from mlflow import MlflowClient
+
+    run_id = MlflowClient(uri).get_model_version(name, version).tags.get("canaryflow.release_run")
+    try:
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="load_test/tuning.json",
+                                                   dst_path=str(dst), tracking_uri=uri)
+    except Exception:  # absent artifact: MLflow raises its own exception types, which vary by store
+        return None
+    return json.loads(Path(path).read_text())
+
+
+def format_tuning(data: dict[str, Any] | None) -> str:
+    if data is None:
+        return "  serving settings: serving.* (the release tried none)"
+    tried = "; ".join(f"{t['label']}: {t['rps']:g} req/s, p95 {t['p95_ms']:g} ms" for t in data["trials"])
+    return f"  serving settings (release's load test, closed loop, unpinned): {data['reason']}\n    tried: {tried}"
+
+
 def _as_dict(data: Any) -> dict[str, Any]:
     return data if isinstance(data, dict) else {"variants": data}
 
@@ -406,6 +427,7 @@ def format_model(m: dict[str, Any]) -> str:
         lines.append(format_router(m))
     lines.append(f"  serving RSS: ours {m['ours']['rss_mb']} MB (TorchServe, all its workers, + nginx), "
                  f"mlflow serve {m['mlflow']['rss_mb']} MB")
+    lines.append(format_tuning(m.get("tuning")))
     lines.append(format_optimization(m["optimization"]))
     return "\n".join(lines)
 
@@ -572,6 +594,7 @@ def main(argv: list[str] | None = None) -> int:
                 "ratios": [{"connections": o["connections"], **ratios(o, p)}
                            for o, p in zip(points["ours"], points["mlflow"], strict=True)],
                 "optimization": optimization_of(uri, m["name"], m["version"], work / "optimization" / m["key"]),
+                "tuning": tuning_of(uri, m["name"], m["version"], work / "tuning" / m["key"]),
             }
             if "direct" in points:  # the URL only: the key stays out of the results
                 entry["direct"] = {"url": urls["direct"][0], "points": points["direct"]}

@@ -25,7 +25,7 @@ class BatchJob:
     run_dir: str
     run_key: str
     chunk_rows: int
-    score_rows: int
+    score_rows: int | None  # None: the bundle's own call size (serving_contract.batch_call_rows)
     keep_columns: tuple[str, ...]
     on_bad_rows: str
     row_expectations: bool

@@ -43,6 +43,8 @@ __all__ = ["BatchInterrupted", "BatchJob", "Progress", "finish", "plan_job", "pr
            "run_job"]
 
 
+EXPORT_BATCH_ROWS = 4096  # what an unreleased version's program is exported to take per call
+
 # The manifest is rewritten whole (atomically) at most this often: per part it would cost O(parts^2) bytes.
 MANIFEST_EVERY_S = 1.0
 
@@ -83,7 +85,7 @@ def prepare(settings: Settings, model_name: str, input_uri: str, *, alias: str |
     work = settings.state_dir / "work" / "batch" / f"{safe_name(model_name)}-v{number}"
     model = fetch_model(registry, model_name, number, alias, work,
                         allow_unreleased=cfg.allow_unreleased if allow_unreleased is None else allow_unreleased,
-                        max_batch_rows=cfg.score_rows, paths=paths)
+                        max_batch_rows=cfg.score_rows or EXPORT_BATCH_ROWS, paths=paths)
     return plan_job(settings, model, input_uri, files, output_dir=output_dir, chunk_rows=chunk_rows,
                     keep_columns=keep_columns)
 

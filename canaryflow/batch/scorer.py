@@ -52,7 +52,7 @@ class Scorer:
     A torch.export program refuses batches above the ``max_batch_rows`` it was exported with; ONNX does not.
     """
 
-    def __init__(self, bundle_dir: str, score_rows: int = 1024, threads: int = 1) -> None:
+    def __init__(self, bundle_dir: str, score_rows: int | None = None, threads: int = 1) -> None:
         self.meta = meta = contract.ServingMeta.load(os.path.join(bundle_dir, META_FILE))
         self.class_labels = meta.class_labels
         self._session: Any = None
@@ -61,7 +61,7 @@ class Scorer:
             self._session = onnx_session(os.path.join(bundle_dir, meta.model_file), threads)
             (spec,) = self._session.get_inputs()  # the handler refuses other models; so does this
             self._input, self._dtype = spec.name, _ONNX_DTYPES[spec.type]
-            self.step = score_rows
+            self.step = score_rows or contract.batch_call_rows(meta)
         else:
             import torch
 
@@ -69,8 +69,8 @@ class Scorer:
 
             torch.set_num_threads(threads)  # process-wide; every scorer of the process asks for the same
             self._handler = CanaryflowHandler.for_bundle(bundle_dir)
-            limit = meta.batch_rows or meta.max_batch_rows  # what the exported program takes
-            self.step = min(score_rows, limit) if meta.format == "torch_export" else score_rows
+            limit = contract.batch_call_rows(meta)  # what the exported program takes
+            self.step = min(score_rows or limit, limit) if meta.format == "torch_export" else (score_rows or limit)
         # an all-rejected chunk still writes a part with every column: the class count comes from one zero row
         zero = np.zeros((1, meta.n_features), meta.input_dtype)
         if self._session is not None:
@@ -99,7 +99,7 @@ class Scorer:
         return out
 
 
-_scorers: dict[tuple[str, int, int], Scorer] = {}
+_scorers: dict[tuple[str, int | None, int], Scorer] = {}
 _lock = threading.Lock()
 
 
@@ -119,7 +119,7 @@ def worker_threads() -> int | None:
         return None
 
 
-def scorer_for(model: BatchModel, score_rows: int, parallel: int = 1) -> Scorer:
+def scorer_for(model: BatchModel, score_rows: int | None, parallel: int = 1) -> Scorer:
     """One scorer per model and process (threads share it; a Dask worker without the bundle fetches it), with
     the process's cores shared out between the ``parallel`` chunks it scores at once. On a Dask worker each chunk
     gets one compute thread: Dask's parallelism is its worker threads and processes, which the operator sized

@@ -222,3 +222,14 @@ def parse_prediction(summary: str) -> tuple[list[str], list[float], int] | None:
     except ValueError:
         return None
     return classes, scores, more
+
+
+ONNX_BATCH_ROWS = 1024  # onnxruntime on one thread: 512-1,024-row calls keep the activations in cache (bench/README)
+
+
+def batch_call_rows(meta: ServingMeta) -> int:
+    """Rows per model call in batch scoring: 1,024 for ONNX; as many as a torch.export program takes
+    (``batch_rows``, else ``max_batch_rows``). The optimization gate measures batch variants at this size."""
+    if meta.format == "onnx":
+        return ONNX_BATCH_ROWS
+    return meta.batch_rows or meta.max_batch_rows

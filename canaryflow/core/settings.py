@@ -181,14 +181,14 @@ class LoadTestSettings(BaseModel):
     retry_pause_s: float = Field(5.0, ge=0, le=300)
     busy_max_ratio: float = Field(3.0, ge=1, description="on a busy machine: candidate p95 within peer p95 x this "
                                                           "+ p95_slack_ms (the machine stretches every answer)")
-    # Serving settings chosen by measurement: before the gate's load test, the staged candidate is served with
-    # serving.* and then with each of these ('WORKERSxBATCH'), each loaded closed-loop for tune_duration_s; the
-    # one with the most requests/s within max_p95_ms and max_failure_ratio is kept (serving.* unless another
-    # beats it by tune_min_gain) and recorded in the release run. Operator settings only (not per-model policy:
-    # workers are the machine's). Empty: serving.* as set.
+    # Serving settings chosen by measurement (canaryflow/release/tuning.py): before the gate's load test, the staged
+    # candidate is served with serving.* and then with each of these ('WORKERSxBATCH'), each loaded at the offered
+    # load (target_rps) for tune_duration_s; the one with the lowest p95 within the bars is kept (serving.* unless
+    # another's p95 is tune_min_gain times lower) and recorded in the release run. Operator settings only (not
+    # per-model policy: workers are the machine's). Empty: serving.* as set.
     tune: list[str] = Field(["2x1", "1x8"], description="serving settings to try besides serving.*: WORKERSxBATCH")
     tune_duration_s: int = Field(3, ge=2, le=60)
-    tune_min_gain: float = Field(1.15, ge=1, description="requests/s over serving.*'s for another setting to win")
+    tune_min_gain: float = Field(1.15, ge=1, description="how many times lower another setting's p95 must be")
 
     @field_validator("tune")
     @classmethod
@@ -278,9 +278,9 @@ class BatchSettings(BaseModel):
     alias: str = "champion"
     allow_unreleased: bool = Field(False, description="score a never-released version (exported, unoptimized)")
     max_parallel: int = Field(2, ge=1, description="chunks scored at once; one more is read ahead")
-    score_rows: int = Field(4096, ge=1, description="rows per model call, at most (torch.export: at most what its "
-                                                    "program takes; the optimization measures batch variants at "
-                                                    "up to 4096)")
+    score_rows: int | None = Field(None, ge=1, description="rows per model call; unset: what the optimization "
+                                                           "measured (ONNX 1,024, a torch.export program as many "
+                                                           "as it takes, up to 4,096); a program's limit caps it")
     row_expectations: bool = Field(True, description="reject rows outside the release's expectation ranges")
     drift_sample_rows: int = Field(10000, ge=100, description="scored rows sampled for the drift report")
     experiment: str = "canaryflow-batch"

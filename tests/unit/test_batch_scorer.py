@@ -67,6 +67,14 @@ def test_torch_export_bundles_go_through_the_handler_within_its_max_batch(bundle
     np.testing.assert_allclose(scorer.probabilities(x), expected, rtol=1e-6)
 
 
+def test_calls_default_to_the_size_the_optimization_measured(bundles: dict[str, Path]) -> None:
+    """Unset score_rows: ONNX 1,024 rows a call (its activations stay in cache), a torch.export program as many
+    as it takes; an operator's score_rows never exceeds what the program takes."""
+    assert Scorer(str(bundles["onnx"]), threads=1).step == 1024
+    assert Scorer(str(bundles["export"]), threads=1).step == 64
+    assert Scorer(str(bundles["export"]), score_rows=4096, threads=1).step == 64
+
+
 def test_no_rows_score_to_an_empty_matrix_with_every_class(bundles: dict[str, Path]) -> None:
     assert Scorer(str(bundles["onnx"])).probabilities(np.zeros((0, 4), np.float32)).shape == (0, 3)
 
@@ -107,8 +115,9 @@ def test_a_release_with_its_own_batch_variant_ships_it_in_the_archive_and_batch_
     assert {"model.onnx", META_FILE, f"{BATCH_DIR}/{META_FILE}", f"{BATCH_DIR}/model.pt2"} <= names
     assert ServingMeta.load(tmp_path / "unpacked" / META_FILE).format == "onnx"  # what TorchServe serves
     batch_dir = _batch_bundle(tmp_path / "unpacked" / BATCH_DIR)
-    scorer = Scorer(str(batch_dir), score_rows=4096, threads=1)
+    scorer = Scorer(str(batch_dir), threads=1)
     assert scorer._handler is not None and scorer.step == 256
+    assert Scorer(str(batch_dir), score_rows=100, threads=1).step == 100  # the operator's smaller calls
     x = np.random.default_rng(3).normal(size=(600, 4)).astype(np.float32)
     served_answers = CanaryflowHandler.for_bundle(tmp_path / "unpacked").probabilities(x)
     np.testing.assert_allclose(scorer.probabilities(x), served_answers, atol=1e-5)  # the same network here

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from canaryflow.core.settings import LoadTestSettings, ServingConfig, ServingSettings
 from canaryflow.release.tuning import Trial, Tuning, candidates, choose
 
-CFG = LoadTestSettings(max_p95_ms=50.0, max_failure_ratio=0.01, tune=["2x1", "1x8"], tune_min_gain=1.15)
+CFG = LoadTestSettings(max_p95_ms=50.0, max_failure_ratio=0.01, min_rps=50.0, tune=["2x1", "1x8"],
+                       tune_min_gain=1.15)
 BASE, TWO, BATCH = (ServingConfig(workers=1), ServingConfig(workers=2), ServingConfig(workers=1, batch_size=8))
 
 
@@ -24,33 +26,68 @@ def test_candidates_start_with_the_operators_setting_and_list_each_other_once() 
                                      ServingConfig(workers=1, batch_size=8, max_batch_delay_ms=3)]
 
 
-def test_another_setting_wins_only_by_the_minimum_gain() -> None:
-    assert choose([trial(BASE, 1000), trial(TWO, 1100), trial(BATCH, 900)], CFG) == (
-        BASE, "kept 1 worker, no batching: 2 workers, no batching only 1.10x its requests/s (< 1.15x)")
-    assert choose([trial(BASE, 1000), trial(TWO, 1100), trial(BATCH, 1500)], CFG) == (
-        BATCH, "chose 1 worker, batch 8 (wait <= 5 ms): 1.50x the requests/s of 1 worker, no batching")
-    assert choose([trial(BASE, 1000), trial(TWO, 900)], CFG)[0] == BASE
+def test_another_setting_wins_only_by_a_p95_lower_by_the_minimum_gain() -> None:
+    assert choose([trial(BASE, 100, p95=10.0), trial(TWO, 100, p95=9.0), trial(BATCH, 100, p95=12.0)], CFG) == (
+        BASE, "kept 1 worker, no batching: 2 workers, no batching's p95 only 1.11x lower (< 1.15x)")
+    assert choose([trial(BASE, 100, p95=30.0), trial(TWO, 100, p95=12.0), trial(BATCH, 100, p95=20.0)], CFG) == (
+        TWO, "chose 2 workers, no batching: p95 12 ms, 2.50x lower than 1 worker, no batching's")
+    # batching that makes a lone request wait: a higher p95 at the offered load, never chosen for its capacity
+    assert choose([trial(BASE, 100, p95=1.5), trial(BATCH, 100, p95=7.6)], CFG) == (
+        BASE, "kept 1 worker, no batching: the lowest p95 (1.5 ms)")
 
 
 def test_a_setting_outside_the_bars_is_never_chosen_however_fast() -> None:
-    slow, failing = trial(TWO, 5000, p95=80.0), trial(BATCH, 5000, failures=0.05)
-    assert choose([trial(BASE, 1000), slow, failing], CFG) == (
-        BASE, "kept 1 worker, no batching: the most requests/s (1000)")
+    slow, failing, short = trial(TWO, 100, p95=80.0), trial(BATCH, 100, p95=1.0, failures=0.05), trial(BATCH, 30,
+                                                                                                       p95=1.0)
+    for other in (slow, failing, short):  # over max_p95_ms, failing, under min_rps (50)
+        assert choose([trial(BASE, 100, p95=20.0), other], CFG)[0] == BASE
     # the operator's setting missing a bar: the best one within them, whatever the gain
-    assert choose([trial(BASE, 1000, p95=70.0), trial(TWO, 1010)], CFG) == (
-        TWO, "chose 2 workers, no batching: 1010 requests/s; 1 worker, no batching missed the load test's bars")
+    assert choose([trial(BASE, 100, p95=70.0), trial(TWO, 100, p95=45.0)], CFG) == (
+        TWO, "chose 2 workers, no batching: p95 45 ms; 1 worker, no batching missed the load test's bars")
     # nothing within the bars (or nothing measured): the operator's setting stays, the gate judges it next
     config, why = choose([trial(BASE, 0, error="locust crashed"), slow], CFG)
     assert config == BASE and why.startswith("kept 1 worker, no batching: no setting answered within p95 50 ms")
 
 
 def test_the_table_marks_the_chosen_setting() -> None:
-    table = Tuning([trial(BASE, 1000), trial(BATCH, 1500)], BATCH, "chose ...").markdown().splitlines()
-    assert table[2].startswith("| 1 worker, no batching | 1000 |") and table[2].endswith("|  |")
-    assert table[3].startswith("| 1 worker, batch 8 (wait <= 5 ms) | 1500 |") and "**chosen**" in table[3]
+    table = Tuning([trial(BASE, 100), trial(BATCH, 99)], BATCH, "chose ...").markdown().splitlines()
+    assert table[2].startswith("| 1 worker, no batching | 100 |") and table[2].endswith("|  |")
+    assert table[3].startswith("| 1 worker, batch 8 (wait <= 5 ms) | 99 |") and "**chosen**" in table[3]
 
 
 @pytest.mark.parametrize("bad", ["0x1", "17x1", "1x0", "1x257", "2", "2x", "x2", "two x one"])
 def test_tune_entries_are_validated(bad: str) -> None:
     with pytest.raises(ValueError, match="is not WORKERSxBATCH"):
         LoadTestSettings(tune=[bad])
+
+
+def test_the_release_records_the_measured_settings_in_its_run_and_notes(tmp_path, monkeypatch) -> None:
+    """gates.tune: what tune_serving measured goes to the release run (params and tuning.json) and the notes;
+    a backend without per-version settings (a cluster, the fake) leaves the release untouched."""
+    from canaryflow.core.registry import VersionInfo
+    from canaryflow.release import gates
+    from canaryflow.release.steps import ReleaseState
+    from fakes import FakeRegistry, fake_services
+
+    registry = FakeRegistry()
+    svc = fake_services(tmp_path, registry)
+    st = ReleaseState("m", "2", "run-2", tmp_path / "work", None, VersionInfo("m", "2", "src", None))
+    rows = np.zeros((4, 3), np.float32)
+    gates.tune(svc, st, rows)  # FakeBackend.serving_config is None: nothing tried, nothing recorded
+    assert registry.logged == [] and st.notes == []
+
+    calls = []
+
+    def measured(backend, base, url, model, version, archive, rows_, cfg, out_dir, pin=None):
+        calls.append((model, version, archive.name, cfg.tune))
+        out_dir.mkdir(parents=True)
+        (out_dir / "tuning.json").write_text("{}")
+        return Tuning([trial(base, 100), trial(BATCH, 100)], BATCH, "chose 1 worker, batch 8 (...)")
+
+    monkeypatch.setattr(gates, "tune_serving", measured)
+    gates.tune(svc, st, rows)
+    assert calls == [("m", "2", "m_v2.mar", ["2x1", "1x8"])]
+    (logged,) = registry.logged
+    assert logged["params"] == {"serving_workers": 1, "serving_batch_size": 8, "serving_max_batch_delay_ms": 5}
+    assert [f.name for f in logged["files"]] == ["tuning.json"]
+    assert st.notes[-1].startswith("## Serving settings (measured)\n\nchose 1 worker, batch 8 (...)\n\n| setting |")
