@@ -375,8 +375,10 @@ def tuning_of(uri: str, name: str, version: str, dst: Path) -> dict[str, Any] | 
 def format_tuning(data: dict[str, Any] | None) -> str:
     if data is None:
         return "  serving settings: serving.* (the release tried none)"
-    tried = "; ".join(f"{t['label']}: {t['rps']:g} req/s, p95 {t['p95_ms']:g} ms" for t in data["trials"])
-    return f"  serving settings (release's load test, closed loop, unpinned): {data['reason']}\n    tried: {tried}"
+    tried = "; ".join(f"{t['label']}: {t['rps']:g} req/s, p50 {t['p50_ms']:g} ms, p95 {t['p95_ms']:g} ms"
+                      for t in data["trials"])
+    return (f"  serving settings (the release's load test, at its offered load, while the other models released): "
+            f"{data['reason']}\n    tried: {tried}")
 
 
 def _as_dict(data: Any) -> dict[str, Any]:

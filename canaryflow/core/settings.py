@@ -183,12 +183,12 @@ class LoadTestSettings(BaseModel):
                                                           "+ p95_slack_ms (the machine stretches every answer)")
     # Serving settings chosen by measurement (canaryflow/release/tuning.py): before the gate's load test, the staged
     # candidate is served with serving.* and then with each of these ('WORKERSxBATCH'), each loaded at the offered
-    # load (target_rps) for tune_duration_s; the one with the lowest p95 within the bars is kept (serving.* unless
-    # another's p95 is tune_min_gain times lower) and recorded in the release run. Operator settings only (not
-    # per-model policy: workers are the machine's). Empty: serving.* as set.
+    # load (target_rps) for tune_duration_s; the one with the lowest median latency within the bars is kept
+    # (serving.* unless another's median is tune_min_gain times lower) and recorded in the release run. Operator
+    # settings only (not per-model policy: workers are the machine's). Empty: serving.* as set.
     tune: list[str] = Field(["2x1", "1x8"], description="serving settings to try besides serving.*: WORKERSxBATCH")
     tune_duration_s: int = Field(3, ge=2, le=60)
-    tune_min_gain: float = Field(1.15, ge=1, description="how many times lower another setting's p95 must be")
+    tune_min_gain: float = Field(1.15, ge=1, description="how many times lower another setting's median must be")
 
     @field_validator("tune")
     @classmethod
