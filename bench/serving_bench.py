@@ -38,6 +38,15 @@ PROJECT = Path(__file__).resolve().parent.parent
 if str(PROJECT) not in sys.path:  # run as a script: bench/ is not a package
     sys.path.insert(0, str(PROJECT))
 
+from bench.models import (  # noqa: E402
+    TEXT_CLASSES,
+    TEXT_D,
+    TEXT_LAYERS,
+    TEXT_SEQ,
+    DigitsCNN,
+    TextClassifier,
+    text_dataset,
+)
 from canaryflow.core.settings import OptimizationSettings, Ports, Settings  # noqa: E402
 from canaryflow.local.demo import log_trained, pinned_requirements, register_model, wait_for_release  # noqa: E402
 from canaryflow.local.stack import LocalStack  # noqa: E402
@@ -49,7 +58,6 @@ OPTIMIZATION_ARTIFACTS = ("optimization/variants.json", "optimization/optimizati
 MODELS = {"mlp": "bench-mlp-breast-cancer", "cnn": "bench-cnn-digits", "transformer": "bench-transformer-text"}
 TARGETS = ("ours", "direct", "mlflow")  # router -> TorchServe, TorchServe direct, mlflow models serve
 # the text classifier: token ids in, 4 classes out (a real encoder architecture, trained a few seconds)
-TEXT_VOCAB, TEXT_SEQ, TEXT_D, TEXT_HEADS, TEXT_LAYERS, TEXT_CLASSES = 2000, 96, 192, 4, 3, 4
 WRK_LUA = """wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 {headers}wrk.body = [==[{body}]==]
@@ -89,20 +97,6 @@ def register_digits_cnn(tracking_uri: str, name: str, epochs: int, seed: int = 0
                                               stratify=y)
     torch.manual_seed(seed)
 
-    class DigitsCNN(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            conv = [nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
-                    nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                    nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
-            self.features = nn.Sequential(*conv)
-            self.head = nn.Sequential(nn.Flatten(), nn.Linear(64 * 8 * 8, 128), nn.ReLU(), nn.Linear(128, 10))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            img = (x / 16.0).reshape(x.shape[0], 1, 8, 8)
-            img = nn.functional.interpolate(img, size=(32, 32), mode="bilinear", align_corners=False)
-            return self.head(self.features(img))
-
     model = DigitsCNN()
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     xt, yt = torch.from_numpy(X_tr), torch.from_numpy(y_tr).long()
@@ -127,17 +121,6 @@ def register_digits_cnn(tracking_uri: str, name: str, epochs: int, seed: int = 0
     return str(info.registered_model_version), X_te, acc
 
 
-def text_dataset(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Token-id rows (as float32: the tabular contract) of random "words" with 8-16 keywords of their class each:
-    class k's keywords are ids 1+5k .. 5+5k, ordinary words 50..VOCAB-1."""
-    x = rng.integers(50, TEXT_VOCAB, size=(n, TEXT_SEQ))
-    y = rng.integers(0, TEXT_CLASSES, size=n)
-    for i in range(n):
-        k = int(rng.integers(8, 17))
-        x[i, rng.choice(TEXT_SEQ, size=k, replace=False)] = 1 + 5 * y[i] + rng.integers(0, 5, size=k)
-    return x.astype(np.float32), y
-
-
 def train_text_transformer(steps: int, seed: int = 0) -> tuple[Any, tuple[np.ndarray, np.ndarray],
                                                                  tuple[np.ndarray, np.ndarray], float]:
     """A pre-norm ``nn.TransformerEncoder`` text classifier (embedding + learned positions, 3 layers, d_model 192,
@@ -146,21 +129,6 @@ def train_text_transformer(steps: int, seed: int = 0) -> tuple[Any, tuple[np.nda
     full-batch Adam steps on the pooled features. Returns (model, train, holdout, accuracy)."""
     import torch
     from torch import nn
-
-    class TextClassifier(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.tokens = nn.Embedding(TEXT_VOCAB, TEXT_D)
-            self.positions = nn.Parameter(torch.randn(TEXT_SEQ, TEXT_D) * 0.02)
-            layer = nn.TransformerEncoderLayer(TEXT_D, TEXT_HEADS, dim_feedforward=2 * TEXT_D, dropout=0.0,
-                                               batch_first=True, norm_first=True)
-            self.encoder = nn.TransformerEncoder(layer, TEXT_LAYERS, enable_nested_tensor=False)
-            self.norm = nn.LayerNorm(TEXT_D)
-            self.head = nn.Linear(TEXT_D, TEXT_CLASSES)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            ids = x.long().clamp(0, TEXT_VOCAB - 1)  # token ids travel as floats (exact below 2**24)
-            return self.head(self.norm(self.encoder(self.tokens(ids) + self.positions).mean(dim=1)))
 
     rng = np.random.default_rng(seed)
     (X_tr, y_tr), (X_te, y_te) = text_dataset(2000, rng), text_dataset(400, rng)

@@ -33,7 +33,7 @@ from canaryflow.core.serving_contract import (
     to_probabilities,
 )
 from canaryflow.core.settings import OptimizationSettings
-from canaryflow.model.packaging import MIN_EXAMPLE_ROWS, Bundle, InputContract, export_module
+from canaryflow.model.packaging import MIN_EXAMPLE_ROWS, Bundle, InputContract, cast_module, export_module
 from canaryflow.model.static_int8 import quantize_onnx_static
 from deployments.handler import CanaryflowHandler
 from validation.parity import parity
@@ -132,7 +132,8 @@ def optimize_pytorch(model: Any, contract: InputContract, holdout: np.ndarray, o
         if meta.fixed_batch:
             raise RuntimeError("a fixed-batch program: nothing for bf16 to gain at batch scoring")
         rows = max(max_batch_rows, BATCH_ROWS)
-        program = torch.export.export(_bf16_module(copy.deepcopy(model)), (torch.from_numpy(example),),
+        half = cast_module(copy.deepcopy(model), torch.bfloat16)
+        program = torch.export.export(half, (torch.from_numpy(example),),
                                       dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=rows)},))
         d.mkdir(parents=True, exist_ok=True)
         torch.export.save(program, str(d / "model.pt2"))
@@ -372,21 +373,6 @@ def _chunks(rows: np.ndarray, meta: ServingMeta) -> list[np.ndarray]:
 
 def _first(out: Any) -> Any:
     return out[0] if isinstance(out, tuple | list) else out
-
-
-def _bf16_module(model: Any) -> Any:
-    """``model`` with bfloat16 parameters and buffers, taking and returning float32 (its first output)."""
-    import torch
-
-    class Bf16(torch.nn.Module):
-        def __init__(self, inner: Any) -> None:
-            super().__init__()
-            self.inner = inner.to(torch.bfloat16)
-
-        def forward(self, x: Any) -> Any:
-            return _first(self.inner(x.to(torch.bfloat16))).float()
-
-    return Bf16(model)
 
 
 @contextlib.contextmanager

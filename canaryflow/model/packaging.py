@@ -171,3 +171,35 @@ def labels_from_tag(value: str | None) -> list[str] | None:
     except ValueError:
         parsed = value.split(",")
     return [str(v).strip() for v in parsed]
+
+
+def cast_module(model: Any, dtype: Any) -> Any:
+    """``model`` with its floating parameters and buffers in ``dtype`` (torch.bfloat16, torch.float16), taking and
+    returning float32 (its first output): what the optimization's torch_bf16 variant exports.
+
+    Each submodule that holds parameters or buffers of its own casts its floating inputs to ``dtype`` (a forward
+    pre-hook); the model's own input is not cast, so a model that reads token ids from its float input still gets
+    exact ids (bf16 is exact only up to 256). An exported graph (what an MLflow pt2 model loads as) runs no
+    submodule: its input is cast, and the parity gate judges what that does to it."""
+    import torch
+
+    def cast_inputs(_module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+    model = model.to(dtype)
+    graph = isinstance(model, torch.fx.GraphModule)
+    for name, module in model.named_modules():
+        own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        if (graph and not name) or (name and any(t.is_floating_point() for t in own)):
+            module.register_forward_pre_hook(cast_inputs)
+
+    class Cast(torch.nn.Module):
+        def __init__(self, inner: Any) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: Any) -> Any:
+            out = self.inner(x)
+            return (out[0] if isinstance(out, tuple | list) else out).float()
+
+    return Cast(model)

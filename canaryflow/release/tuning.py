@@ -1,11 +1,14 @@
 """Serving settings chosen by measurement: the staged candidate is served with serving.* and with each setting of
 ``loadtest.tune`` (workers x server-side batch size), loaded through the router for a few seconds each at the load
-test's offered load (``target_rps``), and keeps the setting with the lowest median latency among those within the
-load test's bars (p95, failures, ``min_rps``); serving.* unless another's median is ``tune_min_gain`` times lower (a
-noise guard: the machine is shared). The typical request's latency at the expected load, not peak throughput, and
-not the p95: server-side batching makes a lone request wait up to ``max_batch_delay_ms`` (a 1 ms MLP answered in
-7.6 ms with batch 8), which a p95 blown up by a busy machine hid (two first versions chose batch 8 for that MLP:
-by closed-loop requests/s, then by p95 during another release); batching wins where requests queue.
+test's offered load (``target_rps``). It keeps serving.* unless another setting within the load test's bars (p95,
+failures, ``min_rps``) has a median latency ``tune_min_gain`` times lower than serving.*'s best of two
+measurements (A/B/A: serving.* is measured again after a challenger looked faster; the machine is shared, and a
+calm moment is not a faster setting).
+
+The typical request at the expected load, not peak throughput and not the p95: server-side batching makes a lone
+request wait up to ``max_batch_delay_ms``, and three first versions served the bench's 1 ms MLP with batch 8 (7.5 ms
+at one connection): chosen by closed-loop requests/s, by a p95 a concurrent release had blown up, and because
+serving.* missed the p95 bar during that release. Batching wins where requests queue.
 
 The backend records the choice, so a re-registration (TorchServe restart, reconcile) serves the version the same
 way; the release run gets the table (``load_test/tuning.json``, params ``serving_workers`` /
@@ -77,25 +80,21 @@ class Tuning:
 
 
 def choose(trials: list[Trial], cfg: LoadTestSettings) -> tuple[ServingConfig, str]:
-    """The setting to keep: the lowest median latency among those within the bars; the first (serving.*) unless
-    another's median is ``tune_min_gain`` times lower or serving.* missed a bar itself."""
-    base = trials[0]
-    ok = [t for t in trials if t.within(cfg)]
-    if not ok:
-        return base.config, (f"kept {base.config.label}: no setting answered within p95 {cfg.max_p95_ms:g} ms, "
-                             f"failures {cfg.max_failure_ratio:.0%} and {cfg.min_rps:g} requests/s")
-    best = min(ok, key=lambda t: t.p50_ms)
-    if best is base:
-        return base.config, f"kept {base.config.label}: the lowest median latency ({base.p50_ms:g} ms)"
-    if not base.within(cfg):
-        return best.config, (f"chose {best.config.label}: median {best.p50_ms:g} ms; {base.config.label} missed "
-                             "the load test's bars")
-    gain = base.p50_ms / best.p50_ms if best.p50_ms else float("inf")
+    """The setting to keep: serving.* (the first trial's; when it was measured more than once, its best
+    measurement) unless another setting within the bars has a median ``tune_min_gain`` times lower. A setting
+    that missed a bar (p95, failures, ``min_rps``) never wins; serving.* missing one is left to the gate, which
+    tells a busy machine from a slow model (a peer in the same run), which this cannot."""
+    base = trials[0].config
+    ours = min((t for t in trials if t.config == base), key=lambda t: (not t.within(cfg), t.p50_ms))
+    others = [t for t in trials if t.config != base and t.within(cfg)]
+    if not others:
+        return base, f"kept {base.label}: no other setting answered within the load test's bars"
+    best = min(others, key=lambda t: t.p50_ms)
+    gain = ours.p50_ms / best.p50_ms if best.p50_ms else float("inf")
     if gain < cfg.tune_min_gain:
-        return base.config, (f"kept {base.config.label}: {best.config.label}'s median only {gain:.2f}x lower "
-                             f"(< {cfg.tune_min_gain:g}x)")
-    return best.config, (f"chose {best.config.label}: median {best.p50_ms:g} ms, {gain:.2f}x lower than "
-                         f"{base.config.label}'s")
+        return base, (f"kept {base.label} (median {ours.p50_ms:g} ms): {best.config.label}'s median only "
+                      f"{gain:.2f}x lower (< {cfg.tune_min_gain:g}x)")
+    return best.config, f"chose {best.config.label}: median {best.p50_ms:g} ms, {gain:.2f}x lower than {base.label}'s"
 
 
 def candidates(cfg: LoadTestSettings, base: ServingConfig) -> list[ServingConfig]:
@@ -127,6 +126,12 @@ def tune_serving(backend: ServingBackend, base: ServingConfig, router_url: str, 
                                out_dir / f"{i}-{config.workers}x{config.batch_size}", pin=pin)
         trials.append(Trial.of(config, result))
     chosen, reason = choose(trials, cfg)
+    if chosen != tries[0]:  # A/B/A: serving.* once more, after the others; a calm moment is not a faster setting
+        backend.tune(model, version, archive, tries[0])
+        current = tries[0]
+        result = run_load_test(router_url, model, version, rows, burst, out_dir / f"{len(tries)}-again", pin=pin)
+        trials.append(Trial.of(tries[0], result))
+        chosen, reason = choose(trials, cfg)
     if chosen != current:
         backend.tune(model, version, archive, chosen)
     tuning = Tuning(trials, chosen, reason)

@@ -129,8 +129,10 @@ def test_serving_settings_are_chosen_by_measurement_and_kept_across_registration
         tuning = tune_serving(backend, base, stack.settings.router_url, MODEL, staged, archive, rows[:16], cfg,
                               tmp_path / "tuning", pin=services.router.pin_credentials())
         assert tuning is not None
-        assert [t.config for t in tuning.trials] == [base, ServingConfig(workers=2, batch_size=1),
-                                                    ServingConfig(workers=1, batch_size=4)]
+        tried = [base, ServingConfig(workers=2, batch_size=1), ServingConfig(workers=1, batch_size=4)]
+        # serving.* is measured once more (A/B/A) exactly when another setting looked faster
+        assert [t.config for t in tuning.trials] in (tried, [*tried, base])
+        assert (len(tuning.trials) == 4) == (choose(tuning.trials[:3], cfg)[0] != base)
         for trial in tuning.trials:  # each setting answered real requests through the router
             assert trial.error is None and trial.requests > 10 and trial.rps > 0 and trial.failure_ratio == 0, trial
         assert (tuning.chosen, tuning.reason) == choose(tuning.trials, cfg)

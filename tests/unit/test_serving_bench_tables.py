@@ -13,6 +13,7 @@ from types import ModuleType, SimpleNamespace
 import numpy as np
 import pytest
 
+from bench.models import TEXT_VOCAB
 from canaryflow.core.paths import StatePaths
 from canaryflow.core.settings import Settings
 
@@ -79,7 +80,7 @@ def test_wrk_scripts_hold_the_key_only_for_direct_and_privately(sb, tmp_path: Pa
 def test_text_rows_are_exact_token_ids_with_their_class_keywords(sb) -> None:
     x, y = sb.text_dataset(200, np.random.default_rng(0))
     assert x.shape == (200, sb.TEXT_SEQ) and x.dtype == np.float32 and set(y) == set(range(sb.TEXT_CLASSES))
-    assert (x == np.round(x)).all() and x.min() >= 1 and x.max() < sb.TEXT_VOCAB
+    assert (x == np.round(x)).all() and x.min() >= 1 and x.max() < TEXT_VOCAB
     keywords = np.where(x < 50, (x - 1) // 5, -1)
     for row, label in zip(keywords, y, strict=True):
         found = set(row[row >= 0].tolist())
