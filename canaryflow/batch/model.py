@@ -27,7 +27,7 @@ from canaryflow.core import seal
 from canaryflow.core.errors import BatchError, RegistryError
 from canaryflow.core.paths import StatePaths
 from canaryflow.core.registry import MlflowRegistry, sha256_of
-from canaryflow.core.serving_contract import BATCH_DIR, META_FILE, ServingMeta
+from canaryflow.core.serving_contract import BATCH_DIR, META_FILE
 from canaryflow.core.state import ReleaseStatus, Tag
 from canaryflow.model.datasets import REFERENCE
 
@@ -113,10 +113,12 @@ def fetch_model(registry: MlflowRegistry, name: str, version: str, alias: str | 
 
 
 def _batch_bundle(directory: Path) -> Path:
-    meta = ServingMeta.load(directory / META_FILE)
-    if Path(meta.model_file).name != meta.model_file or not (directory / meta.model_file).is_file():
-        raise BatchError(f"the archive's {BATCH_DIR}/{META_FILE} names {meta.model_file!r}, not a file beside it")
-    return directory
+    from canaryflow.model.packaging import Bundle
+
+    try:
+        return Bundle.load(directory).directory
+    except ValueError as exc:
+        raise BatchError(f"the archive's {BATCH_DIR}/ bundle: {exc}") from exc
 
 
 def _check_archive(registry: MlflowRegistry, name: str, version: str, bundle: Path, paths: StatePaths | None,

@@ -326,10 +326,10 @@ def from_sandbox(head: dict[str, Any], dirs: dict[str, Path]) -> OptimizationRes
     must name a file inside its own directory."""
     bundles: dict[str, Bundle] = {}
     for variant, directory in dirs.items():
-        meta = ServingMeta.load(directory / META_FILE)
-        if Path(meta.model_file).name != meta.model_file or not (directory / meta.model_file).is_file():
-            raise ValueError(f"variant {variant}: model_file {meta.model_file!r} is not a file of its bundle")
-        bundles[variant] = Bundle(directory, meta)
+        try:
+            bundles[variant] = Bundle.load(directory)
+        except ValueError as exc:
+            raise ValueError(f"variant {variant}: {exc}") from exc
     g = head["gate"]
     gate = GateResult(str(g["gate"]), Outcome(g["outcome"]), str(g["reason"]), dict(g.get("measured") or {}),
                       dict(g.get("thresholds") or {}))

@@ -39,6 +39,15 @@ class Bundle:
     meta: ServingMeta
     batch: Bundle | None = None  # the variant batch scoring uses, when the optimization chose another one for it
 
+    @classmethod
+    def load(cls, directory: Path) -> Bundle:
+        """The bundle in ``directory``; ValueError unless its ``canaryflow.json`` names a plain file beside it (a
+        bundle a model's code or an archive wrote is untrusted)."""
+        meta = ServingMeta.load(directory / META_FILE)
+        if Path(meta.model_file).name != meta.model_file or not (directory / meta.model_file).is_file():
+            raise ValueError(f"model_file {meta.model_file!r} is not a file of its bundle")
+        return cls(directory, meta)
+
     @property
     def model_file(self) -> Path:
         return self.directory / self.meta.model_file

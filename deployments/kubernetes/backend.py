@@ -99,8 +99,8 @@ class KubernetesBackend:
         return True
 
     def tune(self, model: str, version: str, archive: Path, config: Any) -> bool:
-        """Not on a cluster: replicas follow the HPA and TorchServe's settings come from the ConfigMap (the release
-        keeps serving.* there and says so)."""
+        """Not on a cluster: replicas follow the HPA and TorchServe's settings come from the ConfigMap, so the
+        release's search of serving settings is skipped (:meth:`serving_config` is None)."""
         return False
 
     def serving_config(self, model: str, version: str) -> None:

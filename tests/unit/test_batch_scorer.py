@@ -131,5 +131,5 @@ def test_a_batch_bundle_naming_a_file_outside_itself_is_refused(bundles: dict[st
     batch.mkdir()
     meta = json.loads((bundles["onnx"] / META_FILE).read_text())
     (batch / META_FILE).write_text(json.dumps({**meta, "model_file": "../model.onnx"}))
-    with pytest.raises(BatchError, match="not a file beside it"):
+    with pytest.raises(BatchError, match="is not a file of its bundle"):
         _batch_bundle(batch)
