@@ -18,7 +18,9 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import logging
 import os
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -112,6 +114,29 @@ class TrafficSample:
 
 
 
+PER_REQUEST_GAUGES = ("[METRICS]HandlerTime.", "[METRICS]PredictionTime.")
+"""TorchServe's own per-request gauges (the last request's time, one stdout line each): Prometheus learns nothing
+from a last value sampled every scrape; the router's access log and :class:`LiveMetrics` carry the latencies."""
+
+
+def _drop_per_request_gauges(record: logging.LogRecord) -> bool:
+    return not (isinstance(record.msg, str) and record.msg.startswith(PER_REQUEST_GAUGES))
+
+
+def quiet_worker_logging() -> None:
+    """Production log levels inside the worker. TorchServe's worker logs at INFO to stdout, which the frontend
+    reads line by line: "Backend received inference at" for every request, plus two gauges (8 % and 2 x 3 % of a
+    1 ms model's worker time, py-spy; each line is parsed again by the Java side). Warnings and errors still
+    reach ``model_log.log``; the ``ts.metrics`` loggers keep INFO, which is how metric lines reach Prometheus."""
+    logging.getLogger().setLevel(logging.WARNING)
+    metrics = logging.getLogger("ts.metrics")
+    metrics.setLevel(logging.INFO)
+    for name in ("ts.metrics.caching_metric", "ts.metrics.metric"):
+        logger = logging.getLogger(name)
+        if _drop_per_request_gauges not in logger.filters:
+            logger.addFilter(_drop_per_request_gauges)
+
+
 class LiveMetrics:
     """Per-request metrics of live traffic as TorchServe ``[METRICS]`` lines on the worker's stdout, which the
     frontend turns into Prometheus counters (declared in ``templates/torchserve-metrics.yaml``).
@@ -119,28 +144,67 @@ class LiveMetrics:
     TorchServe 0.12's own histograms have fixed buckets (0.005 to 10, in the value's unit), so the latency goes
     out as a counter of the one bucket each request falls in (``le`` its upper bound); Prometheus recording rules
     sum those into the cumulative ``canaryflow_request_latency_ms_bucket`` (deployments/prometheus.py).
-    Two or three lines a request: bucket, sum, one per predicted class, one more for an error."""
 
-    def __init__(self, model: str, version: str) -> None:
+    Counters are summed in the worker and written at most every ``flush_s`` (a daemon thread writes what a quiet
+    second left): one line per bucket, class and counter that moved, instead of three or more per request, each
+    formatted, printed and parsed again by the frontend (a fifth of a batched 1 ms model's worker time). What a
+    killed worker had not written yet (under ``flush_s`` of traffic) is lost, as a scrape interval's would be."""
+
+    FLUSH_S = 1.0
+
+    def __init__(self, model: str, version: str, flush_s: float = FLUSH_S) -> None:
         from ts.metrics.caching_metric import CachingMetric
         from ts.metrics.metric_type_enum import MetricTypes
 
         dims, counter = ["model_name", "model_version"], MetricTypes.COUNTER
-        self.dims = [model, version]
+        self.dims, self.flush_s = [model, version], flush_s
         self.bins = CachingMetric(contract.BIN_METRIC, "ms", [*dims, "le"], counter)
         self.sum = CachingMetric(contract.SUM_METRIC, "ms", dims, counter)
         self.errors = CachingMetric(contract.ERRORS_METRIC, "Count", dims, counter)
         self.predictions = CachingMetric(contract.PREDICTIONS_METRIC, "Count", [*dims, "class"], counter)
+        self._lock = threading.Lock()
+        self._bins: Counter[str] = Counter()
+        self._classes: Counter[int] = Counter()
+        self._ms, self._errors, self._last = 0.0, 0, time.monotonic()
+        self._flusher: threading.Thread | None = None
 
     def observe(self, ms: float, failed: bool, classes: Counter[int]) -> None:
         """One live request: its handler time, whether it failed on our side, its predicted rows per class."""
         le = next((b for b in contract.LATENCY_BUCKETS_MS if ms <= b), None)
-        self.bins.add_or_update(1, [*self.dims, "+Inf" if le is None else f"{le:g}"])
-        self.sum.add_or_update(round(ms, 4), self.dims)
-        if failed:
-            self.errors.add_or_update(1, self.dims)
+        with self._lock:
+            self._bins["+Inf" if le is None else f"{le:g}"] += 1
+            self._ms += ms
+            self._errors += failed
+            self._classes.update(classes)
+            due = time.monotonic() - self._last >= self.flush_s
+        if self._flusher is None:
+            self._flusher = threading.Thread(target=self._flush_forever, name="canaryflow-live-metrics", daemon=True)
+            self._flusher.start()
+        if due:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write what was counted since the last flush (nothing when nothing was)."""
+        with self._lock:
+            bins, ms, errors, classes = self._bins, self._ms, self._errors, self._classes
+            self._bins, self._classes, self._ms, self._errors = Counter(), Counter(), 0.0, 0
+            self._last = time.monotonic()
+        for le, n in sorted(bins.items()):
+            self.bins.add_or_update(n, [*self.dims, le])
+        if bins:
+            self.sum.add_or_update(round(ms, 4), self.dims)
+        if errors:
+            self.errors.add_or_update(errors, self.dims)
         for cls, rows in sorted(classes.items()):
             self.predictions.add_or_update(rows, [*self.dims, str(cls)])
+
+    def _flush_forever(self) -> None:
+        while True:
+            time.sleep(self.flush_s)
+            try:
+                self.flush()
+            except Exception:  # noqa: BLE001 - a metric never takes the worker down
+                pass
 
 
 class CanaryflowHandler(BaseHandler):
@@ -160,6 +224,7 @@ class CanaryflowHandler(BaseHandler):
         self._setup(props["model_dir"], props.get("gpu_id"))
         self.traffic = TrafficSample.from_env(self.meta.model_name)
         self.live_metrics = LiveMetrics(self.meta.model_name, self.meta.model_version)
+        quiet_worker_logging()
         # Full collections of the model's objects caused the 100+ ms tails (FACTS.md); freeze them out of GC.
         gc.collect()
         gc.freeze()
@@ -199,17 +264,20 @@ class CanaryflowHandler(BaseHandler):
         return _onnx_model(path, self.device)
 
     def _predict(self, x: torch.Tensor) -> np.ndarray:
-        """The model on validated rows (in fixed-size chunks when the program takes only those), as probabilities."""
+        """The model on validated rows, as probabilities: in chunks the program takes (exactly ``fixed_batch`` rows,
+        padded; else at most what it was exported for, :func:`batch_call_rows`), since a server-side batch of
+        requests can hold more rows than one request may (``max_batch_rows`` each)."""
         if len(x) == 0 and getattr(self, "n_classes", None):  # every request of a batch was refused
             return np.zeros((0, self.n_classes), dtype=np.float32)
         x = x.to(self.device)
-        step = self.meta.fixed_batch or len(x)
+        fixed = self.meta.fixed_batch
+        step = fixed or contract.batch_call_rows(self.meta)
         outputs = []
         with torch.no_grad():  # not inference_mode: TorchScript/exported modules can fail under it (FACTS.md)
             for start in range(0, len(x), step):
                 chunk = x[start : start + step]
                 n = len(chunk)
-                if n < step:  # a fixed-batch program takes only full chunks: pad with the last row
+                if fixed and n < fixed:  # a fixed-batch program takes only full chunks: pad with the last row
                     chunk = torch.cat([chunk, chunk[-1:].expand(step - n, -1)])
                 out = self.model(chunk)
                 outputs.append((out[0] if isinstance(out, tuple | list) else out)[:n])

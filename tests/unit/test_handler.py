@@ -53,10 +53,10 @@ class TinyModel(torch.nn.Module):
 
 
 def make_bundle(root: Path, model: torch.nn.Module, export_batch: int = 2, dynamic: bool = True,
-                **meta: Any) -> Path:
+                dim_max: int = 4096, **meta: Any) -> Path:
     """Export ``model`` like the pipeline does and write canaryflow.json next to it."""
     root.mkdir(parents=True, exist_ok=True)
-    shapes = {"x": {0: torch.export.Dim("batch", min=1, max=4096)}} if dynamic else None
+    shapes = {"x": {0: torch.export.Dim("batch", min=1, max=dim_max)}} if dynamic else None
     program = torch.export.export(model.eval(), (torch.randn(export_batch, 4),), dynamic_shapes=shapes)
     torch.export.save(program, root / "model.pt2")
     fields = dict(model_name="iris", model_version="7", format="torch_export", model_file="model.pt2",
@@ -328,6 +328,18 @@ def test_one_bad_request_in_a_server_side_batch_gets_its_own_400(bundle: Path, m
     assert responses[1]["code"] == 400 and "predictions" not in responses[1]
     assert context.get_response_status(0)[0] != 400 and context.get_response_status(2)[0] != 400
     assert len(responses[2]["predictions"]) == 1
+
+
+def test_a_server_side_batch_larger_than_the_program_takes_is_fed_in_chunks(tmp_path: Path,
+                                                                            model: TinyModel) -> None:
+    """The pipeline exports for ``max_batch_rows`` rows (packaging.export_pytorch); TorchServe may group several
+    full requests into one batch: more rows than the program's guard allows in one call."""
+    handler, context = load(make_bundle(tmp_path / "b", model, dim_max=5, max_batch_rows=5))
+    full = [ROWS[i % 3] for i in range(5)]
+    responses = predict(handler, context, *(wire(rows_body(full)) for _ in range(3)))
+    assert [context.get_response_status(i)[0] for i in range(3)] == [200, 200, 200]
+    for response in responses:
+        torch.testing.assert_close(probabilities(response), softmax(model, full))
 
 
 def test_a_batch_of_only_bad_requests_answers_each_its_400(bundle: Path) -> None:

@@ -9,6 +9,8 @@ import gc
 import json
 import logging
 import subprocess
+import threading
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from canaryflow.core.serving_contract import PINNED_HEADER, REPLAY_HEADER
 from canaryflow.core.settings import MetricsSettings, Settings
 from canaryflow.local import prometheus as local_prometheus
 from deployments import prometheus as prom
+from deployments.handler import CanaryflowHandler, LiveMetrics
 from deployments.prometheus import PrometheusMetricsSource, increase, samples_from_buckets
 
 URL = "http://prometheus.test:9090"
@@ -171,8 +174,10 @@ def metric_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFi
     gc.unfreeze()  # initialize() freezes the heap
 
 
-def _emitted(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str, str]]:
-    """(name, value, dims) of each [METRICS] line, as TorchServe's frontend parses them."""
+def _emitted(caplog: pytest.LogCaptureFixture, handler: CanaryflowHandler) -> list[tuple[str, str, str]]:
+    """(name, value, dims) of each [METRICS] line the handler wrote, as TorchServe's frontend parses them, once
+    it flushed what it counted (LiveMetrics writes at most every second, and on a quiet second)."""
+    handler.live_metrics.flush()
     out = []
     for record in caplog.records:
         text = record.getMessage()
@@ -189,7 +194,7 @@ def test_the_handler_reports_live_requests_only(tmp_path: Path, metric_log: pyte
     handler, context = load(bundle)
     rows = [[0.5, -1.0, 2.0, 0.0], [1.0, 1.0, 1.0, 1.0], [-3.0, 0.25, 0.0, 7.0]]
     [response] = predict(handler, context, wire(rows_body(rows)))
-    got = _emitted(metric_log)
+    got = _emitted(metric_log, handler)
     names = [name for name, _, _ in got]
     assert names[:2] == [prom.BIN_METRIC, prom.SUM_METRIC] and prom.ERRORS_METRIC not in names
     bin_dims = dict(kv.split(":") for kv in got[0][2].split(","))
@@ -205,12 +210,12 @@ def test_the_handler_reports_live_requests_only(tmp_path: Path, metric_log: pyte
 
     for header in (PINNED_HEADER, REPLAY_HEADER):  # the pipeline's own requests and the canary's replay
         predict(handler, context, wire(rows_body(rows)), headers={header: "1"})
-        assert _emitted(metric_log) == []
+        assert _emitted(metric_log, handler) == []
     with pytest.raises(PredictionException):  # a client's mistake: no evidence about the version
         predict(handler, context, wire(rows_body([[1, 2]])))
-    assert _emitted(metric_log) == []
+    assert _emitted(metric_log, handler) == []
     predict(handler, context, wire(b"{}"), headers={"describe": "True"})
-    assert _emitted(metric_log) == []
+    assert _emitted(metric_log, handler) == []
 
 
 def test_the_handler_counts_a_server_side_failure(tmp_path: Path, metric_log: pytest.LogCaptureFixture) -> None:
@@ -218,15 +223,71 @@ def test_the_handler_counts_a_server_side_failure(tmp_path: Path, metric_log: py
     handler._predict = lambda x: (_ for _ in ()).throw(RuntimeError("boom"))  # the model itself fails
     with pytest.raises(RuntimeError):
         predict(handler, context, wire(rows_body([[1.0, 2.0, 3.0, 4.0]])))
-    names = [name for name, _, _ in _emitted(metric_log)]
+    names = [name for name, _, _ in _emitted(metric_log, handler)]
     assert names == [prom.BIN_METRIC, prom.SUM_METRIC, prom.ERRORS_METRIC]
 
 
 def test_a_chaos_500_is_counted_as_an_error(tmp_path: Path, metric_log: pytest.LogCaptureFixture) -> None:
     handler, context = load(make_bundle(tmp_path / "b", TinyModel().eval(), chaos={"error_ratio": 1.0}))
     predict(handler, context, wire(rows_body([[1.0, 2.0, 3.0, 4.0]])))
-    names = [name for name, _, _ in _emitted(metric_log)]
+    names = [name for name, _, _ in _emitted(metric_log, handler)]
     assert names == [prom.BIN_METRIC, prom.SUM_METRIC, prom.ERRORS_METRIC]  # no classes: it answered none
+
+
+def test_requests_are_summed_into_one_line_per_counter_until_the_flush(tmp_path: Path,
+                                                                        metric_log: pytest.LogCaptureFixture) -> None:
+    handler, context = load(make_bundle(tmp_path / "b", TinyModel().eval()))
+    handler.live_metrics.flush_s = 3600.0  # no flush by time inside this test: only the explicit one
+    rows = [[0.5, -1.0, 2.0, 0.0], [1.0, 1.0, 1.0, 1.0], [-3.0, 0.25, 0.0, 7.0]]
+    answers = [predict(handler, context, wire(rows_body(rows)))[0] for _ in range(5)]
+    assert [r.getMessage() for r in metric_log.records if "[METRICS]canaryflow" in r.getMessage()] == []
+    got = _emitted(metric_log, handler)
+    bins = [(float(v), dims) for name, v, dims in got if name == prom.BIN_METRIC]
+    assert sum(v for v, _ in bins) == 5 and len(bins) == len({dims for _, dims in bins})  # a line per bucket
+    classes = {dict(kv.split(":") for kv in dims.split(","))["class"]: float(v)
+               for name, v, dims in got if name == prom.PREDICTIONS_METRIC}
+    expected: dict[str, float] = {}
+    for response in answers:
+        for p in response["predictions"]:
+            expected[str(p["class_index"])] = expected.get(str(p["class_index"]), 0) + 1
+    assert classes == expected and sum(classes.values()) == 15
+    assert [name for name, _, _ in got].count(prom.SUM_METRIC) == 1
+    assert _emitted(metric_log, handler) == []  # nothing counted since: nothing written
+
+
+def test_a_quiet_second_is_written_by_the_flusher() -> None:
+    metrics = LiveMetrics("iris", "7", flush_s=0.05)
+    metrics._last = float("inf")  # the request itself never finds a flush due: only the thread can write
+    writers: list[str] = []
+    wrote = threading.Event()
+
+    def write(*args: Any, **kwargs: Any) -> None:
+        writers.append(threading.current_thread().name)
+        wrote.set()
+
+    metrics.bins.add_or_update = write
+    metrics.observe(1.2, False, Counter({1: 1}))
+    assert wrote.wait(30), "the flusher thread never wrote the last request's counters"
+    assert writers == ["canaryflow-live-metrics"]
+
+
+def test_the_worker_logs_warnings_and_metrics_but_not_each_request(tmp_path: Path,
+                                                                   metric_log: pytest.LogCaptureFixture) -> None:
+    """TorchServe's worker would log "Backend received inference at" and two gauges for every request."""
+    root = logging.getLogger()
+    level = root.level
+    try:
+        handler, context = load(make_bundle(tmp_path / "b", TinyModel().eval()))
+        assert root.level == logging.WARNING and logging.getLogger("ts.metrics").getEffectiveLevel() == logging.INFO
+        metric_log.set_level(logging.INFO)  # capture everything the worker's loggers would let through
+        root.setLevel(logging.WARNING)  # set_level lowered it again
+        predict(handler, context, wire(rows_body([[1.0, 2.0, 3.0, 4.0]])))
+        messages = [r.getMessage() for r in metric_log.records if r.levelno >= logging.getLogger(r.name).
+                    getEffectiveLevel() and all(f(r) for f in logging.getLogger(r.name).filters)]
+        assert not any(m.startswith(("[METRICS]HandlerTime", "[METRICS]PredictionTime")) for m in messages)
+        assert [name for name, _, _ in _emitted(metric_log, handler)][:2] == [prom.BIN_METRIC, prom.SUM_METRIC]
+    finally:
+        root.setLevel(level)
 
 
 # -- files and the local Prometheus -------------------------------------------------------------------------------
