@@ -102,10 +102,10 @@ def test_paired_load_reaches_the_candidate_and_the_calibration_peer(stack, relea
 
 def test_serving_settings_are_chosen_by_measurement_and_kept_across_registrations(stack, released,
                                                                                   tmp_path: Path) -> None:
-    """A staged version is served with serving.* and with each `tune` setting in turn, loaded closed-loop through
-    the router; the setting kept follows the rule on the measured numbers, TorchServe serves it, and a
-    re-registration (what a TorchServe restart or reconcile does) serves it the same way, until it is
-    unregistered."""
+    """A staged version is served with serving.* and with each `tune` setting in turn, loaded through the router
+    at the offered load and closed-loop; the setting kept follows the rule on the measured numbers, TorchServe
+    serves it, and a re-registration (what a TorchServe restart or reconcile does) serves it the same way, until
+    it is unregistered."""
     import zipfile
 
     from canaryflow.core.serving_contract import META_FILE
@@ -135,6 +135,7 @@ def test_serving_settings_are_chosen_by_measurement_and_kept_across_registration
         assert (len(tuning.trials) == 4) == (choose(tuning.trials[:3], cfg)[0] != base)
         for trial in tuning.trials:  # each setting answered real requests through the router
             assert trial.error is None and trial.requests > 10 and trial.rps > 0 and trial.failure_ratio == 0, trial
+            assert trial.capacity_rps > 0, trial  # its closed-loop burst answered too
         assert (tuning.chosen, tuning.reason) == choose(tuning.trials, cfg)
         assert json.loads((tmp_path / "tuning" / "tuning.json").read_text())["chosen"] == tuning.chosen.model_dump()
 
