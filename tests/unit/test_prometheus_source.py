@@ -236,8 +236,7 @@ def test_a_chaos_500_is_counted_as_an_error(tmp_path: Path, metric_log: pytest.L
 
 def test_requests_are_summed_into_one_line_per_counter_until_the_flush(tmp_path: Path,
                                                                         metric_log: pytest.LogCaptureFixture) -> None:
-    handler, context = load(make_bundle(tmp_path / "b", TinyModel().eval()))
-    handler.live_metrics.flush_s = 3600.0  # no flush by time inside this test: only the explicit one
+    handler, context = load(make_bundle(tmp_path / "b", TinyModel().eval()))  # flushed by the test only (conftest)
     rows = [[0.5, -1.0, 2.0, 0.0], [1.0, 1.0, 1.0, 1.0], [-3.0, 0.25, 0.0, 7.0]]
     answers = [predict(handler, context, wire(rows_body(rows)))[0] for _ in range(5)]
     assert [r.getMessage() for r in metric_log.records if "[METRICS]canaryflow" in r.getMessage()] == []
