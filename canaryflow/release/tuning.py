@@ -41,7 +41,7 @@ from deployments.torchserve import ServingBackend
 @dataclass(frozen=True)
 class Trial:
     """One setting's two bursts: at the offered load (requests, rps, latencies, failures) and closed-loop
-    (``capacity_rps``)."""
+    (``capacity_rps``: requests answered without failure, per second)."""
 
     config: ServingConfig
     requests: int
@@ -54,7 +54,7 @@ class Trial:
 
     @classmethod
     def of(cls, config: ServingConfig, offered: LoadTestResult, closed: LoadTestResult | None) -> Trial:
-        capacity = closed.rps if closed is not None and closed.error is None else 0.0
+        capacity = closed.rps * (1 - closed.failure_ratio) if closed is not None and closed.error is None else 0.0
         error = offered.error or (closed.error if closed is not None else None)
         return cls(config, offered.requests, round(offered.rps, 1), round(offered.p50_ms, 2),
                    round(offered.p95_ms, 2), round(offered.failure_ratio, 4), round(capacity, 1), error)

@@ -7,6 +7,7 @@ import pytest
 
 from canaryflow.core.settings import LoadTestSettings, ServingConfig, ServingSettings
 from canaryflow.release.tuning import Trial, Tuning, candidates, choose
+from deployments.loadtest import LoadTestResult
 
 CFG = LoadTestSettings(max_p95_ms=50.0, max_failure_ratio=0.01, min_rps=50.0, tune=["2x1", "1x8"],
                        tune_min_gain=1.15)
@@ -58,6 +59,15 @@ def test_the_operators_setting_measured_twice_counts_with_its_better_median_and_
     assert choose(trials[:3], CFG)[0] == BATCH  # what one measurement each would have chosen
     again = [*trials[:3], trial(BASE, 100, p50=5.0, capacity=1000)]  # the second median alone would let BATCH in
     assert choose(again, CFG)[0] == BASE  # but not its capacity: 0.9x
+
+
+def test_capacity_counts_the_answered_requests_only() -> None:
+    offered = LoadTestResult("http://router", 8, 3.0, requests=300, rps=100.0, p50_ms=2.0, p95_ms=4.0)
+    closed = LoadTestResult("http://router", 8, 3.0, requests=6000, failures=3000, rps=2000.0, p50_ms=1.0,
+                            p95_ms=2.0)
+    assert Trial.of(BATCH, offered, closed).capacity_rps == 1000.0  # half of them failed (a full queue: 503)
+    crashed = LoadTestResult("http://router", 8, 3.0, error="locust exited 1")
+    assert Trial.of(BATCH, offered, crashed) == Trial(BATCH, 300, 100.0, 2.0, 4.0, 0.0, 0.0, "locust exited 1")
 
 
 def test_a_setting_outside_the_bars_is_never_chosen_however_fast() -> None:
