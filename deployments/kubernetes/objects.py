@@ -126,7 +126,9 @@ def config_properties(settings: Settings, model: str, version: str) -> str:
         "token_expiration_min": s.token_expiration_min,
         "install_py_dep_per_model": "false",
         "allowed_urls": f"file://{MODEL_STORE}/.*",
-        "vmargs": f"-Xmx{s.java_heap_mb}m -XX:+UseG1GC -XX:+UseContainerSupport",
+        # log levels of the local stack, to stdout (pod.log4j_console)
+        "vmargs": f"-Xmx{s.java_heap_mb}m -XX:+UseG1GC -XX:+UseContainerSupport "
+                  "-Dlog4j.configurationFile=file:///config/log4j2.xml",
     }
     return "".join(f"{k}={v}\n" for k, v in lines.items())
 

@@ -13,6 +13,7 @@ A pod has three containers, all non-root with a read-only root filesystem:
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from deployments.kubernetes.objects import (
 from deployments.prometheus import TORCHSERVE_METRICS_FILE
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
+LOG4J_FILE = TEMPLATES / "log4j2.xml"
 UID = 1000  # the pytorch/torchserve image's model-server user; nginx and python run as it too
 CONFIG_HASH_ANNOTATION = "canaryflow.io/config-sha256"
 
@@ -57,9 +59,21 @@ def _template(name: str, settings: Settings) -> str:
     return text
 
 
+def log4j_console() -> str:
+    """The local stack's TorchServe log levels (templates/log4j2.xml: nothing per request) with one Console appender
+    instead of its files: a pod's log is its stdout (``kubectl logs``), and its root filesystem is read-only.
+    TorchServe's default config would write 6-7 lines a request there, and more into an emptyDir."""
+    text = LOG4J_FILE.read_text()
+    start, end = text.index("<Appenders>"), text.index("</Appenders>") + len("</Appenders>")
+    console = ('<Appenders>\n    <Console name="console" target="SYSTEM_OUT">\n'
+               '      <PatternLayout pattern="%d{ISO8601} [%-5p] %t %c - %m%n"/>\n    </Console>\n  </Appenders>')
+    return re.sub(r'<AppenderRef ref="[^"]+"/>', '<AppenderRef ref="console"/>', text[:start] + console + text[end:])
+
+
 def config_data(settings: Settings, model: str, version: str) -> dict[str, str]:
-    """The ConfigMap's files: TorchServe's config, the proxy's nginx config and script, the fetch script."""
-    return {"config.properties": config_properties(settings, model, version),
+    """The ConfigMap's files: TorchServe's config and log config, the proxy's nginx config and script, the fetch
+    script."""
+    return {"config.properties": config_properties(settings, model, version), "log4j2.xml": log4j_console(),
             "nginx.conf": _template("k8s-keyproxy-nginx.conf", settings),
             "keyproxy.sh": _template("k8s-keyproxy.sh", settings),
             "fetch.py": _template("k8s-fetch.py", settings),

@@ -66,6 +66,24 @@ def test_config_keeps_token_auth_loopback_and_the_one_archive() -> None:
     assert props["number_of_gpu"] == "2" and props["default_workers_per_model"] == "1"
 
 
+def test_torchserve_logs_to_stdout_at_the_local_stacks_levels() -> None:
+    """A pod's log is its stdout and its root filesystem read-only: the local stack's logger levels (nothing per
+    request), one Console appender, and TorchServe pointed at it."""
+    import xml.etree.ElementTree as ET
+
+    def loggers(root: ET.Element) -> list[tuple[str | None, str | None]]:
+        return [(e.get("name"), e.get("level")) for e in root.iterfind("Loggers/*")]
+
+    local, console = ET.fromstring(pod.LOG4J_FILE.read_text()), ET.fromstring(pod.log4j_console())
+    assert loggers(console) == loggers(local) and ("org.pytorch.serve.wlm.WorkerThread", "warn") in loggers(local)
+    assert [(a.tag, a.get("target")) for a in console.iterfind("Appenders/*")] == [("Console", "SYSTEM_OUT")]
+    assert {r.get("ref") for r in console.iter("AppenderRef")} == {"console"}
+    config_map = objects_by_kind(settings())["ConfigMap"]
+    assert config_map["data"]["log4j2.xml"] == pod.log4j_console()
+    props = dict(line.split("=", 1) for line in config_map["data"]["config.properties"].splitlines())
+    assert "-Dlog4j.configurationFile=file:///config/log4j2.xml" in props["vmargs"].split()
+
+
 def test_gpu_pod_gets_the_gpu_limit_and_placement_from_settings() -> None:
     tol = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     s = settings(gpus_per_pod=2, tolerations=tol, node_selector={"gpu": "a100"},
