@@ -123,12 +123,23 @@ def _drop_per_request_gauges(record: logging.LogRecord) -> bool:
     return not (isinstance(record.msg, str) and record.msg.startswith(PER_REQUEST_GAUGES))
 
 
+def _drop_client_errors(record: logging.LogRecord) -> bool:
+    """TorchServe logs every PredictionException with its traceback ("Prediction error"): a malformed request's
+    400 is the client's mistake, already in the router's access log with its message."""
+    error = record.exc_info[1] if record.exc_info else None
+    return not (isinstance(error, PredictionException) and error.error_code < 500)
+
+
 def quiet_worker_logging() -> None:
     """Production log levels inside the worker. TorchServe's worker logs at INFO to stdout, which the frontend
     reads line by line: "Backend received inference at" for every request, plus two gauges (8 % and 2 x 3 % of a
-    1 ms model's worker time, py-spy; each line is parsed again by the Java side). Warnings and errors still
-    reach ``model_log.log``; the ``ts.metrics`` loggers keep INFO, which is how metric lines reach Prometheus."""
+    1 ms model's worker time, py-spy; each line is parsed again by the Java side), and a traceback for every
+    client's 4xx. Warnings and errors still reach ``model_log.log``; the ``ts.metrics`` loggers keep INFO, which
+    is how metric lines reach Prometheus."""
     logging.getLogger().setLevel(logging.WARNING)
+    service = logging.getLogger("ts.service")
+    if _drop_client_errors not in service.filters:
+        service.addFilter(_drop_client_errors)
     metrics = logging.getLogger("ts.metrics")
     metrics.setLevel(logging.INFO)
     for name in ("ts.metrics.caching_metric", "ts.metrics.metric"):

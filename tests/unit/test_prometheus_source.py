@@ -9,6 +9,7 @@ import gc
 import json
 import logging
 import subprocess
+import sys
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -287,6 +288,20 @@ def test_the_worker_logs_warnings_and_metrics_but_not_each_request(tmp_path: Pat
         assert [name for name, _, _ in _emitted(metric_log, handler)][:2] == [prom.BIN_METRIC, prom.SUM_METRIC]
     finally:
         root.setLevel(level)
+    # TorchServe's Service.predict logs each PredictionException with its traceback: a client's 400 is dropped,
+    # a 5xx kept
+    service = logging.getLogger("ts.service")
+
+    def logged(error: Exception) -> bool:
+        try:
+            raise error
+        except Exception:
+            record = service.makeRecord("ts.service", logging.ERROR, __file__, 1, "Prediction error", (),
+                                        sys.exc_info())
+        return all(f(record) for f in service.filters)
+
+    assert not logged(PredictionException("row 0 has 2 values, expected 4", 400))
+    assert logged(PredictionException("model failed", 503)) and logged(RuntimeError("boom"))
 
 
 # -- files and the local Prometheus -------------------------------------------------------------------------------
