@@ -209,8 +209,10 @@ def test_shadow_copies_reach_the_canary_and_pair_in_the_log(router: NginxRouter,
     assert {(r["version"], r["uri"], r["model"]) for r in client_lines} == {(STABLE, "/predictions/iris", "iris")}
     assert {r["prediction"] for r in shadow_lines} == {"0:0.900", "1:0.700"}
 
-    # from this test's start, not a second before: the previous test's requests to "iris" end just before it
-    win = AccessLogMetrics(router.paths.router_access_log).window("iris", started, time.time() + 1)
+    # from this test's start (to the ms: the log's ts is nginx's $msec), not a second before: the previous test's
+    # requests to "iris" end just before it
+    win = AccessLogMetrics(router.paths.router_access_log).window("iris", math.floor(started * 1000) / 1000,
+                                                                  time.time() + 1)
     disagree = sum(i % 4 == 0 for i in range(n))
     assert (win.shadow_pairs, win.shadow_agreements) == (n, n - disagree)
     assert win.get(CANARY).shadow_requests == n and win.get(CANARY).requests == 0
@@ -235,8 +237,10 @@ def test_pin_beats_split_and_shadow(router: NginxRouter, upstream: Upstream, see
     assert all(s["headers"]["X-Canaryflow-Pinned"] == "1" for s in seen)
     records = log_records(router, lambda recs: any(r["request_id"] == rid for r in recs))
     assert [(r["version"], r["pinned"], r["shadow"]) for r in records if r["request_id"] == rid] == [("7", 1, 0)]
-    # from this test's start, not a second before: the previous test's requests to "iris" end just before it
-    win = AccessLogMetrics(router.paths.router_access_log).window("iris", started, time.time() + 1)
+    # from this test's start (to the ms: the log's ts is nginx's $msec), not a second before: the previous test's
+    # requests to "iris" end just before it
+    win = AccessLogMetrics(router.paths.router_access_log).window("iris", math.floor(started * 1000) / 1000,
+                                                                  time.time() + 1)
     # Pinned lines are the pipeline's own tests, not canary evidence: only the 5 unpinned requests count.
     assert {v: w.requests for v, w in win.versions.items()} == {CANARY: 5}
     router.clear_canary("iris")
