@@ -302,6 +302,17 @@ def test_the_worker_logs_warnings_and_metrics_but_not_each_request(tmp_path: Pat
 
     assert not logged(PredictionException("row 0 has 2 values, expected 4", 400))
     assert logged(PredictionException("model failed", 503)) and logged(RuntimeError("boom"))
+    # TorchServe's per-request gauges (Service.predict's PredictionTime) are dropped, the handler's counters kept
+    caching = logging.getLogger("ts.metrics.caching_metric")
+
+    def passes(line: str) -> bool:
+        record = caching.makeRecord(caching.name, logging.INFO, __file__, 1, line, (), None)
+        return all(f(record) for f in caching.filters)
+
+    assert not passes("[METRICS]PredictionTime.Milliseconds:0.61|#ModelName:iris,Level:Model|#type:GAUGE|"
+                      "#hostname:vm,1796620087,bc45f74b")
+    assert passes(f"[METRICS]{prom.BIN_METRIC}.Milliseconds:1|#model_name:iris,model_version:7,le:1.5|"
+                  "#type:COUNTER|#hostname:vm,1796620972")
 
 
 # -- files and the local Prometheus -------------------------------------------------------------------------------
