@@ -141,10 +141,9 @@ def quiet_worker_logging() -> None:
         service.addFilter(_drop_client_errors)
     metrics = logging.getLogger("ts.metrics")
     metrics.setLevel(logging.INFO)
-    for name in ("ts.metrics.caching_metric", "ts.metrics.metric"):
-        logger = logging.getLogger(name)
-        if _drop_per_request_gauges not in logger.filters:
-            logger.addFilter(_drop_per_request_gauges)
+    caching = logging.getLogger("ts.metrics.caching_metric")  # where TorchServe 0.12's metric lines are logged
+    if _drop_per_request_gauges not in caching.filters:
+        caching.addFilter(_drop_per_request_gauges)
 
 
 class LiveMetrics:
