@@ -33,6 +33,21 @@ def _services():  # noqa: ANN202 - Services; imported late (mlflow, kubernetes)
 
 
 @app.command()
+def init() -> None:
+    """Prepare the namespace for the flow runs (as a namespace admin, once; safe again): the ServiceAccount,
+    Role and RoleBinding `canaryflow-release` (serving_manifests/pipeline/) and the Secrets canaryflow-seal-key and
+    canaryflow-pin-key with random keys where missing (an existing key is kept; no key is printed)."""
+    from deployments.kubernetes import pipeline
+    from deployments.kubernetes.apply import load_api_client
+
+    os.environ.setdefault("CANARYFLOW_PLATFORM", "kubernetes")
+    reset_settings()
+    k = get_settings().kubernetes
+    for line in pipeline.init(load_api_client(k), k.namespace, k.field_manager):
+        console.print(f"- {line}", highlight=False, markup=False)
+
+
+@app.command()
 def render(model: str, version: str,
            out: Annotated[Path | None, typer.Option("--out", "-o", help="write the YAML here")] = None) -> None:
     """Print the objects that serve a released version (what `apply` applies), as YAML."""

@@ -1,5 +1,5 @@
 """The platform behind the release's interfaces: which :class:`Registry`, :class:`ServingBackend`,
-:class:`TrafficRouter`, :class:`MetricsSource` and :class:`Launcher` a stack uses, chosen from settings
+:class:`TrafficRouter`, :class:`MetricsSource`, :class:`Launcher` and model locks a stack uses, chosen from settings
 (``platform``) and each built on first use. Callers see only the Protocols, so another platform is one more entry
 in :data:`PLATFORMS`, with no caller touched; unit tests pass fakes (tests/unit/fakes.py) instead.
 """
@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from canaryflow.core.errors import ConfigError
+from canaryflow.core.locks import RELEASE_SLOT, STATE_LOCK, ModelLocks, file_locks
 from canaryflow.core.paths import StatePaths
 from canaryflow.core.registry import MlflowRegistry, Registry, Tag, sha256_of
 from canaryflow.core.settings import Settings, get_settings
@@ -29,6 +30,7 @@ if TYPE_CHECKING:  # the kubernetes client takes a quarter second to import: onl
     from deployments.kubernetes.gateway import GatewayApiRouter
 
 Factory = Callable[[Settings, StatePaths], Any]
+LocksFactory = Callable[[Settings, StatePaths, str, float], ModelLocks]  # (settings, paths, kind, timeout_s)
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class Platform:
     router: Factory
     metrics: Factory
     launcher: Factory
+    locks: LocksFactory = lambda s, p, kind, timeout_s: file_locks(p.root, kind, timeout_s)
 
 
 def local_router(settings: Settings, paths: StatePaths) -> NginxRouter:
@@ -84,6 +87,22 @@ def kubernetes_router(settings: Settings, paths: StatePaths) -> GatewayApiRouter
     return GatewayApiRouter(settings, objects.object_name, service_port=objects.INFERENCE_PORT)
 
 
+_lease_locks: dict[tuple[Any, ...], ModelLocks] = {}
+
+
+def kubernetes_locks(settings: Settings, paths: StatePaths, kind: str, timeout_s: float) -> ModelLocks:
+    """Leases in the namespace (every flow run is a pod of its own: a file lock there excludes nothing); one
+    instance per cluster, kind and timeout in a process, so a thread's re-entrant hold is seen across callers."""
+    from deployments.kubernetes.apply import load_api_client
+    from deployments.kubernetes.lease import LeaseLocks
+
+    k = settings.kubernetes
+    key = (k.kubeconfig, k.context, k.namespace, kind, float(timeout_s), k.lease_s)
+    if key not in _lease_locks:
+        _lease_locks[key] = LeaseLocks(load_api_client(k), k.namespace, kind, timeout_s, k.lease_s)
+    return _lease_locks[key]
+
+
 PLATFORMS: dict[str, Platform] = {
     "local": Platform(
         registry=lambda s, p: MlflowRegistry(s.mlflow_uri),
@@ -99,6 +118,7 @@ PLATFORMS: dict[str, Platform] = {
         router=kubernetes_router,
         metrics=lambda s, p: PrometheusMetricsSource(s.prometheus_url),
         launcher=lambda s, p: prefect_launcher(s),
+        locks=kubernetes_locks,
     ),
 }
 
@@ -117,7 +137,7 @@ class Services:
 
     @cached_property
     def paths(self) -> StatePaths:
-        return StatePaths(self.settings.state_dir)
+        return StatePaths.of(self.settings)
 
     @cached_property
     def platform(self) -> Platform:
@@ -145,6 +165,15 @@ class Services:
     @cached_property
     def launcher(self) -> Launcher:
         return self.platform.launcher(self.settings, self.paths)
+
+    @cached_property
+    def locks(self) -> ModelLocks:
+        """Each model's state lock: the ramp, a rollback, reconcile's repairs and a retirement take turns."""
+        return self.platform.locks(self.settings, self.paths, STATE_LOCK, self.settings.reconcile.lock_timeout_s)
+
+    def release_slots(self, timeout_s: float) -> ModelLocks:
+        """Each model's release slot (one release run at a time), waiting at most ``timeout_s``."""
+        return self.platform.locks(self.settings, self.paths, RELEASE_SLOT, timeout_s)
 
 
 def get_services(settings: Settings | None = None) -> Services:

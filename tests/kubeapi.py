@@ -15,10 +15,12 @@ import shutil
 import signal
 import ssl
 import subprocess
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -169,6 +171,30 @@ class KubeApiServer:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         self.procs.clear()
+
+
+class FakeKubelet(threading.Thread):
+    """Marks each Deployment of the namespace Available at its current generation (2 ready replicas)."""
+
+    def __init__(self, api: Any, namespace: str) -> None:
+        super().__init__(daemon=True)
+        self.api, self.namespace, self.stop = api, namespace, threading.Event()
+
+    def run(self) -> None:
+        from kubernetes import client
+
+        apps = client.AppsV1Api(self.api)
+        while not self.stop.wait(0.05):
+            for dep in apps.list_namespaced_deployment(self.namespace).items:
+                if (dep.status.observed_generation or 0) >= dep.metadata.generation:
+                    continue
+                now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+                apps.patch_namespaced_deployment_status(dep.metadata.name, self.namespace, {"status": {
+                    "observedGeneration": dep.metadata.generation, "replicas": 2, "updatedReplicas": 2,
+                    "readyReplicas": 2, "availableReplicas": 2,
+                    "conditions": [{"type": "Available", "status": "True", "reason": "FakeKubelet",
+                                    "message": "patched by the test", "lastUpdateTime": now,
+                                    "lastTransitionTime": now}]}})
 
 
 if __name__ == "__main__":

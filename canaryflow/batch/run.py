@@ -70,7 +70,7 @@ def prepare(settings: Settings, model_name: str, input_uri: str, *, alias: str |
     files = discover(input_uri)
     registry = MlflowRegistry(settings.mlflow_uri)
     alias = None if version is not None else (alias or cfg.alias)
-    paths = StatePaths(settings.state_dir)
+    paths = StatePaths.of(settings)
     if alias == settings.release.champion_alias:  # the champion the pipeline set, not whatever the alias says
         try:
             number = seal.trusted_champion(registry, paths, model_name)

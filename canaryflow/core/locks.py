@@ -2,8 +2,10 @@
 model never interleave.
 
 Locally the lock is an ``fcntl.flock`` on ``<state>/locks/<slug>-<sha256>.lock`` (the model name is untrusted: it
-never becomes a path itself). On Kubernetes a Lease can implement the same :class:`ModelLocks` protocol. Waits are
-bounded: past ``timeout_s`` a :class:`LockTimeout` says who waited for what and for how long.
+never becomes a path itself). On Kubernetes, where every flow run is a pod of its own, a Lease per model implements
+the same :class:`ModelLocks` protocol (deployments/kubernetes/lease.py); the platform chooses (canaryflow/services.py,
+``Services.locks`` and ``Services.release_slots``). Waits are bounded: past ``timeout_s`` a :class:`LockTimeout`
+says who waited for what and for how long.
 
 The lock is re-entrant per thread (a rollback that aborts a ramp takes it twice); two threads, or two processes,
 holding the same model's lock exclude each other, because each acquisition opens its own file description.
@@ -25,6 +27,7 @@ from canaryflow.core.paths import model_file_name
 
 DEFAULT_TIMEOUT_S = 180.0  # above TorchServe's 120 s registration timeout: a rollback may register a version
 _POLL_S = 0.05
+STATE_LOCK = "state lock"
 RELEASE_SLOT = "release slot"
 
 
@@ -55,7 +58,7 @@ class FileLocks:
     """``fcntl.flock`` locks under one directory; re-entrant within a thread, exclusive across threads and
     processes."""
 
-    def __init__(self, directory: Path, timeout_s: float = DEFAULT_TIMEOUT_S, kind: str = "state lock") -> None:
+    def __init__(self, directory: Path, timeout_s: float = DEFAULT_TIMEOUT_S, kind: str = STATE_LOCK) -> None:
         self.directory = directory
         self.timeout_s = timeout_s
         self.kind = kind
@@ -112,31 +115,41 @@ class FileLocks:
                 time.sleep(_POLL_S)
 
 
-_shared: dict[tuple[Path, float], FileLocks] = {}
+_shared: dict[tuple[Path, float, str], FileLocks] = {}
 _shared_guard = threading.Lock()
 
 
-def model_locks(svc: Any) -> ModelLocks:
-    """The lock provider of a set of services: ``svc.locks`` when it has one, else file locks under the state
-    dir (one instance per directory, so re-entrancy is seen across callers in the same process)."""
-    locks = getattr(svc, "locks", None)
-    if locks is not None:
-        return locks
-    settings = getattr(svc, "settings", None)
-    timeout = getattr(getattr(settings, "reconcile", None), "lock_timeout_s", DEFAULT_TIMEOUT_S)
-    key = (svc.paths.root / "locks", float(timeout))
+def file_locks(state_root: Path, kind: str = STATE_LOCK, timeout_s: float = DEFAULT_TIMEOUT_S) -> FileLocks:
+    """The local locks of ``kind`` under a state dir, one instance per directory and timeout (so re-entrancy is
+    seen across callers in the same process). The release slots are flocks apart from the state locks
+    (``<state>/locks/releases/``): the kernel frees one the moment a killed run's process dies, so the run reconcile
+    starts next does not wait for a lease to expire."""
+    directory = state_root / "locks" if kind == STATE_LOCK else state_root / "locks" / "releases"
+    key = (directory, float(timeout_s), kind)
     with _shared_guard:
         if key not in _shared:
             _shared[key] = FileLocks(*key)
         return _shared[key]
 
 
+def model_locks(svc: Any) -> ModelLocks:
+    """The state locks of a set of services: ``svc.locks`` (the platform's: files or Leases) when it has them, else
+    file locks under the state dir (unit tests' fakes)."""
+    locks = getattr(svc, "locks", None)
+    if locks is not None:
+        return locks
+    settings = getattr(svc, "settings", None)
+    timeout = getattr(getattr(settings, "reconcile", None), "lock_timeout_s", DEFAULT_TIMEOUT_S)
+    return file_locks(svc.paths.root, STATE_LOCK, timeout)
+
+
 def release_slot(svc: Any, model: str, timeout_s: float) -> AbstractContextManager[None]:
     """One release of ``model`` at a time, held for the whole release run; other models' releases go on beside it.
-    Locally an flock apart from the state lock (``<state>/locks/releases/``): the kernel frees it the moment a
-    killed run's process dies, so the run reconcile starts next does not wait for a lease to expire. Raises
-    :class:`LockTimeout` after ``timeout_s``."""
-    return FileLocks(svc.paths.root / "locks" / "releases", timeout_s, RELEASE_SLOT).hold(model, "release it")
+    The platform's slots (``svc.release_slots(timeout_s)``: a file lock locally, a Lease on Kubernetes), else a file
+    lock under the state dir. Raises :class:`LockTimeout` after ``timeout_s``."""
+    slots = getattr(svc, "release_slots", None)
+    provider = slots(timeout_s) if slots is not None else file_locks(svc.paths.root, RELEASE_SLOT, timeout_s)
+    return provider.hold(model, "release it")
 
 
 def hold(svc: Any, model: str, why: str = "") -> AbstractContextManager[None]:

@@ -38,6 +38,12 @@ class StatePaths:
     """File layout of one local stack; pure, creates nothing until :meth:`ensure` is called."""
 
     root: Path
+    seal_key_file: Path | None = None  # settings.seal_key_file: the seal key from a mounted Secret, not the state dir
+
+    @classmethod
+    def of(cls, settings: Any) -> StatePaths:
+        """The layout a :class:`~canaryflow.core.settings.Settings` names (state dir, seal key file)."""
+        return cls(settings.state_dir, getattr(settings, "seal_key_file", None))
 
     # MLflow
     @property
@@ -62,8 +68,9 @@ class StatePaths:
 
     @property
     def seal_key(self) -> Path:
-        """HMAC key of the serving state only the pipeline writes (canaryflow.core.seal)."""
-        return self.root / "secrets" / "state_seal_key"
+        """HMAC key of the serving state only the pipeline writes (canaryflow.core.seal): ``seal_key_file`` when
+        configured (read only, never created), else a stack secret created on first use."""
+        return self.seal_key_file or self.root / "secrets" / "state_seal_key"
 
     @property
     def pin_key(self) -> Path:

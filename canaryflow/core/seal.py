@@ -21,6 +21,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from canaryflow.core.errors import ConfigError
 from canaryflow.core.keys import secret_file
 from canaryflow.core.paths import StatePaths
 from canaryflow.core.registry import Registry, sha256_of
@@ -34,7 +35,7 @@ _keys: dict[Path, tuple[tuple[int, int], bytes]] = {}
 
 
 def _seal_key(paths: StatePaths) -> bytes:
-    """The seal key, read once per process (again only if the file was replaced)."""
+    """The seal key, read once per process (again only if the file was replaced: a Secret volume swaps it)."""
     path = paths.seal_key
     try:
         st = path.stat()
@@ -42,10 +43,26 @@ def _seal_key(paths: StatePaths) -> bytes:
         if cached is not None and cached[0] == (st.st_ino, st.st_mtime_ns):
             return cached[1]
     except FileNotFoundError:
-        pass  # secret_file creates it
-    key = secret_file(path).encode()
+        if paths.seal_key_file is not None:
+            raise ConfigError(f"seal key file {path} (settings seal_key_file) does not exist; on Kubernetes "
+                              "`canaryflow k8s init` creates the Secret canaryflow-seal-key that the flow-run "
+                              "pods mount there") from None
+        # else secret_file creates it
+    key = (_configured_key(path) if paths.seal_key_file is not None else secret_file(path)).encode()
     st = path.stat()
     _keys[path] = ((st.st_ino, st.st_mtime_ns), key)
+    return key
+
+
+def _configured_key(path: Path) -> str:
+    """A configured seal key file: read as it is (a mounted Secret is read-only), refused when others may read it
+    or when it is too short to be a key."""
+    if path.stat().st_mode & 0o007:
+        raise ConfigError(f"seal key file {path} is readable by others (mode {path.stat().st_mode & 0o777:o}); "
+                          "make it 0400 or 0600 (a Secret volume: defaultMode 0400)")
+    key = path.read_text(encoding="utf-8").strip()
+    if len(key) < 32:
+        raise ConfigError(f"seal key file {path} holds {len(key)} characters; a seal key has at least 32")
     return key
 
 

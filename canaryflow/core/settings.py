@@ -344,6 +344,8 @@ class KubernetesSettings(BaseModel):
     tolerations: list[dict[str, object]] = []
     affinity: dict[str, object] | None = None
     rollout_timeout_s: float = Field(600.0, gt=0, description="a version not Available by then fails to deploy")
+    lease_s: int = Field(30, ge=3, le=3600, description="duration of the model locks' Leases (renewed every third "
+                                                      "of it): a killed run's lock is free this long after it died")
     mlflow_auth_secret: str | None = Field(None, description="Secret (in the namespace) with MLFLOW_TRACKING_TOKEN "
                                                              "or _USERNAME/_PASSWORD for the pods' .mar fetch")
     replay_from_cidrs: list[str] = Field([], description="addresses of the API servers, allowed to reach inference "
@@ -400,6 +402,10 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     state_dir: Path = Path(".canaryflow")
+    seal_key_file: Path | None = Field(
+        None, description="the key that seals the pipeline's serving state (canaryflow/core/seal.py), read from this "
+                          "file (e.g. the mounted Secret canaryflow-seal-key on Kubernetes); unset: "
+                          "<state_dir>/secrets/state_seal_key, created on first use")
     # which implementations serve the release's interfaces (canaryflow/services.py)
     platform: Literal["local", "kubernetes"] = "local"
     ports: Ports = Ports()

@@ -115,7 +115,7 @@ def create_app(
 ) -> Starlette:
     """Build the bridge; missing pieces come from :func:`get_settings` and the state dir's secret files."""
     settings = settings or get_settings()
-    paths = StatePaths(settings.state_dir)
+    paths = StatePaths.of(settings)
     if launcher is None:
         launcher = prefect_launcher(settings)
     if secret is None:

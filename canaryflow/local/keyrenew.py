@@ -174,7 +174,7 @@ def main() -> None:
                     from deployments.torchserve import TorchServeClient
 
                     settings = get_settings()
-                    paths = StatePaths(settings.state_dir)
+                    paths = StatePaths.of(settings)
                     job = (TorchServeClient(settings, paths), local_router(settings, paths),
                            timedelta(minutes=settings.serving.token_expiration_min),
                            settings.serving.key_renew_fraction, paths)

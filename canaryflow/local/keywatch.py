@@ -129,7 +129,7 @@ def recover_serving(timeout_s: float = 600.0) -> str:
     from canaryflow.services import local_router
 
     settings = get_settings()
-    paths = StatePaths(settings.state_dir)
+    paths = StatePaths.of(settings)
     client = torchserve.TorchServeClient(settings, paths)
     if not paths.router_conf.exists():
         return "router not configured yet; `canaryflow up` renders it"

@@ -30,7 +30,7 @@ def rotate_router_logs(settings: Settings | None = None, force: bool = False) ->
     from canaryflow.services import local_router
 
     settings = settings or get_settings()
-    paths = StatePaths(settings.state_dir)
+    paths = StatePaths.of(settings)
     if not paths.router_dir.is_dir():
         return "no router yet; nothing to rotate"
     limit = 0 if force else int(settings.router.access_log_max_mb * (1 << 20))

@@ -84,7 +84,7 @@ class LocalStack:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.paths = StatePaths(settings.state_dir)
+        self.paths = StatePaths.of(settings)
         self.supervisor = Supervisor(self.paths)
         self.router = local_router(settings, self.paths)
         self.torchserve = torchserve.TorchServeClient(settings, self.paths)

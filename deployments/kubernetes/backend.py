@@ -21,7 +21,7 @@ from canaryflow.core.names import name_problem
 from canaryflow.core.serving_contract import REPLAY_HEADER
 from canaryflow.core.settings import Settings
 from deployments.kubernetes import objects as o
-from deployments.kubernetes.apply import Applier, api_error, load_api_client
+from deployments.kubernetes.apply import Applier, KubeApplyError, api_error, load_api_client
 from deployments.kubernetes.pod import version_objects
 
 ArchiveSource = Callable[[str, str, Path], tuple[str, str]]
@@ -62,10 +62,19 @@ class KubernetesBackend:
             raise ServingError(problem)
 
     def healthy(self) -> bool:
-        """True when the API server answers and the namespace exists."""
+        """True when the API server answers and the namespace exists. The flow runs' Role is namespaced (it cannot
+        read a Namespace, a cluster-scoped object): for them a read of the namespace's Deployments answers."""
         try:
             return self.applier.get("v1", "Namespace", self.namespace, "") is not None
+        except KubeApplyError as exc:
+            if exc.status != 403:
+                return False
         except Exception:  # noqa: BLE001 - any failure to reach the API server is "not healthy"
+            return False
+        try:
+            self.applier.list("apps/v1", "Deployment", self.namespace, f"{o.PART_OF_LABEL}={o.PART_OF}")
+            return True
+        except Exception:  # noqa: BLE001
             return False
 
     def versions(self, model: str) -> list[str]:

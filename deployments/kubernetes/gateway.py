@@ -76,6 +76,9 @@ class SecretPinKey:
         try:
             return self.core.create_namespaced_secret(self.namespace, body)
         except ApiException as exc:
+            if exc.status == 403:  # the flow runs' Role may only read it (deployments/kubernetes/pipeline.py)
+                raise ServingError(f"Secret {self.namespace}/{self.name} is missing and this identity may not create "
+                                   "it: run `canaryflow k8s init` (as a namespace admin) first") from exc
             if exc.status != 409:  # another worker created it first: read theirs
                 raise
             return self.core.read_namespaced_secret(self.name, self.namespace)

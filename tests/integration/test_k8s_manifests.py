@@ -69,3 +69,29 @@ def test_overlay_is_accepted_by_the_api_server(overlay: str, tmp_path: Path, kub
                            "-n", namespace, "-f", str(path)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("serverside-applied (server dry run)") == 8, done.stdout
+
+
+@pytest.mark.kube
+@pytest.mark.integration
+def test_the_pipeline_objects_validate_and_are_accepted(tmp_path: Path, kube_api: Any) -> None:
+    """serving_manifests/pipeline: the flow runs' ServiceAccount, Role and RoleBinding (what `canaryflow k8s init`
+    applies), strictly valid and accepted by the API server with RBAC on."""
+    out = subprocess.run([str(BIN / "kubectl"), "kustomize", str(ROOT / "serving_manifests" / "pipeline")],
+                         capture_output=True, text=True, check=True, timeout=60)
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(out.stdout)
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    assert [d["kind"] for d in docs] == ["ServiceAccount", "Role", "RoleBinding"]
+    assert all(d["metadata"]["namespace"] == "canaryflow" for d in docs)
+    done = subprocess.run([str(BIN / "kubernetes-validate"), "--strict", "-k", KUBERNETES_VERSION, str(path)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.count("passed") == 3, done.stdout + done.stderr
+    kubectl = [str(BIN / "kubectl"), "--kubeconfig", str(kube_api.kubeconfig)]
+    namespace = subprocess.run([*kubectl, "create", "namespace", "canaryflow", "--dry-run=client", "-o", "yaml"],
+                               capture_output=True, text=True, check=True, timeout=30).stdout
+    subprocess.run([*kubectl, "apply", "--server-side", "-f", "-"], input=namespace, capture_output=True, text=True,
+                   check=True, timeout=30)
+    done = subprocess.run([*kubectl, "apply", "--server-side", "--dry-run=server", "--field-manager", "canaryflow",
+                           "-f", str(path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("serverside-applied (server dry run)") == 3, done.stdout

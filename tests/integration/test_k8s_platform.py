@@ -7,8 +7,6 @@ the API server has stored it (its status subresource, patched as the deployment 
 
 from __future__ import annotations
 
-import threading
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,33 +24,10 @@ from deployments.kubernetes import objects as o
 from deployments.kubernetes.backend import KubernetesBackend
 from deployments.kubernetes.gateway import GatewayApiRouter
 from deployments.prometheus import PrometheusMetricsSource
+from tests.kubeapi import FakeKubelet
 
 pytestmark = [pytest.mark.integration, pytest.mark.kube]
 MODEL = "churn"
-
-
-class FakeKubelet(threading.Thread):
-    """Marks each Deployment of the namespace Available at its current generation (2 ready replicas)."""
-
-    def __init__(self, api: Any, namespace: str) -> None:
-        super().__init__(daemon=True)
-        self.api, self.namespace, self.stop = api, namespace, threading.Event()
-
-    def run(self) -> None:
-        from kubernetes import client
-
-        apps = client.AppsV1Api(self.api)
-        while not self.stop.wait(0.05):
-            for dep in apps.list_namespaced_deployment(self.namespace).items:
-                if (dep.status.observed_generation or 0) >= dep.metadata.generation:
-                    continue
-                now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-                apps.patch_namespaced_deployment_status(dep.metadata.name, self.namespace, {"status": {
-                    "observedGeneration": dep.metadata.generation, "replicas": 2, "updatedReplicas": 2,
-                    "readyReplicas": 2, "availableReplicas": 2,
-                    "conditions": [{"type": "Available", "status": "True", "reason": "FakeKubelet",
-                                    "message": "patched by the test", "lastUpdateTime": now,
-                                    "lastTransitionTime": now}]}})
 
 
 @pytest.fixture

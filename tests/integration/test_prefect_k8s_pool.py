@@ -71,4 +71,14 @@ def test_the_job_the_worker_builds_is_accepted_by_a_real_api_server(stack, kube_
     # the API server defaulted and validated it: the pod template kept our hardening
     pod = created.spec.template.spec
     assert pod.containers[0].securityContext.capabilities.drop == ["ALL"]
-    assert {v.name for v in pod.volumes} >= {"tmp", "state"}
+    assert {v.name for v in pod.volumes} >= {"tmp", "state", "seal-key"}
+    # every flow run seals with the one key of the namespace (a Secret, read-only), not a key of its own emptyDir
+    from deployments.kubernetes import pipeline
+
+    seal = next(v for v in pod.volumes if v.name == "seal-key").secret
+    assert (seal.secretName, seal.defaultMode) == (pipeline.SEAL_SECRET, 0o400)
+    mount = next(m for m in pod.containers[0].volumeMounts if m.name == "seal-key")
+    assert mount.readOnly and mount.mountPath == pipeline.SEAL_MOUNT
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["CANARYFLOW_SEAL_KEY_FILE"] == f"{pipeline.SEAL_MOUNT}/{seal.items[0].path}"
+    assert spec["serviceAccountName"] == pipeline.SERVICE_ACCOUNT

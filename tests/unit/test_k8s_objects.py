@@ -176,7 +176,7 @@ def test_checked_in_manifests_match_the_builders() -> None:
     for rel, text in manifests.render().items():
         assert (ROOT / "serving_manifests" / rel).read_text() == text, f"{rel} is stale"
     generated = {ROOT / "serving_manifests" / rel for rel in manifests.render()}
-    for folder in ("base", "overlays"):
+    for folder in ("base", "overlays", "pipeline"):
         extra = [p for p in (ROOT / "serving_manifests" / folder).rglob("*.yaml") if p not in generated]
         assert extra == [], "hand-written files in a generated folder"
 

@@ -80,3 +80,34 @@ def test_batch_scores_only_the_archive_the_pipeline_sealed(tmp_path: Path) -> No
         batch_model._check_archive(svc.registry, "m", "1", bundle, svc.paths, None)
     with pytest.raises(BatchError, match="is not the checked"):
         batch_model._check_archive(svc.registry, "m", "1", bundle, None, sha)
+
+
+def test_a_configured_seal_key_file_is_shared_read_only_and_never_created(tmp_path: Path) -> None:
+    """On Kubernetes every flow run is a pod with its own state dir: the key comes from one mounted Secret
+    (settings.seal_key_file), so what one run sealed verifies in another, and nothing is written beside it."""
+    from canaryflow.core.errors import ConfigError
+    from canaryflow.core.paths import StatePaths
+    from canaryflow.core.settings import Settings
+
+    key = tmp_path / "secret" / "seal_key"
+    key.parent.mkdir()
+    key.write_text("k" * 44 + "\n")
+    key.chmod(0o400)
+    one = StatePaths.of(Settings(state_dir=tmp_path / "pod-1", seal_key_file=key))
+    other = StatePaths.of(Settings(state_dir=tmp_path / "pod-2", seal_key_file=key))
+    sealed = seal.seal_json(one, "m", "2", json.dumps({"phase": "ramp"}, sort_keys=True))
+    assert seal.open_json(other, "m", "2", sealed) == json.dumps({"phase": "ramp"}, sort_keys=True)
+    assert not (tmp_path / "pod-1").exists() and not (tmp_path / "pod-2").exists()  # no key generated per pod
+    stack_key = StatePaths(tmp_path / "pod-3")  # the local default: a key of the stack's own, which differs
+    assert seal.open_json(stack_key, "m", "2", sealed) is None
+
+    with pytest.raises(ConfigError, match="does not exist.*canaryflow k8s init"):
+        seal.mac(StatePaths(tmp_path / "s", tmp_path / "missing"), "canary", "m")
+    key.chmod(0o644)
+    key.write_text("x" * 44)  # a new file state: read again, and refused
+    with pytest.raises(ConfigError, match="readable by others"):
+        seal.mac(one, "canary", "m")
+    key.chmod(0o600)
+    key.write_text("short")
+    with pytest.raises(ConfigError, match="at least 32"):
+        seal.mac(one, "canary", "m")
