@@ -143,3 +143,23 @@ def test_what_the_role_does_not_grant_is_refused(svc: Services, namespace: str) 
     review = client.AuthorizationV1Api(api).create_self_subject_access_review({"spec": {"resourceAttributes": {
         "namespace": namespace, "verb": "create", "resource": "services", "subresource": "proxy"}}})
     assert review.status.allowed  # the canary's replay through the service proxy
+
+
+def test_canaryflow_k8s_init_as_a_user_runs_it(kube_api: Any, admin: Any, tmp_path: Path) -> None:
+    """The CLI command: settings from the environment, a fresh namespace prepared, no key on the screen."""
+    import os
+    import subprocess
+    import sys
+
+    namespace = f"init-{uuid.uuid4().hex[:6]}"
+    env = {key: value for key, value in os.environ.items() if not key.startswith("CANARYFLOW_")}
+    env.update({"CANARYFLOW_STATE_DIR": str(tmp_path / "state"),
+                "CANARYFLOW_KUBERNETES__KUBECONFIG": str(kube_api.kubeconfig),
+                "CANARYFLOW_KUBERNETES__NAMESPACE": namespace})
+    done = subprocess.run([str(Path(sys.executable).parent / "canaryflow"), "k8s", "init"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"- Role {namespace}/canaryflow-release: applied" in done.stdout
+    assert f"- Secret {namespace}/canaryflow-seal-key: created with a random seal_key" in done.stdout
+    seal_key = _secret(admin, namespace, pipeline.SEAL_SECRET, pipeline.SEAL_SECRET_KEY)
+    assert seal_key not in done.stdout + done.stderr
