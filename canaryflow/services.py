@@ -80,11 +80,10 @@ def kubernetes_backend(settings: Settings, paths: StatePaths) -> KubernetesBacke
 
 
 def kubernetes_router(settings: Settings, paths: StatePaths) -> GatewayApiRouter:
-    """One HTTPRoute per model in front of the per-version Services (names and port from the backend's objects)."""
-    from deployments.kubernetes import objects
+    """One HTTPRoute per model in front of the per-version Services."""
     from deployments.kubernetes.gateway import GatewayApiRouter
 
-    return GatewayApiRouter(settings, objects.object_name, service_port=objects.INFERENCE_PORT)
+    return GatewayApiRouter.for_settings(settings)
 
 
 _lease_locks: dict[tuple[Any, ...], ModelLocks] = {}

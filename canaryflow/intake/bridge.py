@@ -32,6 +32,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -44,7 +45,7 @@ from canaryflow.core.names import name_problem
 from canaryflow.core.paths import StatePaths
 from canaryflow.core.registry import MlflowRegistry
 from canaryflow.core.settings import Settings, get_settings
-from canaryflow.intake.canary_metrics import CONTENT_TYPE, render_canary_metrics
+from canaryflow.intake.canary_metrics import CONTENT_TYPE, RoutesSnapshot, render_canary_metrics
 from canaryflow.intake.launcher import Launcher, prefect_launcher
 from canaryflow.intake.webhook import (
     DELIVERY_ID_HEADER,
@@ -105,6 +106,23 @@ async def _read_body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
+def _routes_snapshot(settings: Settings) -> Callable[[], RoutesSnapshot] | None:
+    """Where the canary metrics read the routes table: None for routes.json (the local router's), the HTTPRoutes
+    on Kubernetes (the bridge's identity needs `list` on httproutes; the router is built at the first scrape)."""
+    if settings.platform != "kubernetes":
+        return None
+    router: list[Any] = []
+
+    def snapshot() -> RoutesSnapshot:
+        if not router:
+            from deployments.kubernetes.gateway import GatewayApiRouter
+
+            router.append(GatewayApiRouter.for_settings(settings))
+        return router[0].snapshot()
+
+    return snapshot
+
+
 def create_app(
     settings: Settings | None = None,
     launcher: Launcher | None = None,
@@ -132,10 +150,12 @@ def create_app(
     _ensure_delivery_log()
     registry: list[MlflowRegistry] = []  # made at the first scrape: importing mlflow is slow
 
+    routes_snapshot = _routes_snapshot(settings)
+
     def _canary_text() -> bytes:
         if not registry:
             registry.append(MlflowRegistry(settings.mlflow_uri))
-        return render_canary_metrics(paths, registry[0])
+        return render_canary_metrics(paths, registry[0], routes_snapshot() if routes_snapshot else None)
 
     async def metrics(request: Request) -> Response:
         """The canary's weight, phase and last change for Prometheus (alert ``CanaryflowCanaryStuck``)."""

@@ -3,12 +3,14 @@
 
 Rendered in the Prometheus text exposition format from what the pipeline wrote, read-only:
 
-- the routes table (``<state>/router/routes.json``, :attr:`StatePaths.router_state`): which version is the
-  canary and its share of live traffic, i.e. what is actually served;
+- the routes table (``<state>/router/routes.json``, :attr:`StatePaths.router_state`; on Kubernetes the model's
+  HTTPRoutes, read back from the API server): which version is the canary and its share of live traffic, i.e.
+  what is actually served;
 - the ramp's sealed status (the ``canaryflow.canary`` tag on the candidate version in the MLflow registry,
   :mod:`canaryflow.core.seal`): its phase and when its current step began. A status whose seal does not verify
   is not used (a registry user could forge it); the phase then comes from the route alone and the last change
-  from routes.json's modification time, an upper bound of it (the file is rewritten at every route change).
+  from routes.json's modification time (on Kubernetes: the HTTPRoutes' last write by canaryflow), an upper bound
+  of it (the table is rewritten at every route change).
 
 Series (one set per model with an active ramp; none once the ramp ended):
 
@@ -107,15 +109,22 @@ def _view(paths: StatePaths, registry: Registry | None, model: str, route: Route
     return CanaryView(model, route.canary, weight, phase, routes_mtime, False)
 
 
+RoutesSnapshot = tuple[Mapping[str, Mapping[str, Any]], float]
+"""(routes table, when it was last written): where the table is not routes.json (a GatewayApiRouter.snapshot)."""
+
+
 def canary_views(paths: StatePaths, registry: Registry | None = None,
-                 routes: Mapping[str, Mapping[str, Any]] | None = None) -> list[CanaryView]:
-    """Every active ramp, by model name. ``routes`` defaults to routes.json (pass a router's ``routes()`` where
-    the routes table lives elsewhere); ``registry`` None: phases come from the routes alone."""
-    table = read_routes(paths) if routes is None else validate_routes(routes)
-    try:
-        routes_mtime = paths.router_state.stat().st_mtime
-    except OSError:
-        routes_mtime = 0.0
+                 snapshot: RoutesSnapshot | None = None) -> list[CanaryView]:
+    """Every active ramp, by model name. The routes table is routes.json unless a ``snapshot`` of it is given
+    (where the table lives elsewhere); ``registry`` None: phases come from the routes alone."""
+    if snapshot is None:
+        table = read_routes(paths)
+        try:
+            routes_mtime = paths.router_state.stat().st_mtime
+        except OSError:
+            routes_mtime = 0.0
+    else:
+        table, routes_mtime = validate_routes(snapshot[0]), snapshot[1]
     views = []
     for model in sorted(table):
         route = Route.of(table[model])
@@ -126,7 +135,7 @@ def canary_views(paths: StatePaths, registry: Registry | None = None,
 
 
 def render_canary_metrics(paths: StatePaths, registry: Registry | None = None,
-                          routes: Mapping[str, Mapping[str, Any]] | None = None) -> bytes:
+                          snapshot: RoutesSnapshot | None = None) -> bytes:
     """The canary series in the Prometheus text format (``Content-Type``: :data:`CONTENT_TYPE`)."""
     out = CollectorRegistry(auto_describe=False)
     weight = Gauge("canaryflow_canary_weight", "Percent of the model's live traffic on the canary version "
@@ -137,7 +146,7 @@ def render_canary_metrics(paths: StatePaths, registry: Registry | None = None,
                     "(unix time).", ["model"], registry=out)
     verified = Gauge("canaryflow_canary_status_verified", "1: phase and last change from the pipeline's sealed "
                      "ramp status; 0: derived from the routes table alone.", ["model", "version"], registry=out)
-    for view in canary_views(paths, registry, routes):
+    for view in canary_views(paths, registry, snapshot):
         weight.labels(view.model, view.version).set(view.weight)
         for each in Phase:
             phase.labels(view.model, view.version, each.value).set(1 if each is view.phase else 0)

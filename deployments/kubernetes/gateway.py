@@ -111,15 +111,33 @@ class GatewayApiRouter:
     def pin_key_provider(self) -> Callable[[], str]:
         return self._pin_key_provider or SecretPinKey(self.api, self.namespace)
 
+    @classmethod
+    def for_settings(cls, settings: Settings) -> GatewayApiRouter:
+        """One HTTPRoute per model in front of the per-version Services (names and port from the backend's
+        objects), the cluster from settings."""
+        from deployments.kubernetes import objects
+
+        return cls(settings, objects.object_name, service_port=objects.INFERENCE_PORT)
+
     # -- reading -------------------------------------------------------------------------------------
     def routes(self) -> Routes:
         """Every model routed by an HTTPRoute of canaryflow in the namespace, as the server holds it."""
+        return self.snapshot()[0]
+
+    def snapshot(self) -> tuple[Routes, float]:
+        """:meth:`routes` and when canaryflow last wrote any of them (unix time, from the HTTPRoutes'
+        ``managedFields``; 0 when none): an upper bound of the last weight change, like routes.json's mtime."""
         try:
             listed = self.objects.list_namespaced_custom_object(gr.GROUP, gr.VERSION, self.namespace, gr.PLURAL,
                                                                 label_selector=gr.SELECTOR)
         except (ApiException, HTTPError) as exc:
             raise api_error(exc, f"listing HTTPRoutes in {self.namespace}") from exc
-        return dict(sorted((gr.parse_httproute(item) for item in listed.get("items", [])), key=lambda mr: mr[0]))
+        items = listed.get("items", [])
+        routes = dict(sorted((gr.parse_httproute(item) for item in items), key=lambda mr: mr[0]))
+        written = [_unix_time(entry.get("time")) for item in items
+                   for entry in (item.get("metadata") or {}).get("managedFields") or []
+                   if entry.get("manager") == self.field_manager]
+        return routes, max(written, default=0.0)
 
     def route(self, model: str) -> Route | None:
         """What ``model``'s HTTPRoute serves (None: it has none)."""
@@ -204,3 +222,13 @@ class GatewayApiRouter:
         """Always False: the HTTPRoutes carry no TorchServe key (each pod's key proxy adds it), so a TorchServe
         restart with new keys leaves nothing stale here."""
         return False
+
+
+def _unix_time(stamp: Any) -> float:
+    """An RFC 3339 time of the API server (``2026-12-07T09:00:00Z``) as unix time; 0 when absent or unreadable."""
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(str(stamp).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return 0.0

@@ -7,6 +7,7 @@ the API server has stored it (its status subresource, patched as the deployment 
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -114,3 +115,30 @@ def test_canaryflow_k8s_status_reads_the_cluster(svc: Services) -> None:
     rows = json.loads(done.stdout)
     assert [(r["model"], r["default"], [(v["version"], v["weight"], v["ready"]) for v in r["versions"]])
             for r in rows] == [(MODEL, "1", [("1", 100.0, 2)])]
+
+
+def test_the_bridges_canary_metrics_read_the_httproutes(svc: Services) -> None:
+    """On Kubernetes the canary series (alert CanaryflowCanaryStuck, the dashboard's weight panel) come from the
+    HTTPRoutes the API server holds, not from a local routes.json; the last change from canaryflow's last write."""
+    from prometheus_client.parser import text_string_to_metric_families
+    from starlette.testclient import TestClient
+
+    from canaryflow.intake.bridge import create_app
+
+    class NoLauncher:
+        def launch(self, *args: Any, **kwargs: Any) -> None:
+            raise AssertionError("no webhook in this test")
+
+    converge(svc, MODEL, Route("1"))
+    before = time.time() - 2  # managedFields times have whole seconds
+    converge(svc, MODEL, Route("1", "2", 25.0))
+    app = create_app(svc.settings, launcher=NoLauncher(), secret="s" * 32, feedback_token="t" * 32)
+    with TestClient(app) as http:
+        answer = http.get("/metrics")
+    assert answer.status_code == 200, answer.text
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(answer.text) for s in family.samples}
+    assert samples[("canaryflow_canary_weight", (("model", MODEL), ("version", "2")))] == 25.0
+    assert samples[("canaryflow_canary_phase", (("model", MODEL), ("phase", "progressing"), ("version", "2")))] == 1
+    assert before <= samples[("canaryflow_canary_last_change_timestamp_seconds", (("model", MODEL),))] <= time.time()
+    assert not StatePaths(svc.settings.state_dir).router_state.exists()  # nothing local was read or written

@@ -122,10 +122,15 @@ def test_an_unanswered_registry_falls_back_to_the_routes(tmp_path: Path) -> None
     assert samples[("canaryflow_canary_status_verified", (("model", "iris"), ("version", "2")))] == 0.0
 
 
-def test_routes_passed_in_replace_routes_json(tmp_path: Path) -> None:
+def test_a_routes_snapshot_replaces_routes_json(tmp_path: Path) -> None:
+    """On Kubernetes the table is the HTTPRoutes (GatewayApiRouter.snapshot): its last write is the last change
+    when no sealed status tells it."""
     paths = _paths(tmp_path, None)
-    text = render_canary_metrics(paths, routes={"iris": {"stable": "1", "canary": "3", "weight": 5.0}})
-    assert _samples(text)[("canaryflow_canary_weight", (("model", "iris"), ("version", "3")))] == 5.0
+    text = render_canary_metrics(paths, snapshot=({"iris": {"stable": "1", "canary": "3", "weight": 5.0}}, 1.8e9))
+    samples = _samples(text)
+    assert samples[("canaryflow_canary_weight", (("model", "iris"), ("version", "3")))] == 5.0
+    assert samples[("canaryflow_canary_last_change_timestamp_seconds", (("model", "iris"),))] == 1.8e9
+    assert samples[("canaryflow_canary_status_verified", (("model", "iris"), ("version", "3")))] == 0.0
 
 
 def test_no_routes_file_gives_no_series_and_writes_nothing(tmp_path: Path) -> None:
