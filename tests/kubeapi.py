@@ -18,6 +18,8 @@ import subprocess
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -195,6 +197,30 @@ class FakeKubelet(threading.Thread):
                     "conditions": [{"type": "Available", "status": "True", "reason": "FakeKubelet",
                                     "message": "patched by the test", "lastUpdateTime": now,
                                     "lastTransitionTime": now}]}})
+
+
+@contextmanager
+def cluster_services(settings: Any, admin: Any, model: str, versions: tuple[str, ...] = ("1", "2")) -> Iterator[Any]:
+    """Services of ``settings`` (platform=kubernetes) with the released archives of ``model``'s ``versions`` in the
+    state dir, a KubernetesBackend whose archive source is a stub URL (no MLflow here), and a FakeKubelet (with the
+    ``admin`` ApiClient) marking the namespace's Deployments Available while the block runs."""
+    from canaryflow.core.paths import StatePaths
+    from canaryflow.services import Services
+    from deployments.kubernetes.backend import KubernetesBackend
+
+    store = StatePaths(settings.state_dir).model_store
+    store.mkdir(parents=True)
+    for version in versions:
+        (store / f"{model}_v{version}.mar").write_bytes(f"archive {version}".encode())
+    backend = KubernetesBackend(settings, poll_s=0.05, archive_source=lambda m, v, a: (
+        f"https://mlflow.example/api/2.0/mlflow-artifacts/artifacts/1/r/artifacts/torchserve/{a.name}", "ab" * 32))
+    kubelet = FakeKubelet(admin, settings.kubernetes.namespace)
+    kubelet.start()
+    try:
+        yield Services(settings, backend=backend)
+    finally:
+        kubelet.stop.set()
+        kubelet.join(timeout=5)
 
 
 if __name__ == "__main__":

@@ -54,18 +54,12 @@ def lock_file_name(model: str) -> str:
     return model_file_name(model, ".lock")
 
 
-class FileLocks:
-    """``fcntl.flock`` locks under one directory; re-entrant within a thread, exclusive across threads and
-    processes."""
+class ReentrantLocks:
+    """Per-thread re-entrancy around one acquire/release pair per model: a subclass says how to take the lock
+    (:meth:`_enter`, returning a handle, raising :class:`LockTimeout`) and how to give it back (:meth:`_exit`)."""
 
-    def __init__(self, directory: Path, timeout_s: float = DEFAULT_TIMEOUT_S, kind: str = STATE_LOCK) -> None:
-        self.directory = directory
-        self.timeout_s = timeout_s
-        self.kind = kind
+    def __init__(self) -> None:
         self._local = threading.local()
-
-    def path(self, model: str) -> Path:
-        return self.directory / lock_file_name(model)
 
     def _held(self) -> dict[str, int]:
         if not hasattr(self._local, "held"):
@@ -74,7 +68,7 @@ class FileLocks:
 
     @contextmanager
     def hold(self, model: str, why: str = "") -> Iterator[None]:
-        """Hold ``model``'s lock for the ``with`` block; raises :class:`LockTimeout` after ``timeout_s``."""
+        """Hold ``model``'s lock for the ``with`` block; raises :class:`LockTimeout` when the wait is too long."""
         held = self._held()
         if held.get(model):
             held[model] += 1
@@ -83,17 +77,48 @@ class FileLocks:
             finally:
                 held[model] -= 1
             return
+        handle = self._enter(model, why)
+        held[model] = 1
+        try:
+            yield
+        finally:
+            held.pop(model, None)
+            self._exit(handle)
+
+    def _enter(self, model: str, why: str) -> Any:
+        raise NotImplementedError
+
+    def _exit(self, handle: Any) -> None:
+        raise NotImplementedError
+
+
+class FileLocks(ReentrantLocks):
+    """``fcntl.flock`` locks under one directory; re-entrant within a thread, exclusive across threads and
+    processes."""
+
+    def __init__(self, directory: Path, timeout_s: float = DEFAULT_TIMEOUT_S, kind: str = STATE_LOCK) -> None:
+        super().__init__()
+        self.directory = directory
+        self.timeout_s = timeout_s
+        self.kind = kind
+
+    def path(self, model: str) -> Path:
+        return self.directory / lock_file_name(model)
+
+    def _enter(self, model: str, why: str) -> int:
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.path(model)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             self._acquire(fd, model, why, path)
-            held[model] = 1
-            try:
-                yield
-            finally:
-                held.pop(model, None)
-                fcntl.flock(fd, fcntl.LOCK_UN)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _exit(self, fd: int) -> None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
 

@@ -30,12 +30,10 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from canaryflow.core.locks import RELEASE_SLOT, STATE_LOCK, LockTimeout
+from canaryflow.core.locks import RELEASE_SLOT, STATE_LOCK, LockTimeout, ReentrantLocks
 from deployments.kubernetes.apply import api_error
 
 _log = logging.getLogger(__name__)
@@ -126,7 +124,7 @@ class _Held:
             _log.warning("could not release Lease %s (it expires in %d s): %s", self.name, self.locks.lease_s, exc)
 
 
-class LeaseLocks:
+class LeaseLocks(ReentrantLocks):
     """:class:`~canaryflow.core.locks.ModelLocks` backed by Leases in ``namespace``."""
 
     def __init__(self, api_client: Any, namespace: str, kind: str = STATE_LOCK, timeout_s: float = 180.0,
@@ -137,11 +135,11 @@ class LeaseLocks:
             raise ValueError("lease_s must be at least 3 s (renewed every third of it)")
         from kubernetes import client
 
+        super().__init__()
         self.api = client.CoordinationV1Api(api_client)
         self.namespace, self.kind = namespace, kind
         self.timeout_s, self.lease_s = timeout_s, int(lease_s)
         self.identity = identity or f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
-        self._local = threading.local()
         self._observed: dict[str, tuple[tuple[Any, Any], float]] = {}
 
     # -- the API -----------------------------------------------------------------------------------------------
@@ -164,30 +162,12 @@ class LeaseLocks:
                 setattr(spec, field, _micro_time(value.astimezone(UTC)))
         return self.api.replace_namespaced_lease(name, self.namespace, lease)
 
-    # -- the lock ----------------------------------------------------------------------------------------------
-    def _held(self) -> dict[str, list[Any]]:
-        if not hasattr(self._local, "held"):
-            self._local.held = {}
-        return self._local.held
+    # -- the lock (ReentrantLocks.hold) -----------------------------------------------------------------------
+    def _enter(self, model: str, why: str) -> _Held:
+        return self._acquire(model, why)
 
-    @contextmanager
-    def hold(self, model: str, why: str = "") -> Iterator[None]:
-        """Hold ``model``'s Lease for the ``with`` block; raises :class:`LockTimeout` after ``timeout_s``."""
-        held = self._held()
-        if model in held:
-            held[model][1] += 1
-            try:
-                yield
-            finally:
-                held[model][1] -= 1
-            return
-        lease = self._acquire(model, why)
-        held[model] = [lease, 1]
-        try:
-            yield
-        finally:
-            held.pop(model, None)
-            lease.release()
+    def _exit(self, lease: _Held) -> None:
+        lease.release()
 
     def _acquire(self, model: str, why: str) -> _Held:
         name = lease_name(self.kind, model)

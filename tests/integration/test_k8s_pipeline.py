@@ -18,16 +18,14 @@ from typing import Any
 import pytest
 
 from canaryflow.core import locks
-from canaryflow.core.paths import StatePaths
 from canaryflow.core.settings import Settings
 from canaryflow.core.state import Route
 from canaryflow.release import cluster
 from canaryflow.release.converge import converge
 from canaryflow.services import Services
 from deployments.kubernetes import pipeline
-from deployments.kubernetes.backend import KubernetesBackend
 from deployments.kubernetes.lease import LeaseLocks
-from tests.kubeapi import FakeKubelet
+from tests.kubeapi import cluster_services
 
 pytestmark = [pytest.mark.integration, pytest.mark.kube]
 MODEL = "churn"
@@ -92,19 +90,8 @@ def svc(admin: Any, namespace: str, release_kubeconfig: Path, tmp_path: Path) ->
     settings = Settings(platform="kubernetes", state_dir=tmp_path / "state",
                         kubernetes={"kubeconfig": str(release_kubeconfig), "namespace": namespace,
                                     "gpus_per_pod": 0, "rollout_timeout_s": 30})
-    store = StatePaths(settings.state_dir).model_store
-    store.mkdir(parents=True)
-    for version in ("1", "2"):
-        (store / f"{MODEL}_v{version}.mar").write_bytes(f"archive {version}".encode())
-    backend = KubernetesBackend(settings, poll_s=0.05, archive_source=lambda m, v, a: (
-        f"https://mlflow.example/api/2.0/mlflow-artifacts/artifacts/1/r/artifacts/torchserve/{a.name}", "ab" * 32))
-    kubelet = FakeKubelet(admin, namespace)
-    kubelet.start()
-    try:
-        yield Services(settings, backend=backend)
-    finally:
-        kubelet.stop.set()
-        kubelet.join(timeout=5)
+    with cluster_services(settings, admin, MODEL) as services:
+        yield services
 
 
 def test_a_release_runs_with_the_release_service_accounts_token(svc: Services, admin: Any, namespace: str) -> None:

@@ -22,10 +22,9 @@ from canaryflow.release import cluster
 from canaryflow.release.converge import converge
 from canaryflow.services import Services
 from deployments.kubernetes import objects as o
-from deployments.kubernetes.backend import KubernetesBackend
 from deployments.kubernetes.gateway import GatewayApiRouter
 from deployments.prometheus import PrometheusMetricsSource
-from tests.kubeapi import FakeKubelet
+from tests.kubeapi import cluster_services
 
 pytestmark = [pytest.mark.integration, pytest.mark.kube]
 MODEL = "churn"
@@ -41,19 +40,8 @@ def svc(kube_api: Any, tmp_path: Path) -> Iterator[Services]:
                                     "gpus_per_pod": 0, "rollout_timeout_s": 30})
     api = config.new_client_from_config(str(kube_api.kubeconfig))
     client.CoreV1Api(api).create_namespace({"metadata": {"name": namespace}})
-    store = StatePaths(settings.state_dir).model_store
-    store.mkdir(parents=True)
-    for version in ("1", "2"):
-        (store / f"{MODEL}_v{version}.mar").write_bytes(f"archive {version}".encode())
-    backend = KubernetesBackend(settings, poll_s=0.05, archive_source=lambda m, v, a: (
-        f"https://mlflow.example/api/2.0/mlflow-artifacts/artifacts/1/r/artifacts/torchserve/{a.name}", "ab" * 32))
-    kubelet = FakeKubelet(api, namespace)
-    kubelet.start()
-    try:
-        yield Services(settings, backend=backend)
-    finally:
-        kubelet.stop.set()
-        kubelet.join(timeout=5)
+    with cluster_services(settings, api, MODEL) as services:
+        yield services
 
 
 def _hpa_min(svc: Services, version: str) -> int:
