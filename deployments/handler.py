@@ -110,9 +110,6 @@ class TrafficSample:
             pass
 
 
-
-
-
 PER_REQUEST_GAUGES = ("[METRICS]HandlerTime.", "[METRICS]PredictionTime.")
 """TorchServe's own per-request gauges (the last request's time, one stdout line each): Prometheus learns nothing
 from a last value sampled every scrape; the router's access log and :class:`LiveMetrics` carry the latencies."""
