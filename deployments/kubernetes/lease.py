@@ -13,7 +13,8 @@ on a cluster every flow run is its own pod with its own emptyDir, so a file lock
 - expiry: a killed holder's Lease is free once it has gone unrenewed for ``leaseDurationSeconds``, judged the way
   client-go's leader election judges it: on this process's monotonic clock, from when this process first saw that
   record (so the pods' clock skew does not matter), or sooner when its ``renewTime`` is more than twice the
-  duration old on the wall clock (a holder long dead before we looked).
+  duration old on the wall clock (a holder long dead before we looked). ``leaseTransitions`` counts these
+  takeovers (a free Lease taken is not one).
 
 The Lease name is derived from the model name's sha256 (a model name is untrusted: it never becomes a name
 itself); the name, shortened, is an annotation for a reader of ``kubectl get leases``. Re-entrant per thread like
