@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -113,3 +114,36 @@ def stack(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReque
             else:
                 os.environ[key] = value
         reset_settings()
+
+
+# -- Prefect servers nobody asked for ---------------------------------------------------------------------------
+# A Prefect client used without PREFECT_API_URL starts a temporary server of its own (ephemeral mode) that runs to
+# the end of the session and is stopped at interpreter exit, when pytest's streams are closed (a page of "I/O
+# operation on closed file" at the end of the log). Each such server is attributed to the test after which it
+# first ran, named in the terminal summary, and stopped here. A prefect_test_harness server is stopped by its
+# fixture before the session ends, so it is never reported.
+_first_seen: dict[int, str] = {}
+
+
+def _running_prefect_servers() -> dict[int, object]:
+    server = sys.modules.get("prefect.server.api.server")
+    if server is None:
+        return {}
+    instances = list(getattr(server.SubprocessASGIServer, "_instances", {}).values())
+    return {id(s): s for s in instances if getattr(s, "server_process", None) is not None}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    yield
+    for key in _running_prefect_servers():
+        _first_seen.setdefault(key, item.nodeid)
+
+
+def pytest_terminal_summary(terminalreporter: object, exitstatus: int) -> None:
+    for key, server in _running_prefect_servers().items():
+        where = _first_seen.get(key, "before any test ended")
+        terminalreporter.write_line(  # type: ignore[attr-defined]
+            f"a temporary Prefect server ({getattr(server, 'address', '?')}) was still running at the end; it first "
+            f"ran after {where} (a Prefect client without PREFECT_API_URL); stopping it")
+        server.stop()  # type: ignore[attr-defined]
