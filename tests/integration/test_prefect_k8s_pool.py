@@ -46,12 +46,15 @@ def test_the_template_is_a_kubernetes_pool_on_the_real_prefect_server(stack) -> 
     httpx.delete(f"{stack.settings.prefect_api_url}/work_pools/{POOL}", timeout=10)
 
 
-def test_the_job_the_worker_builds_is_accepted_by_a_real_api_server(stack, kube_api, monkeypatch) -> None:
+def test_the_job_the_worker_builds_is_accepted_by_a_real_api_server(stack, kube_api) -> None:
     from kubernetes import config, dynamic
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    # Prefect's worker code resolves template references through the API: the stack's server, not a temporary one
-    monkeypatch.setenv("PREFECT_API_URL", stack.settings.prefect_api_url)
-    manifest = _job_manifest("registry.example.com/canaryflow:1.0")
+    # Prefect's worker code resolves template references through the API: the stack's server, not a temporary one.
+    # A settings context, not the environment: a context left by an earlier prefect_test_harness in this process
+    # would hide an environment variable, and the client would start a temporary server of its own.
+    with temporary_settings(updates={PREFECT_API_URL: stack.settings.prefect_api_url}):
+        manifest = _job_manifest("registry.example.com/canaryflow:1.0")
     spec = manifest["spec"]["template"]["spec"]
     container = spec["containers"][0]
     assert container["securityContext"]["runAsNonRoot"] is True
