@@ -1,15 +1,18 @@
 """A small applier over the official client's DynamicClient: server-side apply (dry run for every object first,
 then for real), delete, and waiting for a Deployment's rollout. API errors become typed errors that say what the
-server refused and what to do.
+server refused and what to do. Also two small helpers of the package: a random-key Secret created once, and the
+API server's timestamps parsed.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import secrets
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import cached_property
 from typing import Any
 
@@ -193,3 +196,33 @@ def rollout_state(dep: dict[str, Any]) -> str:
     if (conditions.get("Available") or {}).get("status") == "True":
         return "available"
     return "progressing: not Available yet"
+
+
+def create_random_secret(api: Any, namespace: str, name: str, key: str, labels: dict[str, str]) -> bool:
+    """Create the Secret ``name`` holding a random ``key`` unless it exists; True when it was created, False when
+    one was already there (kept as it is: another worker, or an admin, made it first). Other refusals (a 403 for
+    an identity that may not create Secrets) are the caller's to explain."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    body = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+            "metadata": {"name": name, "namespace": namespace, "labels": dict(labels)},
+            "stringData": {key: secrets.token_urlsafe(32)}}
+    try:
+        client.CoreV1Api(api).create_namespaced_secret(namespace, body)
+        return True
+    except ApiException as exc:
+        if exc.status == 409:
+            return False
+        raise
+
+
+def parse_time(value: Any) -> datetime | None:
+    """An API server timestamp (RFC 3339 ``2026-12-07T09:00:00Z``, or what the client already parsed) as an aware
+    datetime; None when absent or unreadable."""
+    if value is None or isinstance(value, datetime):
+        return value
+    try:
+        return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return None

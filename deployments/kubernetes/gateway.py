@@ -27,7 +27,6 @@
 from __future__ import annotations
 
 import base64
-import secrets
 from collections.abc import Callable
 from functools import cached_property
 from typing import Any
@@ -41,7 +40,8 @@ from canaryflow.core.serving_contract import PIN_KEY_HEADER
 from canaryflow.core.settings import Settings
 from canaryflow.core.state import Route
 from deployments.kubernetes import gateway_route as gr
-from deployments.kubernetes.apply import api_error, load_api_client
+from deployments.kubernetes import objects as o
+from deployments.kubernetes.apply import api_error, create_random_secret, load_api_client, parse_time
 from deployments.routes import Routes, validate_routes
 
 PIN_SECRET, PIN_SECRET_KEY = "canaryflow-pin-key", "pin-key"
@@ -71,17 +71,14 @@ class SecretPinKey:
         return base64.b64decode(raw).decode()
 
     def _create(self) -> Any:
-        body = client.V1Secret(metadata=client.V1ObjectMeta(name=self.name, labels=dict([gr.PART_OF])),
-                               string_data={PIN_SECRET_KEY: secrets.token_urlsafe(32)}, type="Opaque")
         try:
-            return self.core.create_namespaced_secret(self.namespace, body)
+            create_random_secret(self.core.api_client, self.namespace, self.name, PIN_SECRET_KEY, dict([gr.PART_OF]))
         except ApiException as exc:
             if exc.status == 403:  # the flow runs' Role may only read it (deployments/kubernetes/pipeline.py)
                 raise ServingError(f"Secret {self.namespace}/{self.name} is missing and this identity may not create "
                                    "it: run `canaryflow k8s init` (as a namespace admin) first") from exc
-            if exc.status != 409:  # another worker created it first: read theirs
-                raise
-            return self.core.read_namespaced_secret(self.name, self.namespace)
+            raise
+        return self.core.read_namespaced_secret(self.name, self.namespace)  # ours, or another worker's first
 
 
 class GatewayApiRouter:
@@ -115,9 +112,7 @@ class GatewayApiRouter:
     def for_settings(cls, settings: Settings) -> GatewayApiRouter:
         """One HTTPRoute per model in front of the per-version Services (names and port from the backend's
         objects), the cluster from settings."""
-        from deployments.kubernetes import objects
-
-        return cls(settings, objects.object_name, service_port=objects.INFERENCE_PORT)
+        return cls(settings, o.object_name, service_port=o.INFERENCE_PORT)
 
     # -- reading -------------------------------------------------------------------------------------
     def routes(self) -> Routes:
@@ -134,9 +129,9 @@ class GatewayApiRouter:
             raise api_error(exc, f"listing HTTPRoutes in {self.namespace}") from exc
         items = listed.get("items", [])
         routes = dict(sorted((gr.parse_httproute(item) for item in items), key=lambda mr: mr[0]))
-        written = [_unix_time(entry.get("time")) for item in items
+        written = [stamp.timestamp() for item in items
                    for entry in (item.get("metadata") or {}).get("managedFields") or []
-                   if entry.get("manager") == self.field_manager]
+                   if entry.get("manager") == self.field_manager and (stamp := parse_time(entry.get("time")))]
         return routes, max(written, default=0.0)
 
     def route(self, model: str) -> Route | None:
@@ -223,12 +218,3 @@ class GatewayApiRouter:
         restart with new keys leaves nothing stale here."""
         return False
 
-
-def _unix_time(stamp: Any) -> float:
-    """An RFC 3339 time of the API server (``2026-12-07T09:00:00Z``) as unix time; 0 when absent or unreadable."""
-    from datetime import datetime
-
-    try:
-        return datetime.fromisoformat(str(stamp).replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return 0.0

@@ -35,7 +35,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from canaryflow.core.locks import RELEASE_SLOT, STATE_LOCK, LockTimeout, ReentrantLocks
-from deployments.kubernetes.apply import api_error
+from deployments.kubernetes.apply import api_error, parse_time
 
 _log = logging.getLogger(__name__)
 _NAME_PREFIX = {STATE_LOCK: "canaryflow-state-", RELEASE_SLOT: "canaryflow-release-"}
@@ -50,15 +50,6 @@ def lease_name(kind: str, model: str) -> str:
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-def _parse_time(value: Any) -> datetime | None:
-    if value is None or isinstance(value, datetime):
-        return value
-    try:
-        return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-    except ValueError:
-        return None
 
 
 def _micro_time(at: datetime) -> str:
@@ -237,5 +228,5 @@ class LeaseLocks(ReentrantLocks):
             self._observed[name] = seen = (record, time.monotonic())
         if time.monotonic() - seen[1] > duration:
             return True
-        renewed = _parse_time(spec.renew_time)
+        renewed = parse_time(spec.renew_time)
         return renewed is not None and (now - renewed).total_seconds() > 2 * duration

@@ -16,10 +16,9 @@ and the two keys every run must share.
 
 from __future__ import annotations
 
-import secrets
 from typing import Any
 
-from deployments.kubernetes.apply import Applier, api_error
+from deployments.kubernetes.apply import Applier, api_error, create_random_secret
 from deployments.kubernetes.gateway import PIN_SECRET, PIN_SECRET_KEY
 
 SERVICE_ACCOUNT = "canaryflow-release"
@@ -64,22 +63,15 @@ def objects(namespace: str) -> list[dict[str, Any]]:
 def ensure_keys(api: Any, namespace: str) -> list[str]:
     """Create the seal and pin key Secrets with random values where missing; an existing one is kept as it is.
     Returns what was done, one line per Secret (never a key)."""
-    from kubernetes import client
     from kubernetes.client.exceptions import ApiException
 
-    core = client.CoreV1Api(api)
     done = []
     for name, key in ((SEAL_SECRET, SEAL_SECRET_KEY), (PIN_SECRET, PIN_SECRET_KEY)):
-        body = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-                "metadata": {"name": name, "namespace": namespace, "labels": dict(_LABELS)},
-                "stringData": {key: secrets.token_urlsafe(32)}}
         try:
-            core.create_namespaced_secret(namespace, body)
-            done.append(f"Secret {namespace}/{name}: created with a random {key}")
+            created = create_random_secret(api, namespace, name, key, _LABELS)
         except ApiException as exc:
-            if exc.status != 409:
-                raise api_error(exc, f"create Secret {namespace}/{name}") from exc
-            done.append(f"Secret {namespace}/{name}: exists, kept")
+            raise api_error(exc, f"create Secret {namespace}/{name}") from exc
+        done.append(f"Secret {namespace}/{name}: " + (f"created with a random {key}" if created else "exists, kept"))
     return done
 
 

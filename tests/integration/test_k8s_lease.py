@@ -92,7 +92,8 @@ def test_the_release_slot_and_the_state_lock_are_different_leases(api: Any, name
     slot = LeaseLocks(api, namespace, RELEASE_SLOT, timeout_s=0, identity="release-run")
     state = LeaseLocks(api, namespace, STATE_LOCK, timeout_s=0, identity="reconcile")
     with slot.hold("iris"), state.hold("iris"):  # a release holds its slot while reconcile takes the state lock
-        assert lease_name(RELEASE_SLOT, "iris") != lease_name(STATE_LOCK, "iris")
+        assert lease(api, namespace, RELEASE_SLOT, "iris").spec.holder_identity.startswith("release-run/")
+        assert lease(api, namespace, STATE_LOCK, "iris").spec.holder_identity.startswith("reconcile/")
 
 
 def test_two_threads_in_other_pods_never_hold_the_lock_at_once(api: Any, namespace: str) -> None:

@@ -24,9 +24,8 @@ from canaryflow.release.steps import ReleaseState
 from canaryflow.services import Services
 from deployments.canary import Action, Phase
 from deployments.kubernetes.lease import LeaseLocks
-from deployments.metrics import VersionWindow, Window
 from tests.kubeapi import cluster_services
-from tests.unit.fakes import FakeRegistry, sealed
+from tests.unit.fakes import FakeRegistry, WindowSource, sealed
 
 pytestmark = [pytest.mark.integration, pytest.mark.kube]
 MODEL = "m"  # the fakes' model
@@ -35,21 +34,6 @@ MODEL = "m"  # the fakes' model
 def _info(version: str, **tags: str) -> VersionInfo:
     return VersionInfo(MODEL, version, f"models:/{MODEL}/{version}", None, dict(tags), [],
                        int((time.time() - 3600) * 1000))
-
-
-class Source:
-    """One prepared window per analysis: the champion healthy, the candidate with ``cand_errors`` of 60 failed."""
-
-    def __init__(self, champion: str, candidate: str, cand_errors: int = 0) -> None:
-        self.champion, self.candidate, self.cand_errors = champion, candidate, cand_errors
-
-    def window(self, model: str, start: float, end: float) -> Window:
-        def vw(v: str, n: int, errors: int = 0) -> VersionWindow:
-            return VersionWindow(v, n, errors, [5.0 + (i % 5) * 0.1 for i in range(n)],
-                                 {"0": n // 2, "1": n - n // 2}, [0.9] * n)
-
-        return Window(model, start, end, {self.champion: vw(self.champion, 200),
-                                          self.candidate: vw(self.candidate, 60, self.cand_errors)})
 
 
 @pytest.fixture
@@ -76,7 +60,7 @@ def _state(svc: Services, version: str, champion: str, tmp_path: Path) -> Releas
                         svc.registry.versions[version], policy=policy)
 
 
-def _ramp(svc: Services, st: ReleaseState, source: Source) -> tuple[list[Route | None], Any]:
+def _ramp(svc: Services, st: ReleaseState, source: WindowSource) -> tuple[list[Route | None], Any]:
     """Start the ramp and analyse until it ends; the route the API server held after each step."""
     status = ramp.start_or_resume(svc, st)
     seen = [svc.router.route(MODEL)]
@@ -96,7 +80,7 @@ def test_a_ramp_moves_the_httproute_promotes_and_retires_then_a_bad_one_is_rolle
     converge(svc, MODEL, Route("1"))  # v1 serves (its release)
 
     st = _state(svc, "2", "1", tmp_path)
-    seen, decision = _ramp(svc, st, Source("1", "2"))
+    seen, decision = _ramp(svc, st, WindowSource(champion="1", candidate="2"))
     assert decision.action is Action.PROMOTE
     assert seen == [Route("1", "2", 10.0), Route("1", "2", 50.0), Route("2")]
     assert steps.promote(svc, st) == "serving as champion, replacing v1"  # what the release flow does next
@@ -104,7 +88,8 @@ def test_a_ramp_moves_the_httproute_promotes_and_retires_then_a_bad_one_is_rolle
     assert ramp.retire(svc, MODEL, "1", 0).startswith("v1 retired")
     assert svc.backend.versions(MODEL) == ["2"]  # v1's Deployment, Service, HPA, ... deleted
 
-    seen, decision = _ramp(svc, _state(svc, "3", "2", tmp_path), Source("2", "3", cand_errors=30))
+    failing = WindowSource(cand_errors=30, champion="2", candidate="3")
+    seen, decision = _ramp(svc, _state(svc, "3", "2", tmp_path), failing)
     assert decision.action is Action.ROLLBACK and decision.status.phase is Phase.ROLLED_BACK
     assert seen[0] == Route("2", "3", 10.0) and seen[-1] == Route("2")  # the champion's route restored
     assert svc.backend.default_version(MODEL) == "2" and seal.trusted_champion(svc.registry, svc.paths, MODEL) == "2"

@@ -16,6 +16,7 @@ from canaryflow.core.registry import VersionInfo
 from canaryflow.core.settings import Settings
 from canaryflow.core.state import Route
 from canaryflow.services import Services
+from deployments.metrics import VersionWindow, Window
 
 MODEL = "m"  # the model most unit tests release
 
@@ -273,3 +274,18 @@ def sealed(svc: Services, model: str = MODEL) -> Services:
             seal.seal_champion(svc.registry, svc.paths, model, version, archive)
     svc.registry.tag_log.clear()
     return svc
+
+
+class WindowSource:
+    """A MetricsSource answering one prepared window: the champion healthy (200 requests), the candidate with
+    ``cand_errors`` of its 60 requests failed."""
+
+    def __init__(self, cand_errors: int = 0, champion: str = "1", candidate: str = "2") -> None:
+        self.cand_errors, self.champion, self.candidate = cand_errors, champion, candidate
+
+    def window(self, model: str, start: float, end: float) -> Window:
+        def vw(v: str, n: int, errors: int = 0) -> VersionWindow:
+            return VersionWindow(v, n, errors, [5.0 + (i % 5) * 0.1 for i in range(n)], {"0": n // 2, "1": n - n // 2},
+                                 [0.9] * n)
+        return Window(model, start, end, {self.champion: vw(self.champion, 200),
+                                          self.candidate: vw(self.candidate, 60, self.cand_errors)})

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 from fakes import FakeBackend, FakeLauncher, FakeRegistry, FakeRouter, fake_services, sealed
+from fakes import WindowSource as Source
 
 from canaryflow.core.errors import RegistryError
 from canaryflow.core.registry import VersionInfo
@@ -21,7 +22,6 @@ from canaryflow.release.converge import KEEP, ChaosBuild, converge
 from canaryflow.release.steps import ReleaseState
 from canaryflow.services import Services
 from deployments.canary import Action, Decision, Phase, start
-from deployments.metrics import VersionWindow, Window
 
 NOW = time.time()
 
@@ -45,19 +45,6 @@ def state(svc: Services, tmp_path: Path, version: str = "2", champion: str = "1"
                                                                       replay=False, bake_s=bake_s)})
     return ReleaseState("m", version, "run-2", tmp_path / "work", champion, svc.registry.versions[version],
                         policy=policy)
-
-
-class Source:
-    """A MetricsSource answering one prepared window (or raising)."""
-
-    def __init__(self, cand_errors: int = 0) -> None:
-        self.cand_errors = cand_errors
-
-    def window(self, model: str, start: float, end: float) -> Window:
-        def vw(v: str, n: int, errors: int = 0) -> VersionWindow:
-            return VersionWindow(v, n, errors, [5.0 + (i % 5) * 0.1 for i in range(n)], {"0": n // 2, "1": n - n // 2},
-                                 [0.9] * n)
-        return Window("m", start, end, {"1": vw("1", 200), "2": vw("2", 60, self.cand_errors)})
 
 
 def test_ramp_starts_advances_and_records(tmp_path: Path) -> None:
