@@ -1,13 +1,16 @@
 """The load-test gate's judgement of one locust run (deployments/loadtest.py measures), and its retry.
 
 Pure: numbers in, :class:`GateResult` out. The peer loaded in the same window is what separates a slow model
-(only the candidate slow) from a busy machine (both slow: INCONCLUSIVE, measured again).
+(only the candidate slow) from a busy machine (both slow: INCONCLUSIVE, measured again); a speed failure is
+measured again too before it counts (:func:`needs_confirmation`): one short window can be slow for the candidate
+alone on a shared machine, a slow model is slow every time.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from canaryflow.core.settings import LoadTestSettings
@@ -135,13 +138,55 @@ def settle_busy(last: GateResult, attempts: int, settings: LoadTestSettings) -> 
                       {**last.thresholds, "on_busy": settings.on_busy})
 
 
+def needs_confirmation(result: GateResult) -> bool:
+    """A latency or throughput failure with the failure ratio within its bar: one window of a few seconds on a
+    shared machine can be slow for the candidate alone (a stalled worker, a burst of other work landing on its
+    core), so it is measured again before it counts. Errors are never a moment of the machine: they count at
+    once."""
+    m, t = result.measured, result.thresholds
+    return (result.outcome is Outcome.FAILED and m.get("requests", 0) > 0 and "max_failure_ratio" in t
+            and float(m.get("failure_ratio", 1.0)) <= float(t["max_failure_ratio"]))
+
+
+def _tally(tried: list[GateResult], confirm: Callable[[GateResult], bool]
+           ) -> tuple[list[GateResult], list[GateResult], list[GateResult]]:
+    """(passed, failed needing confirmation, failed outright) among the attempts."""
+    passes = [r for r in tried if r.outcome is Outcome.PASSED]
+    failed = [r for r in tried if r.outcome is Outcome.FAILED]
+    return passes, [r for r in failed if confirm(r)], [r for r in failed if not confirm(r)]
+
+
+def _settled(tried: list[GateResult], confirm: Callable[[GateResult], bool]) -> bool:
+    passes, soft, hard = _tally(tried, confirm)
+    return bool(hard) or len(soft) >= 2 or len(passes) >= 2 or (len(passes) == 1 and not soft)
+
+
 def retry_gate(measure: Callable[[int], GateResult], attempts: int, pause_s: float,
-               sleep: Callable[[float], None] = time.sleep) -> list[GateResult]:
-    """``measure(attempt)`` (1-based) until it is PASSED or FAILED, at most ``attempts`` times, ``pause_s``
-    apart (a busy machine may calm down; an unmeasurable run may have hit a restart). Returns every result;
-    the last one is the verdict."""
+               sleep: Callable[[float], None] = time.sleep,
+               confirm: Callable[[GateResult], bool] | None = None) -> list[GateResult]:
+    """``measure(attempt)`` (1-based), ``pause_s`` apart, at most ``attempts`` times, until settled: a failure
+    that needs no confirmation, or two conclusive results that agree (one pass is enough while no failure needing
+    ``confirm`` came before it). INCONCLUSIVE and ERROR runs are measured again (a busy machine may calm down; an
+    unmeasurable run may have hit a restart). Returns every result; :func:`verdict` reads them."""
+    check = confirm or (lambda _: False)
     results = [measure(1)]
-    while results[-1].outcome in (Outcome.INCONCLUSIVE, Outcome.ERROR) and len(results) < attempts:
+    while not _settled(results, check) and len(results) < attempts:
         sleep(pause_s)
         results.append(measure(len(results) + 1))
     return results
+
+
+def verdict(tried: list[GateResult], confirm: Callable[[GateResult], bool] | None = None) -> GateResult:
+    """The one result that stands for ``tried`` (:func:`retry_gate`'s attempts): a failure needing no
+    confirmation wins; otherwise the majority of the conclusive results (a tie fails: the slowness was not ruled
+    out), its latest one, with the count added to its reason; no conclusive result: the last attempt."""
+    passes, soft, hard = _tally(tried, confirm or (lambda _: False))
+    if hard:
+        return hard[-1]
+    if not passes and not soft:
+        return tried[-1]
+    chosen = passes[-1] if len(passes) > len(soft) else soft[-1]
+    if len(passes) + len(soft) < 2:
+        return chosen
+    return replace(chosen, reason=f"{chosen.reason} ({len(soft)} of {len(passes) + len(soft)} conclusive "
+                                  f"measurements failed on speed)")

@@ -179,7 +179,8 @@ class LoadTestSettings(BaseModel):
     p95_slack_ms: float = Field(10.0, ge=0)
     peer_busy_share: float = Field(0.5, gt=0, le=1, description="peer p95 above this share of max_p95_ms: "
                                                                  "the machine is busy")
-    attempts: int = Field(3, ge=1, le=10, description="measurements while the outcome is inconclusive or error")
+    attempts: int = Field(3, ge=1, le=10, description="measurements while the outcome is inconclusive, error, or "
+                                                     "a speed failure a second measurement has not confirmed")
     retry_pause_s: float = Field(5.0, ge=0, le=300)
     busy_max_ratio: float = Field(3.0, ge=1, description="on a busy machine: candidate p95 within peer p95 x this "
                                                           "+ p95_slack_ms (the machine stretches every answer)")

@@ -30,7 +30,7 @@ from deployments.torchserve import archive_name
 from validation.contract import check_contract
 from validation.data import build_suite, check_data
 from validation.drift import check_drift
-from validation.loadtest import gate_load_test, retry_gate, settle_busy
+from validation.loadtest import gate_load_test, needs_confirmation, retry_gate, settle_busy, verdict
 from validation.quality import check_cross_holdouts, check_quality
 from validation.results import GateResult, Outcome
 
@@ -177,8 +177,9 @@ def load_test(svc: Services, st: ReleaseState, rows: np.ndarray,
               sleep: Callable[[float], None] = time.sleep) -> GateResult:
     """locust against the staged candidate through the router (version pinned) and, in the same run, against a
     peer (the champion, or the stack's calibration model on a first release), so a busy machine is not taken for
-    a slow model. An inconclusive (busy) or unmeasurable run is repeated up to ``attempts`` times; every
-    attempt's reason goes to the release notes, only the last is recorded."""
+    a slow model. An inconclusive (busy) or unmeasurable run, and a speed failure until a second measurement
+    agrees, is repeated up to ``attempts`` times (validation.loadtest.retry_gate); every attempt's reason goes to
+    the release notes, the verdict of all of them is recorded."""
     cfg = st.policy.loadtest
     tune(svc, st, rows)
     peer = choose_peer(svc, st.model, st.champion, st.version, rows)
@@ -189,8 +190,8 @@ def load_test(svc: Services, st: ReleaseState, rows: np.ndarray,
                                pin=svc.router.pin_credentials())
         return gate_load_test(result, cfg)
 
-    tried = retry_gate(measure, cfg.attempts, cfg.retry_pause_s, sleep)
+    tried = retry_gate(measure, cfg.attempts, cfg.retry_pause_s, sleep, confirm=needs_confirmation)
     if len(tried) > 1:
         st.notes.append("## Load test attempts\n\n" + "\n".join(
             f"{i}. {r.outcome.value}: {r.reason}" for i, r in enumerate(tried, 1)))
-    return st.record(settle_busy(tried[-1], len(tried), cfg))
+    return st.record(settle_busy(verdict(tried, needs_confirmation), len(tried), cfg))
