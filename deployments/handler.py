@@ -15,6 +15,7 @@ its own 400 and the others are answered (per-request status); a model failure fa
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import json
@@ -84,12 +85,20 @@ class TrafficSample:
     Up to ``rows_per_request`` validated rows of each request are appended as one JSON line each (single small
     O_APPEND writes, so workers do not interleave); past ``max_bytes`` the file is rotated to ``.1``. Writing
     never fails a request: a full disk costs the sample, not the answer.
+
+    The file stays open between requests (one ``write`` a request instead of five system calls): it is looked at
+    again (``stat``) when what this worker wrote would take it past ``max_bytes``, and every ``check_every``
+    writes, so a file another worker rotated or someone removed is reopened after at most that many lines.
     """
 
     ENV = contract.TRAFFIC_DIR_ENV
 
-    def __init__(self, path: str, rows_per_request: int = 4, max_bytes: int = 4 << 20) -> None:
+    def __init__(self, path: str, rows_per_request: int = 4, max_bytes: int = 4 << 20,
+                 check_every: int = 64) -> None:
         self.path, self.rows_per_request, self.max_bytes = path, rows_per_request, max_bytes
+        self.check_every = check_every
+        self._fd: int | None = None
+        self._size = self._writes = 0  # the file's size as last seen plus what this worker wrote since
 
     @classmethod
     def from_env(cls, model_name: str) -> TrafficSample | None:
@@ -97,17 +106,40 @@ class TrafficSample:
         return cls(os.path.join(directory, f"{model_name}.jsonl")) if directory else None
 
     def add(self, arrays: list[np.ndarray]) -> None:
-        lines = "".join(json.dumps(row) + "\n" for a in arrays for row in a[: self.rows_per_request].tolist())
+        data = "".join(json.dumps(row) + "\n" for a in arrays for row in a[: self.rows_per_request].tolist()).encode()
         try:
-            if os.path.exists(self.path) and os.path.getsize(self.path) > self.max_bytes:
-                os.replace(self.path, self.path + ".1")
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            try:
-                os.write(fd, lines.encode())
-            finally:
-                os.close(fd)
+            if self._fd is None or self._size > self.max_bytes or self._writes % self.check_every == 0:
+                self._check()
+            assert self._fd is not None
+            os.write(self._fd, data)
+            self._size += len(data)
+            self._writes += 1
         except OSError:
-            pass
+            self.close()
+
+    def _check(self) -> None:
+        """Rotate the file when it is over ``max_bytes``; (re)open it when it is not the one held open."""
+        try:
+            seen = os.stat(self.path)
+        except FileNotFoundError:
+            seen = None
+        if seen is not None and seen.st_size > self.max_bytes:
+            os.replace(self.path, self.path + ".1")
+            seen = None
+        if self._fd is not None:
+            held = os.fstat(self._fd)
+            if seen is None or (seen.st_ino, seen.st_dev) != (held.st_ino, held.st_dev):
+                self.close()
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            seen = os.fstat(self._fd)
+        self._size, self._writes = seen.st_size if seen is not None else 0, 0
+
+    def close(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
 
 
 PER_REQUEST_GAUGES = ("[METRICS]HandlerTime.", "[METRICS]PredictionTime.")

@@ -22,6 +22,27 @@ def test_sample_keeps_a_few_rows_per_request_and_rotates(tmp_path: Path) -> None
     assert (tmp_path / "m.jsonl.1").exists() and (tmp_path / "m.jsonl").stat().st_size <= 200 + 20
 
 
+def test_sample_follows_a_file_another_worker_rotated_or_someone_removed(tmp_path: Path) -> None:
+    """The file stays open between requests: a rotation by another worker (or a removal) is noticed within
+    ``check_every`` writes; lines written before that land in the rotated file, none in a lost one."""
+    path, rotated = tmp_path / "m.jsonl", tmp_path / "m.jsonl.1"
+    worker, other = (TrafficSample(str(path), rows_per_request=1, check_every=4) for _ in range(2))
+    worker.add([np.array([[0.0]])])
+    other.add([np.array([[1.0]])])
+    path.replace(rotated)  # what the other worker's rotation does
+    for i in range(2, 6):
+        worker.add([np.array([[float(i)]])])
+    assert path.read_text().splitlines() == ["[5.0]"]
+    assert rotated.read_text().splitlines() == ["[0.0]", "[1.0]", "[2.0]", "[3.0]", "[4.0]"]
+    path.unlink()
+    for i in range(6, 10):
+        worker.add([np.array([[float(i)]])])
+    assert path.read_text().splitlines() == ["[9.0]"]  # reopened at the fourth write after its last look
+    worker.close()
+    worker.add([np.array([[10.0]])])  # closed: opened again on the next request
+    assert path.read_text().splitlines() == ["[9.0]", "[10.0]"]
+
+
 def test_from_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert TrafficSample.from_env("m") is None
     monkeypatch.setenv(TrafficSample.ENV, str(tmp_path))
