@@ -126,14 +126,11 @@ class TrafficSample:
         if seen is not None and seen.st_size > self.max_bytes:
             os.replace(self.path, self.path + ".1")
             seen = None
-        if self._fd is not None:
-            held = os.fstat(self._fd)
-            if seen is None or (seen.st_ino, seen.st_dev) != (held.st_ino, held.st_dev):
-                self.close()
+        if self._fd is not None and (seen is None or not os.path.samestat(seen, os.fstat(self._fd))):
+            self.close()
         if self._fd is None:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            seen = os.fstat(self._fd)
-        self._size, self._writes = seen.st_size if seen is not None else 0, 0
+        self._size, self._writes = os.fstat(self._fd).st_size, 0
 
     def close(self) -> None:
         if self._fd is not None:

@@ -148,39 +148,36 @@ def needs_confirmation(result: GateResult) -> bool:
             and float(m.get("failure_ratio", 1.0)) <= float(t["max_failure_ratio"]))
 
 
-def _tally(tried: list[GateResult], confirm: Callable[[GateResult], bool]
-           ) -> tuple[list[GateResult], list[GateResult], list[GateResult]]:
+def _tally(tried: list[GateResult]) -> tuple[list[GateResult], list[GateResult], list[GateResult]]:
     """(passed, failed needing confirmation, failed outright) among the attempts."""
     passes = [r for r in tried if r.outcome is Outcome.PASSED]
     failed = [r for r in tried if r.outcome is Outcome.FAILED]
-    return passes, [r for r in failed if confirm(r)], [r for r in failed if not confirm(r)]
+    return passes, [r for r in failed if needs_confirmation(r)], [r for r in failed if not needs_confirmation(r)]
 
 
-def _settled(tried: list[GateResult], confirm: Callable[[GateResult], bool]) -> bool:
-    passes, soft, hard = _tally(tried, confirm)
+def _settled(tried: list[GateResult]) -> bool:
+    passes, soft, hard = _tally(tried)
     return bool(hard) or len(soft) >= 2 or len(passes) >= 2 or (len(passes) == 1 and not soft)
 
 
 def retry_gate(measure: Callable[[int], GateResult], attempts: int, pause_s: float,
-               sleep: Callable[[float], None] = time.sleep,
-               confirm: Callable[[GateResult], bool] | None = None) -> list[GateResult]:
+               sleep: Callable[[float], None] = time.sleep) -> list[GateResult]:
     """``measure(attempt)`` (1-based), ``pause_s`` apart, at most ``attempts`` times, until settled: a failure
     that needs no confirmation, or two conclusive results that agree (one pass is enough while no failure needing
-    ``confirm`` came before it). INCONCLUSIVE and ERROR runs are measured again (a busy machine may calm down; an
-    unmeasurable run may have hit a restart). Returns every result; :func:`verdict` reads them."""
-    check = confirm or (lambda _: False)
+    confirmation came before it). INCONCLUSIVE and ERROR runs are measured again (a busy machine may calm down;
+    an unmeasurable run may have hit a restart). Returns every result; :func:`verdict` reads them."""
     results = [measure(1)]
-    while not _settled(results, check) and len(results) < attempts:
+    while not _settled(results) and len(results) < attempts:
         sleep(pause_s)
         results.append(measure(len(results) + 1))
     return results
 
 
-def verdict(tried: list[GateResult], confirm: Callable[[GateResult], bool] | None = None) -> GateResult:
+def verdict(tried: list[GateResult]) -> GateResult:
     """The one result that stands for ``tried`` (:func:`retry_gate`'s attempts): a failure needing no
     confirmation wins; otherwise the majority of the conclusive results (a tie fails: the slowness was not ruled
     out), its latest one, with the count added to its reason; no conclusive result: the last attempt."""
-    passes, soft, hard = _tally(tried, confirm or (lambda _: False))
+    passes, soft, hard = _tally(tried)
     if hard:
         return hard[-1]
     if not passes and not soft:

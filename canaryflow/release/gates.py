@@ -30,7 +30,7 @@ from deployments.torchserve import archive_name
 from validation.contract import check_contract
 from validation.data import build_suite, check_data
 from validation.drift import check_drift
-from validation.loadtest import gate_load_test, needs_confirmation, retry_gate, settle_busy, verdict
+from validation.loadtest import gate_load_test, retry_gate, settle_busy, verdict
 from validation.quality import check_cross_holdouts, check_quality
 from validation.results import GateResult, Outcome
 
@@ -190,8 +190,8 @@ def load_test(svc: Services, st: ReleaseState, rows: np.ndarray,
                                pin=svc.router.pin_credentials())
         return gate_load_test(result, cfg)
 
-    tried = retry_gate(measure, cfg.attempts, cfg.retry_pause_s, sleep, confirm=needs_confirmation)
+    tried = retry_gate(measure, cfg.attempts, cfg.retry_pause_s, sleep)
     if len(tried) > 1:
         st.notes.append("## Load test attempts\n\n" + "\n".join(
             f"{i}. {r.outcome.value}: {r.reason}" for i, r in enumerate(tried, 1)))
-    return st.record(settle_busy(verdict(tried, needs_confirmation), len(tried), cfg))
+    return st.record(settle_busy(verdict(tried), len(tried), cfg))

@@ -353,8 +353,8 @@ def test_a_speed_failure_counts_only_when_measured_again(planned: list, attempts
                                                          outcome: Outcome, said: str) -> None:
     """The CI case: the candidate alone took p95 110 ms in one 4 s window beside a calibration peer at 25 ms; a
     slow model is slow in every window, a moment of the machine is not."""
-    tried = retry_gate(lambda n: planned[n - 1], attempts, 1.0, lambda s: None, confirm=needs_confirmation)
-    final = verdict(tried, needs_confirmation)
+    tried = retry_gate(lambda n: planned[n - 1], attempts, 1.0, lambda s: None)
+    final = verdict(tried)
     assert (len(tried), final.outcome) == (measured, outcome) and said in final.reason, final.reason
 
 
