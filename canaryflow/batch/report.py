@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from canaryflow.batch.io import join
 from canaryflow.batch.manifest import Manifest
 from canaryflow.batch.score import SAMPLES
+from canaryflow.core.registry import experiment_id
 from canaryflow.core.state import Tag
 
 if TYPE_CHECKING:
@@ -100,8 +101,7 @@ def log_run(job: BatchJob, settings: Settings, summary: dict[str, Any], files_di
     from mlflow import MlflowClient
 
     client = MlflowClient(job.model.tracking_uri)
-    exp = client.get_experiment_by_name(settings.batch.experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(settings.batch.experiment)
+    exp_id = experiment_id(client, settings.batch.experiment)
     tags = {Tag.MODEL: job.model.name, Tag.VERSION: job.model.version,
             Tag.BATCH_RUN_KEY: job.run_key, Tag.BATCH_OUTPUT: job.run_dir}
     run = client.create_run(exp_id, run_name=f"batch-{job.model.name}-v{job.model.version}-{job.run_key[:8]}",

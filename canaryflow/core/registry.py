@@ -56,6 +56,32 @@ class Registry(Protocol):
     def describe_version(self, name: str, version: str, description: str) -> None: ...
 
 
+def experiment_id(client: Any, name: str) -> str:
+    """The id of experiment ``name`` on ``client`` (an ``MlflowClient``), created when missing and restored when
+    someone deleted it in the UI (a deleted experiment keeps its name: no run can be created in it, nor another
+    experiment of that name). Safe to race: two releases starting together both ask for the experiment the first
+    time, and the loser of ``create_experiment`` (RESOURCE_ALREADY_EXISTS) reads the winner's."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            return str(client.create_experiment(name))
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise RegistryError(f"experiment {name!r} exists by MLflow's word but cannot be read")
+    if exp.lifecycle_stage == "deleted":
+        try:
+            client.restore_experiment(exp.experiment_id)
+        except MlflowException:  # another release restored it first, or it cannot be restored: say which
+            if client.get_experiment(exp.experiment_id).lifecycle_stage == "deleted":
+                raise
+    return str(exp.experiment_id)
+
+
 _NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 """MLflow's error codes for a model or alias that is not there (measured: unknown model, unset alias)."""
 
@@ -173,8 +199,7 @@ class MlflowRegistry:
 
     def release_run(self, experiment: str, name: str, version: str) -> str:
         """The MLflow run that records this version's release; reused when the release is re-run."""
-        exp = self.client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        exp_id = experiment_id(self.client, experiment)
         query = f"tags.`canaryflow.model` = {_literal(name)} and tags.`canaryflow.version` = {_literal(version)}"
         runs = self.client.search_runs([exp_id], filter_string=query, max_results=1)
         if runs:
@@ -212,8 +237,7 @@ class MlflowRegistry:
 
     def record_run(self, experiment: str, run_name: str, tags: dict[str, str], params: dict[str, str]) -> str:
         """A finished run that records an event (a rollback) next to the releases in the MLflow UI."""
-        exp = self.client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        exp_id = experiment_id(self.client, experiment)
         run_id = self.client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
         for key, value in params.items():
             self.client.log_param(run_id, key, value)

@@ -208,34 +208,28 @@ class ReleaseOutcome:
     seconds: float
 
 
-def wait_for_release(tracking_uri: str, name: str, version: str, timeout_s: float = 600.0) -> ReleaseOutcome:
-    """Poll the version's canaryflow.status tag until the release ends."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    started = time.monotonic()
-    while time.monotonic() - started < timeout_s:
-        tags = client.get_model_version(name, version).tags
-        if tags.get(Tag.STATUS) in FINAL:
-            return ReleaseOutcome(tags[Tag.STATUS], tags.get(Tag.REASON, ""), time.monotonic() - started)
-        time.sleep(1)
-    raise StackError(f"no release of {name} v{version} finished within {timeout_s:.0f} s; "
-                     "check the Prefect UI and the worker log")
+def wait_for_release(tracking_uri: str, name: str, version: str, timeout_s: float = 600.0,
+                     settings: Settings | None = None) -> ReleaseOutcome:
+    """Poll the version's canaryflow.status tag until the release ends (see :func:`watch_release`)."""
+    return watch_release(tracking_uri, name, version, None, timeout_s, settings)
 
 
-def watch_release(tracking_uri: str, name: str, version: str, on_decision: Callable[[str], None],
-                  timeout_s: float = 900.0) -> ReleaseOutcome:
-    """Like :func:`wait_for_release`, calling ``on_decision`` with each canary analysis as it is persisted."""
+def watch_release(tracking_uri: str, name: str, version: str, on_decision: Callable[[str], None] | None,
+                  timeout_s: float = 900.0, settings: Settings | None = None) -> ReleaseOutcome:
+    """Poll the version's canaryflow.status tag until the release ends, calling ``on_decision`` (when given)
+    with each canary analysis as it is persisted. A release that does not end within ``timeout_s`` is a
+    :class:`StackError` saying where it stands: the version's status tag and its release flow runs' states on
+    the Prefect server of ``settings`` (the process's settings when not given)."""
     from mlflow import MlflowClient
 
     from deployments.canary import CanaryStatus
 
     client = MlflowClient(tracking_uri)
-    started, seen = time.monotonic(), -1
+    started, seen, tags = time.monotonic(), -1, {}
     while time.monotonic() - started < timeout_s:
         tags = client.get_model_version(name, version).tags
         raw = tags.get(Tag.CANARY)
-        if raw:
+        if raw and on_decision is not None:
             st = CanaryStatus.from_json(raw)
             if st.iterations > seen:
                 seen = st.iterations
@@ -244,8 +238,31 @@ def watch_release(tracking_uri: str, name: str, version: str, on_decision: Calla
         if tags.get(Tag.STATUS) in FINAL:
             return ReleaseOutcome(tags[Tag.STATUS], tags.get(Tag.REASON, ""), time.monotonic() - started)
         time.sleep(1)
-    raise StackError(f"no release of {name} v{version} finished within {timeout_s:.0f} s; "
-                     "check the Prefect UI and the worker log")
+    status = (f"status tag {tags[Tag.STATUS]!r} ({tags.get(Tag.REASON, '')[:160]})" if Tag.STATUS in tags
+              else "no status tag (its release never began)")
+    raise StackError(f"no release of {name} v{version} finished within {timeout_s:.0f} s: {status}; "
+                     f"{release_runs_line(settings, name, version)}; check the Prefect UI and the worker log")
+
+
+def release_runs_line(settings: Settings | None, name: str, version: str) -> str:
+    """The version's release flow runs as one line (name, state and the state's message), for a report that must
+    say where a release stands; what could not be read is said instead."""
+    from canaryflow.core.settings import get_settings
+    from canaryflow.intake.launcher import prefect_launcher
+
+    try:
+        runs = prefect_launcher(settings or get_settings()).list_flow_runs(name, version)
+    except Exception as exc:  # noqa: BLE001 - a diagnosis; the caller's error is what matters
+        return f"its flow runs could not be read: {str(exc)[:160]}"
+    if not runs:
+        return "no release flow run (was the webhook delivered?)"
+    states = []
+    for run in runs:
+        state = run.get("state") or {}
+        message = " ".join(str(state.get("message") or "").split())[:200]
+        states.append(f"{run.get('name')}: {state.get('name') or state.get('type')}" + (f" ({message})" if message
+                                                                                         else ""))
+    return "flow runs: " + "; ".join(states)
 
 
 def mlflow_ui_url(settings: Settings) -> str:
