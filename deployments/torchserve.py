@@ -69,7 +69,7 @@ def render_config(settings: Settings, paths: StatePaths) -> str:
         # Only archives already in the model store can be registered: a stolen management key cannot make
         # TorchServe fetch (and run) a remote .mar.
         "allowed_urls": f"file://{paths.model_store}/.*",
-        "vmargs": f"-Xmx{s.java_heap_mb}m -XX:+UseG1GC -Dlog4j.configurationFile=file://{paths.torchserve_log4j}",
+        "vmargs": f"{s.jvm_options} -Dlog4j.configurationFile=file://{paths.torchserve_log4j}",
     }
     return "".join(f"{k}={v}\n" for k, v in lines.items())
 

@@ -127,7 +127,7 @@ def config_properties(settings: Settings, model: str, version: str) -> str:
         "install_py_dep_per_model": "false",
         "allowed_urls": f"file://{MODEL_STORE}/.*",
         # log levels of the local stack, to stdout (pod.log4j_console)
-        "vmargs": f"-Xmx{s.java_heap_mb}m -XX:+UseG1GC -XX:+UseContainerSupport "
+        "vmargs": f"{s.jvm_options} -XX:+UseContainerSupport "
                   "-Dlog4j.configurationFile=file:///config/log4j2.xml",
     }
     return "".join(f"{k}={v}\n" for k, v in lines.items())

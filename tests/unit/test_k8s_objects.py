@@ -82,6 +82,7 @@ def test_torchserve_logs_to_stdout_at_the_local_stacks_levels() -> None:
     assert config_map["data"]["log4j2.xml"] == pod.log4j_console()
     props = dict(line.split("=", 1) for line in config_map["data"]["config.properties"].splitlines())
     assert "-Dlog4j.configurationFile=file:///config/log4j2.xml" in props["vmargs"].split()
+    assert {"-Xms512m", "-Xmx512m"} <= set(props["vmargs"].split())  # a fixed heap: see ServingSettings.jvm_options
 
 
 def test_gpu_pod_gets_the_gpu_limit_and_placement_from_settings() -> None:
