@@ -55,9 +55,9 @@ class ServingSettings(BaseModel):
         """TorchServe's frontend heap: fixed at java_heap_mb (initial = maximum). Grown on demand it stayed near
         110 MB under load, so its ~36 MB young generation filled every ~0.35 s and every young collection started a
         concurrent cycle (old generation above G1's 45 % threshold): 52 of each in 10,000 one-connection
-        requests, the 3-10 ms stalls behind the one-connection p99. Fixed: a young collection every ~1.1 s, no
-        concurrent cycles, p99 2.1-2.9 ms where it was 4.4-5.1 (bench MLP, TorchServe direct, jstat; see
-        bench/README.md)."""
+        requests on the bench stack. Fixed: a young collection every ~1.1 s and no concurrent cycle; in a
+        same-window A/B at 8 connections +3-5 % requests/s and a lower p95/p99, at one connection no difference
+        (README, Benchmarks)."""
         return f"-Xms{self.java_heap_mb}m -Xmx{self.java_heap_mb}m -XX:+UseG1GC"
 
 
