@@ -4,7 +4,6 @@ version, and nothing released it). Checked on MLflow's own SQL store, the one `c
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import pytest
@@ -46,26 +45,6 @@ def test_the_loser_of_the_create_race_uses_the_winners_experiment(client: Mlflow
         client.create_experiment(name)
     assert lost.value.error_code == "RESOURCE_ALREADY_EXISTS"
     assert experiment_id(StaleRead(client), name) == winner
-
-
-def test_releases_starting_together_share_one_experiment(client: MlflowClient) -> None:
-    name = f"{NAME}-threads"
-    gate, ids, errors = threading.Barrier(6), [], []
-
-    def start() -> None:
-        gate.wait()
-        try:
-            ids.append(experiment_id(client, name))
-        except Exception as exc:  # noqa: BLE001 - collected for the assertion
-            errors.append(exc)
-
-    threads = [threading.Thread(target=start) for _ in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert errors == [] and len(set(ids)) == 1 and len(ids) == 6
-    assert ids[0] == client.get_experiment_by_name(name).experiment_id
 
 
 def test_an_experiment_deleted_in_the_ui_is_restored_and_its_runs_kept(client: MlflowClient) -> None:
