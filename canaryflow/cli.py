@@ -275,7 +275,7 @@ def _demo_release(s, title: str, seed: int, fault=None,  # noqa: ANN001 - Settin
     with console.status(f"release of v{version}: gates, then the canary"):
         outcome = d.watch_release(s.mlflow_uri, d.DEMO_MODEL, version,
                                   lambda line: console.print(f"  canary {line}", highlight=False, markup=False,
-                                                             soft_wrap=True))
+                                                             soft_wrap=True), settings=s)
     run = d.find_flow_run(s, d.DEMO_MODEL, version)
     if run:
         console.print(f"flow run [bold]{run['name']}[/]: {s.url('prefect')}/runs/flow-run/{run['id']}")

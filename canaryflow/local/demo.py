@@ -11,9 +11,10 @@ from typing import Any
 import httpx
 import numpy as np
 
-from canaryflow.core.errors import StackError
-from canaryflow.core.settings import Settings
+from canaryflow.core.errors import OrchestrationError, StackError
+from canaryflow.core.settings import Settings, get_settings
 from canaryflow.core.state import FINAL, Tag
+from canaryflow.intake.launcher import prefect_launcher
 
 DEMO_MODEL = "breast-cancer-classifier"
 # The demo's ramp: shorter than the defaults (5/25/50/100 %, 30 s, 50 requests) so it ends in a few minutes.
@@ -247,9 +248,6 @@ def watch_release(tracking_uri: str, name: str, version: str, on_decision: Calla
 def release_runs_line(settings: Settings | None, name: str, version: str) -> str:
     """The version's release flow runs as one line (name, state and the state's message), for a report that must
     say where a release stands; what could not be read is said instead."""
-    from canaryflow.core.settings import get_settings
-    from canaryflow.intake.launcher import prefect_launcher
-
     try:
         runs = prefect_launcher(settings or get_settings()).list_flow_runs(name, version)
     except Exception as exc:  # noqa: BLE001 - a diagnosis; the caller's error is what matters
@@ -292,11 +290,13 @@ def release_links(settings: Settings, name: str, version: str) -> list[str]:
 
 
 def find_flow_run(settings: Settings, name: str, version: str) -> dict | None:
-    """The release flow run Prefect holds for this version (by its run name)."""
-    body = {"flow_runs": {"name": {"any_": [f"release-{name}-v{version}"]}}, "limit": 1}
-    resp = httpx.post(f"{settings.prefect_api_url}/flow_runs/filter", json=body, timeout=10)
-    runs = resp.json() if resp.status_code == 200 else []
-    return runs[0] if runs else None
+    """The version's latest release flow run on the Prefect server, read through the launcher (so with the team's
+    Prefect API key when one is set); None when there is none or Prefect cannot be read."""
+    try:
+        runs = prefect_launcher(settings).list_flow_runs(name, version)
+    except OrchestrationError:
+        return None
+    return runs[-1] if runs else None
 
 
 def predict(settings: Settings, name: str, rows: np.ndarray) -> tuple[dict, str, str]:

@@ -1,6 +1,7 @@
-"""A release that does not end in time is reported with where it stands: the version's status tag and its flow
-runs' states (CI once printed only "no release ... finished within 400 s" while the run had failed at its
-first step)."""
+"""What the demo and the tests read of a release from Prefect: a release that does not end in time is reported
+with where it stands, the version's status tag and its flow runs' states (CI once printed only "no release ...
+finished within 400 s" while the run had failed at its first step); the demo's link is the version's latest run,
+read with the launcher's credentials."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ class Tags:
 @pytest.fixture
 def launcher(monkeypatch: pytest.MonkeyPatch) -> FakeLauncher:
     fake = FakeLauncher(runs=[FAILED_RUN])
-    monkeypatch.setattr("canaryflow.intake.launcher.prefect_launcher", lambda settings: fake)
+    monkeypatch.setattr(demo, "prefect_launcher", lambda settings: fake)
     clock = [0.0]  # the wait's own clock: each poll's sleep moves it on, so the loop runs the same on any machine
     monkeypatch.setattr(demo, "time", SimpleNamespace(monotonic=lambda: clock[0],
                                                       sleep=lambda s: clock.__setitem__(0, clock[0] + s)))
@@ -63,3 +64,14 @@ def test_an_unreachable_prefect_is_said_not_raised(monkeypatch: pytest.MonkeyPat
         OrchestrationError("cannot reach the Prefect API: connection refused")))
     line = demo.release_runs_line(Settings(), "m", "1")
     assert line == "its flow runs could not be read: cannot reach the Prefect API: connection refused"
+
+
+def test_the_demo_links_the_versions_latest_run_and_survives_an_unreadable_prefect(
+        monkeypatch: pytest.MonkeyPatch, launcher: FakeLauncher) -> None:
+    rerun = {**FAILED_RUN, "id": "run-2", "state": {"type": "COMPLETED", "name": "Released"}}
+    launcher.runs.append(rerun)  # the launcher lists a version's runs oldest first
+    assert demo.find_flow_run(Settings(), "m", "1")["id"] == "run-2"
+    assert demo.find_flow_run(Settings(), "m", "2") is None
+    monkeypatch.setattr(FakeLauncher, "list_flow_runs", lambda self, *a: (_ for _ in ()).throw(
+        OrchestrationError("Prefect API answered 401: Unauthorized")))
+    assert demo.find_flow_run(Settings(), "m", "1") is None
