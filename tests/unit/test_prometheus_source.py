@@ -258,17 +258,21 @@ def test_requests_are_summed_into_one_line_per_counter_until_the_flush(tmp_path:
 def test_a_quiet_second_is_written_by_the_flusher() -> None:
     metrics = LiveMetrics("iris", "7", flush_s=0.05)
     metrics._last = float("inf")  # the request itself never finds a flush due: only the thread can write
-    writers: list[str] = []
+    writes: list[tuple[str, str]] = []
     wrote = threading.Event()
 
-    def write(*args: Any, **kwargs: Any) -> None:
-        writers.append(threading.current_thread().name)
-        wrote.set()
+    def recorder(name: str) -> Any:
+        def write(*args: Any, **kwargs: Any) -> None:
+            writes.append((name, threading.current_thread().name))
+            if name == "predictions":  # the flush's last line: every write is recorded, none reaches the log
+                wrote.set()
+        return write
 
-    metrics.bins.add_or_update = write
+    for name in ("bins", "sum", "errors", "predictions"):  # all of them: a write left to the real metric would
+        getattr(metrics, name).add_or_update = recorder(name)  # log into whichever test runs next
     metrics.observe(1.2, False, Counter({1: 1}))
     assert wrote.wait(30), "the flusher thread never wrote the last request's counters"
-    assert writers == ["canaryflow-live-metrics"]
+    assert writes == [(name, "canaryflow-live-metrics") for name in ("bins", "sum", "predictions")]
 
 
 def test_the_worker_logs_warnings_and_metrics_but_not_each_request(tmp_path: Path,
