@@ -1,6 +1,9 @@
 """Serving benchmark: our endpoint (nginx router -> TorchServe, released by the real pipeline) against
 ``mlflow models serve`` of the SAME MLflow model version, on the same load, in one process run; and, in the same
-run, TorchServe direct (same version, its inference key) to measure the router's own cost.
+run, TorchServe direct (same version, its inference key) to measure the router's own cost. A batched version is
+served adaptively (the router sends lone requests to its own registration and overlapping ones to its batched twin):
+direct then loads the registration the router uses at that load, the version's own at one connection and the twin
+at more.
 
     .venv/bin/python bench/serving_bench.py            # 8 s per point: 3 models x 3 concurrencies x 3 targets
     .venv/bin/python bench/serving_bench.py --quick    # 3 s per point, shorter training
@@ -407,7 +410,8 @@ def format_router(m: dict[str, Any]) -> str:
     cols = (f"{'conns':>5} | {'router p50':>10} {'p95':>7} {'p99':>7} {'req/s':>7} | {'direct p50':>10} {'p95':>7} "
             f"{'p99':>7} {'req/s':>7} | {'ratio p50':>9} {'p95':>5} {'p99':>5} {'req/s':>5} | "
             f"{'added p50 ms':>12} | errors r/d")
-    lines = ["  router overhead: ours (nginx router -> TorchServe) / TorchServe direct (same version, its key)",
+    twin = " (direct above one connection: its batched twin, as the router)" if m["direct"].get("batched_url") else ""
+    lines = ["  router overhead: ours (nginx router -> TorchServe) / TorchServe direct (same version, its key)" + twin,
              cols, "-" * len(cols)]
     for ours, direct, o in zip(m["ours"]["points"], m["direct"]["points"], m["router_overhead"], strict=True):
         lines.append(f"{ours['connections']:>5} | {ours['p50_ms']:>10.2f} {ours['p95_ms']:>7.2f} "
@@ -491,9 +495,22 @@ def target_urls(stack: LocalStack, m: dict[str, Any], direct: bool) -> dict[str,
     return urls
 
 
+def direct_batched_url(stack: LocalStack, m: dict[str, Any]) -> str | None:
+    """TorchServe's URL of the version's batched twin when the release chose batching (adaptive batching: the
+    router sends overlapping requests there and lone ones to the version), else None."""
+    from deployments.torchserve import batched_twins
+
+    for model, version, twin in batched_twins(stack.paths):
+        if (model, version) == (m["name"], m["version"]):
+            return stack.settings.url("torchserve_inference", f"/predictions/{twin}/{version}")
+    return None
+
+
 def measure(m: dict[str, Any], urls: dict[str, tuple[str, dict[str, str]]], work: Path, pinning: Pinning,
-            args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
-    """wrk against every target at every concurrency, alternating targets at each concurrency."""
+            args: argparse.Namespace, batched_url: str | None = None) -> dict[str, list[dict[str, Any]]]:
+    """wrk against every target at every concurrency, alternating targets at each concurrency. With
+    ``batched_url``, "direct" is the registration the router sends that load to: the version's own at one
+    connection (nothing else in flight), its batched twin at more."""
     rows = np.round(np.asarray(m["rows"][: args.rows_per_request], dtype=np.float64), 4).tolist()
     body = json.dumps({"inputs": rows})
     luas: dict[str, Path] = {}
@@ -507,6 +524,8 @@ def measure(m: dict[str, Any], urls: dict[str, tuple[str, dict[str, str]]], work
         run_wrk(url, luas[label], 8, args.warmup, pinning)
     for conns in args.connections:
         for label, (url, _) in urls.items():
+            if label == "direct" and batched_url and conns > 1:
+                url = batched_url
             point = run_wrk(url, luas[label], conns, args.duration, pinning)
             log(f"{m['name']} {label:>6} c={conns:<3} p50 {point['p50_ms']:.2f} ms p99 {point['p99_ms']:.2f} ms "
                 f"{point['rps']:.0f} req/s errors {point['errors']}")
@@ -553,7 +572,8 @@ def main(argv: list[str] | None = None) -> int:
             wait_answering(urls["mlflow"][0], body, 2, 180, lambda p=proc, m=m: None if p.poll() is None else
                            f"exit {p.returncode}: {m['serve_log'].read_text()[-600:]}")
             log(f"measuring {m['name']}: " + ", ".join(f"{k} {u}" for k, (u, _) in urls.items()))
-            points = measure(m, urls, work, pinning, args)
+            batched_url = direct_batched_url(stack, m) if "direct" in urls else None
+            points = measure(m, urls, work, pinning, args, batched_url)
             entry = {
                 "key": m["key"], "name": m["name"], "version": m["version"], "description": m["description"],
                 "holdout_accuracy": round(m["accuracy"], 4), "rows_per_request": args.rows_per_request,
@@ -567,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
                 "tuning": tuning_of(uri, m["name"], m["version"], work / "tuning" / m["key"]),
             }
             if "direct" in points:  # the URL only: the key stays out of the results
-                entry["direct"] = {"url": urls["direct"][0], "points": points["direct"]}
+                entry["direct"] = {"url": urls["direct"][0], "batched_url": batched_url, "points": points["direct"]}
                 entry["router_overhead"] = router_overhead(points["ours"], points["direct"])
             report.append(entry)
         write_results(report, pinning, args, pinned)

@@ -46,8 +46,16 @@ class Platform:
 
 
 def local_router(settings: Settings, paths: StatePaths) -> NginxRouter:
-    """The nginx router in front of the local TorchServe, holding TorchServe's current inference key."""
-    return NginxRouter(settings, paths, lambda: torchserve.read_keys(paths)["inference"])
+    """The nginx router in front of the local TorchServe, holding TorchServe's current inference key and routing
+    the versions TorchServe serves with adaptive batching."""
+    return NginxRouter(settings, paths, lambda: torchserve.read_keys(paths)["inference"],
+                       batched_provider=lambda: torchserve.batched_twins(paths))
+
+
+def local_backend(settings: Settings, paths: StatePaths) -> torchserve.TorchServeClient:
+    """The local TorchServe; the router's table follows each batched twin it registers or removes."""
+    return torchserve.TorchServeClient(settings, paths,
+                                       on_batched_change=lambda: local_router(settings, paths).refresh())
 
 
 def local_metrics(settings: Settings, paths: StatePaths) -> MetricsSource:
@@ -105,7 +113,7 @@ def kubernetes_locks(settings: Settings, paths: StatePaths, kind: str, timeout_s
 PLATFORMS: dict[str, Platform] = {
     "local": Platform(
         registry=lambda s, p: MlflowRegistry(s.mlflow_uri),
-        backend=lambda s, p: torchserve.TorchServeClient(s, p),
+        backend=local_backend,
         router=local_router,
         metrics=local_metrics,
         launcher=lambda s, p: prefect_launcher(s),

@@ -6,6 +6,12 @@ One line per fact, names already checked by :func:`deployments.routes.validate_r
     gen 3f2a9c01b7de
     auth <TorchServe inference key, or ->
     route wine 1 2 2500 0        # model stable canary(-) share-in-basis-points shadow(0|1)
+    batched wine 2 wine..batched # model version TorchServe-name-of-its-batched-twin
+
+A ``batched`` line makes the version adaptive: a request for it goes to the twin only while another request for the
+version is in flight (counted per nginx worker), otherwise to the version's own, unbatched registration
+(deployments/torchserve.py ``TorchServeClient.register``). Pinned requests too: the pipeline's load test measures
+what clients get.
 
 The table is kept in an nginx shared dict, so a route change or a new inference key is one PUT on the admin socket:
 no reload, which would reset requests sent on idle keep-alive client connections (shared/FACTS.md). The socket is a
@@ -18,20 +24,25 @@ import hashlib
 import http.client
 import re
 import socket
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from canaryflow.core.errors import ServingError
+from canaryflow.core.names import name_problem
 from deployments.routes import canary_basis_points
 
 TOKEN_RE = re.compile(r"^[A-Za-z0-9._~+/=-]*$")
 """What an inference key may hold: written into the table's ``auth`` line and a header, nothing may break out."""
+TWIN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+"""What a batched twin's TorchServe name may hold (a model name and ``..batched``)."""
 _GEN = re.compile(r"^gen ([0-9a-f]+)$", re.M)
 
 
-def build(routes: Mapping[str, Mapping[str, Any]], token: str) -> str:
-    """The table text for checked ``routes`` and the inference key ``token`` (empty: no Authorization header)."""
+def build(routes: Mapping[str, Mapping[str, Any]], token: str,
+          batched: Iterable[tuple[str, str, str]] = ()) -> str:
+    """The table text for checked ``routes`` and the inference key ``token`` (empty: no Authorization header);
+    ``batched``: ``(model, version, twin)`` of the versions served with adaptive batching."""
     if not TOKEN_RE.match(token):
         raise ServingError("the TorchServe inference key has unexpected characters; not routing with it")
     lines = [f"auth {token or '-'}"]
@@ -40,6 +51,10 @@ def build(routes: Mapping[str, Mapping[str, Any]], token: str) -> str:
         bp = canary_basis_points(float(route.get("weight", 0))) if canary else 0
         shadow = 1 if canary and route.get("shadow") else 0
         lines.append(f"route {model} {route['stable']} {canary or '-'} {bp} {shadow}")
+    for model, version, twin in sorted(set(batched)):
+        if name_problem(model, version) or not TWIN_RE.match(twin):
+            raise ServingError(f"not routing to the batched twin {twin!r} of {model!r} v{version!r}: bad name")
+        lines.append(f"batched {model} {version} {twin}")
     body = "\n".join(lines) + "\n"
     return f"gen {hashlib.sha256(body.encode()).hexdigest()[:12]}\n{body}"
 

@@ -35,7 +35,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -76,10 +76,13 @@ class NginxRouter:
 
     def __init__(self, settings: Settings, paths: StatePaths, token_provider: Callable[[], str],
                  nginx_bin: str | None = None, reload_timeout_s: float = 10.0,
-                 pin_key_provider: Callable[[], str] | None = None) -> None:
+                 pin_key_provider: Callable[[], str] | None = None,
+                 batched_provider: Callable[[], Iterable[tuple[str, str, str]]] | None = None) -> None:
         self.settings = settings
         self.paths = paths
         self.token_provider = token_provider
+        # (model, version, TorchServe name of its batched twin) of the versions served with adaptive batching
+        self.batched_provider = batched_provider or (lambda: ())
         self.pin_key_provider = pin_key_provider or (lambda: secret_file(paths.pin_key))
         self.nginx_bin = nginx_bin or shutil.which("nginx") or "/usr/sbin/nginx"
         self.reload_timeout_s = reload_timeout_s
@@ -197,8 +200,9 @@ class NginxRouter:
         return text.replace(_GENERATION_MARK, generation)
 
     def table(self, routes: Mapping[str, Mapping[str, Any]]) -> str:
-        """The route table for ``routes`` with TorchServe's current inference key; writes nothing."""
-        return route_table.build(validate_routes(routes), self.token_provider() or "")
+        """The route table for ``routes`` with TorchServe's current inference key and the versions served with
+        adaptive batching; writes nothing."""
+        return route_table.build(validate_routes(routes), self.token_provider() or "", self.batched_provider())
 
     # -- applying ----------------------------------------------------------------------------------
     def write_initial_config(self) -> None:

@@ -14,7 +14,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,6 +24,7 @@ from urllib.parse import quote
 import httpx
 
 from canaryflow.core.errors import ServingError
+from canaryflow.core.names import name_problem
 from canaryflow.core.paths import StatePaths, model_file_name, read_json, write_json
 from canaryflow.core.serving_contract import REPLAY_HEADER
 from canaryflow.core.settings import ServingConfig, Settings
@@ -156,6 +157,36 @@ def archive_name(model: str, version: str) -> str:
     return f"{model}_v{version}.mar"
 
 
+BATCHED_SUFFIX = "..batched"
+"""The batched twin of a model's versions is registered in TorchServe as ``<model>..batched``: a name the name rule
+(canaryflow.core.names) never lets a registered model have (no ``..``), so it cannot collide with one."""
+
+
+def batched_name(model: str) -> str:
+    """The TorchServe model name of a version's batched twin (adaptive batching, TorchServeClient.register)."""
+    return model + BATCHED_SUFFIX
+
+
+def _batched_dir(paths: StatePaths) -> Path:
+    return paths.torchserve_dir / "batched"
+
+
+def batched_twins(paths: StatePaths) -> list[tuple[str, str, str]]:
+    """Every version served with adaptive batching, as ``(model, version, TorchServe name of its batched twin)``,
+    from the records :class:`TorchServeClient` keeps while the twin is registered (the router routes with them).
+    A record that is not what the client writes is ignored."""
+    out = []
+    for path in sorted(_batched_dir(paths).glob("*.json")):
+        record = read_json(path)
+        if not isinstance(record, dict):
+            continue
+        model, version = record.get("model"), record.get("version")
+        if isinstance(model, str) and name_problem(model, version) is None \
+                and record.get("name") == batched_name(model):
+            out.append((model, str(version), batched_name(model)))
+    return out
+
+
 @dataclass
 class TorchServeClient:
     """Management and inference calls against the local TorchServe (implements ServingBackend)."""
@@ -163,6 +194,8 @@ class TorchServeClient:
     settings: Settings
     paths: StatePaths
     timeout_s: float = 10.0
+    on_batched_change: Callable[[], None] | None = None
+    """Called when a version's batched twin comes or goes (the local platform refreshes the router's table)."""
 
     def _call(self, api: str, method: str, path: str, *, timeout: float | None = None,
               headers: dict[str, str] | None = None, key: str | None = None, **kwargs: Any) -> httpx.Response:
@@ -228,18 +261,34 @@ class TorchServeClient:
 
     def register(self, model: str, version: str, archive: Path) -> bool:
         """Register an archive from the model store, with the serving settings its release measured (or
-        serving.*); False when that version was already registered."""
+        serving.*); False when that version was already registered.
+
+        A batched setting is served adaptively (``serving.adaptive_batching``): the version is registered twice
+        from the same archive, under its name without batching (one worker: the router sends it a request only
+        while none of the version's is in flight, so a lone request never waits for a batch that cannot fill)
+        and under :func:`batched_name` with the setting (the requests that arrive while others are in flight,
+        batched). The twin is registered and recorded before the version itself: a version that answers is
+        routed adaptively, and a registration cut short is completed by the next one."""
+        config = self.serving_config(model, version)
+        plain = config
+        if self.settings.serving.adaptive_batching and config.batch_size > 1:
+            plain = ServingConfig(workers=1, batch_size=1, max_batch_delay_ms=config.max_batch_delay_ms)
+            if version not in self.versions(batched_name(model)):
+                self._register(batched_name(model), version, archive, config)
+            self._record_batched(model, version)
         if version in self.versions(model):
             return False
-        config = self.serving_config(model, version)
+        return self._register(model, version, archive, plain)
+
+    def _register(self, name: str, version: str, archive: Path, config: ServingConfig) -> bool:
         # In a server-side batch a malformed request fails only itself (the handler's per-request status).
-        params = {"url": archive.name, "model_name": model, "initial_workers": config.workers,
+        params = {"url": archive.name, "model_name": name, "initial_workers": config.workers,
                   "synchronous": "true", "response_timeout": self.settings.serving.response_timeout_s,
                   "batch_size": config.batch_size, "max_batch_delay": config.max_batch_delay_ms}
         resp = self._call("management", "POST", "/models", params=params, timeout=120.0)
         if resp.status_code == 409:
             return False
-        self._check(resp, f"register {archive.name}")
+        self._check(resp, f"register {archive.name} as {name}")
         return True
 
     def unregister(self, model: str, version: str) -> None:
@@ -249,9 +298,37 @@ class TorchServeClient:
         self._tuning_file(model, version).unlink(missing_ok=True)
 
     def _unregister(self, model: str, version: str) -> None:
-        resp = self._call("management", "DELETE", f"/models/{_seg(model)}/{_seg(version)}", timeout=60.0)
-        if resp.status_code != 404:
-            self._check(resp, f"unregister {model} v{version}")
+        """Both registrations of a version; the router stops sending to the batched twin before it goes."""
+        record = self._batched_file(model, version)
+        if record.exists():
+            record.unlink()
+            self._batched_changed()
+        for name in (batched_name(model), model):
+            resp = self._call("management", "DELETE", f"/models/{_seg(name)}/{_seg(version)}", timeout=60.0)
+            if resp.status_code != 404:
+                self._check(resp, f"unregister {name} v{version}")
+
+    def batched_config(self, model: str, version: str) -> ServingConfig | None:
+        """How the version's batched twin is served (None: it has none; every request goes to the version)."""
+        if not self._batched_file(model, version).exists():
+            return None
+        return self.serving_config(model, version)
+
+    def _record_batched(self, model: str, version: str) -> None:
+        path = self._batched_file(model, version)
+        record = {"model": model, "version": version, "name": batched_name(model)}
+        if read_json(path) == record:
+            return
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_json(path, record)
+        self._batched_changed()
+
+    def _batched_changed(self) -> None:
+        if self.on_batched_change is not None:
+            self.on_batched_change()
+
+    def _batched_file(self, model: str, version: str) -> Path:
+        return _batched_dir(self.paths) / model_file_name(f"{model} v{version}", ".json")
 
     def tune(self, model: str, version: str, archive: Path, config: ServingConfig) -> bool:
         """Serve a STAGED version with ``config`` from now on: recorded (so a TorchServe restart or a re-registration

@@ -42,6 +42,12 @@ class ServingSettings(BaseModel):
     # requests (its poll loop ends when the remaining delay is 0): no wait, pairs only.
     batch_size: int = Field(1, ge=1, le=256)
     max_batch_delay_ms: int = Field(1, ge=0, le=1000)
+    # A batched version is served adaptively on the local stack: TorchServe registers it twice (without batching,
+    # and batched as `<model>..batched`), and the router sends a request to the batched twin only while another
+    # request for that version is in flight. A lone request never waits max_batch_delay_ms for a batch that
+    # cannot fill (TorchServe 0.12 waits even with an empty queue); requests that queue are batched. False: one
+    # registration with the batch setting. (Kubernetes serves each version as it is.)
+    adaptive_batching: bool = True
     response_timeout_s: int = Field(30, ge=1)
     # TorchServe keys expire; the router holds the inference key, so it must outlive a working session.
     token_expiration_min: int = Field(7 * 24 * 60, ge=1)

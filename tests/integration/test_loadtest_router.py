@@ -112,6 +112,7 @@ def test_serving_settings_are_chosen_by_measurement_and_kept_across_registration
     from canaryflow.core.settings import ServingConfig
     from canaryflow.release.tuning import choose, tune_serving
     from deployments.archive import build_mar
+    from deployments.torchserve import batched_name
 
     version, rows = released
     services = Services(stack.settings)
@@ -140,13 +141,20 @@ def test_serving_settings_are_chosen_by_measurement_and_kept_across_registration
         assert json.loads((tmp_path / "tuning" / "tuning.json").read_text())["chosen"] == tuning.chosen.model_dump()
 
         def served() -> tuple[int, int]:
+            """(workers, batch size) the setting is served with: a batched one by the batched twin, next to the
+            version's own registration without batching (adaptive batching, serving.adaptive_batching)."""
             d = backend.describe(MODEL, staged)
-            return d["minWorkers"], d["batchSize"]
+            if backend.batched_config(MODEL, staged) is None:
+                return d["minWorkers"], d["batchSize"]
+            assert (d["minWorkers"], d["batchSize"]) == (1, 1)
+            twin = backend.describe(batched_name(MODEL), staged)
+            return twin["minWorkers"], twin["batchSize"]
 
         assert served() == (tuning.chosen.workers, tuning.chosen.batch_size)
         wanted = ServingConfig(workers=2, batch_size=4, max_batch_delay_ms=3)
         backend.tune(MODEL, staged, archive, wanted)
-        assert served() == (2, 4) and backend.describe(MODEL, staged)["maxBatchDelay"] == 3
+        assert served() == (2, 4) and backend.describe(batched_name(MODEL), staged)["maxBatchDelay"] == 3
+        _a_lone_request_skips_the_batch_and_an_overlapping_one_gets_it(stack, staged, rows, services)
         # lost by TorchServe (a restart): registered again with what was measured, not serving.*
         backend._unregister(MODEL, staged)
         assert backend.register(MODEL, staged, archive) and served() == (2, 4)
@@ -154,3 +162,59 @@ def test_serving_settings_are_chosen_by_measurement_and_kept_across_registration
     finally:
         backend.unregister(MODEL, staged)
     assert backend.serving_config(MODEL, staged) == ServingConfig.of(stack.settings.serving)  # forgotten
+
+
+def _served_by(stack, version: str) -> dict[str, float]:
+    """TorchServe's own request counts of ``version`` per registration (the model's and its batched twin's)."""
+    import re
+
+    import httpx
+
+    text = httpx.get(f"http://127.0.0.1:{stack.settings.ports.torchserve_metrics}/metrics", timeout=10).text
+    counts = {MODEL: 0.0, f"{MODEL}..batched": 0.0}
+    for labels, value in re.findall(r"^ts_inference_requests_total\{([^}]*)\} (\S+)$", text, re.M):
+        found = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        if found.get("model_version") == version and found.get("model_name") in counts:
+            counts[found["model_name"]] += float(value)
+    return counts
+
+
+def _a_lone_request_skips_the_batch_and_an_overlapping_one_gets_it(stack, version: str, rows, services) -> None:
+    """On the real router and TorchServe: requests one after another go to the version's own registration; a
+    request that arrives while another is in flight goes to the batched twin. Deterministic: the first request is
+    sent with ``Expect: 100-continue`` and its body held back until nginx answers 100 Continue, which it does when
+    it starts reading the body, after the route's Lua counted the request in flight."""
+    import http.client
+    import socket
+
+    headers = {**services.router.pin_credentials(), "X-Model-Version": version, "Content-Type": "application/json"}
+    body = json.dumps({"inputs": rows[:1].tolist()}).encode()
+
+    def post() -> int:
+        conn = http.client.HTTPConnection("127.0.0.1", stack.settings.ports.router, timeout=30)
+        try:
+            conn.request("POST", f"/predictions/{MODEL}", body=body, headers=headers)
+            return conn.getresponse().status
+        finally:
+            conn.close()
+
+    before = _served_by(stack, version)
+    assert [post() for _ in range(3)] == [200, 200, 200]
+    with socket.create_connection(("127.0.0.1", stack.settings.ports.router), timeout=30) as held:
+        head = {**headers, "Content-Length": str(len(body)), "Expect": "100-continue"}
+        held.sendall(f"POST /predictions/{MODEL} HTTP/1.1\r\nHost: router\r\n".encode()
+                     + "".join(f"{k}: {v}\r\n" for k, v in head.items()).encode() + b"\r\n")
+        assert held.recv(64).startswith(b"HTTP/1.1 100 Continue")
+        assert post() == 200  # while the held one is in flight
+        held.sendall(body)
+        assert held.recv(64).startswith(b"HTTP/1.1 200")
+    assert post() == 200
+    # TorchServe counts a request when it answered it: wait for the held one's count (each answer is counted)
+    deadline = time.monotonic() + 10
+    while True:
+        after = _served_by(stack, version)
+        moved = (after[MODEL] - before[MODEL], after[f"{MODEL}..batched"] - before[f"{MODEL}..batched"])
+        if moved == (5, 1) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert moved == (5, 1)

@@ -296,3 +296,90 @@ def test_weight_changes_under_load_lose_no_request(router: NginxRouter, seen: li
     assert len(sockets) == len(threads) and id(None) not in sockets  # each client kept its one connection
     assert len(weights) >= 20 and len(results) > 200
     assert {v for _, v in results} == {STABLE, CANARY}
+
+
+def test_a_version_with_a_batched_twin_gets_it_only_while_another_request_is_in_flight(
+        router: NginxRouter, upstream: Upstream, seen: list[dict]) -> None:
+    """Adaptive batching (route table `batched` lines): a lone request goes to the version's own registration, one
+    that arrives while another request for the version is in flight to the batched twin; every request is counted
+    out when it ends, a refused one included, so a lone request after them goes to the version again. The access
+    log keeps the model and version (the twin is TorchServe's business). Deterministic: the first request is held
+    in the stand-in until the second was answered."""
+    release = threading.Event()
+
+    def predict(version: str, body: bytes) -> str:
+        if b'"hold"' in body:
+            release.wait(20)
+        return default_prediction(version, body)
+
+    router.batched_provider = lambda: [("iris", STABLE, "iris..batched")]
+    router.apply({"iris": {"stable": STABLE}})
+    upstream.predict = predict
+    held = threading.Thread(target=version_of, args=(router,),
+                            kwargs={"body": b'{"inputs": [[1, 2, 3, 4]], "hold": 1}'})
+    try:
+        assert version_of(router) == STABLE
+        held.start()
+        deadline = time.monotonic() + 10
+        while len(seen) < 2 and time.monotonic() < deadline:  # the held request reached the stand-in
+            time.sleep(0.01)
+        assert len(seen) == 2
+        rid = f"overlapping-{time.time()}"
+        assert version_of(router, {"X-Request-ID": rid}) == STABLE
+        assert version_of(router, pin(router, STABLE)) == STABLE  # pinned requests too: the load test measures it
+        assert request(router, "POST", "/predictions/iris", {"X-Model-Version": STABLE})[0] == 403  # no pin key
+        release.set()
+        held.join(10)
+        assert version_of(router) == STABLE
+        assert version_of(router, pin(router, STABLE)) == STABLE
+    finally:
+        release.set()
+        router.batched_provider = lambda: ()
+        router.apply({"iris": {"stable": STABLE}})
+    assert [s["path"] for s in seen] == ["/predictions/iris/1", "/predictions/iris/1", "/predictions/iris..batched/1",
+                                         "/predictions/iris..batched/1", "/predictions/iris/1",
+                                         "/predictions/iris/1"]
+    records = log_records(router, lambda recs: any(r["request_id"] == rid for r in recs))
+    assert [(r["model"], r["version"], r["status"]) for r in records if r["request_id"] == rid] == [
+        ("iris", STABLE, 200)]
+    assert version_of(router) == STABLE and seen[-1]["path"] == "/predictions/iris/1"  # no twin: as before
+
+
+def test_shadow_copies_go_to_the_canarys_batched_twin_while_another_copy_is_in_flight(
+        router: NginxRouter, upstream: Upstream, seen: list[dict]) -> None:
+    """In shadow mode the canary gets a copy of every request: copies are routed adaptively too, counted under
+    their own variable (a copy is a subrequest sharing its request's variables), and counted out when answered."""
+    release = threading.Event()
+
+    def predict(version: str, body: bytes) -> str:
+        if version == CANARY and b'"hold"' in body:
+            release.wait(20)
+        return default_prediction(version, body)
+
+    def wait_seen(n: int) -> None:
+        deadline = time.monotonic() + 10
+        while len(seen) < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(seen) >= n, seen
+
+    router.batched_provider = lambda: [("iris", CANARY, "iris..batched")]
+    router.set_split("iris", STABLE, CANARY, 0, shadow=True)
+    upstream.predict = predict
+    held = threading.Thread(target=version_of, args=(router,),
+                            kwargs={"body": b'{"inputs": [[1, 2, 3, 4]], "hold": 1}'})
+    try:
+        held.start()
+        wait_seen(2)  # the request, answered by stable, and its copy, held by the canary
+        assert version_of(router) == STABLE
+        wait_seen(4)
+        release.set()
+        held.join(10)
+        assert version_of(router) == STABLE
+        wait_seen(6)
+    finally:
+        release.set()
+        router.batched_provider = lambda: ()
+        router.apply({"iris": {"stable": STABLE}})
+    copies = [s["path"] for s in seen if s["path"].endswith(f"/{CANARY}")]
+    assert copies == ["/predictions/iris/2", "/predictions/iris..batched/2", "/predictions/iris/2"]
+    assert [s["path"] for s in seen if s["path"].endswith(f"/{STABLE}")] == ["/predictions/iris/1"] * 3

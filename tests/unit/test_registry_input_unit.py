@@ -41,7 +41,7 @@ def test_management_paths_quote_every_segment(tmp_path: Path) -> None:
     client.paths = StatePaths(tmp_path)  # where a version's measured serving settings would be forgotten
     client.unregister("iris?", "3")
     client.set_default("a/b", "1#x")
-    assert seen == ["/models/iris%3F/3", "/models/a%2Fb/1%23x/set-default"]
+    assert seen == ["/models/iris%3F..batched/3", "/models/iris%3F/3", "/models/a%2Fb/1%23x/set-default"]
 
 
 @pytest.mark.parametrize("value", ["x'y", 'x"y', "x\\y", "x\ny"])

@@ -61,7 +61,7 @@ def test_the_config_holds_no_route_and_no_key(router: NginxRouter) -> None:
     router.apply({"iris": {"stable": "3"}, "wine.v2": {"stable": "12", "canary": "13", "weight": 5}})
     conf = router.paths.router_conf.read_text()
     assert TOKEN not in conf and "iris" not in conf and "wine" not in conf
-    assert "proxy_pass http://torchserve/predictions/$cf_model/$cf_version;" in conf
+    assert "proxy_pass http://torchserve/predictions/$cf_upstream_model/$cf_version;" in conf
     assert "proxy_set_header Authorization $cf_auth;" in conf
     assert f'require("canaryflow_router").load("{router.table_file}")' in conf
     assert f"listen unix:{router.admin_socket};" in conf
@@ -118,8 +118,9 @@ def test_no_location_reaches_the_management_api(router: NginxRouter) -> None:
     locations = re.findall(r"^\s*location (.+?) \{", conf, re.M)
     assert locations == ["= /ping", "/predictions/", f"= {SHADOW_URI}", "/", "@upstream_unavailable",
                          "@upstream_timeout", "@not_found", "@too_large", "= /routes", "/"]
-    assert re.findall(r"proxy_pass (\S+);", conf) == ["http://torchserve/predictions/$cf_model/$cf_version",
-                                                      "http://torchserve/predictions/$cf_model/$cf_canary"]
+    # $cf_upstream_model: the model, or its batched twin named in the route table
+    assert re.findall(r"proxy_pass (\S+);", conf) == ["http://torchserve/predictions/$cf_upstream_model/$cf_version",
+                                                      "http://torchserve/predictions/$cf_copy_model/$cf_canary"]
     assert "internal;" in _location(conf, f"= {SHADOW_URI}")
     catch_all = conf.split("location / {", 1)[1].split("}", 1)[0]
     assert "return 404" in catch_all and "proxy_pass" not in catch_all
@@ -405,3 +406,34 @@ def test_a_refused_split_changes_nothing(router: NginxRouter) -> None:
     with pytest.raises(ServingError, match="out of range"):
         router.set_split("iris", "1", "2", 250)
     assert router.paths.router_state.read_text() == before
+
+
+def test_versions_served_with_adaptive_batching_get_a_batched_line(router: NginxRouter) -> None:
+    """The backend's batched twins reach the table (pinned staged versions too: they need not be routed), and a
+    change of twins changes the generation, so a router routing without them is stale."""
+    before = router.table({"iris": {"stable": "1"}})
+    twins = [("iris", "1", "iris..batched"), ("wine", "7", "wine..batched")]
+    router.batched_provider = lambda: twins
+    table = router.table({"iris": {"stable": "1"}})
+    assert [line for line in table.splitlines() if line.startswith("batched ")] == [
+        "batched iris 1 iris..batched", "batched wine 7 wine..batched"]
+    assert route_table.generation(table) != route_table.generation(before)
+
+
+@pytest.mark.parametrize("twin", [("iris", "1", "iris batched"), ("iris", "1", ""), ("a b", "1", "x..batched"),
+                                  ("iris", "1\nauth x", "iris..batched")])
+def test_a_batched_line_that_could_break_the_table_is_refused(router: NginxRouter, twin: tuple) -> None:
+    router.batched_provider = lambda: [twin]
+    with pytest.raises(ServingError, match="batched twin"):
+        router.table({})
+
+
+def test_requests_go_to_the_upstream_model_the_lua_chose_and_copies_to_the_model(router: NginxRouter) -> None:
+    conf = router.render()
+    assert "proxy_pass http://torchserve/predictions/$cf_upstream_model/$cf_version;" in _location(
+        conf, "/predictions/")
+    assert "proxy_pass http://torchserve/predictions/$cf_copy_model/$cf_canary;" in _location(
+        conf, f"= {SHADOW_URI}")
+    # counted out at the server level: a request answered by an error_page location ends there
+    server = conf[conf.index("    server {"):conf.index("location = /ping")]
+    assert 'require("canaryflow_router").done()' in server
