@@ -325,7 +325,7 @@ def test_shadow_is_a_route_flag_and_the_copy_location_drops_other_models(router:
     assert conf.count("mirror ") == 1
     copy = _location(conf, f"= {SHADOW_URI}")
     assert re.search(r'if \(\$cf_shadow_on = ""\) \{\s*access_log off;\s*return 204;', copy)
-    assert "proxy_pass http://torchserve/predictions/$cf_model/$cf_canary;" in copy
+    assert "proxy_pass http://torchserve/predictions/$cf_copy_model/$cf_canary;" in copy
     assert 'proxy_set_header X-Canaryflow-Pinned "";' in copy  # copies are live traffic: chaos applies
     assert re.search(r"if \(\$cf_pinned\) \{\s*access_log off;\s*return 204;", copy)  # pins are never copied
     assert "log_subrequest on;" in conf
