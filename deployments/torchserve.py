@@ -276,6 +276,8 @@ class TorchServeClient:
             if version not in self.versions(batched_name(model)):
                 self._register(batched_name(model), version, archive, config)
             self._record_batched(model, version)
+        else:  # served as one registration now (a setting without batching, or adaptive batching turned off)
+            self._drop_batched(model, version)
         if version in self.versions(model):
             return False
         return self._register(model, version, archive, plain)
@@ -299,14 +301,24 @@ class TorchServeClient:
 
     def _unregister(self, model: str, version: str) -> None:
         """Both registrations of a version; the router stops sending to the batched twin before it goes."""
+        self._drop_batched(model, version, always=True)
+        self._delete(model, version)
+
+    def _drop_batched(self, model: str, version: str, always: bool = False) -> None:
+        """The version's batched twin out of the router, then out of TorchServe (its DELETE only when it was
+        recorded, or ``always``)."""
         record = self._batched_file(model, version)
         if record.exists():
             record.unlink()
             self._batched_changed()
-        for name in (batched_name(model), model):
-            resp = self._call("management", "DELETE", f"/models/{_seg(name)}/{_seg(version)}", timeout=60.0)
-            if resp.status_code != 404:
-                self._check(resp, f"unregister {name} v{version}")
+        elif not always:
+            return
+        self._delete(batched_name(model), version)
+
+    def _delete(self, name: str, version: str) -> None:
+        resp = self._call("management", "DELETE", f"/models/{_seg(name)}/{_seg(version)}", timeout=60.0)
+        if resp.status_code != 404:
+            self._check(resp, f"unregister {name} v{version}")
 
     def batched_config(self, model: str, version: str) -> ServingConfig | None:
         """How the version's batched twin is served (None: it has none; every request goes to the version)."""

@@ -130,6 +130,20 @@ def test_without_adaptive_batching_a_batched_version_is_one_registration(ts: tup
     assert client.batched_config("iris", "5") is None
 
 
+def test_turning_adaptive_batching_off_drops_a_twin_at_the_next_registration(ts: tuple) -> None:
+    """After a TorchServe restart with adaptive batching turned off, the re-registration (keywatch, reconcile)
+    must not leave the router sending overlapping requests to a twin that is no longer registered."""
+    client, management = ts
+    measured(client, "6", ServingConfig(workers=1, batch_size=8))
+    client.register("iris", "6", archive(client, "6"))
+    management.models.clear()  # TorchServe restarted: nothing registered, the record is still there
+    client.settings.serving.adaptive_batching = False
+    management.calls.clear()
+    assert client.register("iris", "6", archive(client, "6")) is True
+    assert management.calls == ["router refreshed", "unregister iris..batched v6", "register iris v6 1x8"]
+    assert batched_twins(client.paths) == [] and client.changes[-1] == []
+
+
 def test_only_records_the_client_writes_reach_the_router(tmp_path: Path) -> None:
     """The records live in the stack's owner-only state dir; still, the router only takes a name the rule allows,
     with the twin's name derived from it, never one read from the file."""
