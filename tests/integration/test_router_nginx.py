@@ -369,6 +369,20 @@ def test_upstream_down_is_502_json(tmp_path: Path) -> None:
     assert json.loads(body)["type"] == "UpstreamUnavailable"
 
 
+def test_a_request_answered_by_an_error_page_is_counted_out(tmp_path: Path) -> None:
+    """Adaptive batching counts a request in flight until its log phase; a 502 ends in the @upstream_unavailable
+    location, so the count is undone there (the server-level log phase): the next lone request goes to the
+    version's own registration again, not to the batched twin. nginx's error log names the upstream URL."""
+    r = make_router(tmp_path / "state", free_port())  # nothing listens on the inference port
+    r.batched_provider = lambda: [("iris", "1", "iris..batched")]
+    r.apply({"iris": {"stable": "1"}})
+    with running_nginx(r):
+        assert [request(r, "POST", "/predictions/iris")[0] for _ in range(3)] == [502, 502, 502]
+    tried = re.findall(r'upstream: "http://[^/]+(/predictions/[^"]+)"', r.error_log.read_text())
+    assert tried == ["/predictions/iris/1"] * 3
+    assert "uninitialized" not in r.error_log.read_text()
+
+
 def test_refresh_picks_up_a_new_key(router: NginxRouter, seen: list[dict]) -> None:
     router.token_provider = lambda: "router-key-2"
     try:
