@@ -208,6 +208,10 @@ class LoadTestSettings(BaseModel):
     # settings only (not per-model policy: workers are the machine's). Empty: serving.* as set.
     tune: list[str] = Field(["2x1", "1x8"], description="serving settings to try besides serving.*: WORKERSxBATCH")
     tune_duration_s: int = Field(3, ge=2, le=60)
+    # Each setting is measured this many times, interleaved with the others, and counts with its best median and
+    # capacity: a release next to another (CPU-heavy optimization, another load test) is a busy moment for one
+    # trial, not a slower setting. 2 rounds of the default 3 settings: about 40 s a release.
+    tune_rounds: int = Field(2, ge=1, le=5)
     tune_min_gain: float = Field(1.15, ge=1, description="how many times serving.*'s capacity another must serve")
     tune_max_added_ms: float = Field(2.0, ge=0, description="how much another setting may add to the median at "
                                                             "the offered load, in exchange for that capacity")

@@ -131,3 +131,67 @@ def test_the_release_records_the_measured_settings_in_its_run_and_notes(tmp_path
     assert logged["params"] == {"serving_workers": 1, "serving_batch_size": 8, "serving_max_batch_delay_ms": 1}
     assert [f.name for f in logged["files"]] == ["tuning.json"]
     assert st.notes[-1].startswith("## Serving settings (measured)\n\nchose 1 worker, batch 8 (...)\n\n| setting |")
+
+
+def test_every_setting_counts_with_its_best_trial() -> None:
+    """Two rounds: the challenger's first trial met a busy moment (its median over serving.*'s budget), its second
+    did not; serving.*'s best trial is its second. Each counts with its best median and best capacity."""
+    trials = [trial(BASE, 100, p50=7.0, capacity=720), trial(BATCH, 100, p50=10.0, capacity=1050),
+              trial(BATCH, 100, p50=6.0, capacity=1240), trial(BASE, 100, p50=6.5, capacity=975)]
+    assert choose(trials[:2], CFG)[0] == BASE  # one trial each: left out on the median (10 > 7 + 2)
+    assert choose(trials, CFG) == (
+        BATCH, "chose 1 worker, batch 8 (wait <= 1 ms): 1240 requests/s closed-loop, 1.27x 1 worker, no batching's, "
+               "median 6 ms at the offered load (1 worker, no batching: 6.5 ms)")
+    # a setting that missed a bar in one trial and met them in another is within them, with that trial's median
+    missed = [trial(BASE, 100, p50=2.0, capacity=800), trial(BATCH, 100, p50=1.0, p95=80.0, capacity=3000),
+              trial(BATCH, 100, p50=3.0, p95=9.0, capacity=2000)]
+    assert choose(missed, CFG) == (
+        BATCH, "chose 1 worker, batch 8 (wait <= 1 ms): 3000 requests/s closed-loop, 3.75x 1 worker, no batching's, "
+               "median 3 ms at the offered load (1 worker, no batching: 2 ms)")
+
+
+def test_the_settings_are_measured_in_interleaved_rounds_and_the_chosen_one_is_left_served(tmp_path,
+                                                                                        monkeypatch) -> None:
+    """tune_serving: A/B/C/C/B/A (re-registering only on a change), then the chosen setting served."""
+    from canaryflow.release import tuning as tuning_mod
+
+    served: list[ServingConfig] = []
+    measured: list[ServingConfig] = []
+
+    class Backend:
+        config = BASE
+
+        def serving_config(self, model, version):
+            return self.config
+
+        def tune(self, model, version, archive, config):
+            self.config = config
+            served.append(config)
+
+    capacity = {BASE: [700, 980], TWO: [880, 900], BATCH: [1050, 1240]}
+
+    def load(url, model, version, rows, cfg, out_dir, pin=None):
+        config = Backend.config if not served else served[-1]
+        closed = cfg.target_rps == 0
+        if closed:
+            measured.append(config)
+            rps = capacity[config][measured.count(config) - 1]
+            return LoadTestResult(url, 8, 3.0, requests=int(rps * 3), rps=rps, p50_ms=1.0, p95_ms=2.0)
+        return LoadTestResult(url, 8, 3.0, requests=300, rps=100.0, p50_ms=6.0, p95_ms=9.0)
+
+    monkeypatch.setattr(tuning_mod, "run_load_test", load)
+    (tmp_path / "tuning").mkdir()
+    (tmp_path / "tuning1").mkdir()
+    backend = Backend()
+    result = tuning_mod.tune_serving(backend, BASE, "http://router", "m", "2", tmp_path / "m_v2.mar",
+                                     np.zeros((4, 3)), CFG, tmp_path / "tuning")
+    assert measured == [BASE, TWO, BATCH, BATCH, TWO, BASE]
+    assert served == [TWO, BATCH, TWO, BASE, BATCH]  # the last: the chosen one, served from now on
+    assert result.chosen == BATCH and "1240 requests/s closed-loop, 1.27x" in result.reason
+    one = CFG.model_copy(update={"tune_rounds": 1})
+    measured.clear()
+    served.clear()
+    backend.config = BASE
+    tuning_mod.tune_serving(backend, BASE, "http://router", "m", "2", tmp_path / "m_v2.mar", np.zeros((4, 3)), one,
+                            tmp_path / "tuning1")
+    assert measured == [BASE, TWO, BATCH]
