@@ -197,7 +197,9 @@ def demo(keep: Annotated[bool, typer.Option("--keep", help="leave the stack runn
     a bad v3 (wrong only on inputs its holdout barely has) rolled back by the pairwise replay check."""
     import os
 
+    from canaryflow.core.registry import MlflowRegistry
     from canaryflow.local import demo as d
+    from deployments.loadtest import start_live_load, stop_live_load
 
     for key, value in d.DEMO_CANARY.items():
         os.environ.setdefault(key, value)
@@ -205,6 +207,18 @@ def demo(keep: Annotated[bool, typer.Option("--keep", help="leave the stack runn
     stack = _stack(state_dir)
     s = stack.settings
     load = None
+    load_dir = stack.paths.work_dir / "demo-live-load"
+    traffic_rows, segment = d.live_rows()
+
+    def start_load():  # noqa: ANN202 - a locust subprocess
+        live = s.loadtest.model_copy(update={"users": 8, "target_rps": 40.0, "duration_s": 3600})
+        started = start_live_load(s.router_url, d.DEMO_MODEL, traffic_rows, live, load_dir, s.canary.user_header)
+        share = (traffic_rows[:, segment.column] > segment.above).mean()
+        console.print(f"live load started: locust, {live.users} users, {live.target_rps:g} req/s, sticky on "
+                      f"{s.canary.user_header}; {share:.0%} of its rows have {segment.describe()}, which the "
+                      "holdout barely has")
+        return started
+
     try:
         with console.status("starting the local stack (MLflow, Prefect, TorchServe, router, bridge)") as sp:
             stack.up(progress=lambda msg: sp.update(msg))
@@ -215,6 +229,13 @@ def demo(keep: Annotated[bool, typer.Option("--keep", help="leave the stack runn
                       f"(PSI) {c.max_prediction_drift:g}, pairwise agreement >= {c.min_pair_agreement:g} overall "
                       f"and >= {c.min_segment_agreement:g} per segment, rollback after {c.max_failed_checks} "
                       "failed analyses")
+        earlier = MlflowRegistry(s.mlflow_uri).alias_version(d.DEMO_MODEL, s.release.champion_alias)
+        if earlier is not None:
+            # this state dir ran the demo before: its first release ramps against that champion, which needs
+            # live traffic from the start (a canary with no requests to judge only holds)
+            console.print(f"{d.DEMO_MODEL} already has a champion (v{earlier}) from an earlier demo in "
+                          f"{stack.paths.root}: the releases below are canaries against it")
+            load = start_load()
         version, rows, registered = _demo_release(s, "v1: train and register a classifier", seed=0)
         # the release experiment exists now: its classic runs view (a bare server link opens MLflow 3's GenAI page)
         console.print(f"MLflow UI (release runs): {d.mlflow_ui_url(s)}", highlight=False, soft_wrap=True)
@@ -225,16 +246,8 @@ def demo(keep: Annotated[bool, typer.Option("--keep", help="leave the stack runn
         console.print("repeat it with:")
         console.print(curl, soft_wrap=True, highlight=False, markup=False)
 
-        from deployments.loadtest import start_live_load, stop_live_load
-
-        load_dir = stack.paths.work_dir / "demo-live-load"
-        live = s.loadtest.model_copy(update={"users": 8, "target_rps": 40.0, "duration_s": 3600})
-        traffic_rows, segment = d.live_rows()
-        load = start_live_load(s.router_url, d.DEMO_MODEL, traffic_rows, live, load_dir, s.canary.user_header)
-        share = (traffic_rows[:, segment.column] > segment.above).mean()
-        console.print(f"live load started: locust, {live.users} users, {live.target_rps:g} req/s, sticky on "
-                      f"{s.canary.user_header}; {share:.0%} of its rows have {segment.describe()}, which the "
-                      "holdout barely has")
+        if load is None:
+            load = start_load()
         _demo_release(s, "v2: retrain (new seed); the canary ramps it in", seed=4, expect=ReleaseStatus.RELEASED)
         _demo_release(s, f"v3: a feature-pipeline bug inverts its answers for {segment.describe()}: every offline "
                       "gate passes, live traffic exposes it", seed=2, fault=segment, expect=ReleaseStatus.ROLLED_BACK)
@@ -245,8 +258,6 @@ def demo(keep: Annotated[bool, typer.Option("--keep", help="leave the stack runn
             raise typer.Exit(1)
         console.print(f"live load: {stats.get('requests', 0)} requests, {stats.get('failures', 0)} failed, "
                       f"p95 {stats.get('p95_ms', 0)} ms")
-        from canaryflow.core.registry import MlflowRegistry
-
         champion = MlflowRegistry(s.mlflow_uri).alias_version(d.DEMO_MODEL, s.release.champion_alias)
         answer, _, _ = d.predict(s, d.DEMO_MODEL, rows[:1])
         console.print(f"champion is v{champion}; the router answers with v{answer['model_version']}")
@@ -254,7 +265,7 @@ def demo(keep: Annotated[bool, typer.Option("--keep", help="leave the stack runn
             raise typer.Exit(1)
     finally:
         if load is not None:
-            stop_live_load(load, stack.paths.work_dir / "demo-live-load")
+            stop_live_load(load, load_dir)
         if keep:
             console.print(f"stack left running; stop it with: canaryflow down --state-dir {stack.paths.root}")
         else:
