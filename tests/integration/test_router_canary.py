@@ -362,18 +362,27 @@ def test_shadow_copies_go_to_the_canarys_batched_twin_while_another_copy_is_in_f
             time.sleep(0.01)
         assert len(seen) >= n, seen
 
+    def copies_logged(*rids: str) -> None:
+        """Each request's copy has had its log phase (which counts it out): its access-log line is written then."""
+        records = log_records(router, lambda recs: {r["request_id"] for r in recs if r["shadow"] == 1} >= set(rids))
+        assert {r["request_id"] for r in records if r["shadow"] == 1} >= set(rids)
+
     router.batched_provider = lambda: [("iris", CANARY, "iris..batched")]
     router.set_split("iris", STABLE, CANARY, 0, shadow=True)
     upstream.predict = predict
-    held = threading.Thread(target=version_of, args=(router,),
+    started = time.time()
+    rid_a, rid_b = f"copy-a-{started}", f"copy-b-{started}"
+    held = threading.Thread(target=version_of, args=(router, {"X-Request-ID": rid_a}),
                             kwargs={"body": b'{"inputs": [[1, 2, 3, 4]], "hold": 1}'})
     try:
         held.start()
         wait_seen(2)  # the request, answered by stable, and its copy, held by the canary
-        assert version_of(router) == STABLE
+        assert version_of(router, {"X-Request-ID": rid_b}) == STABLE
         wait_seen(4)
         release.set()
         held.join(10)
+        # a copy ends after its request was answered: wait for both copies' log phase, not for the clients
+        copies_logged(rid_a, rid_b)
         assert version_of(router) == STABLE
         wait_seen(6)
     finally:
