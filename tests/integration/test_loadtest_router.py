@@ -3,10 +3,14 @@ alone and paired with the stack's calibration model in the same run."""
 
 from __future__ import annotations
 
+import http.client
 import json
+import re
+import socket
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from mlflow import MlflowClient
 
@@ -15,6 +19,7 @@ from canaryflow.local.demo import register_model, wait_for_release
 from canaryflow.release.calibration import CALIBRATION_MODEL, ensure_calibration
 from canaryflow.services import Services
 from deployments.loadtest import Peer, run_load_test
+from deployments.torchserve import batched_name
 from validation.loadtest import gate_load_test
 from validation.results import Outcome
 
@@ -112,7 +117,6 @@ def test_serving_settings_are_chosen_by_measurement_and_kept_across_registration
     from canaryflow.core.settings import ServingConfig
     from canaryflow.release.tuning import choose, tune_serving
     from deployments.archive import build_mar
-    from deployments.torchserve import batched_name
 
     version, rows = released
     services = Services(stack.settings)
@@ -165,12 +169,8 @@ def test_serving_settings_are_chosen_by_measurement_and_kept_across_registration
 
 def _served_by(stack, version: str) -> dict[str, float]:
     """TorchServe's own request counts of ``version`` per registration (the model's and its batched twin's)."""
-    import re
-
-    import httpx
-
     text = httpx.get(f"http://127.0.0.1:{stack.settings.ports.torchserve_metrics}/metrics", timeout=10).text
-    counts = {MODEL: 0.0, f"{MODEL}..batched": 0.0}
+    counts = {MODEL: 0.0, batched_name(MODEL): 0.0}
     for labels, value in re.findall(r"^ts_inference_requests_total\{([^}]*)\} (\S+)$", text, re.M):
         found = dict(re.findall(r'(\w+)="([^"]*)"', labels))
         if found.get("model_version") == version and found.get("model_name") in counts:
@@ -183,9 +183,6 @@ def _a_lone_request_skips_the_batch_and_an_overlapping_one_gets_it(stack, versio
     request that arrives while another is in flight goes to the batched twin. Deterministic: the first request is
     sent with ``Expect: 100-continue`` and its body held back until nginx answers 100 Continue, which it does when
     it starts reading the body, after the route's Lua counted the request in flight."""
-    import http.client
-    import socket
-
     headers = {**services.router.pin_credentials(), "X-Model-Version": version, "Content-Type": "application/json"}
     body = json.dumps({"inputs": rows[:1].tolist()}).encode()
 
@@ -212,7 +209,7 @@ def _a_lone_request_skips_the_batch_and_an_overlapping_one_gets_it(stack, versio
     deadline = time.monotonic() + 10
     while True:
         after = _served_by(stack, version)
-        moved = (after[MODEL] - before[MODEL], after[f"{MODEL}..batched"] - before[f"{MODEL}..batched"])
+        moved = (after[MODEL] - before[MODEL], after[batched_name(MODEL)] - before[batched_name(MODEL)])
         if moved == (5, 1) or time.monotonic() > deadline:
             break
         time.sleep(0.2)

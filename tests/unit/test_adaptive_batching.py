@@ -28,7 +28,7 @@ class Management:
         self.calls: list[str] = []
 
     def __call__(self, api: str, method: str, path: str, **kw: Any) -> httpx.Response:
-        name = re.sub("%2E", ".", path.split("/")[2]) if path.count("/") >= 2 else ""
+        name = path.split("/")[2] if path.count("/") >= 2 else ""
         if method == "GET":
             found = [{"modelVersion": v, **cfg} for (n, v), cfg in self.models.items() if n == name]
             return httpx.Response(200, json=found) if found else httpx.Response(404, json={"code": 404})
